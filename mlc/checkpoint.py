@@ -1,0 +1,106 @@
+"""Checkpoints: the resumable training state and the best model, written atomically by URL.
+
+Layout under a run's output:
+- ``checkpoint/state.pt``: one object holding everything needed to resume
+  (bare model weights, optimizer, scheduler, epoch, RNG states, best-so-far,
+  history, config, label vocabulary). One object, so it is never half written.
+- ``best/model.pt``: the bare state_dict, loadable into plain torchvision;
+  ``best/labels.json``; ``best/meta.json`` (config, threshold, epoch, metrics and
+  the model file's sha256, so a reader can tell the three files belong together).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+
+import numpy as np
+import torch
+
+from . import storage
+from .labels import LabelVocab
+
+STATE = "state.pt"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _all_finite(state: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_training_state(url: str, state: dict) -> None:
+    """Write ``url/state.pt`` atomically. Refuses non-finite weights."""
+    if not _all_finite(state["model"]):
+        raise CheckpointError(f"refusing to write {url}: the model has non-finite weights")
+    storage.write_bytes(storage.join(url, STATE), _torch_bytes(state))
+
+
+def load_training_state(url: str) -> dict | None:
+    """The state saved under ``url`` or None if there is none."""
+    path = storage.join(url, STATE)
+    if not storage.exists(path):
+        return None
+    try:
+        # RNG states hold numpy arrays and tuples; this file is our own, written by save_training_state.
+        return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot be read ({e}); rerun with --fresh to start over") from e
+
+
+def save_model(url: str, model_state: dict, vocab: LabelVocab, meta: dict) -> None:
+    """Write ``model.pt`` (bare state_dict), ``labels.json`` and ``meta.json`` under ``url``."""
+    if not _all_finite(model_state):
+        raise CheckpointError(f"refusing to write {url}: the model has non-finite weights")
+    blob = _torch_bytes(model_state)
+    storage.write_bytes(storage.join(url, "model.pt"), blob)
+    storage.write_text(storage.join(url, "labels.json"), vocab.to_json())
+    meta = dict(meta, labels=vocab.labels, model_sha256=hashlib.sha256(blob).hexdigest())
+    # meta.json goes last: its presence, with a matching hash, marks the folder complete.
+    storage.write_text(storage.join(url, "meta.json"), json.dumps(meta, indent=1, default=float))
+
+
+def load_model_checkpoint(url: str) -> tuple[dict, LabelVocab, dict]:
+    """Load ``(state_dict, vocab, meta)`` from a model folder, a training checkpoint folder, or a run's output.
+
+    Accepts ``<run>/best``, ``<run>`` (uses its ``best/``), or ``<run>/checkpoint``.
+    """
+    url = str(url).rstrip("/")
+    if storage.exists(storage.join(url, "best", "meta.json")):
+        url = storage.join(url, "best")
+    if storage.exists(storage.join(url, "meta.json")) and storage.exists(storage.join(url, "model.pt")):
+        meta = json.loads(storage.read_bytes(storage.join(url, "meta.json")))
+        blob = storage.read_bytes(storage.join(url, "model.pt"))
+        if meta.get("model_sha256") and hashlib.sha256(blob).hexdigest() != meta["model_sha256"]:
+            raise CheckpointError(f"{url}: model.pt does not match meta.json (an interrupted write?); "
+                                  "use the run's checkpoint/ or retrain")
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        return state, LabelVocab(meta["labels"]), meta
+    st = load_training_state(url)
+    if st is None:
+        raise CheckpointError(f"{url}: no model here (looked for meta.json + model.pt, best/, and {STATE})")
+    meta = {"config": st["config"], "threshold": st.get("threshold"), "epoch": st["epoch"]}
+    return st["model"], LabelVocab(st["labels"]), meta

@@ -1,0 +1,157 @@
+"""ResNet50 with a head sized to the label vocabulary, and partial freezing.
+
+The module is a torchvision ``ResNet`` subclass that adds no parameters, so its
+state_dict has plain torchvision key names and loads into
+``torchvision.models.resnet50(num_classes=N)`` unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import urllib.error
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import ResNet50_Weights
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from . import storage
+
+# Stages in forward order. unfrozen_depth D trains the last D residual stages and the head;
+# D=4 trains every stage and the stem too (a full fine-tune, or training from scratch).
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
+FIRST_TRAINABLE = {0: 5, 1: 4, 2: 3, 3: 2, 4: 0}
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class WeightsError(RuntimeError):
+    pass
+
+
+class MultiLabelResNet(ResNet):
+    def __init__(self, num_classes: int, unfrozen_depth: int = 1, dropout: float = 0.0):
+        super().__init__(Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
+        self.unfrozen_depth = unfrozen_depth
+        self.dropout = dropout
+        self.first_trainable = FIRST_TRAINABLE[unfrozen_depth]
+        for i, name in enumerate(STAGES):
+            for p in self._stage_params(name):
+                p.requires_grad_(i >= self.first_trainable)
+
+    def _stage_modules(self, name: str) -> list[nn.Module]:
+        if name == "stem":
+            return [self.conv1, self.bn1]
+        if name == "head":
+            return [self.fc]
+        return [getattr(self, name)]
+
+    def _stage_params(self, name: str):
+        for m in self._stage_modules(name):
+            yield from m.parameters()
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [m for name in STAGES[: self.first_trainable] for m in self._stage_modules(name)]
+
+    def train(self, mode: bool = True):
+        """Frozen stages keep BatchNorm in eval mode: their running statistics stay the pretrained ones."""
+        super().train(mode)
+        for m in self.frozen_modules():
+            m.eval()
+        return self
+
+    def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        name = STAGES[i]
+        if name == "stem":
+            return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if name == "head":
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+        return getattr(self, name)(x)
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.first_trainable
+        if k > 0:
+            # The frozen prefix needs no autograd graph: this saves its activations' memory and time.
+            with torch.no_grad():
+                for i in range(k):
+                    x = self._run_stage(i, x)
+            if self.dropout > 0:
+                # Dropout where frozen features enter the trainable part (the report: 0.5 before layer4).
+                x = F.dropout(x, self.dropout, self.training)
+        for i in range(k, len(STAGES)):
+            x = self._run_stage(i, x)
+        return x
+
+
+def bare_state_dict(model: nn.Module) -> dict:
+    """The unwrapped module's weights (no DDP ``module.`` or torch.compile ``_orig_mod.`` prefixes), on CPU."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return {k: v.detach().to("cpu").clone() for k, v in strip_prefixes(model.state_dict()).items()}
+
+
+def strip_prefixes(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in WRAPPER_PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def load_weights(spec: str) -> dict | None:
+    """The initial weights: ``imagenet``, ``none`` or a path/URL to a state dict."""
+    if spec == "none":
+        return None
+    if spec == "imagenet":
+        try:
+            # torchvision's own cache (TORCH_HOME) and download.
+            return ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as e:
+            raise WeightsError(
+                f"could not fetch the ImageNet ResNet50 weights ({ResNet50_Weights.IMAGENET1K_V2.url}): {e}. "
+                "Without internet access use --weights none (train from scratch) or --weights PATH_OR_URL "
+                "to a state dict you copied beforehand (local path, gs://..., any fsspec URL).") from e
+    try:
+        data = storage.read_bytes(spec)
+    except FileNotFoundError as e:
+        raise WeightsError(f"--weights {spec}: not found; give imagenet, none, or a path/URL to a state dict") from e
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a state dict"
+        raise WeightsError(f"--weights {spec}: not a loadable state dict ({e})") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # an mlc training checkpoint
+    if not isinstance(state, dict):
+        raise WeightsError(f"--weights {spec}: holds a {type(state).__name__}, not a state dict")
+    return strip_prefixes(state)
+
+
+def build_model(num_classes: int, unfrozen_depth: int = 1, dropout: float = 0.0,
+                weights: str | dict | None = "none", log=print) -> MultiLabelResNet:
+    model = MultiLabelResNet(num_classes, unfrozen_depth, dropout)
+    state = load_weights(weights) if isinstance(weights, str) else weights
+    if state is not None:
+        fc_shape = tuple(state.get("fc.weight", torch.empty(0)).shape)
+        if fc_shape != tuple(model.fc.weight.shape):
+            # ImageNet's 1000-way head (or another vocabulary's) cannot serve our labels: start the head fresh.
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            log(f"weights: head {fc_shape} does not match {num_classes} labels; the head starts fresh")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise WeightsError(f"weights do not fit ResNet50: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def trainable_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv/linear weights only: decaying BatchNorm scales and biases only hurts."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

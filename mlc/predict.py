@@ -1,0 +1,82 @@
+"""Prediction: scores for a list of ImageIDs, and the Kaggle submission + probabilities files."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import storage
+from .checkpoint import load_model_checkpoint
+from .config import TrainConfig
+from .data import DataPaths, ImageTable, image_urls, make_loader
+from .engine import pick_amp_dtype, predict_scores
+from .labels import LabelVocab
+from .metrics import ThresholdChoice
+from .model import build_model
+from .table import read_table, submission_csv
+from .transforms import eval_transform
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def score_ids(model, ids, images_root: str, *, image_size: int, device, amp_dtype, batch_size: int,
+              num_workers: int, max_pixels: int, log=print, progress: bool = True) -> dict:
+    """Scores for every ImageID in order; an unreadable image keeps its row (NaN scores) and is warned about."""
+    ds = ImageTable(image_urls(images_root, ids), None, eval_transform(image_size), max_pixels)
+    loader = make_loader(ds, batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
+    out = predict_scores(model, loader, device, amp_dtype=amp_dtype, progress=progress, desc="predict")
+    for s in out["skipped"]:
+        log(f"warning: cannot read {s.name} ({s.reason}); its row is written with no labels")
+    return out
+
+
+def write_predictions(output: str, ids, probs: np.ndarray, ok: np.ndarray, vocab: LabelVocab,
+                      choice: ThresholdChoice) -> dict:
+    """Write ``predictions.csv`` (Kaggle format, original label strings, input order) and ``probabilities.csv``."""
+    ids = list(ids)
+    decided = choice.apply(np.nan_to_num(probs, nan=0.0))
+    decided[~ok] = False
+    labels = vocab.decode(decided)
+    storage.write_text(storage.join(output, "predictions.csv"), submission_csv(ids, labels))
+    table = pd.DataFrame(probs, columns=vocab.labels)
+    table.insert(0, "ImageID", ids)
+    buf = io.StringIO()
+    table.to_csv(buf, index=False, float_format="%.6f")  # NaN (unreadable image) is written as an empty cell
+    storage.write_text(storage.join(output, "probabilities.csv"), buf.getvalue())
+    return {"rows": len(ids), "unreadable": [i for i, good in zip(ids, ok) if not good],
+            "empty_predictions": int((~decided.any(axis=1)).sum())}
+
+
+def predict_from_checkpoint(checkpoint: str, data: str | None, output: str, *, ids_csv: str | None = None,
+                            images: str | None = None, batch_size: int = 64, num_workers: int = 2,
+                            log=print, progress: bool = True) -> dict:
+    """Predict test.csv (or any table with an ImageID column) with label vocabulary, image size and
+    threshold taken from the checkpoint alone."""
+    state, vocab, meta = load_model_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(meta["config"])
+    if meta.get("threshold") is None:
+        raise ValueError(f"{checkpoint}: holds no threshold (it predates its first validation); use best/")
+    choice = ThresholdChoice.from_dict(meta["threshold"])
+    data = data or cfg.data
+    paths = DataPaths.resolve(data, images=images if images is not None else None,
+                              test_csv=ids_csv)
+    table = read_table(paths.test_csv, require=("ImageID",))
+    storage.check_writable(output)
+    model = build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout, weights=state)
+    device = pick_device()
+    model.to(device, memory_format=torch.channels_last)
+    amp_dtype = pick_amp_dtype(cfg.amp, device)
+    log(f"predicting {len(table)} images from {paths.test_csv} with {checkpoint} "
+        f"({len(vocab)} labels, {cfg.image_size}px, threshold {choice.strategy})")
+    out = score_ids(model, table.ImageID.tolist(), paths.images, image_size=cfg.image_size, device=device,
+                    amp_dtype=amp_dtype, batch_size=batch_size, num_workers=num_workers,
+                    max_pixels=cfg.max_image_pixels, log=log, progress=progress)
+    summary = write_predictions(output, table.ImageID.tolist(), out["probs"], out["ok"], vocab, choice)
+    log(f"wrote {storage.join(output, 'predictions.csv')} ({summary['rows']} rows, "
+        f"{len(summary['unreadable'])} unreadable images)")
+    return summary

@@ -1,0 +1,232 @@
+"""Reading and writing the COMP5329 tables (train.csv, test.csv, submissions).
+
+The real files are not valid CSV: captions are wrapped in double quotes but
+quotes inside them are not escaped (``"A sign labeled "Seltzer Way," with..."``),
+so every standard reader either fails or silently drops and mangles rows. A
+spreadsheet-resaved copy, on the other hand, is valid RFC 4180 (``""`` quoting,
+CRLF, a trailing comma). We therefore read a file with a strict RFC 4180 parser
+when it is valid RFC 4180, and otherwise with the "COMP5329 dialect": only the
+last column may hold free text, and a quoted last field runs to the closing
+quote that ends its line *and* is followed by the start of the next record.
+
+Every problem is an error naming the file, the physical line and what to do;
+no row is ever dropped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import io
+import re
+
+import pandas as pd
+
+from . import storage
+
+KNOWN_COLUMNS = ("ImageID", "Labels", "Caption")
+# The header forms we accept: train.csv, test.csv, a Kaggle submission, and a bare id list.
+SCHEMAS = (("ImageID", "Labels", "Caption"), ("ImageID", "Caption"), ("ImageID", "Labels"), ("ImageID",))
+
+
+class TableError(ValueError):
+    """A malformed table. The message names the file, the line and the problem."""
+
+    def __init__(self, url: str, line: int | None, problem: str):
+        self.url, self.line, self.problem = url, line, problem
+        where = f"{url}, line {line}" if line is not None else str(url)
+        super().__init__(f"{where}: {problem}")
+
+
+def _decode(url: str, data: bytes) -> str:
+    if b"\x00" in data[:65536]:
+        raise TableError(url, None, "binary file (NUL bytes), not a CSV text table; check the path")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise TableError(url, line, f"not UTF-8 text ({e.reason} at byte {e.start}); re-save the file as UTF-8") from e
+    return text
+
+
+# A record starts with an ImageID (no spaces, quotes or commas) followed by a comma.
+_RECORD_START = re.compile(r"[^\s\",]+,")
+# Where a quoted last field may close: a quote, optional spreadsheet trailing commas, end of line.
+_CLOSE = re.compile(r"\"[ \t]*,*[ \t]*(\r\n|\n|\r|$)")
+_EOL = re.compile(r"\r\n|\n|\r")
+_BLANK_TAIL = re.compile(r"\s*\Z")
+
+
+def _parse_rfc(text: str) -> list[tuple[int, list[str]]] | None:
+    """Parse as strict RFC 4180; None if the text is not valid RFC 4180."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows = []
+    try:
+        for row in reader:
+            rows.append((reader.line_num, row))
+    except csv.Error:
+        return None
+    # csv.reader's line_num is the line where a record *ends*; we want where it starts.
+    out, prev_end = [], 0
+    for end, row in rows:
+        out.append((prev_end + 1, row))
+        prev_end = end
+    return out
+
+
+def _parse_comp5329(url: str, text: str, ncols: int, start: int) -> list[tuple[int, list[str]]]:
+    """Parse records whose last field is free text with unescaped quotes (see module docstring)."""
+    newlines = [m.start() for m in re.finditer("\n", text)]
+
+    def line_of(pos: int) -> int:  # 1-based physical line holding text[pos]
+        return bisect.bisect_right(newlines, pos - 1) + 1 if pos else 1
+
+    records = []
+    pos, n = start, len(text)
+    while pos < n:
+        eol = _line_end(text, pos)
+        if not text[pos:eol].strip():  # a blank line: nothing to read
+            pos = _next_line(text, eol)
+            continue
+        rec_line = line_of(pos)
+        fields = []
+        for _ in range(ncols - 1):
+            comma = text.find(",", pos, eol)
+            if comma < 0:
+                raise TableError(url, rec_line, f"expected {ncols} fields, found {len(fields) + 1}: "
+                                 f"{text[pos:eol][:80]!r}; every record needs {ncols} comma-separated fields")
+            fields.append(_unquote_simple(text[pos:comma]))
+            pos = comma + 1
+        if pos < n and text[pos] == '"':
+            close, after = _find_close(text, pos)
+            if close is None:
+                raise TableError(url, rec_line, "a quote opened here is never closed before the end of the file; "
+                                 "close the caption's quote")
+            fields.append(text[pos + 1:close])
+            pos = after
+        else:
+            fields.append(text[pos:eol].rstrip(","))  # a spreadsheet's trailing empty column
+            pos = _next_line(text, eol)
+        records.append((rec_line, fields))
+    return records
+
+
+def _line_end(text: str, pos: int) -> int:
+    m = _EOL.search(text, pos)
+    return m.start() if m else len(text)
+
+
+def _next_line(text: str, eol: int) -> int:
+    return eol + (2 if text.startswith("\r\n", eol) else 1)
+
+
+def _unquote_simple(field: str) -> str:
+    if len(field) >= 2 and field[0] == '"' and field[-1] == '"':
+        return field[1:-1].replace('""', '"')
+    return field
+
+
+def _find_close(text: str, open_pos: int) -> tuple[int | None, int]:
+    """The closing quote of a free-text last field opened at ``open_pos``.
+
+    Inner quotes are unescaped, so a candidate close (quote then end of line)
+    only counts when the next line starts a new record or the file ends; this is
+    what keeps captions that span lines, or hold a quote at a line end, whole.
+    """
+    for m in _CLOSE.finditer(text, open_pos + 1):
+        after = m.end()
+        if _BLANK_TAIL.match(text, after) or _RECORD_START.match(text, after):
+            return m.start(), after
+    return None, len(text)
+
+
+def read_table(url: str, *, require: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Read a COMP5329 table (train.csv, test.csv, a submission) from any URL.
+
+    Returns a DataFrame with ``ImageID`` (str), ``Labels`` (list of label
+    strings in file order) where the file has labels, and ``Caption`` (str,
+    exactly as written) where it has captions, in file order. ``require``
+    names columns the caller needs (e.g. ``("ImageID", "Labels")``).
+    """
+    url = str(url)
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError as e:
+        raise TableError(url, None, "file not found; check --data or the table's path") from e
+    text = _decode(url, data)
+    if not text.strip():
+        raise TableError(url, 1, "empty file; expected a header such as ImageID,Labels,Caption")
+
+    header_end = _line_end(text, 0)
+    header = [h.strip().strip('"') for h in text[:header_end].split(",")]
+    trailing_empty = False
+    while len(header) > 1 and header[-1] == "":  # spreadsheet tools add an empty last column
+        header.pop()
+        trailing_empty = True
+    if tuple(header) not in SCHEMAS:
+        raise TableError(url, 1, f"unexpected header {text[:header_end][:120]!r}; expected one of "
+                         + "; ".join(",".join(s) for s in SCHEMAS))
+    missing = [c for c in (require or ()) if c not in header]
+    if missing:
+        raise TableError(url, 1, f"header {','.join(header)} lacks required column(s) {', '.join(missing)}")
+    ncols = len(header)
+
+    rfc = _parse_rfc(text)
+    if rfc is not None:
+        records = []
+        for line, row in rfc[1:]:
+            if not row:
+                continue
+            if trailing_empty and len(row) > ncols and not row[-1]:
+                row = row[:-1]
+            if len(row) > ncols and header[-1] == "Caption":
+                # An unquoted caption holding a comma (spreadsheets write these): the text belongs together.
+                row = row[:ncols - 1] + [",".join(row[ncols - 1:])]
+            if len(row) != ncols:
+                raise TableError(url, line, f"expected {ncols} fields ({','.join(header)}), found {len(row)}")
+            records.append((line, row))
+    else:
+        body = header_end + (2 if text.startswith("\r\n", header_end) else 1)
+        records = _parse_comp5329(url, text, ncols, body)
+
+    return _to_frame(url, header, records)
+
+
+def _to_frame(url: str, header: list[str], records: list) -> pd.DataFrame:
+    seen: dict[str, int] = {}
+    ids, labels, captions = [], [], []
+    has_labels, has_caption = "Labels" in header, "Caption" in header
+    li = header.index("Labels") if has_labels else None
+    ci = header.index("Caption") if has_caption else None
+    for line, row in records:
+        image_id = row[0].strip()
+        if not image_id:
+            raise TableError(url, line, "record without ImageID; every row must start with the image's file name")
+        if image_id in seen:
+            raise TableError(url, line, f"duplicate ImageID {image_id!r} (first on line {seen[image_id]}); "
+                             "each image must appear once")
+        seen[image_id] = line
+        ids.append(image_id)
+        if has_labels:
+            labs = row[li].split()
+            if not labs and has_caption:
+                raise TableError(url, line, f"empty Labels field for {image_id}; a training image needs at least one label")
+            labels.append(labs)
+        if has_caption:
+            captions.append(row[ci])
+    cols = {"ImageID": pd.Series(ids, dtype=object)}
+    if has_labels:
+        cols["Labels"] = pd.Series(labels, dtype=object)
+    if has_caption:
+        cols["Caption"] = pd.Series(captions, dtype=object)
+    return pd.DataFrame(cols)
+
+
+def submission_csv(image_ids, label_lists) -> str:
+    """Kaggle submission text: ``ImageID,Labels`` with labels space-separated."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["ImageID", "Labels"])
+    for image_id, labs in zip(image_ids, label_lists):
+        w.writerow([image_id, " ".join(labs)])
+    return out.getvalue()
