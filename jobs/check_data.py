@@ -1,0 +1,42 @@
+"""Check a dataset before training: table rows, the label vocabulary with counts, labels per image, and
+missing or unreadable images (image headers are read concurrently). Exits 1 listing the problems."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from mlc.check import check_dataset, format_report  # noqa: E402
+from mlc.data import DataPaths  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data", default=None, help="dataset root URL (default: the embedded demo dataset)")
+    p.add_argument("--images", default=None, help="image folder, relative to --data unless absolute (default: data)")
+    p.add_argument("--train-csv", default=None, help="default: <data>/train.csv")
+    p.add_argument("--test-csv", default=None, help="default: <data>/test.csv")
+    p.add_argument("--json", action="store_true", help="also print the report as one JSON object on the last line")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    data = args.data
+    if data is None:
+        from mlc.demo import make_demo_dataset
+        data = make_demo_dataset()
+    report = check_dataset(DataPaths.resolve(data, args.images, args.train_csv, args.test_csv),
+                           progress=not args.quiet)
+    print(format_report(report))
+    if args.json:
+        print(json.dumps(report))
+    return 1 if report["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,87 @@
+"""The dataset check: rows, label vocabulary and counts, labels per image, missing and unreadable images."""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from tqdm.auto import tqdm
+
+from . import storage
+from .data import DataPaths
+from .images import BadImageError, read_header
+from .labels import LabelVocab
+from .table import TableError, read_table
+
+# Image headers are tiny reads dominated by latency on object stores: many in flight hide it.
+CONCURRENCY = 32
+
+
+def _header(url: str, max_pixels: int):
+    try:
+        read_header(storage.read_bytes(url), url, max_pixels=max_pixels)
+        return None
+    except BadImageError as e:
+        return e.reason
+    except FileNotFoundError:
+        return "missing"
+
+
+def check_dataset(paths: DataPaths, *, max_pixels: int = 50_000_000, progress: bool = True) -> dict:
+    """A report dict; ``problems`` lists everything wrong (empty when the dataset is usable as is)."""
+    report: dict = {"train_csv": paths.train_csv, "test_csv": paths.test_csv, "images": paths.images, "problems": []}
+    tables = {}
+    for name, url, req in (("train", paths.train_csv, ("ImageID", "Labels")), ("test", paths.test_csv, ("ImageID",))):
+        try:
+            tables[name] = read_table(url, require=req)
+            report[f"{name}_rows"] = len(tables[name])
+        except (TableError, FileNotFoundError) as e:
+            report["problems"].append(str(e))
+    if "train" in tables:
+        train = tables["train"]
+        vocab = LabelVocab.from_label_lists(train.Labels)
+        counts = Counter(lab for labs in train.Labels for lab in labs)
+        report["labels"] = {lab: counts[lab] for lab in vocab.labels}
+        per_image = Counter(len(set(labs)) for labs in train.Labels)
+        report["labels_per_image"] = {str(k): per_image[k] for k in sorted(per_image)}
+        repeated = [i for i, labs in zip(train.ImageID, train.Labels) if len(set(labs)) != len(labs)]
+        if repeated:
+            report["problems"].append(f"{len(repeated)} training rows repeat a label: {', '.join(repeated[:10])}")
+
+    ids = [i for t in tables.values() for i in t.ImageID]
+    if not storage.isdir(paths.images):
+        report["problems"].append(f"image folder {paths.images} does not exist; point --images at it")
+        report["missing_images"] = len(ids)
+        return report
+    present = set(storage.listdir(paths.images))  # one listing instead of 40,000 existence checks
+    missing = [i for i in ids if i not in present]
+    to_read = [i for i in ids if i in present]
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        reasons = list(tqdm(pool.map(lambda i: _header(storage.join(paths.images, i), max_pixels), to_read),
+                            total=len(to_read), desc="image headers", disable=not progress, unit="img"))
+    unreadable = {i: r for i, r in zip(to_read, reasons) if r is not None}
+    report["images_found"] = len(to_read)
+    report["missing_images"] = len(missing)
+    report["missing_examples"] = missing[:20]
+    report["unreadable_images"] = unreadable
+    if missing:
+        report["problems"].append(f"{len(missing)} of {len(ids)} images are missing from {paths.images}, "
+                                  f"e.g. {', '.join(missing[:10])}")
+    if unreadable:
+        report["problems"].append(f"{len(unreadable)} images are unreadable: "
+                                  + ", ".join(f"{k} ({v})" for k, v in list(unreadable.items())[:10]))
+    return report
+
+
+def format_report(r: dict) -> str:
+    lines = [f"train: {r.get('train_rows', '?')} rows ({r['train_csv']})",
+             f"test:  {r.get('test_rows', '?')} rows ({r['test_csv']})"]
+    if "labels" in r:
+        lines.append(f"labels ({len(r['labels'])}): " + ", ".join(f"{k}:{v}" for k, v in r["labels"].items()))
+        lines.append("labels per image: " + ", ".join(f"{k}:{v}" for k, v in r["labels_per_image"].items()))
+    if "images_found" in r:
+        lines.append(f"images: {r['images_found']} found, {r['missing_images']} missing, "
+                     f"{len(r['unreadable_images'])} unreadable ({r['images']})")
+    lines.append("problems:" if r["problems"] else "no problems found")
+    lines += [f"  - {p}" for p in r["problems"]]
+    return "\n".join(lines)

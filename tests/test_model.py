@@ -1,0 +1,104 @@
+"""Model: freezing per depth, frozen BatchNorm, dropout placement, plain-torchvision checkpoints, weights loading."""
+
+import io
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from mlc import model as M
+
+N = 5
+STAGE_PREFIXES = {  # written out independently of mlc.model's tables
+    0: ("fc.",),
+    1: ("layer4.", "fc."),
+    2: ("layer3.", "layer4.", "fc."),
+    3: ("layer2.", "layer3.", "layer4.", "fc."),
+    4: ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "fc."),
+}
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3, 4])
+def test_exactly_the_intended_parameters_get_gradients(depth):
+    torch.manual_seed(0)
+    m = M.build_model(N, unfrozen_depth=depth, dropout=0.0)
+    m.train()
+    m(torch.randn(2, 3, 64, 64)).sum().backward()
+    for name, p in m.named_parameters():
+        should = name.startswith(STAGE_PREFIXES[depth])
+        assert p.requires_grad == should, name
+        assert (p.grad is not None) == should, name
+        if should:
+            assert p.grad.abs().sum() > 0, name
+
+
+def test_frozen_batchnorm_stays_in_eval_mode_and_keeps_its_statistics():
+    m = M.build_model(N, unfrozen_depth=1, dropout=0.0)
+    m.train()
+    assert not m.bn1.training and not m.layer3[0].bn1.training
+    assert m.layer4[0].bn1.training
+    before = m.layer3[0].bn1.running_mean.clone()
+    before4 = m.layer4[0].bn1.running_mean.clone()
+    m(torch.randn(4, 3, 64, 64) * 3 + 1)
+    assert torch.equal(before, m.layer3[0].bn1.running_mean)
+    assert not torch.equal(before4, m.layer4[0].bn1.running_mean)
+
+
+def test_dropout_acts_at_the_frozen_boundary_in_training_only():
+    torch.manual_seed(0)
+    m = M.build_model(N, unfrozen_depth=1, dropout=0.5)
+    x = torch.randn(2, 3, 64, 64)
+    m.train()
+    assert not torch.allclose(m(x), m(x))
+    m.eval()
+    assert torch.equal(m(x), m(x))
+    assert M.build_model(N, unfrozen_depth=4, dropout=0.5).first_trainable == 0  # nothing frozen, no dropout
+
+
+def test_saved_state_dict_loads_into_plain_torchvision(tmp_path):
+    torch.manual_seed(0)
+    m = M.build_model(N, unfrozen_depth=2, dropout=0.3)
+    wrapped = torch.nn.DataParallel(m)  # a wrapper that adds "module." like DDP does
+    state = M.bare_state_dict(wrapped)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state)
+    torch.save(state, tmp_path / "model.pt")
+    plain = torchvision.models.resnet50(num_classes=N)
+    plain.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))  # strict
+    m.eval(), plain.eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(m(x), plain(x), atol=1e-5)
+
+
+def test_weights_from_a_path_strip_prefixes_and_replace_a_mismatched_head(tmp_path):
+    torch.manual_seed(1)
+    src = torchvision.models.resnet50(num_classes=1000)
+    torch.save({"module." + k: v for k, v in src.state_dict().items()}, tmp_path / "w.pt")
+    logs = []
+    m = M.build_model(N, unfrozen_depth=1, weights=str(tmp_path / "w.pt"), log=logs.append)
+    assert torch.equal(m.layer2[0].conv1.weight, src.layer2[0].conv1.weight)
+    assert m.fc.weight.shape == (N, 2048)
+    assert any("head" in line for line in logs)
+
+
+def test_weights_errors_are_actionable(tmp_path, monkeypatch):
+    with pytest.raises(M.WeightsError, match="not found"):
+        M.load_weights(str(tmp_path / "nope.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(M.WeightsError, match="not a loadable state dict"):
+        M.load_weights(str(tmp_path / "junk.pt"))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(type(M.ResNet50_Weights.IMAGENET1K_V2), "get_state_dict", offline)
+    with pytest.raises(M.WeightsError, match="--weights none") as e:
+        M.load_weights("imagenet")
+    assert "PATH_OR_URL" in str(e.value)
+
+
+def test_state_dict_bytes_are_weights_only_loadable():
+    m = M.build_model(3, unfrozen_depth=0)
+    buf = io.BytesIO()
+    torch.save(M.bare_state_dict(m), buf)
+    buf.seek(0)
+    assert set(torch.load(buf, weights_only=True)) == set(torchvision.models.resnet50(num_classes=3).state_dict())
