@@ -17,7 +17,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--predictions", required=True, help="the submission CSV (path or URL)")
     p.add_argument("--truth", required=True, help="the labelled CSV (path or URL)")
-    p.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
+    p.add_argument("--json", action="store_true", help="also print one JSON object as the last line (default: off)")
     return p
 
 

@@ -14,9 +14,9 @@ HELP = {
     "data": "dataset root URL (local path, file://, gs://bucket/prefix, memory://...) holding train.csv, test.csv "
             "and data/<ImageID>; omit it to use the embedded demo dataset (generated offline into ~/.cache/mlc)",
     "output": "where the run writes checkpoint/, best/, metrics.json, predictions.csv, probabilities.csv, plots/",
-    "images": "image folder; relative to --data unless absolute or a URL",
-    "train_csv": "labelled table (ImageID,Labels,Caption)",
-    "test_csv": "table to predict (ImageID[,Caption])",
+    "images": "image folder, inside --data when relative (e.g. images); default <data>/data",
+    "train_csv": "labelled table (ImageID,Labels,Caption), a path or URL; default <data>/train.csv",
+    "test_csv": "table to predict (ImageID[,Caption]), a path or URL; default <data>/test.csv",
     "weights": "initial weights: imagenet (torchvision IMAGENET1K_V2, downloaded to torchvision's cache), "
                "none (random init), or a path/URL to a state dict",
     "unfrozen_depth": "how many of the last residual stages train: 0 = head only, 1 = layer4 + head (the report), "
@@ -31,7 +31,7 @@ HELP = {
     "momentum": "SGD momentum",
     "warmup_epochs": "linear warm-up length in epochs (may be fractional)",
     "clip_grad": "maximum gradient norm; 0 turns clipping off",
-    "amp": "mixed precision: auto (bf16 on GPUs and on CPUs with native bf16), bf16, or off",
+    "amp": "mixed precision: auto (bf16 on GPUs and on CPUs with AMX, where it beats fp32), bf16, or off",
     "image_size": "training crop and evaluation centre-crop size in pixels",
     "val_fraction": "fraction of train.csv held out for validation (a seeded split by ImageID)",
     "seed": "seed of the split, the initialisation, the data order and the augmentations",

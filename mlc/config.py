@@ -30,7 +30,7 @@ class TrainConfig:
     momentum: float = 0.9           # SGD only
     warmup_epochs: float = 1.0      # linear warm-up protects pretrained stages from the random head's gradients
     clip_grad: float = 1.0          # max global grad norm; cuts early spikes, rarely binds after warm-up; 0 = off
-    amp: str = "auto"               # auto: bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX)
+    amp: str = "auto"               # auto: bf16 on GPUs and on CPUs with AMX, where it is faster than fp32
 
     # Data.
     image_size: int = 224           # ResNet50's ImageNet resolution; the COMP5329 images are <= 320 px

@@ -26,15 +26,15 @@ class DataPaths:
     def resolve(cls, data: str, images=None, train_csv=None, test_csv=None) -> "DataPaths":
         """The COMP5329S1A2Dataset layout under ``data``; each part can be overridden.
 
-        A relative ``--images`` is taken inside ``data`` (``--images images`` for ../shared/data/comp5329).
+        A relative ``images`` is a folder inside ``data`` (``--images images`` for the real set's
+        layout); the tables, when given, are paths or URLs as written (relative to the working folder).
         """
-        def under(part, default):
-            if part is None:
-                return storage.join(data, default)
-            if "://" in part or part.startswith("/") or storage.exists(part):
-                return part
-            return storage.join(data, part)
-        return cls(under(train_csv, "train.csv"), under(test_csv, "test.csv"), under(images, "data"))
+        def image_root():
+            if images is None:
+                return storage.join(data, "data")
+            return images if "://" in images or images.startswith("/") else storage.join(data, images)
+        return cls(train_csv or storage.join(data, "train.csv"), test_csv or storage.join(data, "test.csv"),
+                   image_root())
 
 
 def split_train_val(image_ids, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ from .engine import pick_amp_dtype, predict_scores
 from .labels import LabelVocab
 from .metrics import ThresholdChoice
 from .model import build_model
-from .table import read_table, submission_csv
+from .table import read_ids, submission_csv
 from .transforms import eval_transform
 
 
@@ -65,18 +65,18 @@ def predict_from_checkpoint(checkpoint: str, data: str | None, output: str, *, i
     data = data or cfg.data
     paths = DataPaths.resolve(data, images=images if images is not None else None,
                               test_csv=ids_csv)
-    table = read_table(paths.test_csv, require=("ImageID",))
+    ids = read_ids(paths.test_csv)
     storage.check_writable(output)
     model = build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout, weights=state)
     device = pick_device()
     model.to(device, memory_format=torch.channels_last)
     amp_dtype = pick_amp_dtype(cfg.amp, device)
-    log(f"predicting {len(table)} images from {paths.test_csv} with {checkpoint} "
+    log(f"predicting {len(ids)} images from {paths.test_csv} with {checkpoint} "
         f"({len(vocab)} labels, {cfg.image_size}px, threshold {choice.strategy})")
-    out = score_ids(model, table.ImageID.tolist(), paths.images, image_size=cfg.image_size, device=device,
+    out = score_ids(model, ids, paths.images, image_size=cfg.image_size, device=device,
                     amp_dtype=amp_dtype, batch_size=batch_size, num_workers=num_workers,
                     max_pixels=cfg.max_image_pixels, log=log, progress=progress)
-    summary = write_predictions(output, table.ImageID.tolist(), out["probs"], out["ok"], vocab, choice)
+    summary = write_predictions(output, ids, out["probs"], out["ok"], vocab, choice)
     log(f"wrote {storage.join(output, 'predictions.csv')} ({summary['rows']} rows, "
         f"{len(summary['unreadable'])} unreadable images)")
     return summary

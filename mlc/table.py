@@ -49,12 +49,11 @@ def _decode(url: str, data: bytes) -> str:
     return text
 
 
-# A record starts with an ImageID (no spaces, quotes or commas) followed by a comma.
-_RECORD_START = re.compile(r"[^\s\",]+,")
 # Where a quoted last field may close: a quote, optional spreadsheet trailing commas, end of line.
 _CLOSE = re.compile(r"\"[ \t]*,*[ \t]*(\r\n|\n|\r|$)")
 _EOL = re.compile(r"\r\n|\n|\r")
-_BLANK_TAIL = re.compile(r"\s*\Z")
+# A line that starts a record: an id then a comma, an empty id, or a quoted id.
+_NEXT_RECORD = re.compile(r"(?:\r\n|\n|\r)(?=[^\s\",]*,|\"[^\"\r\n]*\",)")
 
 
 def _parse_rfc(text: str) -> list[tuple[int, list[str]]] | None:
@@ -76,7 +75,7 @@ def _parse_rfc(text: str) -> list[tuple[int, list[str]]] | None:
 
 def _parse_comp5329(url: str, text: str, ncols: int, start: int) -> list[tuple[int, list[str]]]:
     """Parse records whose last field is free text with unescaped quotes (see module docstring)."""
-    newlines = [m.start() for m in re.finditer("\n", text)]
+    newlines = [m.end() - 1 for m in _EOL.finditer(text)]
 
     def line_of(pos: int) -> int:  # 1-based physical line holding text[pos]
         return bisect.bisect_right(newlines, pos - 1) + 1 if pos else 1
@@ -88,19 +87,21 @@ def _parse_comp5329(url: str, text: str, ncols: int, start: int) -> list[tuple[i
         if not text[pos:eol].strip():  # a blank line: nothing to read
             pos = _next_line(text, eol)
             continue
-        rec_line = line_of(pos)
+        rec_line, line_start = line_of(pos), pos
         fields = []
         for _ in range(ncols - 1):
             comma = text.find(",", pos, eol)
             if comma < 0:
                 raise TableError(url, rec_line, f"expected {ncols} fields, found {len(fields) + 1}: "
-                                 f"{text[pos:eol][:80]!r}; every record needs {ncols} comma-separated fields")
+                                 f"{text[line_start:eol][:80]!r}; every record needs {ncols} comma-separated fields")
             fields.append(_unquote_simple(text[pos:comma]))
             pos = comma + 1
         if pos < n and text[pos] == '"':
-            close, after = _find_close(text, pos)
+            close, after, next_record = _find_close(text, pos)
             if close is None:
-                raise TableError(url, rec_line, "a quote opened here is never closed before the end of the file; "
+                before = (f"the next record on line {line_of(next_record)}" if next_record is not None
+                          else "the end of the file")
+                raise TableError(url, rec_line, f"a quote opened here is never closed before {before}; "
                                  "close the caption's quote")
             fields.append(text[pos + 1:close])
             pos = after
@@ -126,18 +127,27 @@ def _unquote_simple(field: str) -> str:
     return field
 
 
-def _find_close(text: str, open_pos: int) -> tuple[int | None, int]:
+def _find_close(text: str, open_pos: int) -> tuple[int | None, int, int | None]:
     """The closing quote of a free-text last field opened at ``open_pos``.
 
-    Inner quotes are unescaped, so a candidate close (quote then end of line)
-    only counts when the next line starts a new record or the file ends; this is
-    what keeps captions that span lines, or hold a quote at a line end, whole.
+    Inner quotes are unescaped, so the field cannot end at the first quote.
+    It runs at most to the next line that looks like the start of a record
+    (an id and a comma, an empty id, or a quoted id); within that span it ends
+    at the last quote that ends a line. Captions that span lines, or hold a
+    quote at a line end, stay whole; a quote left open never swallows the
+    next record. Returns ``(close, after, next_record_pos)``; ``close`` is
+    None when no closing quote precedes the next record.
     """
-    for m in _CLOSE.finditer(text, open_pos + 1):
-        after = m.end()
-        if _BLANK_TAIL.match(text, after) or _RECORD_START.match(text, after):
-            return m.start(), after
-    return None, len(text)
+    m = _NEXT_RECORD.search(text, open_pos)
+    limit = m.end() if m else len(text)
+    best = None
+    for c in _CLOSE.finditer(text, open_pos + 1):
+        if c.start() >= limit:
+            break
+        best = c
+    if best is None:
+        return None, len(text), m.end() if m else None
+    return best.start(), best.end(), None
 
 
 def read_table(url: str, *, require: tuple[str, ...] | None = None) -> pd.DataFrame:
@@ -230,3 +240,32 @@ def submission_csv(image_ids, label_lists) -> str:
     for image_id, labs in zip(image_ids, label_lists):
         w.writerow([image_id, " ".join(labs)])
     return out.getvalue()
+
+
+def read_ids(url: str) -> list[str]:
+    """The ImageID column of a COMP5329 table or of any RFC 4180 CSV that has one (for prediction lists)."""
+    url = str(url)
+    try:
+        return read_table(url, require=("ImageID",)).ImageID.tolist()
+    except TableError as e:
+        if "unexpected header" not in e.problem:
+            raise
+    rows = _parse_rfc(_decode(url, storage.read_bytes(url)))
+    if rows is None:
+        raise TableError(url, None, "not a valid CSV file; quote fields that hold commas or quotes")
+    header = [h.strip() for h in rows[0][1]] if rows else []
+    if "ImageID" not in header:
+        raise TableError(url, 1, f"no ImageID column in header {','.join(header)!r}")
+    col = header.index("ImageID")
+    ids, seen = [], {}
+    for line, row in rows[1:]:
+        if not row:
+            continue
+        image_id = row[col].strip() if col < len(row) else ""
+        if not image_id:
+            raise TableError(url, line, "record without ImageID")
+        if image_id in seen:
+            raise TableError(url, line, f"duplicate ImageID {image_id!r} (first on line {seen[image_id]})")
+        seen[image_id] = line
+        ids.append(image_id)
+    return ids

@@ -107,6 +107,15 @@ def test_predict_job_reproduces_the_runs_predictions(dataset, tmp_path):
     b = pd.read_csv(out / "probabilities.csv").drop(columns="ImageID").to_numpy()
     assert np.allclose(a, b, atol=1e-5)
 
+    # --ids: any CSV with an ImageID column; rows come back in its order.
+    ids = read_table(dataset / "test.csv").ImageID.tolist()[::-1][:3]
+    (tmp_path / "ids.csv").write_text("Note,ImageID\n" + "".join(f"n{i},{x}\n" for i, x in enumerate(ids)))
+    r = subprocess.run([sys.executable, "jobs/predict.py", "--checkpoint", str(out / "checkpoint"), "--output",
+                        str(tmp_path / "subset"), "--ids", str(tmp_path / "ids.csv"), "--num-workers", "0",
+                        "--quiet"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert read_table(tmp_path / "subset" / "predictions.csv").ImageID.tolist() == ids
+
 
 def test_interrupted_run_resumes_at_the_next_epoch_and_matches_an_uninterrupted_one(dataset, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
