@@ -16,7 +16,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=224, help="input size in pixels (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="images per step (default: %(default)s)")
     p.add_argument("--depths", default="1,4", help="unfrozen depths to compare (default: %(default)s)")
-    p.add_argument("--amp", default="off,auto", help="precisions to compare: off, auto, bf16 (default: %(default)s)")
+    p.add_argument("--amp", default="off,bf16", help="precisions to compare: off, auto, bf16 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="also print the rows as one JSON list on the last line")
     return p

@@ -102,6 +102,10 @@ def history_png(history: Sequence[Mapping]) -> bytes:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     ax_score.set_ylim(0, 1)  # scores are in [0, 1]; a fixed scale makes runs comparable
+    losses = [y for key in _LOSS_KEYS for y in series(key)[1]]
+    if losses and min(losses) > 0 and max(losses) / min(losses) > 20:
+        # An early spike (BatchNorm statistics of a network trained from scratch) would flatten the rest.
+        ax_loss.set_yscale("log")
     fig.tight_layout()
     return _render(fig)
 

@@ -21,7 +21,6 @@ from .labels import LabelVocab
 from .metrics import ThresholdChoice, baseline_f1, evaluate, select_threshold
 from .model import bare_state_dict, build_model, trainable_parameter_groups
 from .predict import pick_device, score_ids, write_predictions
-from .table import submission_csv
 from .transforms import eval_transform, train_transform
 
 # Everything a run writes under --output; --fresh removes these first so nothing stale survives.
@@ -114,8 +113,9 @@ def fit(cfg: TrainConfig, *, fresh: bool = False, log=print, progress: bool = Tr
             save_model(best_url, bare_state_dict(model), vocab, {
                 "config": cfg.to_dict(), "threshold": metrics["threshold"], "epoch": epoch,
                 "metrics": {k: metrics[k] for k in SCALAR_KEYS}})
-            _write_val_outputs(best_url, train_df.ImageID.values[va], Y[va], scored["probs"], ok, vocab,
-                               ThresholdChoice.from_dict(metrics["threshold"]))
+            # The best epoch's validation scores and predictions, to plot and to score later.
+            write_predictions(best_url, train_df.ImageID.values[va], scored["probs"], ok, vocab,
+                              ThresholdChoice.from_dict(metrics["threshold"]), prefix="val_", truth=Y[va])
         save_training_state(ckpt_url, {
             "model": bare_state_dict(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": rng_state(), "best_f1": best_f1,
@@ -141,18 +141,6 @@ def _check_resumable(state: dict, cfg: TrainConfig, vocab: LabelVocab, url: str)
     if state["labels"] != vocab.labels:
         raise ConfigMismatch(f"{url} was trained on labels {state['labels']}, the data now has {vocab.labels}; "
                              "use --fresh or another --output")
-
-
-def _write_val_outputs(url, ids, y_true, probs, ok, vocab, choice) -> None:
-    """The best epoch's validation scores and predictions, so they can be plotted and scored later."""
-    write_predictions_val = submission_csv(ids, vocab.decode(choice.apply(np.nan_to_num(probs)) & ok[:, None]))
-    storage.write_text(storage.join(url, "val_predictions.csv"), write_predictions_val)
-    table = pd.DataFrame(probs, columns=vocab.labels)
-    table.insert(0, "ImageID", ids)
-    truth = pd.DataFrame(y_true.astype(np.int8), columns=[f"true_{c}" for c in vocab.labels])
-    buf = io.StringIO()
-    pd.concat([table, truth], axis=1).to_csv(buf, index=False, float_format="%.6f")
-    storage.write_text(storage.join(url, "val_probabilities.csv"), buf.getvalue())
 
 
 def _write_metrics(out: str, history: list, cfg: TrainConfig, complete: bool, **extra) -> None:

@@ -425,3 +425,10 @@ def test_submission_csv_round_trip(tmp_path):
     assert list(t.columns) == ["ImageID", "Labels"]
     assert list(t.ImageID) == ids
     assert list(t.Labels) == labels
+
+
+def test_read_table_is_public_at_package_level(tmp_path):
+    import mlc
+    p = _write(tmp_path, 'ImageID,Caption\n5.jpg,"a "b" c"\n')
+    df = mlc.read_table(str(p))
+    assert df.ImageID.tolist() == ["5.jpg"] and df.Caption.tolist() == ['a "b" c']
