@@ -1,34 +1,50 @@
-"""Train the multi-label ResNet50: locally (--local) in this process on the first GPU or the CPU.
+"""Train the multi-label ResNet50 with Ray Train (DDP over 1..N nodes), or in this process with --local.
+
+Distributed (the default) joins the cluster in RAY_ADDRESS (as under `ray job submit`) or starts a
+local Ray; outputs go under --output/--name/, and rerunning the same command resumes from the
+latest checkpoint there. --local trains in this process on the first GPU or the CPU and writes
+under --output itself.
 
 Examples:
-  python jobs/train.py --local                                   # embedded demo data
-  python jobs/train.py --local --data gs://bucket/comp5329 --output gs://bucket/runs/r1 --weights imagenet
+  python jobs/train.py --local                                   # embedded demo data, this process
+  python jobs/train.py --num-workers 2 --output /tmp/mlc-runs    # demo data, 2 Ray workers
+  RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+      python jobs/train.py --data gs://BUCKET/comp5329 --images images --weights imagenet \\
+      --output gs://BUCKET/runs --name r50-depth1 --num-workers 4
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# Ray 2.60 clusters use token auth (local ones by default), and a client presents its token
+# (~/.ray/auth_token) only in token mode, which Ray reads once at import. An explicit
+# RAY_AUTH_MODE in the environment still wins.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from mlc.cli import add_train_args, config_from_args  # noqa: E402
+from mlc.cli import add_scale_args, add_train_args, config_from_args, scale_from_args  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local", action="store_true",
                    help="train in this process on the first GPU, else the CPU, without Ray")
+    add_scale_args(p)
     add_train_args(p)
     return p
 
 
 def main(args: argparse.Namespace) -> dict:
-    from mlc.trainer import fit
-    if not args.local:
-        sys.exit("error: distributed training on Ray Train is not available yet; run with --local")
-    return fit(config_from_args(args), fresh=args.fresh, progress=not args.quiet)
+    cfg = config_from_args(args)
+    if args.local:
+        from mlc.trainer import fit
+        return fit(cfg, fresh=args.fresh, progress=not args.quiet)
+    from mlc.ray_train import fit_distributed
+    return fit_distributed(cfg, scale_from_args(args), fresh=args.fresh, progress=not args.quiet)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from .config import DEMO_DEFAULTS, TrainConfig
+from .config import DEMO_DEFAULTS, ScaleConfig, TrainConfig
 
 D = TrainConfig()
 
@@ -23,6 +23,8 @@ HELP = {
                       "2, 3, and 4 = every stage including the stem (conv1/bn1); frozen stages keep BatchNorm in "
                       "eval mode",
     "dropout": "dropout where the frozen features enter the trainable part (none at depth 4, where nothing is frozen)",
+    "freeze_bn": "keep every BatchNorm layer in eval mode (pretrained running statistics, no batch statistics); "
+                 "true/false",
     "epochs": "total epochs (a rerun may raise it to train further)",
     "batch_size": "images per optimizer step",
     "lr": "peak learning rate (after warm-up; cosine decay to 0)",
@@ -35,21 +37,25 @@ HELP = {
     "image_size": "training crop and evaluation centre-crop size in pixels",
     "val_fraction": "fraction of train.csv held out for validation (a seeded split by ImageID)",
     "seed": "seed of the split, the initialisation, the data order and the augmentations",
-    "num_workers": "DataLoader worker processes",
+    "loader_workers": "DataLoader worker processes per training process",
     "max_bad_fraction": "stop when more than this fraction of labelled images is unreadable",
     "max_image_pixels": "refuse images with more pixels than this (decompression bombs)",
 }
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data and output")
+def add_train_args(p: argparse.ArgumentParser, skip=()) -> None:
+    g = p.add_argument_group("data, model and training")
     for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
         if f.name in ("optimizer", "amp"):
             choices = {"optimizer": ["adamw", "sgd"], "amp": ["auto", "bf16", "off"]}[f.name]
         else:
             choices = None
         default = getattr(D, f.name)
         kind = type(default) if default is not None else str
+        if kind is bool:
+            kind = _bool
         shown = f"default: {default}" + (f"; demo: {DEMO_DEFAULTS[f.name]}" if f.name in DEMO_DEFAULTS else "")
         # SUPPRESS: only flags the user gave reach the namespace, so the demo defaults can fill the rest.
         g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, choices=choices,
@@ -59,11 +65,101 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The flags given, on top of the demo defaults when --data is absent, else the normal defaults."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     base = DEMO_DEFAULTS if given.get("data") is None else {}
     try:
         return TrainConfig(**{**base, **given})
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+S = ScaleConfig()
+SCALE_HELP = {
+    "num_workers": "Ray Train workers (processes, one per GPU when GPUs are used)",
+    "gpus_per_worker": "GPUs per worker; default: 1 when the cluster has GPUs (NCCL), else 0 (CPU workers on gloo)",
+    "cpus_per_worker": "CPUs Ray reserves per worker (its DataLoader processes come on top)",
+    "max_failures": "worker-group failures recovered from the latest checkpoint before the run fails; -1: no limit",
+    "name": "stable run name: outputs and checkpoints go under --output/NAME/, and a rerun with the same name resumes",
+    "keep_checkpoints": "checkpoints kept in the run folder (the best by validation F1 and the latest always are)",
+}
+
+
+def add_scale_args(p: argparse.ArgumentParser, skip=()) -> None:
+    g = p.add_argument_group("Ray cluster (ignored with --local)")
+    for f in dataclasses.fields(ScaleConfig):
+        if f.name in skip:
+            continue
+        default = getattr(S, f.name)
+        kind = float if f.name in ("gpus_per_worker", "cpus_per_worker") else type(default)
+        g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
+                       help=f"{SCALE_HELP[f.name]} (default: {default if default is not None else 'auto'})")
+
+
+def scale_from_args(args: argparse.Namespace) -> ScaleConfig:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ScaleConfig) if hasattr(args, f.name)}
+    try:
+        return ScaleConfig(**given)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+SWEEP_HELP = {
+    "name": "stable sweep name: everything goes under --output/NAME/, and a rerun with the same name resumes",
+    "num_samples": "trials to run",
+    "workers_per_trial": "Ray Train workers per trial (each one GPU when the cluster has GPUs)",
+    "gpus_per_worker": "GPUs per worker; default: 1 when the cluster has GPUs, else 0",
+    "cpus_per_worker": "CPUs Ray reserves per worker",
+    "max_epochs": "epochs of a trial that ASHA never stops",
+    "grace_epochs": "epochs every trial runs before ASHA may stop it",
+    "reduction_factor": "ASHA keeps the best 1/FACTOR of trials at each rung",
+    "lr_min": "lowest peak learning rate (log-uniform range)",
+    "lr_max": "highest peak learning rate (equal to --lr-min: a fixed rate)",
+    "depths": "unfrozen depths to sample from, comma-separated, each 0..4",
+    "max_failures": "worker-group restarts per trial from its latest checkpoint",
+    "search_seed": "seed of the random search",
+    "wait_for_autoscaler": "let trials wait for nodes an autoscaler will add, instead of failing at start",
+}
+
+
+def _int_list(text: str) -> tuple:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    from .tune import SweepConfig
+    d = SweepConfig()
+    g = p.add_argument_group("sweep")
+    for f in dataclasses.fields(SweepConfig):
+        default = getattr(d, f.name)
+        if f.name == "depths":
+            g.add_argument("--depths", type=_int_list, default=default,
+                           help=f"{SWEEP_HELP[f.name]} (default: {','.join(map(str, default))})")
+        elif isinstance(default, bool):
+            g.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=SWEEP_HELP[f.name])
+        else:
+            kind = float if f.name in ("gpus_per_worker", "cpus_per_worker", "lr_min", "lr_max") else type(default)
+            g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
+                           help=f"{SWEEP_HELP[f.name]} (default: {default if default is not None else 'auto'})")
+
+
+def sweep_from_args(args: argparse.Namespace):
+    from .tune import SweepConfig
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SweepConfig) if hasattr(args, f.name)}
+    try:
+        return SweepConfig(**given)
     except ValueError as e:
         sys.exit(f"error: {e}")

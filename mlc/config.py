@@ -20,6 +20,7 @@ class TrainConfig:
     weights: str = "imagenet"
     unfrozen_depth: int = 1
     dropout: float = 0.5            # the report's dropout before its trainable part (layer4)
+    freeze_bn: bool = False         # BatchNorm trains where its stage trains; True suits tiny per-GPU batches
 
     # Optimisation.
     epochs: int = 10
@@ -36,12 +37,12 @@ class TrainConfig:
     image_size: int = 224           # ResNet50's ImageNet resolution; the COMP5329 images are <= 320 px
     val_fraction: float = 0.1
     seed: int = 0
-    num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    loader_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # per process
     max_bad_fraction: float = 0.01  # unreadable training images tolerated before the run stops
     max_image_pixels: int = 50_000_000  # larger images are refused as decompression bombs
 
     # Settings that may change between a run and its resume without invalidating the checkpoint.
-    RESUMABLE_CHANGES = ("epochs", "num_workers", "output", "data", "images", "train_csv", "test_csv")
+    RESUMABLE_CHANGES = ("epochs", "loader_workers", "output", "data", "images", "train_csv", "test_csv")
 
     def __post_init__(self):
         problems = []
@@ -74,6 +75,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        if "num_workers" in d:  # checkpoints written before the DataLoader setting was renamed
+            d.setdefault("loader_workers", d.pop("num_workers"))
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def replace(self, **changes) -> "TrainConfig":
@@ -101,3 +105,30 @@ DEMO_DEFAULTS = {
 
 def demo_config(**changes) -> TrainConfig:
     return TrainConfig(**{**DEMO_DEFAULTS, **changes})
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    num_workers: int = 2            # two workers: the smallest group that exercises DDP
+    gpus_per_worker: float | None = None   # None: 1 when the cluster has GPUs, else CPU workers on gloo
+    cpus_per_worker: float = 1.0    # Ray's reservation for the worker process; DataLoader workers come on top
+    max_failures: int = 3           # worker-group restarts from the latest checkpoint before giving up
+    name: str = "mlc"               # stable: a rerun with the same name resumes
+    keep_checkpoints: int = 2       # the best by validation F1 and the latest are always kept
+
+    def __post_init__(self):
+        problems = []
+        if self.num_workers < 1:
+            problems.append(f"--num-workers must be >= 1, got {self.num_workers}")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            problems.append(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        if self.cpus_per_worker < 0:
+            problems.append(f"--cpus-per-worker must be >= 0, got {self.cpus_per_worker}")
+        if self.max_failures < -1:
+            problems.append(f"--max-failures must be >= -1 (-1: unlimited), got {self.max_failures}")
+        if self.keep_checkpoints < 1:
+            problems.append(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            problems.append(f"--name must be a non-empty folder name without '/', got {self.name!r}")
+        if problems:
+            raise ValueError("; ".join(problems))

@@ -34,8 +34,11 @@ def _to_device(batch, device, channels_last: bool = True):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, device, *, epoch: int, amp_dtype=None,
-                    clip_grad: float = 0.0, bad_images=None, progress: bool = True, desc: str = "") -> dict:
+                    clip_grad: float = 0.0, bad_images=None, progress: bool = True, desc: str = "",
+                    on_step=None) -> dict:
     """Train for one pass over ``loader``; returns mean loss, image count and throughput.
+
+    ``on_step(epoch, step)``, when given, is called after each optimizer step (progress hooks, fault drills).
 
     A non-finite loss raises NonFiniteLossError before the optimizer step, so no
     non-finite weights are ever produced (and hence never checkpointed).
@@ -69,6 +72,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, *, epoch: int, 
         total_loss += loss.item() * n
         seen += n
         steps += 1
+        if on_step is not None:
+            on_step(epoch, steps)
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.1f}")
     elapsed = time.perf_counter() - start
@@ -109,7 +114,7 @@ def predict_scores(model, loader, device, *, amp_dtype=None, progress: bool = Tr
         seen += x.shape[0]
         bar.set_postfix(img_s=f"{seen / max(time.perf_counter() - start, 1e-9):.1f}")
     if probs is None:
-        probs = np.full((n_rows, getattr(model, "fc").out_features), np.nan, dtype=np.float32)
+        probs = np.full((n_rows, getattr(model, "module", model).fc.out_features), np.nan, dtype=np.float32)
     elapsed = time.perf_counter() - start
     return {"probs": probs, "ok": ok, "loss": total_loss / seen if seen else math.nan, "skipped": skipped,
             "seconds": elapsed, "img_per_s": seen / elapsed if elapsed > 0 else 0.0}

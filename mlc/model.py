@@ -30,10 +30,11 @@ class WeightsError(RuntimeError):
 
 
 class MultiLabelResNet(ResNet):
-    def __init__(self, num_classes: int, unfrozen_depth: int = 1, dropout: float = 0.0):
+    def __init__(self, num_classes: int, unfrozen_depth: int = 1, dropout: float = 0.0, freeze_bn: bool = False):
         super().__init__(Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
         self.unfrozen_depth = unfrozen_depth
         self.dropout = dropout
+        self.freeze_bn = freeze_bn
         self.first_trainable = FIRST_TRAINABLE[unfrozen_depth]
         for i, name in enumerate(STAGES):
             for p in self._stage_params(name):
@@ -54,10 +55,18 @@ class MultiLabelResNet(ResNet):
         return [m for name in STAGES[: self.first_trainable] for m in self._stage_modules(name)]
 
     def train(self, mode: bool = True):
-        """Frozen stages keep BatchNorm in eval mode: their running statistics stay the pretrained ones."""
+        """Frozen stages keep BatchNorm in eval mode: their running statistics stay the pretrained ones.
+
+        With ``freeze_bn`` every BatchNorm layer stays in eval mode (its affine weights still train), so
+        a step's result does not depend on how the batch is split across processes.
+        """
         super().train(mode)
         for m in self.frozen_modules():
             m.eval()
+        if self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -116,6 +125,10 @@ def load_weights(spec: str) -> dict | None:
                 f"could not fetch the ImageNet ResNet50 weights ({ResNet50_Weights.IMAGENET1K_V2.url}): {e}. "
                 "Without internet access use --weights none (train from scratch) or --weights PATH_OR_URL "
                 "to a state dict you copied beforehand (local path, gs://..., any fsspec URL).") from e
+    if storage.isdir(spec):
+        # A model folder (best/, or a Ray checkpoint epoch_NNNN/) or a run folder holding best/.
+        inner = storage.join(spec, "best") if storage.exists(storage.join(spec, "best", "model.pt")) else spec
+        spec = storage.join(inner, "model.pt")
     try:
         data = storage.read_bytes(spec)
     except FileNotFoundError as e:
@@ -132,8 +145,8 @@ def load_weights(spec: str) -> dict | None:
 
 
 def build_model(num_classes: int, unfrozen_depth: int = 1, dropout: float = 0.0,
-                weights: str | dict | None = "none", log=print) -> MultiLabelResNet:
-    model = MultiLabelResNet(num_classes, unfrozen_depth, dropout)
+                weights: str | dict | None = "none", log=print, freeze_bn: bool = False) -> MultiLabelResNet:
+    model = MultiLabelResNet(num_classes, unfrozen_depth, dropout, freeze_bn)
     state = load_weights(weights) if isinstance(weights, str) else weights
     if state is not None:
         fc_shape = tuple(state.get("fc.weight", torch.empty(0)).shape)

@@ -255,3 +255,45 @@ def pr_curves_png(y_true, probs, labels: Sequence[str]) -> bytes:
         _no_data(ax, "no class has a positive")
     fig.tight_layout()
     return _render(fig)
+
+
+def sweep_png(table) -> bytes:
+    """Validation F1 of each trial against its learning rate (log scale), one colour per unfrozen depth.
+
+    ``table`` is the sweep's results table (columns lr, unfrozen_depth, best_f1_samples, status);
+    hollow markers are trials ASHA stopped early, crosses trials that failed before an epoch ended.
+    """
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    rows = [r for r in table.to_dict("records")]
+    if not rows:
+        _no_data(ax)
+        return _render(fig)
+    cmap = matplotlib.colormaps["viridis"]
+    for depth in range(5):
+        mine = [r for r in rows if int(r["unfrozen_depth"]) == depth]
+        if not mine:
+            continue
+        colour = cmap(depth / 4)
+        done = [r for r in mine if _finite(r["best_f1_samples"]) and r["status"] == "completed"]
+        early = [r for r in mine if _finite(r["best_f1_samples"]) and r["status"] != "completed"]
+        failed = [r for r in mine if not _finite(r["best_f1_samples"])]
+        if done:
+            ax.scatter([r["lr"] for r in done], [r["best_f1_samples"] for r in done], color=colour, s=50,
+                       label=f"depth {depth}")
+        if early:
+            ax.scatter([r["lr"] for r in early], [r["best_f1_samples"] for r in early], facecolors="none",
+                       edgecolors=[colour], s=50, label=f"depth {depth} (stopped early)")
+        if failed:
+            ax.scatter([r["lr"] for r in failed], [0.0] * len(failed), marker="x", color=colour,
+                       label=f"depth {depth} (failed)")
+    best = max((r for r in rows if _finite(r["best_f1_samples"])), key=lambda r: r["best_f1_samples"], default=None)
+    if best is not None:
+        ax.annotate("best", (best["lr"], best["best_f1_samples"]), textcoords="offset points", xytext=(6, 6))
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("best validation F1 (samples)")
+    ax.set_title("sweep: validation F1 by learning rate and unfrozen depth")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _render(fig)

@@ -56,30 +56,48 @@ def write_predictions(output: str, ids, probs: np.ndarray, ok: np.ndarray, vocab
 
 
 def predict_from_checkpoint(checkpoint: str, data: str | None, output: str, *, ids_csv: str | None = None,
-                            images: str | None = None, batch_size: int = 64, num_workers: int = 2,
-                            log=print, progress: bool = True) -> dict:
+                            images: str | None = None, batch_size: int = 64, num_workers: int = 0,
+                            loader_workers: int = 2, gpus_per_worker: float | None = None,
+                            cpus_per_worker: float | None = None, log=print, progress: bool = True) -> dict:
     """Predict test.csv (or any table with an ImageID column) with label vocabulary, image size and
-    threshold taken from the checkpoint alone."""
+    threshold taken from the checkpoint alone.
+
+    ``num_workers`` 0 scores in this process (``loader_workers`` DataLoader processes read the images);
+    ``num_workers`` N >= 1 spreads the rows over N Ray Data actors on the cluster in RAY_ADDRESS (or a
+    local Ray), each with ``gpus_per_worker`` GPUs (default: 1 when the cluster has GPUs, else 0).
+    Without ``images`` the image folder is the one the checkpoint was trained with, resolved against
+    ``data`` (default: the checkpoint's dataset root).
+    """
+    if num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
     state, vocab, meta = load_model_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(meta["config"])
     if meta.get("threshold") is None:
         raise ValueError(f"{checkpoint}: holds no threshold (it predates its first validation); use best/")
     choice = ThresholdChoice.from_dict(meta["threshold"])
     data = data or cfg.data
-    paths = DataPaths.resolve(data, images=images if images is not None else None,
-                              test_csv=ids_csv)
+    if data is None:
+        raise ValueError(f"{checkpoint}: its config names no dataset root; pass --data")
+    paths = DataPaths.resolve(data, images=images if images is not None else cfg.images, test_csv=ids_csv)
     ids = read_ids(paths.test_csv)
     storage.check_writable(output)
-    model = build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout, weights=state)
-    device = pick_device()
-    model.to(device, memory_format=torch.channels_last)
-    amp_dtype = pick_amp_dtype(cfg.amp, device)
-    log(f"predicting {len(ids)} images from {paths.test_csv} with {checkpoint} "
+    log(f"predicting {len(ids)} images from {paths.test_csv} (images in {paths.images}) with {checkpoint} "
         f"({len(vocab)} labels, {cfg.image_size}px, threshold {choice.strategy})")
-    out = score_ids(model, ids, paths.images, image_size=cfg.image_size, device=device,
-                    amp_dtype=amp_dtype, batch_size=batch_size, num_workers=num_workers,
-                    max_pixels=cfg.max_image_pixels, log=log, progress=progress)
+    if num_workers >= 1:
+        from .ray_predict import score_distributed  # Ray is imported only on this path
+        out = score_distributed(state, ids, paths.images, cfg, len(vocab), num_workers=num_workers,
+                                gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                                batch_size=batch_size, log=log, progress=progress)
+    else:
+        model = build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout, weights=state)
+        device = pick_device()
+        model.to(device, memory_format=torch.channels_last)
+        amp_dtype = pick_amp_dtype(cfg.amp, device)
+        out = score_ids(model, ids, paths.images, image_size=cfg.image_size, device=device,
+                        amp_dtype=amp_dtype, batch_size=batch_size, num_workers=loader_workers,
+                        max_pixels=cfg.max_image_pixels, log=log, progress=progress)
     summary = write_predictions(output, ids, out["probs"], out["ok"], vocab, choice)
+    summary.update(seconds=out["seconds"], img_per_s=out["img_per_s"])
     log(f"wrote {storage.join(output, 'predictions.csv')} ({summary['rows']} rows, "
         f"{len(summary['unreadable'])} unreadable images)")
     return summary

@@ -1,73 +1,192 @@
-"""Local mode: train, validate, checkpoint, resume and write every output, in this process, without Ray."""
+"""The training loop, shared by local mode and Ray Train, and local mode's entry point ``fit``.
+
+``train_loop`` runs in every training process. What differs between one process and a Ray worker
+group is behind a small ``group`` object: its rank and world size, the device, how the model is
+wrapped (DDP), how objects are gathered across ranks, where the resume state comes from, and
+where each epoch's checkpoint goes. ``LocalGroup`` is the one-process group; ``mlc.ray_train``
+has the Ray one.
+"""
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 
-from . import plots, storage
-from .checkpoint import (load_model_checkpoint, load_training_state, rng_state, save_model,
-                         save_training_state, set_rng_state)
+from . import storage
+from .checkpoint import load_training_state, save_model, save_training_state
 from .config import TrainConfig
 from .data import BadImageBudget, DataPaths, ImageTable, image_urls, make_loader, read_tables, split_train_val
 from .engine import make_optimizer, pick_amp_dtype, predict_scores, train_one_epoch, warmup_cosine
 from .labels import LabelVocab
-from .metrics import ThresholdChoice, baseline_f1, evaluate, select_threshold
+from .metrics import ThresholdChoice, evaluate
 from .model import bare_state_dict, build_model, trainable_parameter_groups
-from .predict import pick_device, score_ids, write_predictions
+from .outputs import SCALAR_KEYS, finish, write_metrics
+from .predict import pick_device, write_predictions
 from .transforms import eval_transform, train_transform
 
-# Everything a run writes under --output; --fresh removes these first so nothing stale survives.
+# Everything a local run writes under --output; --fresh removes these first so nothing stale survives.
 OUTPUTS = ("checkpoint", "best", "metrics.json", "predictions.csv", "probabilities.csv", "plots")
-SCALAR_KEYS = ("f1_samples", "f1_micro", "f1_macro", "precision_samples", "recall_samples",
-               "precision_micro", "recall_micro", "precision_macro", "recall_macro", "map")
 
 
 class ConfigMismatch(ValueError):
     pass
 
 
-def fit(cfg: TrainConfig, *, fresh: bool = False, log=print, progress: bool = True) -> dict:
-    t_start = time.perf_counter()
-    if cfg.data is None:
-        from .demo import make_demo_dataset
-        cfg = cfg.replace(data=make_demo_dataset())
-        log(f"no --data given: using the embedded demo dataset at {cfg.data}")
-    paths = DataPaths.resolve(cfg.data, cfg.images, cfg.train_csv, cfg.test_csv)
-    out = cfg.output
-    storage.check_writable(out)
-    if fresh:
-        for name in OUTPUTS:
-            storage.remove(storage.join(out, name), recursive=True)
+@dataclass
+class RunData:
+    """What every process derives from the config, identically: tables, vocabulary, split, image URLs."""
+    paths: DataPaths
+    train_df: object
+    test_df: object
+    vocab: LabelVocab
+    Y: np.ndarray
+    tr: np.ndarray
+    va: np.ndarray
+    urls: list
 
+
+def prepare_data(cfg: TrainConfig, log=print) -> RunData:
+    paths = DataPaths.resolve(cfg.data, cfg.images, cfg.train_csv, cfg.test_csv)
     train_df, test_df = read_tables(paths)
     vocab = LabelVocab.from_label_lists(train_df.Labels)
     Y = vocab.encode(train_df.Labels, context=f"{paths.train_csv}: ")
     tr, va = split_train_val(train_df.ImageID, cfg.val_fraction, cfg.seed)
     log(f"data: {len(train_df)} labelled ({len(tr)} train / {len(va)} validation), {len(test_df)} test, "
         f"{len(vocab)} labels")
+    return RunData(paths, train_df, test_df, vocab, Y, tr, va, image_urls(paths.images, train_df.ImageID))
 
-    ckpt_url, best_url = storage.join(out, "checkpoint"), storage.join(out, "best")
-    state = load_training_state(ckpt_url)
+
+@dataclass
+class EpochEnd:
+    """One finished epoch, as every rank sees it (the gathered validation scores included)."""
+    epoch: int
+    state: dict          # the resumable training state (checkpoint.save_training_state's object)
+    row: dict            # this epoch's line of the history
+    is_best: bool
+    model_meta: dict     # meta.json of this epoch's model
+    val_ids: np.ndarray
+    val_probs: np.ndarray
+    val_ok: np.ndarray
+    val_truth: np.ndarray
+    vocab: LabelVocab
+    cfg: TrainConfig
+
+
+class LocalGroup:
+    """One process: the first GPU or the CPU; checkpoints in ``<output>/checkpoint``, best model in ``best/``."""
+    rank, world = 0, 1
+
+    def __init__(self, out: str):
+        self.out = out
+        self.ckpt_url, self.best_url = storage.join(out, "checkpoint"), storage.join(out, "best")
+        self.device = pick_device()
+
+    def wrap(self, model):
+        return model
+
+    def all_gather(self, obj) -> list:
+        return [obj]
+
+    def load_state(self) -> tuple[dict | None, str]:
+        state = load_training_state(self.ckpt_url)
+        if state is not None:
+            return state, self.ckpt_url
+        # A Ray Train run's folder holds one epoch_NNNN/ per kept checkpoint, each with local mode's state.pt:
+        # local mode continues the latest of them.
+        latest = latest_epoch_checkpoint(self.out)
+        return (load_training_state(latest), latest) if latest else (None, self.ckpt_url)
+
+    def end_epoch(self, e: EpochEnd) -> None:
+        if e.is_best:
+            save_model(self.best_url, e.state["model"], e.vocab, e.model_meta)
+            # The best epoch's validation scores and predictions, to plot and to score later.
+            write_predictions(self.best_url, e.val_ids, e.val_probs, e.val_ok, e.vocab,
+                              ThresholdChoice.from_dict(e.model_meta["threshold"]), prefix="val_", truth=e.val_truth)
+        save_training_state(self.ckpt_url, e.state)
+        write_metrics(self.out, e.state["history"], e.cfg, complete=False)
+
+
+def latest_epoch_checkpoint(run_url: str) -> str | None:
+    """The newest ``epoch_NNNN`` folder (a Ray Train checkpoint) under ``run_url`` that holds a state.pt."""
+    if not storage.isdir(run_url):
+        return None
+    names = sorted((n for n in storage.listdir(run_url) if n.startswith("epoch_")), reverse=True)
+    for n in names:
+        if storage.exists(storage.join(run_url, n, "state.pt")):
+            return storage.join(run_url, n)
+    return None
+
+
+def fit(cfg: TrainConfig, *, fresh: bool = False, log=print, progress: bool = True) -> dict:
+    """Local mode: train in this process, then write every output under ``cfg.output``."""
+    t_start = time.perf_counter()
+    if cfg.data is None:
+        from .demo import make_demo_dataset
+        cfg = cfg.replace(data=make_demo_dataset())
+        log(f"no --data given: using the embedded demo dataset at {cfg.data}")
+    storage.check_writable(cfg.output)
+    if fresh:
+        for name in OUTPUTS:
+            storage.remove(storage.join(cfg.output, name), recursive=True)
+    group = LocalGroup(cfg.output)
+    result = train_loop(cfg, group, log=log, progress=progress)
+    return finish(cfg, cfg.output, result["data"], result["history"], result["bad_images"], device=group.device,
+                  t_start=t_start, log=log, progress=progress)
+
+
+def check_resumable(state: dict, cfg: TrainConfig, vocab: LabelVocab, url: str) -> None:
+    saved = TrainConfig.from_dict(state["config"])
+    diff = cfg.differences(saved)
+    if diff:
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise ConfigMismatch(f"{url} holds a run with other settings ({listed}); rerun with the same flags to "
+                             "resume, add --fresh to start over, or choose another --output/--name")
+    if state["labels"] != vocab.labels:
+        raise ConfigMismatch(f"{url} was trained on labels {state['labels']}, the data now has {vocab.labels}; "
+                             "use --fresh or another --output")
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    # Dropout's random stream is a function of (seed, epoch, rank): a resumed or restarted epoch
+    # repeats exactly without saving generator states.
+    torch.manual_seed((seed * 1_000_003 + epoch) * 1009 + rank)
+
+
+def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_step=None) -> dict:
+    """Train ``cfg.epochs`` epochs in this process as rank ``group.rank`` of ``group.world``.
+
+    Returns the history, the run's data and the unreadable images met. Each rank trains on its
+    shard (``ShardSampler``); validation scores are gathered so every rank computes the same
+    metrics over the whole validation set and makes the same best-epoch decision.
+    """
+    rank0 = group.rank == 0
+    say = log if rank0 else (lambda *_: None)
+    data = prepare_data(cfg, say)
+    state, source = group.load_state()
     if state is not None:
-        _check_resumable(state, cfg, vocab, ckpt_url)
+        check_resumable(state, cfg, data.vocab, source)
 
-    device = pick_device()
+    device = group.device
     amp_dtype = pick_amp_dtype(cfg.amp, device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout,
-                        weights=state["model"] if state else cfg.weights, log=log)
+    torch.manual_seed(cfg.seed)  # the same initial head on every rank
+    model = build_model(len(data.vocab), cfg.unfrozen_depth, cfg.dropout,
+                        weights=state["model"] if state else cfg.weights, log=say, freeze_bn=cfg.freeze_bn)
     model.to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(trainable_parameter_groups(model, cfg.weight_decay), cfg.optimizer, cfg.lr, cfg.momentum)
-    # drop_last keeps a 1-image final batch away from BatchNorm (it cannot normalise one value per channel).
-    drop_last = len(tr) > cfg.batch_size
-    steps_per_epoch = len(tr) // cfg.batch_size if drop_last else 1
+    bare = model
+    model = group.wrap(model)
+    optimizer = make_optimizer(trainable_parameter_groups(bare, cfg.weight_decay), cfg.optimizer, cfg.lr,
+                               cfg.momentum)
+    per_rank = len(data.tr) // group.world
+    if per_rank < 1:
+        raise ValueError(f"{len(data.tr)} training images cannot be shared by {group.world} workers")
+    # drop_last keeps a 1-image final batch away from BatchNorm (it cannot normalise one value per channel)
+    # and gives every rank the same number of steps.
+    drop_last = per_rank > cfg.batch_size
+    steps_per_epoch = per_rank // cfg.batch_size if drop_last else 1
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps_per_epoch * cfg.epochs, max(1, int(cfg.warmup_epochs * steps_per_epoch))))
 
@@ -75,123 +194,84 @@ def fit(cfg: TrainConfig, *, fresh: bool = False, log=print, progress: bool = Tr
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
         history, best_f1, start_epoch = state["history"], state["best_f1"], state["epoch"] + 1
         if start_epoch > cfg.epochs:
-            log(f"resuming: {ckpt_url} has finished all {state['epoch']} epochs; writing the outputs")
+            say(f"resuming: {source} has finished all {state['epoch']} epochs; writing the outputs")
         else:
-            log(f"resuming from {ckpt_url}: epoch {state['epoch']} done, continuing at epoch {start_epoch}")
+            say(f"resuming from {source}: epoch {state['epoch']} done, continuing at epoch {start_epoch}")
 
-    urls = image_urls(paths.images, train_df.ImageID)
-    train_ds = ImageTable([urls[i] for i in tr], Y[tr], train_transform(cfg.image_size), cfg.max_image_pixels)
-    val_ds = ImageTable([urls[i] for i in va], Y[va], eval_transform(cfg.image_size), cfg.max_image_pixels)
-    budget = BadImageBudget(len(train_df), cfg.max_bad_fraction, log=log)
+    tr, va, Y = data.tr, data.va, data.Y
+    train_ds = ImageTable([data.urls[i] for i in tr], Y[tr], train_transform(cfg.image_size), cfg.max_image_pixels)
+    val_ds = ImageTable([data.urls[i] for i in va], Y[va], eval_transform(cfg.image_size), cfg.max_image_pixels)
+    budget = BadImageBudget(len(data.train_df), cfg.max_bad_fraction, log=say)
     if state is not None:
         budget.bad.update(state.get("bad_images", {}))
     pin = device.type == "cuda"
+    val_ids = data.train_df.ImageID.values[va]
 
     for epoch in range(start_epoch, cfg.epochs + 1):
+        _seed_epoch(cfg.seed, epoch, group.rank)
         loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                             num_workers=cfg.num_workers, pin_memory=pin, drop_last=drop_last)
+                             num_workers=cfg.loader_workers, pin_memory=pin, drop_last=drop_last,
+                             rank=group.rank, world=group.world)
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(model, loader, optimizer, scheduler, device, epoch=epoch, amp_dtype=amp_dtype,
-                                clip_grad=cfg.clip_grad, bad_images=budget, progress=progress,
-                                desc=f"epoch {epoch}/{cfg.epochs}")
-        val_loader = make_loader(val_ds, cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers,
-                                 pin_memory=pin)
-        scored = predict_scores(model, val_loader, device, amp_dtype=amp_dtype, progress=progress, desc="validate")
-        budget.add(scored["skipped"])
-        ok = scored["ok"]
-        metrics = evaluate(Y[va][ok], scored["probs"][ok])
-        row = {"epoch": epoch, "lr": lr, **stats, "val_loss": scored["loss"], "val_images": int(ok.sum()),
-               "val_img_per_s": scored["img_per_s"], **{k: metrics[k] for k in SCALAR_KEYS},
+                                clip_grad=cfg.clip_grad, bad_images=budget, progress=progress and rank0,
+                                desc=f"epoch {epoch}/{cfg.epochs}", on_step=on_step)
+        val_loader = make_loader(val_ds, cfg.batch_size * 2, shuffle=False, num_workers=cfg.loader_workers,
+                                 pin_memory=pin, rank=group.rank, world=group.world)
+        # The bare module scores: ranks hold different numbers of validation batches, and DDP's forward
+        # would wait for the others.
+        scored = predict_scores(bare, val_loader, device, amp_dtype=amp_dtype, progress=progress and rank0,
+                                desc="validate")
+        probs, ok, stats, skipped, val_loss = _gather_epoch(group, scored, stats, budget)
+        budget.add(skipped)
+        metrics = evaluate(Y[va][ok], probs[ok])
+        row = {"epoch": epoch, "lr": lr, **stats, "val_loss": val_loss, "val_images": int(ok.sum()),
+               "val_img_per_s": scored["img_per_s"] * group.world, **{k: metrics[k] for k in SCALAR_KEYS},
                "threshold": metrics["threshold"], "f1_per_class": metrics["f1_per_class"],
-               "ap_per_class": metrics["ap_per_class"], "skipped_images": len(budget.bad)}
+               "ap_per_class": metrics["ap_per_class"], "skipped_images": len(budget.bad), "workers": group.world}
         history.append(row)
-        if metrics["f1_samples"] > best_f1:
-            best_f1 = metrics["f1_samples"]
-            save_model(best_url, bare_state_dict(model), vocab, {
-                "config": cfg.to_dict(), "threshold": metrics["threshold"], "epoch": epoch,
-                "metrics": {k: metrics[k] for k in SCALAR_KEYS}})
-            # The best epoch's validation scores and predictions, to plot and to score later.
-            write_predictions(best_url, train_df.ImageID.values[va], scored["probs"], ok, vocab,
-                              ThresholdChoice.from_dict(metrics["threshold"]), prefix="val_", truth=Y[va])
-        save_training_state(ckpt_url, {
-            "model": bare_state_dict(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": rng_state(), "best_f1": best_f1,
-            "history": history, "config": cfg.to_dict(), "labels": vocab.labels,
-            "threshold": metrics["threshold"], "bad_images": dict(budget.bad)})
-        _write_metrics(out, history, cfg, complete=False)
-        log(f"epoch {epoch}/{cfg.epochs}: train loss {stats['train_loss']:.4f} ({stats['train_img_per_s']:.1f} img/s), "
-            f"val loss {scored['loss']:.4f}, F1 samples {metrics['f1_samples']:.4f} micro {metrics['f1_micro']:.4f} "
-            f"macro {metrics['f1_macro']:.4f}, mAP {metrics['map']:.4f} "
-            f"[{metrics['threshold']['strategy']}]")
-
-    return _finish(cfg, paths, out, model, device, amp_dtype, train_df, test_df, vocab, Y, tr, va, history,
-                   budget, t_start, log, progress)
+        is_best = metrics["f1_samples"] > best_f1
+        best_f1 = max(best_f1, metrics["f1_samples"])
+        weights = bare_state_dict(bare)
+        state = {"model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "epoch": epoch, "best_f1": best_f1, "history": history, "config": cfg.to_dict(),
+                 "labels": data.vocab.labels, "threshold": metrics["threshold"], "bad_images": dict(budget.bad)}
+        meta = {"config": cfg.to_dict(), "threshold": metrics["threshold"], "epoch": epoch,
+                "metrics": {k: metrics[k] for k in SCALAR_KEYS}}
+        group.end_epoch(EpochEnd(epoch, state, row, is_best, meta, val_ids, probs, ok, Y[va], data.vocab, cfg))
+        say(f"epoch {epoch}/{cfg.epochs}: train loss {stats['train_loss']:.4f} ({stats['train_img_per_s']:.1f} img/s), "
+            f"val loss {row['val_loss']:.4f}, F1 samples {metrics['f1_samples']:.4f} micro {metrics['f1_micro']:.4f} "
+            f"macro {metrics['f1_macro']:.4f}, mAP {metrics['map']:.4f} [{metrics['threshold']['strategy']}]")
+    return {"history": history, "data": data, "bad_images": dict(budget.bad), "device": device}
 
 
-def _check_resumable(state: dict, cfg: TrainConfig, vocab: LabelVocab, url: str) -> None:
-    saved = TrainConfig.from_dict(state["config"])
-    diff = cfg.differences(saved)
-    if diff:
-        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise ConfigMismatch(f"{url} holds a run with other settings ({listed}); rerun with the same flags to "
-                             "resume, add --fresh to start over, or choose another --output")
-    if state["labels"] != vocab.labels:
-        raise ConfigMismatch(f"{url} was trained on labels {state['labels']}, the data now has {vocab.labels}; "
-                             "use --fresh or another --output")
+def _gather_epoch(group, scored: dict, stats: dict, budget: BadImageBudget):
+    """Every rank's validation rows, training totals and unreadable images, merged in the same order everywhere."""
+    mine = np.flatnonzero(scored["ok"])
+    parts = group.all_gather({
+        "rows": mine, "probs": scored["probs"][mine], "loss_sum": scored["loss"] * len(mine) if len(mine) else 0.0,
+        "train": (stats["train_loss"] * stats["train_images"] if stats["train_images"] else 0.0,
+                  stats["train_images"], stats["train_steps"], stats["train_seconds"]),
+        "skipped": scored["skipped"] + _as_skipped(budget.bad),
+    })
+    probs = np.full_like(scored["probs"], np.nan)
+    ok = np.zeros(len(probs), dtype=bool)
+    for p in parts:
+        probs[p["rows"]] = p["probs"]
+        ok[p["rows"]] = True
+    seen = sum(p["train"][1] for p in parts)
+    seconds = max(p["train"][3] for p in parts)
+    merged = {"train_loss": sum(p["train"][0] for p in parts) / seen if seen else math.nan, "train_images": seen,
+              "train_steps": parts[0]["train"][2], "train_seconds": seconds,
+              "train_img_per_s": seen / seconds if seconds > 0 else 0.0}
+    skipped = [s for p in parts for s in p["skipped"]]
+    n_val = sum(len(p["rows"]) for p in parts)
+    val_loss = float(sum(p["loss_sum"] for p in parts) / n_val) if n_val else math.nan
+    return probs, ok, merged, skipped, val_loss
 
 
-def _write_metrics(out: str, history: list, cfg: TrainConfig, complete: bool, **extra) -> None:
-    doc = {"complete": complete, "config": cfg.to_dict(), "epochs": history, **extra}
-    storage.write_text(storage.join(out, "metrics.json"), json.dumps(doc, indent=1, default=_json_default))
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
-def _finish(cfg, paths, out, model, device, amp_dtype, train_df, test_df, vocab, Y, tr, va, history, budget,
-            t_start, log, progress) -> dict:
-    best_state, _, best_meta = load_model_checkpoint(storage.join(out, "best"))
-    model.load_state_dict(best_state)
-    choice = ThresholdChoice.from_dict(best_meta["threshold"])
-
-    scored = score_ids(model, test_df.ImageID.tolist(), paths.images, image_size=cfg.image_size, device=device,
-                       amp_dtype=amp_dtype, batch_size=cfg.batch_size * 2, num_workers=cfg.num_workers,
-                       max_pixels=cfg.max_image_pixels, log=log, progress=progress)
-    pred = write_predictions(out, test_df.ImageID.tolist(), scored["probs"], scored["ok"], vocab, choice)
-
-    val = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, "best", "val_probabilities.csv"))))
-    v_probs = val[vocab.labels].to_numpy(dtype=np.float32)
-    v_true = val[[f"true_{c}" for c in vocab.labels]].to_numpy()
-    v_ok = ~np.isnan(v_probs).any(axis=1)
-    _, curves = select_threshold(v_true[v_ok], v_probs[v_ok])
-    best_row = max(history, key=lambda r: r["f1_samples"])
-    base = baseline_f1([frozenset(train_df.Labels[i]) for i in tr], Y[va], vocab.index)
-
-    storage.write_bytes(storage.join(out, "plots", "history.png"), plots.history_png(history))
-    storage.write_bytes(storage.join(out, "plots", "per_class_f1.png"),
-                        plots.per_class_f1_png(vocab.labels, best_row["f1_per_class"], best_row["ap_per_class"]))
-    storage.write_bytes(storage.join(out, "plots", "threshold.png"), plots.threshold_png(curves, choice))
-    storage.write_bytes(storage.join(out, "plots", "pr_curves.png"),
-                        plots.pr_curves_png(v_true[v_ok], v_probs[v_ok], vocab.labels))
-
-    summary = {
-        "best_epoch": best_row["epoch"], "best": {k: best_row[k] for k in SCALAR_KEYS},
-        "threshold": choice.to_dict(), "baseline_f1_samples": base,
-        "skipped_images": len(budget.bad), "skipped": budget.bad,
-        "test": pred, "device": str(device), "amp": str(amp_dtype), "seconds": time.perf_counter() - t_start,
-    }
-    _write_metrics(out, history, cfg, complete=True, **summary)
-    log(f"best epoch {best_row['epoch']}: validation F1 (samples) {best_row['f1_samples']:.4f}, "
-        f"micro {best_row['f1_micro']:.4f}, mAP {best_row['map']:.4f}; "
-        f"baseline (always the most frequent label set) F1 {base:.4f}")
-    log(f"threshold: {choice.strategy} {choice.value if choice.strategy != 'per_class' else '(per class)'}; "
-        f"wrote {storage.join(out, 'predictions.csv')} ({pred['rows']} rows), metrics.json, best/, plots/")
-    return summary
+def _as_skipped(bad: dict) -> list:
+    from .data import Skipped
+    return [Skipped(-1, name, reason) for name, reason in bad.items()]

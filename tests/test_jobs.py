@@ -21,7 +21,7 @@ def run(*args, timeout=120, **kw):
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw)
 
 
-@pytest.mark.parametrize("job", ["train", "predict", "score", "check_data", "bench"])
+@pytest.mark.parametrize("job", ["train", "tune", "predict", "score", "check_data", "bench"])
 def test_every_job_has_a_help_that_shows_defaults(job):
     r = run(f"jobs/{job}.py", "--help")
     assert r.returncode == 0, r.stderr
@@ -50,9 +50,14 @@ def test_flags_build_the_config_demo_defaults_only_without_data():
         config_from_args(p.parse_args(["--local", "--unfrozen-depth", "7"]))
 
 
-def test_train_without_local_says_what_to_do():
-    r = run("jobs/train.py", "--data", "x")
-    assert r.returncode != 0 and "--local" in r.stderr
+def test_bad_flags_fail_before_ray_starts():
+    r = run("jobs/train.py", "--num-workers", "0", "--data", "x")
+    assert r.returncode != 0 and "--num-workers must be >= 1" in r.stderr
+    r = run("jobs/tune.py", "--depths", "1,7")
+    assert r.returncode != 0 and "--depths must be values in 0..4" in r.stderr
+    r = run("jobs/tune.py", "--lr-min", "0.1", "--lr-max", "0.01")
+    assert r.returncode != 0 and "--lr-min and --lr-max" in r.stderr
+    assert "Started a local Ray" not in r.stderr + r.stdout
 
 
 def test_readme_main_command_beats_the_baseline_on_demo_data(tmp_path):

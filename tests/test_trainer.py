@@ -43,7 +43,7 @@ def make_dataset(root: Path, n_train=36, n_test=8) -> Path:
 
 def cfg_for(data: Path, out: Path, **kw) -> TrainConfig:
     base = dict(data=str(data), output=str(out), weights="none", image_size=32, epochs=2, batch_size=8,
-                unfrozen_depth=1, dropout=0.0, num_workers=0, val_fraction=0.25, lr=1e-3, amp="off")
+                unfrozen_depth=1, dropout=0.0, loader_workers=0, val_fraction=0.25, lr=1e-3, amp="off")
     return TrainConfig(**{**base, **kw})
 
 
@@ -100,7 +100,7 @@ def test_predict_job_reproduces_the_runs_predictions(dataset, tmp_path):
     again = tmp_path / "again"
     repo = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "jobs/predict.py", "--checkpoint", str(out), "--output", str(again),
-                        "--num-workers", "0", "--quiet"], cwd=repo, capture_output=True, text=True, timeout=300)
+                        "--loader-workers", "0", "--quiet"], cwd=repo, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (again / "predictions.csv").read_text() == (out / "predictions.csv").read_text()
     a = pd.read_csv(again / "probabilities.csv").drop(columns="ImageID").to_numpy()
@@ -111,7 +111,7 @@ def test_predict_job_reproduces_the_runs_predictions(dataset, tmp_path):
     ids = read_table(dataset / "test.csv").ImageID.tolist()[::-1][:3]
     (tmp_path / "ids.csv").write_text("Note,ImageID\n" + "".join(f"n{i},{x}\n" for i, x in enumerate(ids)))
     r = subprocess.run([sys.executable, "jobs/predict.py", "--checkpoint", str(out / "checkpoint"), "--output",
-                        str(tmp_path / "subset"), "--ids", str(tmp_path / "ids.csv"), "--num-workers", "0",
+                        str(tmp_path / "subset"), "--ids", str(tmp_path / "ids.csv"), "--loader-workers", "0",
                         "--quiet"], cwd=repo, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert read_table(tmp_path / "subset" / "predictions.csv").ImageID.tolist() == ids

@@ -1,0 +1,94 @@
+"""A finished run's outputs: test predictions from the best model, plots, and the complete metrics.json.
+
+Local mode calls ``finish`` in its own process; a Ray Train run calls it on the driver once the
+best checkpoint has been copied to ``<run>/best``. Everything is read back from the run folder
+(``best/``), so the outputs are the same whichever mode trained the model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import pandas as pd
+
+from . import plots, storage
+from .checkpoint import load_model_checkpoint
+from .metrics import ThresholdChoice, baseline_f1, select_threshold
+
+SCALAR_KEYS = ("f1_samples", "f1_micro", "f1_macro", "precision_samples", "recall_samples",
+               "precision_micro", "recall_micro", "precision_macro", "recall_macro", "map")
+
+
+def write_metrics(out: str, history: list, cfg, complete: bool, **extra) -> None:
+    doc = {"complete": complete, "config": cfg.to_dict(), "epochs": history, **extra}
+    storage.write_text(storage.join(out, "metrics.json"), json.dumps(doc, indent=1, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None, t_start: float | None = None,
+           score_test=None, log=print, progress: bool = True, **extra) -> dict:
+    """Predict the test table with ``out/best``, write predictions, plots and the complete metrics.json.
+
+    ``score_test(best_url, ids) -> {"probs", "ok"}`` scores the test images; by default they are
+    scored in this process on ``device``.
+    """
+    from .engine import pick_amp_dtype
+    from .model import build_model
+    from .predict import pick_device, score_ids, write_predictions
+
+    t_start = time.perf_counter() if t_start is None else t_start
+    best_url = storage.join(out, "best")
+    best_state, vocab, best_meta = load_model_checkpoint(best_url)
+    choice = ThresholdChoice.from_dict(best_meta["threshold"])
+    ids = data.test_df.ImageID.tolist()
+    device = device or pick_device()
+    amp_dtype = pick_amp_dtype(cfg.amp, device)
+    if score_test is None:
+        model = build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout, weights=best_state, freeze_bn=cfg.freeze_bn)
+        model.to(device)
+        scored = score_ids(model, ids, data.paths.images, image_size=cfg.image_size, device=device,
+                           amp_dtype=amp_dtype, batch_size=cfg.batch_size * 2, num_workers=cfg.loader_workers,
+                           max_pixels=cfg.max_image_pixels, log=log, progress=progress)
+    else:
+        scored = score_test(best_url, ids)
+    pred = write_predictions(out, ids, scored["probs"], scored["ok"], vocab, choice)
+
+    val = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(best_url, "val_probabilities.csv"))))
+    v_probs = val[vocab.labels].to_numpy(dtype=np.float32)
+    v_true = val[[f"true_{c}" for c in vocab.labels]].to_numpy()
+    v_ok = ~np.isnan(v_probs).any(axis=1)
+    _, curves = select_threshold(v_true[v_ok], v_probs[v_ok])
+    best_row = max(history, key=lambda r: r["f1_samples"])
+    base = baseline_f1([frozenset(data.train_df.Labels[i]) for i in data.tr], data.Y[data.va], vocab.index)
+
+    storage.write_bytes(storage.join(out, "plots", "history.png"), plots.history_png(history))
+    storage.write_bytes(storage.join(out, "plots", "per_class_f1.png"),
+                        plots.per_class_f1_png(vocab.labels, best_row["f1_per_class"], best_row["ap_per_class"]))
+    storage.write_bytes(storage.join(out, "plots", "threshold.png"), plots.threshold_png(curves, choice))
+    storage.write_bytes(storage.join(out, "plots", "pr_curves.png"),
+                        plots.pr_curves_png(v_true[v_ok], v_probs[v_ok], vocab.labels))
+
+    summary = {
+        "best_epoch": best_row["epoch"], "best": {k: best_row[k] for k in SCALAR_KEYS},
+        "threshold": choice.to_dict(), "baseline_f1_samples": base,
+        "skipped_images": len(bad_images), "skipped": bad_images,
+        "test": pred, "device": str(device), "amp": str(amp_dtype), "seconds": time.perf_counter() - t_start,
+        **extra,
+    }
+    write_metrics(out, history, cfg, complete=True, **summary)
+    log(f"best epoch {best_row['epoch']}: validation F1 (samples) {best_row['f1_samples']:.4f}, "
+        f"micro {best_row['f1_micro']:.4f}, mAP {best_row['map']:.4f}; "
+        f"baseline (always the most frequent label set) F1 {base:.4f}")
+    log(f"threshold: {choice.strategy} {choice.value if choice.strategy != 'per_class' else '(per class)'}; "
+        f"wrote {storage.join(out, 'predictions.csv')} ({pred['rows']} rows), metrics.json, best/, plots/")
+    return summary

@@ -1,0 +1,216 @@
+"""Batch prediction spread over a Ray cluster's workers with Ray Data (the one module that touches Ray Data).
+
+The driver loads the checkpoint once (label vocabulary, image size, threshold, weights) and puts the
+weights in Ray's object store. The ImageIDs become a Ray Dataset with an explicit ``pos`` column (the
+row's place in the input); ``map_batches`` runs :class:`Scorer` on a fixed pool of ``num_workers``
+actors, each of which builds the model once (on its GPU when it has one), reads its rows' images
+through :mod:`mlc.storage` (so ``gs://`` works), and returns sigmoid scores per row. An unreadable image
+keeps its row, with NaN scores and the reason. The driver puts rows back in input order by ``pos``,
+whatever order blocks finish in, and writes the same files as in-process prediction.
+
+Ray Data 2.60 notes: ``map_batches(concurrency=...)`` is deprecated (it logs a warning); a fixed actor
+pool is ``compute=ray.data.ActorPoolStrategy(size=n)``. ``fn_constructor_kwargs`` are not resolved as
+actor arguments (they travel in a closure and are also hashed, or repr()'d when unhashable, as the
+UDF's key), so the weights go as an ``ObjectRef`` that the actor ``ray.get``s itself.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .checkpoint import load_model_checkpoint
+from .config import TrainConfig
+from .data import ImageTable, Skipped, collate, image_urls
+from .engine import autocast, pick_amp_dtype
+from .metrics import ThresholdChoice
+from .model import build_model
+from .transforms import eval_transform
+
+
+def ensure_ray(log=print) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray, unless this process is already connected."""
+    import ray
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    # "local" always starts a new Ray here: a bare ray.init() would join any cluster `ray start` left on this
+    # machine (it reads /tmp/ray/ray_current_cluster), whoever started it.
+    ray.init(address=address or "local", log_to_driver=True)
+    log(f"ray: joined the cluster at {address}" if address else "ray: no RAY_ADDRESS, started a local Ray")
+
+
+def cluster_gpus() -> float:
+    import ray
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+class Scorer:
+    """One Ray Data actor: builds the model once, then scores batches of rows ``{pos, ImageID}``."""
+
+    def __init__(self, *, state_ref, num_classes: int, unfrozen_depth: int, dropout: float, image_size: int,
+                 amp: str, max_pixels: int, images_root: str, io_threads: int = 8, torch_threads: int = 1):
+        import ray
+        from .predict import pick_device  # the same device rule as in-process prediction
+        if torch_threads >= 1:
+            torch.set_num_threads(torch_threads)
+        state = ray.get(state_ref)
+        self.model = build_model(num_classes, unfrozen_depth, dropout, weights=state, log=lambda *_: None)
+        self.device = pick_device()  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU(s), if any
+        self.model.to(self.device, memory_format=torch.channels_last).eval()
+        self.amp_dtype = pick_amp_dtype(amp, self.device)
+        self.transform = eval_transform(image_size)
+        self.images_root, self.max_pixels, self.num_classes = images_root, max_pixels, num_classes
+        self.pool = ThreadPoolExecutor(max(1, io_threads))  # image reads are I/O (GCS) and PIL decode
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        start = time.perf_counter()
+        ids = [str(i) for i in batch["ImageID"]]
+        pos = np.asarray(batch["pos"], dtype=np.int64)
+        table = ImageTable(image_urls(self.images_root, ids), None, self.transform, self.max_pixels)
+        items = list(self.pool.map(table.__getitem__, range(len(table))))
+        b = collate(items)
+        probs = np.full((len(ids), self.num_classes), np.nan, dtype=np.float32)
+        error = np.array([""] * len(ids), dtype=object)
+        for s in b.skipped:
+            error[s.index] = f"{s.name}\t{s.reason}"
+        if len(b):
+            x = b.x.to(self.device, non_blocking=self.device.type == "cuda")
+            x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.amp_dtype):
+                logits = self.model(x).float()
+            probs[b.index.numpy()] = torch.sigmoid(logits).cpu().numpy()
+        ok = np.zeros(len(ids), dtype=bool)
+        ok[b.index.numpy()] = True
+        busy = (time.perf_counter() - start) / max(1, len(ids))  # this batch's reading + scoring time, per row
+        return {"pos": pos, "ImageID": np.array(ids, dtype=object), "probs": probs, "ok": ok, "error": error,
+                "worker": np.array([self.worker] * len(ids), dtype=object), "busy": np.full(len(ids), busy)}
+
+
+def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_classes: int, *,
+                      num_workers: int, gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
+                      batch_size: int = 64, io_threads: int = 8, log=print, progress: bool = True) -> dict:
+    """Scores for every ImageID in input order, computed by ``num_workers`` Ray Data actors.
+
+    ``gpus_per_worker`` None means 1 when the cluster has GPUs, else 0. ``cpus_per_worker`` None is Ray Data's
+    default of 1 CPU per actor (it warns that giving both CPUs and GPUs explicitly is experimental).
+
+    Returns what :func:`mlc.predict.score_ids` returns: ``probs`` (NaN rows for unreadable images), ``ok``,
+    ``skipped`` (``Skipped`` records naming each unreadable image), ``seconds`` and ``img_per_s``; plus
+    ``workers`` (rows scored per actor).
+    """
+    import ray
+    import ray.data
+
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1 for distributed prediction, got {num_workers}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids = [str(i) for i in ids]
+    n = len(ids)
+    ensure_ray(log)
+    if gpus_per_worker is None:
+        gpus_per_worker = 1 if cluster_gpus() > 0 else 0
+    resources = ray.cluster_resources()
+    cpus = 1 if cpus_per_worker is None else cpus_per_worker
+    need_cpu, need_gpu = num_workers * cpus, num_workers * gpus_per_worker
+    if need_cpu > resources.get("CPU", 0) or need_gpu > resources.get("GPU", 0):
+        log(f"warning: {num_workers} workers need {need_cpu:g} CPUs and {need_gpu:g} GPUs; the cluster has "
+            f"{resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs now (waiting for an "
+            "autoscaler, or lower --num-workers / --gpus-per-worker)")
+
+    probs = np.full((n, num_classes), np.nan, dtype=np.float32)
+    ok = np.zeros(n, dtype=bool)
+    seen = np.zeros(n, dtype=bool)
+    skipped, per_worker, busy = [], {}, {}
+    if n == 0:
+        return {"probs": probs, "ok": ok, "skipped": skipped, "seconds": 0.0, "img_per_s": 0.0,
+                "workers": per_worker}
+
+    # One block per batch, so the actor pool shares the rows out batch by batch (one DataFrame would be one
+    # block, and a block goes to one actor). The frames are split here: from_pandas(override_num_blocks=...)
+    # splits with np.array_split, which hands back bare ndarrays under numpy 2.4 / pandas 3 and fails.
+    rows = pd.DataFrame({"pos": np.arange(n, dtype=np.int64), "ImageID": ids})
+    state_ref = ray.put(state)
+    log(f"predicting {n} images on {num_workers} Ray workers ({cpus:g} CPU, {gpus_per_worker:g} GPU "
+        f"each, batches of {batch_size})")
+    # A Dataset keeps a copy of the DataContext it was created under: set the progress bars before creating it.
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, progress
+    start = time.perf_counter()
+    try:
+        ds = ray.data.from_pandas([rows.iloc[i:i + batch_size] for i in range(0, n, batch_size)])
+        scored = ds.map_batches(
+            Scorer,
+            fn_constructor_kwargs=dict(state_ref=state_ref, num_classes=num_classes,
+                                       unfrozen_depth=cfg.unfrozen_depth, dropout=cfg.dropout,
+                                       image_size=cfg.image_size, amp=cfg.amp, max_pixels=cfg.max_image_pixels,
+                                       images_root=images_root, io_threads=io_threads,
+                                       torch_threads=max(1, int(cpus))),
+            compute=ray.data.ActorPoolStrategy(size=num_workers),
+            batch_size=batch_size, batch_format="numpy",
+            num_cpus=cpus_per_worker,  # None: Ray Data's default, 1
+            num_gpus=gpus_per_worker if gpus_per_worker > 0 else None,
+            udf_modifying_row_count=False,
+        )
+        # Results arrive block by block, in whatever order the actors finish them.
+        for out in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            pos = out["pos"]
+            probs[pos] = out["probs"]
+            ok[pos] = out["ok"]
+            seen[pos] = True
+            for p, image_id, err in zip(pos, out["ImageID"], out["error"]):
+                if image_id != ids[p]:
+                    raise RuntimeError(f"row {p}: a worker returned {image_id}, expected {ids[p]}")
+                if err:
+                    name, reason = err.split("\t", 1)
+                    skipped.append(Skipped(int(p), name, reason))
+            for w, b in zip(out["worker"], out["busy"]):
+                per_worker[w] = per_worker.get(w, 0) + 1
+                busy[w] = busy.get(w, 0.0) + float(b)
+    finally:
+        context.enable_progress_bars = bars
+        del state_ref
+    elapsed = time.perf_counter() - start
+    if not seen.all():
+        missing = [ids[i] for i in np.flatnonzero(~seen)[:10]]
+        raise RuntimeError(f"{int((~seen).sum())} of {n} rows came back from no worker (first: {missing})")
+    skipped.sort(key=lambda s: s.index)
+    for s in skipped:
+        log(f"warning: cannot read {s.name} ({s.reason}); its row is written with no labels")
+    log(f"scored {n} images on {len(per_worker)} of {num_workers} Ray workers in {elapsed:.1f}s "
+        f"({n / elapsed:.1f} img/s, actor start-up included); per worker: "
+        + ", ".join(f"{per_worker[w]} rows at {per_worker[w] / max(busy[w], 1e-9):.1f} img/s" for w in per_worker))
+    return {"probs": probs, "ok": ok, "skipped": skipped, "seconds": elapsed,
+            "img_per_s": n / elapsed if elapsed > 0 else 0.0, "workers": per_worker}
+
+
+def predict_distributed(checkpoint_url: str, ids, images_root: str, output: str, *, num_workers: int,
+                        gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
+                        batch_size: int = 64,
+                        io_threads: int = 8, log=print, progress: bool = True) -> dict:
+    """Write ``predictions.csv`` and ``probabilities.csv`` under ``output`` for ``ids`` (in their order),
+    scored by ``num_workers`` Ray actors; vocabulary, image size and threshold come from the checkpoint."""
+    from . import storage
+    from .predict import write_predictions
+
+    state, vocab, meta = load_model_checkpoint(checkpoint_url)
+    if meta.get("threshold") is None:
+        raise ValueError(f"{checkpoint_url}: holds no threshold (it predates its first validation); use best/")
+    cfg = TrainConfig.from_dict(meta["config"])
+    choice = ThresholdChoice.from_dict(meta["threshold"])
+    storage.check_writable(output)
+    out = score_distributed(state, ids, images_root, cfg, len(vocab), num_workers=num_workers,
+                            gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
+                            io_threads=io_threads, log=log, progress=progress)
+    summary = write_predictions(output, ids, out["probs"], out["ok"], vocab, choice)
+    summary.update(seconds=out["seconds"], img_per_s=out["img_per_s"], workers=out["workers"])
+    return summary

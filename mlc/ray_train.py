@@ -1,0 +1,229 @@
+"""Ray Train (the V2 API): the one module that touches Ray Train.
+
+The driver (``fit_distributed``) checks the storage, starts a ``TorchTrainer`` whose workers run
+``mlc.trainer.train_loop`` with ``RayGroup``, then copies the best checkpoint to ``<run>/best`` and
+writes the same outputs as local mode. Each epoch rank 0 reports a checkpoint folder that holds
+local mode's files (``state.pt``, ``model.pt``, ``labels.json``, ``meta.json``, validation
+predictions), so ``jobs/predict.py --checkpoint <run>/epoch_0003`` and ``jobs/train.py --local``
+accept it. Every rank calls ``ray.train.report`` each epoch (it is a barrier); only rank 0 passes a
+checkpoint.
+
+Resume is Ray Train's: a run started again with the same ``--name`` and ``--output`` finds its
+checkpoint manager's snapshot in the run folder and ``ray.train.get_checkpoint()`` returns the
+latest checkpoint; a worker failure restarts the worker group from it, up to ``--max-failures``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import ray
+import ray.train
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from . import storage
+from .checkpoint import load_training_state, save_model, save_training_state
+from .config import ScaleConfig, TrainConfig
+from .metrics import ThresholdChoice
+from .outputs import SCALAR_KEYS, finish, write_metrics
+from .predict import write_predictions
+from .trainer import EpochEnd, check_resumable, latest_epoch_checkpoint, prepare_data, train_loop
+
+# Local filesystems that every node of a cluster can mount; other local paths are node-local.
+SHARED_FSTYPES = {"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse.gcsfuse",
+                  "fuse.juicefs", "fuse.s3fs", "fuse.mountpoint-s3", "9p", "virtiofs"}
+# The metric that orders checkpoints: the same validation F1 that picks local mode's best/.
+SCORE = "f1_samples"
+
+
+class NodeLocalStorageError(RuntimeError):
+    pass
+
+
+def mount_fstype(path: str) -> str | None:
+    """The filesystem type of the mount holding ``path`` (from /proc/mounts), or None if unknown."""
+    try:
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[:3] for line in f]
+    except OSError:
+        return None
+    path = os.path.realpath(path)
+    best = None
+    for _, point, fstype in mounts:
+        point = point.replace("\\040", " ")
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and (best is None or len(point) > len(best[0])):
+            best = (point, fstype)
+    return best[1] if best else None
+
+
+def check_shared_output(output: str, hosts: set) -> None:
+    """Refuse a node-local ``--output`` when the run's processes live on more than one host."""
+    if len(hosts) <= 1 or not storage.is_local(output):
+        return
+    fstype = mount_fstype(output)
+    if fstype in SHARED_FSTYPES:
+        return
+    raise NodeLocalStorageError(
+        f"--output {output} is on this node's own disk ({fstype or 'unknown filesystem'}), but the cluster has "
+        f"{len(hosts)} nodes ({', '.join(sorted(hosts))}): checkpoints written by one node would be invisible to the "
+        "others and to a restarted run. Use storage every node reaches: gs://bucket/prefix, or an NFS/GCS FUSE mount.")
+
+
+class RayGroup:
+    """This Ray Train worker's place in the group: rank, device, DDP, gathering, checkpoints via ray.train."""
+
+    def __init__(self, run_url: str, cfg: TrainConfig, driver_host: str):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.run_url, self.cfg = run_url, cfg
+        self.device = ray.train.torch.get_device()
+        check_shared_output(run_url, {driver_host, ray.util.get_node_ip_address()})
+
+    def wrap(self, model):
+        if self.world == 1:
+            return model
+        # DDP over the group Ray Train set up (gloo on CPUs, NCCL on GPUs); already on the device.
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def all_gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def load_state(self) -> tuple[dict | None, str]:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None, self.run_url
+        with ckpt.as_directory() as d:
+            return load_training_state(d), f"checkpoint {os.path.basename(ckpt.path.rstrip('/'))} of {self.run_url}"
+
+    def end_epoch(self, e: EpochEnd) -> None:
+        metrics = {"epoch": e.epoch, **{k: e.row[k] for k in SCALAR_KEYS},
+                   "train_loss": e.row["train_loss"], "val_loss": e.row["val_loss"],
+                   "threshold_strategy": e.model_meta["threshold"]["strategy"],
+                   "threshold_value": _scalar_threshold(e.model_meta["threshold"])}
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="mlc-ckpt-") as d:
+            save_training_state(d, e.state)
+            save_model(d, e.state["model"], e.vocab, e.model_meta)
+            write_predictions(d, e.val_ids, e.val_probs, e.val_ok, e.vocab,
+                              ThresholdChoice.from_dict(e.model_meta["threshold"]), prefix="val_", truth=e.val_truth)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=epoch_dir(e.epoch))
+        # Progress for whoever watches the run folder; the driver rewrites it, complete, at the end.
+        write_metrics(self.run_url, e.state["history"], e.cfg, complete=False)
+
+
+def _scalar_threshold(t: dict) -> float:
+    """The percentile or global threshold's value; NaN for per-class thresholds (one per label)."""
+    v = t.get("value")
+    return float(v) if isinstance(v, (int, float)) else float("nan")
+
+
+def epoch_dir(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+def _worker(config: dict) -> None:
+    cfg = TrainConfig.from_dict(config["cfg"])
+    group = RayGroup(config["run_url"], cfg, config["driver_host"])
+    train_loop(cfg, group, progress=config["progress"], on_step=config.get("on_step"),
+               log=lambda m: print(f"[rank {group.rank}] {m}", flush=True))
+
+
+def absolute_output(output: str) -> str:
+    if storage.is_local(output):
+        output = os.path.abspath(output)
+        if "/runtime_resources/" in output:
+            raise ValueError(f"--output {output} is inside Ray's temporary copy of the working directory, which is "
+                             "deleted after the job; give an absolute path or a gs:// URL")
+    return output
+
+
+def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False, log=print, progress: bool = True,
+                    on_step=None) -> dict:
+    """Train with Ray Train on the cluster this process is connected to (or a local Ray), then write outputs.
+
+    Outputs go under ``<cfg.output>/<scale.name>/``; a rerun with the same name resumes there.
+    """
+    t_start = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS, or the local cluster, or a fresh local Ray
+    if cfg.data is None:
+        from .demo import make_demo_dataset
+        cfg = cfg.replace(data=make_demo_dataset())
+        log(f"no --data given: using the embedded demo dataset at {cfg.data}")
+    output = absolute_output(cfg.output)
+    run_url = storage.join(output, scale.name)
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    check_shared_output(run_url, hosts | {ray.util.get_node_ip_address()})
+    storage.check_writable(run_url)
+    if fresh and storage.exists(run_url):
+        log(f"--fresh: removing {run_url}")
+        storage.remove(run_url, recursive=True)
+    cfg = cfg.replace(output=run_url)
+
+    data = prepare_data(cfg, log)  # fails here, before any worker starts, on unreadable tables
+    previous = latest_epoch_checkpoint(run_url)
+    if previous is not None:
+        state = load_training_state(previous)
+        check_resumable(state, cfg, data.vocab, previous)
+        log(f"resuming run {scale.name}: {previous} holds epoch {state['epoch']}; "
+            f"training continues at epoch {state['epoch'] + 1} of {cfg.epochs}")
+
+    gpus = scale.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    resources = {"CPU": scale.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    storage_path, fs = storage_for_ray(output)
+    log(f"Ray Train: {scale.num_workers} workers x {resources} "
+        f"({'NCCL on GPUs' if gpus else 'gloo on CPUs'}), run folder {run_url}, "
+        f"up to {scale.max_failures} restarts")
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"cfg": cfg.to_dict(), "run_url": run_url, "progress": progress, "on_step": on_step,
+                           "driver_host": ray.util.get_node_ip_address()},
+        scaling_config=ScalingConfig(num_workers=scale.num_workers, use_gpu=bool(gpus),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=scale.name, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=scale.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=scale.keep_checkpoints, checkpoint_score_attribute=SCORE,
+                                               checkpoint_score_order="max"),
+        ),
+    )
+    result = trainer.fit()  # raises ray.train.TrainingFailedError once the restarts are used up
+
+    best = _best_epoch(result)
+    _publish_best(storage.join(run_url, epoch_dir(best)), storage.join(run_url, "best"))
+    latest = load_training_state(latest_epoch_checkpoint(run_url))
+    return finish(cfg, run_url, data, latest["history"], latest.get("bad_images", {}), t_start=t_start,
+                  log=log, progress=progress, workers=scale.num_workers, driver=socket.gethostname())
+
+
+def _best_epoch(result) -> int:
+    scored = [(m[SCORE], -m["epoch"], m["epoch"]) for _, m in (result.best_checkpoints or []) if SCORE in m]
+    if not scored:
+        raise RuntimeError(f"the run at {result.path} finished without a checkpoint")
+    return max(scored)[2]  # the highest F1; among equals, the earliest epoch (as local mode keeps it)
+
+
+def _publish_best(src: str, dst: str) -> None:
+    """Copy a checkpoint's model files to ``best/``; meta.json last, so a complete best/ is never mistaken."""
+    names = ["model.pt", "labels.json", "val_predictions.csv", "val_probabilities.csv", "meta.json"]
+    for n in names:
+        storage.write_bytes(storage.join(dst, n), storage.read_bytes(storage.join(src, n)))
+
+
+def storage_for_ray(url: str):
+    """``(storage_path, storage_filesystem)`` for RunConfig: the same filesystem mlc uses, for gs:// too."""
+    if storage.is_local(url):
+        return os.path.abspath(url), None
+    return storage.pyarrow_filesystem(url)

@@ -1,0 +1,254 @@
+"""Ray Tune sweep over learning rate and unfrozen depth; each trial is a Ray Train run (the Train V2 pattern).
+
+A Tune trial is a small driver function that builds a ``TorchTrainer`` running the same worker loop
+as ``jobs/train.py`` (``mlc.ray_train``), with ``TuneReportCallback`` passing each epoch's
+validation metrics to Tune, where ASHA stops the weak trials early. Every trial's checkpoints live
+under ``<output>/<name>/<trial>/``.
+
+The threshold needs no retraining: each epoch every candidate threshold (each percentile of the
+grid, each global threshold, per-class thresholds) is scored on that trial's validation scores, and
+the epoch reports its best, with the strategy and value, as ``f1_samples``.
+
+At the end the sweep writes ``results.csv``, ``best_config.json``, ``plots/sweep.png`` and
+``best/`` (the best trial's best checkpoint), and predicts the test table from ``best/`` by
+distributed batch inference into ``predictions.csv`` and ``probabilities.csv``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from . import storage
+from .config import TrainConfig
+
+METRIC = "f1_samples"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str = "sweep"                 # stable: a rerun with the same name resumes the sweep
+    num_samples: int = 8                # trials
+    workers_per_trial: int = 1          # one Ray Train worker (one GPU) per trial: more trials at once
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs
+    cpus_per_worker: float = 1.0
+    max_epochs: int = 10
+    grace_epochs: int = 1               # ASHA lets every trial run this many epochs before it may stop it
+    reduction_factor: int = 3           # ASHA keeps the top 1/3 at each rung
+    lr_min: float = 1e-4                # the learning-rate range, sampled log-uniformly
+    lr_max: float = 1e-2
+    depths: tuple = (0, 1, 2, 3, 4)     # unfrozen depths sampled uniformly
+    max_failures: int = 1               # worker-group restarts per trial
+    search_seed: int = 0
+    wait_for_autoscaler: bool = False   # allow trials larger than the cluster is now (an autoscaler adds nodes)
+
+    def __post_init__(self):
+        problems = []
+        if self.num_samples < 1:
+            problems.append(f"--num-samples must be >= 1, got {self.num_samples}")
+        if self.workers_per_trial < 1:
+            problems.append(f"--workers-per-trial must be >= 1, got {self.workers_per_trial}")
+        if self.max_epochs < 1:
+            problems.append(f"--max-epochs must be >= 1, got {self.max_epochs}")
+        if not 1 <= self.grace_epochs <= self.max_epochs:
+            problems.append(f"--grace-epochs must be in 1..--max-epochs ({self.max_epochs}), got {self.grace_epochs}")
+        if self.reduction_factor < 2:
+            problems.append(f"--reduction-factor must be >= 2, got {self.reduction_factor}")
+        if not 0 < self.lr_min <= self.lr_max:
+            problems.append(f"--lr-min and --lr-max must satisfy 0 < min <= max, got {self.lr_min}, {self.lr_max}")
+        if not self.depths or any(d not in range(5) for d in self.depths):
+            problems.append(f"--depths must be values in 0..4, got {list(self.depths)}")
+        if not self.name or "/" in self.name:
+            problems.append(f"--name must be a non-empty folder name without '/', got {self.name!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def search_space(sweep: SweepConfig) -> dict:
+    from ray import tune
+    lr = tune.loguniform(sweep.lr_min, sweep.lr_max) if sweep.lr_min < sweep.lr_max else sweep.lr_min
+    depth = tune.choice(list(sweep.depths)) if len(sweep.depths) > 1 else sweep.depths[0]
+    return {"lr": lr, "unfrozen_depth": depth}
+
+
+def plan_resources(sweep: SweepConfig, totals: dict) -> tuple[dict, int]:
+    """Per-worker resources and how many trials can run at once; refuses a sweep no trial of which fits.
+
+    Capping concurrent trials at what the cluster holds means no trial sits PENDING for resources that
+    other trials can never give back.
+    """
+    gpus = sweep.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if totals.get("GPU", 0) > 0 else 0.0
+    per_worker = {"CPU": sweep.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    fits = []
+    for k, v in per_worker.items():
+        need = v * sweep.workers_per_trial
+        if need <= 0:
+            continue
+        have = totals.get(k, 0)
+        if need > have and not sweep.wait_for_autoscaler:
+            raise ValueError(
+                f"one trial needs {need:g} {k} ({sweep.workers_per_trial} workers x {v:g}) but the cluster has "
+                f"{have:g}: lower --workers-per-trial or --{'gpus' if k == 'GPU' else 'cpus'}-per-worker, add "
+                "nodes, or pass --wait-for-autoscaler if an autoscaler will add them")
+        fits.append(max(1, int(have // need)) if need > 0 else sweep.num_samples)
+    return per_worker, max(1, min([sweep.num_samples] + fits))
+
+
+def _trial(config: dict) -> None:
+    """One Tune trial: a Ray Train run of the shared worker loop, its metrics forwarded to Tune."""
+    import ray.tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .ray_train import SCORE, _worker, storage_for_ray
+
+    base = dict(config["base"])
+    cfg = TrainConfig.from_dict({**base, "lr": config["lr"], "unfrozen_depth": config["unfrozen_depth"]})
+    trial = ray.tune.get_context().get_trial_id()  # stable across a sweep's restore
+    sweep_url = config["sweep_url"]
+    run_url = storage.join(sweep_url, trial)
+    cfg = cfg.replace(output=run_url)
+    storage_path, fs = storage_for_ray(sweep_url)
+    res = config["per_worker"]
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"cfg": cfg.to_dict(), "run_url": run_url, "progress": False,
+                           "driver_host": config["driver_host"]},
+        scaling_config=ScalingConfig(num_workers=config["workers"], use_gpu=bool(res.get("GPU")),
+                                     resources_per_worker=res),
+        run_config=RunConfig(
+            name=trial, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=config["max_failures"]),
+            # Keep the best epoch (for best/) and the latest (to resume an interrupted trial).
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE,
+                                               checkpoint_score_order="max"),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log=print, progress: bool = True,
+              predict_workers: int | None = None) -> dict:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from .ray_train import absolute_output, check_shared_output, storage_for_ray
+    from .trainer import prepare_data
+
+    t_start = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init()
+    if base.data is None:
+        from .demo import make_demo_dataset
+        base = base.replace(data=make_demo_dataset())
+        log(f"no --data given: using the embedded demo dataset at {base.data}")
+    base = base.replace(epochs=sweep.max_epochs)
+    output = absolute_output(base.output)
+    sweep_url = storage.join(output, sweep.name)
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    check_shared_output(sweep_url, hosts | {ray.util.get_node_ip_address()})
+    storage.check_writable(sweep_url)
+    if fresh and storage.exists(sweep_url):
+        log(f"--fresh: removing {sweep_url}")
+        storage.remove(sweep_url, recursive=True)
+    data = prepare_data(base, log)  # unreadable tables fail here, before any trial starts
+    per_worker, concurrent = plan_resources(sweep, ray.cluster_resources())
+    log(f"sweep {sweep.name}: {sweep.num_samples} trials of {sweep.workers_per_trial} worker(s) x {per_worker}, "
+        f"{concurrent} at a time, up to {sweep.max_epochs} epochs, ASHA grace {sweep.grace_epochs} epoch(s); "
+        f"lr {sweep.lr_min:g}..{sweep.lr_max:g} (log-uniform), depth {list(sweep.depths)}")
+
+    # The trial driver only waits on its Ray Train run, whose workers hold the CPUs/GPUs. Tune refuses an
+    # empty request, so the driver asks for one byte of memory: no CPU is held by a waiting driver.
+    trainable = tune.with_resources(_trial, {"memory": 1})
+    storage_path, fs = storage_for_ray(output)
+    experiment = f"{storage_path}/{sweep.name}"
+    if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        log(f"resuming sweep {sweep.name} from {sweep_url}: finished trials are kept, unfinished ones continue")
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, storage_filesystem=fs,
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={**search_space(sweep), "base": base.to_dict(), "sweep_url": sweep_url,
+                         "per_worker": per_worker, "workers": sweep.workers_per_trial,
+                         "max_failures": sweep.max_failures, "driver_host": ray.util.get_node_ip_address()},
+            tune_config=tune.TuneConfig(
+                num_samples=sweep.num_samples, max_concurrent_trials=concurrent,
+                search_alg=BasicVariantGenerator(random_state=sweep.search_seed),
+                scheduler=ASHAScheduler(metric=METRIC, mode="max", time_attr="epoch", max_t=sweep.max_epochs,
+                                        grace_period=sweep.grace_epochs, reduction_factor=sweep.reduction_factor)),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path, storage_filesystem=fs,
+                                      verbose=1 if progress else 0),
+        )
+    grid = tuner.fit()
+    return summarize(grid, base, sweep, sweep_url, data, t_start, log=log, progress=progress,
+                     predict_workers=predict_workers)
+
+
+def results_table(grid, sweep: SweepConfig) -> pd.DataFrame:
+    rows = []
+    for r in grid:
+        df = r.metrics_dataframe
+        epochs = df[df[METRIC].notna()] if df is not None and METRIC in df else pd.DataFrame()
+        best = epochs.loc[epochs[METRIC].idxmax()] if len(epochs) else None
+        ran = int(epochs["epoch"].max()) if len(epochs) else 0
+        status = "error" if r.error else ("completed" if ran >= sweep.max_epochs else "stopped early")
+        rows.append({
+            "trial": (r.metrics or {}).get("trial_id") or r.path.rstrip("/").split("_")[-1], "lr": r.config["lr"], "unfrozen_depth": r.config["unfrozen_depth"],
+            "best_f1_samples": float(best[METRIC]) if best is not None else math.nan,
+            "best_map": float(best["map"]) if best is not None else math.nan,
+            "best_epoch": int(best["epoch"]) if best is not None else 0,
+            "threshold_strategy": best["threshold_strategy"] if best is not None else "",
+            "threshold_value": best.get("threshold_value", math.nan) if best is not None else math.nan,
+            "epochs_run": ran, "status": status, "error": str(r.error).splitlines()[0] if r.error else "",
+        })
+    return pd.DataFrame(rows).sort_values("best_f1_samples", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def summarize(grid, base: TrainConfig, sweep: SweepConfig, sweep_url: str, data, t_start: float, *, log=print,
+              progress: bool = True, predict_workers: int | None = None) -> dict:
+    from . import plots
+    from .ray_train import _publish_best, epoch_dir
+
+    table = results_table(grid, sweep)
+    buf = io.StringIO()
+    table.to_csv(buf, index=False)
+    storage.write_text(storage.join(sweep_url, "results.csv"), buf.getvalue())
+    log("\n" + table.drop(columns=["error"]).to_string(index=False))
+    ok = table[table.best_f1_samples.notna()]
+    if ok.empty:
+        raise RuntimeError(f"no trial of sweep {sweep.name} finished an epoch; see {sweep_url}/results.csv")
+    top = ok.iloc[0]
+    trial_url = storage.join(sweep_url, top.trial)
+    _publish_best(storage.join(trial_url, epoch_dir(int(top.best_epoch))), storage.join(sweep_url, "best"))
+    meta = json.loads(storage.read_bytes(storage.join(sweep_url, "best", "meta.json")))
+    best = {"trial": top.trial, "lr": float(top.lr), "unfrozen_depth": int(top.unfrozen_depth),
+            "epoch": int(top.best_epoch), "f1_samples": float(top.best_f1_samples), "map": float(top.best_map),
+            "threshold": meta["threshold"], "checkpoint": storage.join(sweep_url, "best"),
+            "config": meta["config"]}
+    storage.write_text(storage.join(sweep_url, "best_config.json"), json.dumps(best, indent=1, default=float))
+    storage.write_bytes(storage.join(sweep_url, "plots", "sweep.png"), plots.sweep_png(table))
+
+    from .predict import predict_from_checkpoint
+    workers = predict_workers if predict_workers is not None else sweep.workers_per_trial
+    pred = predict_from_checkpoint(storage.join(sweep_url, "best"), base.data, sweep_url,
+                                   ids_csv=base.test_csv, images=base.images, batch_size=base.batch_size * 2,
+                                   num_workers=workers, gpus_per_worker=sweep.gpus_per_worker, log=log,
+                                   progress=progress)
+    log(f"best trial {top.trial}: lr {top.lr:.3g}, depth {int(top.unfrozen_depth)}, epoch {int(top.best_epoch)}, "
+        f"validation F1 {top.best_f1_samples:.4f}, threshold {meta['threshold']['strategy']}; "
+        f"wrote results.csv, best_config.json, best/, plots/sweep.png, predictions.csv under {sweep_url} "
+        f"in {time.perf_counter() - t_start:.0f} s")
+    return {"best": best, "table": table, "predictions": pred}

@@ -1,0 +1,91 @@
+"""A Ray head for tests: started with ``ray start --head --block`` and stopped by terminating that process.
+
+``ray stop`` would kill every Ray process on the machine (other test sessions included), so the
+head runs in the foreground of one child process whose SIGTERM handler stops exactly its own
+processes. The dashboard (and with it the job server) listens on 127.0.0.1 only. Ray resolves
+``--node-ip-address 127.0.0.1`` to the machine's address for its gRPC ports; we pass it anyway.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    """The address Ray gives this node (it resolves 127.0.0.1 to it)."""
+    from ray._private.services import get_node_ip_address
+    return get_node_ip_address()
+
+
+class RayHead:
+    def __init__(self, num_cpus: int = 4, resources: str | None = None):
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.dir = tempfile.mkdtemp(prefix="mlc-ray-")
+        self.log = open(Path(self.dir) / "head.log", "w")
+        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+               f"--port={self.port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={self.dashboard_port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+               "--disable-usage-stats", "--include-dashboard=true"]
+        # Ray 2.60 turns token auth on; the head writes the token to ~/.ray/auth_token if there is none.
+        # RAY_ADDRESS pins the cluster's own processes to this cluster: Ray Train's placement-group cleaner
+        # looks its controller up through the state API, which otherwise picks the newest Ray instance on
+        # the machine, finds no controller there, and removes the live run's placement group.
+        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_ADDRESS=f"{node_ip()}:{self.port}")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        self.address = None
+        self._wait_ready()
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _wait_ready(self, timeout: float = 90.0) -> None:
+        import urllib.request
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}: {self.read_log()[-3000:]}")
+            text = self.read_log()
+            if "Ray runtime started" in text:
+                try:
+                    urllib.request.urlopen(self.dashboard_url + "/api/version", timeout=2)
+                except Exception as e:  # noqa: BLE001 - 401 (auth) also means it is up
+                    if getattr(e, "code", None) is None:
+                        time.sleep(0.5)
+                        continue
+                for line in text.splitlines():
+                    if "ray start --address=" in line:
+                        self.address = line.split("--address=")[1].split("'")[1]
+                if self.address:
+                    return
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ray head not ready after {timeout}s: {self.read_log()[-3000:]}")
+
+    def read_log(self) -> str:
+        self.log.flush()
+        return (Path(self.dir) / "head.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
