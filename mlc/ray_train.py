@@ -204,8 +204,19 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
     best = _best_epoch(result)
     _publish_best(storage.join(run_url, epoch_dir(best)), storage.join(run_url, "best"))
     latest = load_training_state(latest_epoch_checkpoint(run_url))
+
+    def score_test(best_url, ids):
+        # On the cluster's workers (their GPUs), not on the driver, which may be a small CPU head node.
+        from .checkpoint import load_model_checkpoint
+        from .ray_predict import score_distributed
+        state, vocab, _ = load_model_checkpoint(best_url)
+        return score_distributed(state, ids, data.paths.images, cfg, len(vocab), num_workers=scale.num_workers,
+                                 gpus_per_worker=gpus or 0, batch_size=cfg.batch_size * 2, log=log,
+                                 progress=progress)
+
     return finish(cfg, run_url, data, latest["history"], latest.get("bad_images", {}), t_start=t_start,
-                  log=log, progress=progress, workers=scale.num_workers, driver=socket.gethostname())
+                  score_test=score_test, log=log, progress=progress, workers=scale.num_workers,
+                  driver=socket.gethostname())
 
 
 def _best_epoch(result) -> int:
