@@ -1,5 +1,9 @@
 """Benchmark: img/s of the training step and of prediction for unfrozen depths and precisions, measured side
-by side in one run (machines are noisy: compare rows of one run, not numbers across runs)."""
+by side in one run (machines are noisy: compare rows of one run, not numbers across runs).
+
+With --io: loader img/s (decode + augment, no model) over the same images read from local disk, from a
+GCS API server (gcp-storage-emulator, from the dev extra) directly, and through a proxy that adds
+--latency-ms to every request, with a cold and a warm byte cache; ratios to local disk."""
 
 from __future__ import annotations
 
@@ -19,7 +23,91 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="off,bf16", help="precisions to compare: off, auto, bf16 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="also print the rows as one JSON list on the last line")
+    io = p.add_argument_group("loader I/O (--io)")
+    io.add_argument("--io", action="store_true", help="measure loader I/O instead of model compute")
+    io.add_argument("--images", default=None,
+                    help="folder of images to read (default: ../shared/data/comp5329/images beside the repo, "
+                         "else the demo dataset's images)")
+    io.add_argument("--io-images", type=int, default=2000, help="images per pass (default: %(default)s)")
+    io.add_argument("--io-batch-size", type=int, default=32, help="loader batch size (default: %(default)s)")
+    io.add_argument("--loader-workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
+    io.add_argument("--latency-ms", type=float, default=50.0, help="delay the proxy adds to every request "
+                    "(default: %(default)s)")
+    io.add_argument("--sequential-images", type=int, default=200,
+                    help="images for the one-GET-at-a-time row (default: %(default)s)")
+    io.add_argument("--repeats", type=int, default=2, help="passes per row, best kept (default: %(default)s)")
     return p
+
+
+def main_io(args: argparse.Namespace) -> list:
+    import json as _json
+    import os
+    import tempfile
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "tests"))
+    try:
+        from gcs_server import GCS_ENV, Emulator, RemoteProxy
+    except ImportError as e:
+        raise SystemExit(f"--io needs the dev extra (pip install -e '.[dev]') and the repo's tests/: {e}")
+    os.environ.update(GCS_ENV)  # before gcsfs is imported
+    import torch
+
+    from mlc import storage
+    from mlc.bench import measure_io
+
+    folder = Path(args.images) if args.images else repo.parent / "shared" / "data" / "comp5329" / "images"
+    if not folder.is_dir():
+        from mlc.demo import make_demo_dataset
+        folder = Path(make_demo_dataset()) / "data"
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())[: args.io_images]
+    if not names:
+        raise SystemExit(f"no images in {folder}")
+    size_mb = sum((folder / n).stat().st_size for n in names) / 2**20
+    print(f"loader I/O: {len(names)} images ({size_mb:.1f} MB) from {folder}; {args.image_size} px train transform, "
+          f"batch {args.io_batch_size}, {args.loader_workers} loader workers, torch {torch.get_num_threads()} "
+          f"threads, {os.cpu_count()} CPUs", flush=True)
+
+    emulator = Emulator()
+    proxies = []
+    try:
+        def proxy(latency):  # in its own process, as the network would be: not sharing this one's GIL
+            proxies.append(RemoteProxy(emulator.endpoint, latency_ms=latency))
+            return proxies[-1].endpoint
+
+        fast, slow = proxy(0), proxy(args.latency_ms)
+        emulator.create_bucket("mlc-bench")
+        os.environ["STORAGE_EMULATOR_HOST"] = fast
+        remote = [f"gs://mlc-bench/images/{n}" for n in names]
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: storage.write_bytes(f"gs://mlc-bench/images/{n}", (folder / n).read_bytes()),
+                          names))
+        with tempfile.TemporaryDirectory(prefix="mlc-bench-cache-") as cache_root:
+            rows = measure_io([str(folder / n) for n in names], remote,
+                              endpoints={"direct": emulator.endpoint, "proxy": fast, "latency": slow,
+                                         "latency_ms": args.latency_ms},
+                              cache_root=cache_root, image_size=args.image_size, batch_size=args.io_batch_size,
+                              workers=args.loader_workers, sequential_images=min(args.sequential_images, len(names)),
+                              repeats=args.repeats,
+                              server_pids=[emulator.proc.pid] + [p.proc.pid for p in proxies])
+    finally:
+        for p in proxies:
+            p.stop()
+        emulator.stop()
+
+    base = rows[0]["img_s"]
+    print(f"\nbest of {args.repeats} interleaved passes per row; CPU seconds per 1000 images, in the loader "
+          "(this process and its workers) and in the emulator + proxy processes, which share the same cores:\n")
+    print("| source | img/s | vs local disk | loader CPU s / 1000 img | emulator + proxy CPU s / 1000 img |\n"
+          "|---|---|---|---|---|")
+    for r in rows:
+        server = "" if r["server_cpu_s"] is None else f"{1000 * r['server_cpu_s'] / r['images']:.1f}"
+        print(f"| {r['name']} | {r['img_s']:.1f} | {r['img_s'] / base:.2f}x | "
+              f"{1000 * r['loader_cpu_s'] / r['images']:.1f} | {server} |")
+    if args.json:
+        print(_json.dumps(rows))
+    return rows
 
 
 def main(args: argparse.Namespace) -> list:
@@ -48,4 +136,5 @@ def main(args: argparse.Namespace) -> list:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    _args = get_args_parser().parse_args()
+    main_io(_args) if _args.io else main(_args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -11,8 +12,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import storage
-from .images import BadImageError, load_image
+from . import fetch, storage
+from .images import BadImageError, decode_fetched, load_image
 from .table import read_table
 
 
@@ -65,10 +66,20 @@ class Skipped:
 
 
 class ImageTable(Dataset):
-    """Rows of (image URL, optional multi-hot target). ``__getitem__`` returns ``Skipped`` for a bad image."""
+    """Rows of (image URL, optional multi-hot target). ``__getitem__`` returns ``Skipped`` for a bad image.
+
+    After ``set_epoch(seed, epoch)`` each row's augmentation draws from its own generator seeded by
+    (seed, epoch, row): a row is augmented the same way whichever process, rank or loader worker reads
+    it, so one worker with batch 2b and two DDP workers with batch b see identical images, and a
+    resumed epoch repeats exactly.
+    """
 
     def __init__(self, urls: list[str], targets: np.ndarray | None, transform, max_pixels: int):
         self.urls, self.targets, self.transform, self.max_pixels = list(urls), targets, transform, max_pixels
+        self.epoch_seed: int | None = None
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        self.epoch_seed = (seed * 1_000_003 + epoch) * 10_000_019
 
     def __len__(self) -> int:
         return len(self.urls)
@@ -78,7 +89,88 @@ class ImageTable(Dataset):
             img = load_image(self.urls[i], max_pixels=self.max_pixels)
         except BadImageError as e:
             return Skipped(i, self.urls[i], e.reason)
-        x = self.transform(img)
+        if self.epoch_seed is None:
+            x = self.transform(img)
+        else:
+            # fork_rng restores the caller's generator, so dropout's random stream is not disturbed.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.epoch_seed + i) % 2**63)
+                x = self.transform(img)
+        y = torch.from_numpy(self.targets[i]) if self.targets is not None else torch.zeros(0)
+        return x, y, i
+
+    def __getitems__(self, indices):
+        """A batch of rows at once; torch's DataLoader calls this with each batch's index list.
+
+        The batch's images are fetched together (:mod:`mlc.fetch`: many requests in flight, remote bytes
+        cached on local disk for later epochs) and decoded as they arrive. With a plan (:meth:`set_plan`),
+        the reads of the next batch this process will be asked for start before this one is decoded, so the
+        network's latency overlaps the decoding. Rows come out exactly as ``[self[i] for i in indices]``:
+        the same ``Skipped`` rows naming bad or missing images, the same per-row seeded augmentation.
+        Storage errors other than a missing object (permission denied, retries exhausted) are raised,
+        naming the object.
+        """
+        indices = [int(i) for i in indices]
+        where: dict = {}
+        for k, i in enumerate(indices):
+            where.setdefault(self.urls[i], []).append(k)
+        pending = self._take_read_ahead(indices)
+        if pending is None:
+            pending = fetch.start(where)
+        self._start_read_ahead(indices)
+        out: list = [None] * len(indices)
+        # Rows are decoded as their bytes arrive, while the rest of the batch is still being fetched; each
+        # row's augmentation is seeded by the row alone, so the order of arrival changes nothing.
+        for url, data in pending:
+            for k in where.get(url, ()):
+                i = indices[k]
+                try:
+                    out[k] = self._sample(i, decode_fetched(data, url, self.max_pixels))
+                except BadImageError as e:
+                    out[k] = Skipped(i, url, e.reason)
+        return out
+
+    def set_plan(self, batches, num_workers: int) -> None:
+        """The batches the next pass will ask for, in order, and the loader's worker count.
+
+        Torch deals batches to its workers round robin (worker w gets batches w, w + n, w + 2n, ...; with
+        no workers the main process gets them all), so each process knows which batch comes to it next
+        and can start reading it early. A wrong guess costs one batch of reads, which the byte cache keeps.
+        """
+        self._plan = [list(map(int, b)) for b in batches]
+        self._plan_pos = {tuple(b): k for k, b in enumerate(self._plan)}
+        self._plan_step = max(1, int(num_workers))
+        self._ahead = None
+
+    def _take_read_ahead(self, indices):
+        ahead, self._ahead = getattr(self, "_ahead", None), None
+        if ahead is None or ahead[0] != os.getpid():
+            return None  # none, or inherited through fork from another process (its reads are not ours)
+        if ahead[1] == tuple(indices):
+            return ahead[2]
+        ahead[2].cancel()
+        return None
+
+    def _start_read_ahead(self, indices) -> None:
+        pos = getattr(self, "_plan_pos", {}).get(tuple(indices))
+        if pos is None or pos + self._plan_step >= len(self._plan):
+            return
+        nxt = self._plan[pos + self._plan_step]
+        self._ahead = (os.getpid(), tuple(nxt), fetch.start(dict.fromkeys(self.urls[i] for i in nxt)))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_ahead"] = None  # reads in flight belong to this process
+        return state
+
+    def _sample(self, i: int, img):
+        """``(x, y, i)`` for row ``i``'s decoded image, augmented as in ``__getitem__``."""
+        if self.epoch_seed is None:
+            x = self.transform(img)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.epoch_seed + i) % 2**63)
+                x = self.transform(img)
         y = torch.from_numpy(self.targets[i]) if self.targets is not None else torch.zeros(0)
         return x, y, i
 
@@ -115,12 +207,46 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(s)
 
 
+class ShardSampler(torch.utils.data.Sampler):
+    """This rank's rows of one epoch: a permutation seeded by (seed, epoch), dealt out round-robin.
+
+    Training (``shuffle=True``) drops the last ``n % world`` rows of the permutation so every rank
+    takes the same number of steps (DDP needs that); rank r's k-th batch of b rows plus the other
+    ranks' k-th batches are exactly the k-th batch of b * world rows that one process would take.
+    Evaluation (``shuffle=False``) deals out every row once, no padding and no duplicates, so
+    gathered scores cover the set exactly.
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world size {world}")
+        if shuffle:
+            g = torch.Generator()
+            g.manual_seed(seed * 100_003 + epoch)
+            order = torch.randperm(n, generator=g)[: n - n % world]
+        else:
+            order = torch.arange(n)
+        self.indices = order[rank::world].tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-                num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
-    """A loader whose order and augmentation depend only on (seed, epoch), so a resumed epoch repeats exactly."""
+                num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False,
+                rank: int = 0, world: int = 1) -> DataLoader:
+    """This rank's loader; order and augmentation depend only on (seed, epoch), so a resumed epoch repeats."""
+    if shuffle and hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(seed, epoch)
+    sampler = ShardSampler(len(dataset), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world=world)
+    # Each loader worker starts fetching its next batch while it decodes this one (hides storage latency).
+    plan_batches(dataset, sampler, batch_size, drop_last, num_workers)
     g = torch.Generator()
-    g.manual_seed(seed * 100_003 + epoch)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+    g.manual_seed(seed * 100_003 + epoch)  # seeds the loader workers (numpy/random in _seed_worker)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                       num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory,
                       worker_init_fn=_seed_worker, generator=g,
                       persistent_workers=False)
@@ -160,3 +286,12 @@ class BadImageBudget:
             raise TooManyBadImages(
                 f"{len(self.bad)} of {self.total} images are unreadable (more than --max-bad-fraction "
                 f"{self.max_fraction:g}); first: {names}. Fix or remove them, or raise --max-bad-fraction.")
+
+
+def plan_batches(dataset, sampler, batch_size: int, drop_last: bool, num_workers: int) -> None:
+    """Tell a dataset that reads ahead (:meth:`ImageTable.set_plan`) which batches its DataLoader will ask
+    for: the same batches the DataLoader's own BatchSampler makes from ``sampler``. Call it in the process
+    that creates the loader, before iterating (workers inherit the plan)."""
+    if hasattr(dataset, "set_plan"):
+        batches = list(torch.utils.data.BatchSampler(sampler, batch_size, drop_last))
+        dataset.set_plan(batches, num_workers)

@@ -28,7 +28,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mlc import storage
+from mlc import fetch
 
 # The real COMP5329 images are at most 320 px a side (~0.1 Mpx). 50 Mpx still
 # accepts any camera photo someone might add (a 48 Mpx phone shot is 8000x6000)
@@ -199,7 +199,7 @@ def decode_image(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PI
 
 
 def load_image(url: str, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
-    """Read ``url`` through :mod:`mlc.storage` and :func:`decode_image` it.
+    """Read ``url`` through :mod:`mlc.fetch` (storage plus the byte cache) and :func:`decode_image` it.
 
     A missing file is a :class:`BadImageError` with reason ``"missing"`` (a row
     in the CSV whose image is absent is a data problem like any other bad
@@ -210,10 +210,22 @@ def load_image(url: str, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str 
     """
     label = url if name is None else name
     try:
-        data = storage.read_bytes(url)
+        # Through the byte cache: a remote image read once is read from local disk afterwards.
+        data = fetch.read(url)
     except FileNotFoundError:
         raise BadImageError(label, "missing", "missing") from None
     return decode_image(data, label, max_pixels)
 
 
-__all__ = ["BadImageError", "DEFAULT_MAX_PIXELS", "decode_image", "read_header", "load_image"]
+def decode_fetched(data, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """:func:`decode_image` for one value of :func:`mlc.fetch.read_many` (bytes, or the exception reading
+    failed with): a missing object is a :class:`BadImageError` ``"missing"`` like in :func:`load_image`;
+    any other storage error (permission, network after retries) is raised as it is, naming the object."""
+    if isinstance(data, FileNotFoundError):
+        raise BadImageError(name, "missing", "missing")
+    if isinstance(data, BaseException):
+        raise data
+    return decode_image(data, name, max_pixels)
+
+
+__all__ = ["BadImageError", "DEFAULT_MAX_PIXELS", "decode_image", "decode_fetched", "read_header", "load_image"]

@@ -237,4 +237,5 @@ def storage_for_ray(url: str):
     """``(storage_path, storage_filesystem)`` for RunConfig: the same filesystem mlc uses, for gs:// too."""
     if storage.is_local(url):
         return os.path.abspath(url), None
-    return storage.pyarrow_filesystem(url)
+    fs, path = storage.pyarrow_filesystem(url)
+    return path, fs

@@ -1,38 +1,121 @@
 """The one place that knows about URLs and filesystems.
 
-Every other module takes URLs (a local path, ``file://``, ``gs://bucket/key``,
-``memory://``, anything fsspec opens) and calls these functions.
+Every other module takes URLs (a local path, ``file://``, ``gs://bucket/key``, ``memory://``, anything
+fsspec opens) and calls these functions.
+
+Google Cloud Storage goes through gcsfs with its normal credential chain (Application Default
+Credentials, ``GOOGLE_APPLICATION_CREDENTIALS``, the metadata server; ``token`` and other options can
+be set for every ``gs://`` URL through fsspec's configuration, e.g. ``FSSPEC_GS_TOKEN``). Nothing here
+prints or logs a credential: error messages name the URL (with any user:password@ or signed-URL query
+removed) and the server's message.
+
+What this module guarantees:
+
+* Failures name the object: a missing object raises :class:`ObjectNotFound` (a ``FileNotFoundError``),
+  a refused one :class:`AccessDenied` (a ``PermissionError``), anything else :class:`StorageError`; each
+  says what was being done, to which URL, and what to check.
+* Transient errors (HTTP 408, 429, 5xx, dropped connections) are retried with exponential backoff by
+  gcsfs itself (``gcsfs.retry.retry_request``: 6 attempts over about 30 s, on every request, reads and
+  writes alike), so this module does not wrap another retry loop around it; the tests inject 503 and
+  429 through a proxy to check that it happens.
+* Writes never leave a partial object at the final key: the bytes are built whole in memory first
+  (:func:`write_bytes`, :func:`writer`), local files are renamed over the target, and object stores get
+  a single upload that they publish only when it completes (a simple upload under 50 MB, a resumable
+  upload above, which GCS publishes on its last chunk). Streaming through ``fs.open(url, "wb")`` would
+  not be safe: fsspec publishes what was written so far when an exception leaves that ``with`` block.
+* Filesystem objects belong to one process: fsspec keys its instance cache by process id and resets its
+  event loop after ``fork``, and :func:`filesystem` keeps its own cache per process id too, so a
+  DataLoader worker forked after the parent used ``gs://`` builds its own client instead of sharing
+  the parent's sockets and event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import os
 import posixpath
+import re
 import tempfile
 import uuid
-from typing import Iterable
+from typing import Iterable, Iterator
 
-import fsspec
-from fsspec.core import url_to_fs
+# gcsfs >= 2025 replaces its filesystem class with an experimental "zonal / hierarchical namespace" one
+# when this variable is unset, and that class probes a gRPC API on the first call per bucket (60 s or more
+# against anything that is not the real service). mlc uses neither feature; this must run before gcsfs is
+# imported, which fsspec does lazily on the first gs:// URL. Set it to true in the environment to opt in.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import fsspec  # noqa: E402
+from fsspec.core import url_to_fs  # noqa: E402
+
+# Object stores have no real folders: nothing to create before writing (gcsfs's makedirs would even
+# create a missing *bucket*, turning a typo in --output into a new bucket).
+_OBJECT_STORES = {"gs", "gcs", "s3", "s3a", "az", "abfs", "abfss", "adl", "oss", "memory"}
+_GCS = {"gs", "gcs"}
+DEFAULT_CONCURRENCY = 32
 
 
 class StorageError(RuntimeError):
-    """An object could not be read or written; the message names it."""
+    """An object could not be read or written; the message names it and says what to check."""
+
+
+class ObjectNotFound(StorageError, FileNotFoundError):
+    """The object (or its bucket) does not exist."""
+
+
+class AccessDenied(StorageError, PermissionError):
+    """The credentials in use may not read or write the object."""
+
+
+_CREDENTIALS_HINT = ("check that the credentials in use (Application Default Credentials from `gcloud auth "
+                     "application-default login`, GOOGLE_APPLICATION_CREDENTIALS, or the VM's service account) "
+                     "have access to it")
+
+
+def safe_url(url) -> str:
+    """The URL for messages: any ``user:password@`` and query string (signed URLs carry keys there) removed."""
+    url = str(url)
+    url = re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]*@", r"\1", url)
+    return url.split("?", 1)[0] if "://" in url else url
+
+
+_fs_cache: dict = {}
 
 
 def filesystem(url: str):
-    """Return ``(fs, path)`` for a URL. fsspec caches filesystem instances per process."""
-    return url_to_fs(str(url))
-
-
-def is_local(url: str) -> bool:
-    fs, _ = filesystem(url)
-    return "file" in _protocols(fs)
+    """Return ``(fs, path)`` for a URL; one filesystem per protocol and process (built after a fork)."""
+    url = str(url)
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    key = (os.getpid(), protocol)
+    fs = _fs_cache.get(key)
+    if fs is None:
+        options = {}
+        if protocol in _GCS:
+            # Listings are not cached: another process (a Ray worker, a DataLoader worker) may have written
+            # since, and mlc lists rarely.
+            options["use_listings_cache"] = False
+        fs, path = url_to_fs(url, **options)
+        if "::" not in url:  # a chained URL ("simplecache::gs://...") configures its own instance each time
+            _fs_cache[key] = fs
+        return fs, path
+    return fs, fs._strip_protocol(url)
 
 
 def _protocols(fs) -> tuple:
     p = fs.protocol
     return (p,) if isinstance(p, str) else tuple(p)
+
+
+def is_local(url: str) -> bool:
+    fs, _ = filesystem(url)
+    return "file" in _protocols(fs) or "local" in _protocols(fs)
+
+
+def is_object_store(url: str) -> bool:
+    fs, _ = filesystem(url)
+    return bool(set(_protocols(fs)) & _OBJECT_STORES)
 
 
 def join(url: str, *parts: str) -> str:
@@ -44,105 +127,283 @@ def join(url: str, *parts: str) -> str:
     return os.path.join(url, *parts)
 
 
+def _http_code(e: BaseException):
+    code = getattr(e, "code", None) or getattr(e, "status", None)
+    return code if isinstance(code, int) else None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # gcsfs's 403 message is "Forbidden: <request URL>\n<server message>": the server message says more.
+    if len(lines) > 1 and lines[0].startswith("Forbidden"):
+        return lines[-1][:300]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _named(url: str, e: BaseException, action: str) -> BaseException:
+    """Turn a filesystem exception into one of ours that names the object and says what to do."""
+    if isinstance(e, StorageError):
+        return e
+    shown = safe_url(url)
+    code = _http_code(e)
+    if isinstance(e, FileNotFoundError) or code == 404:
+        return ObjectNotFound(f"{shown}: no such file or object (while trying to {action} it); check the URL "
+                              "and that the bucket exists")
+    if isinstance(e, PermissionError) or code in (401, 403) or (
+            isinstance(e, OSError) and str(e).startswith("Forbidden")):
+        return AccessDenied(f"{shown}: permission denied while trying to {action} it ({_first_line(e)}); "
+                            + _CREDENTIALS_HINT)
+    detail = f"HTTP {code}: {_first_line(e)}" if code else f"{type(e).__name__}: {_first_line(e)}"
+    retried = " (transient errors were retried with backoff and kept failing)" if code and (
+        code in (408, 429) or code >= 500) else ""
+    return StorageError(f"{shown}: could not {action} it ({detail}){retried}")
+
+
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    try:
+        return fs.exists(path)
+    except Exception as e:  # noqa: BLE001 - fsspec's exists() swallows most errors; what is left names nothing
+        raise _named(url, e, "check for") from e
 
 
 def isdir(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.isdir(path)
+    try:
+        return fs.isdir(path)
+    except Exception as e:  # noqa: BLE001
+        raise _named(url, e, "check for") from e
 
 
 def read_bytes(url: str) -> bytes:
+    """The whole object. Missing: :class:`ObjectNotFound` (a FileNotFoundError) naming it."""
     fs, path = filesystem(url)
     try:
         return fs.cat_file(path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{url}: no such file or object") from e
-    except PermissionError as e:
-        raise StorageError(f"{url}: permission denied ({e}); check the credentials' access to it") from e
+    except IsADirectoryError as e:
+        raise StorageError(f"{safe_url(url)}: is a folder, not a file") from e
+    except Exception as e:  # noqa: BLE001 - re-raised with the object's name
+        raise _named(url, e, "read") from e
+
+
+def read_many(urls: Iterable[str], concurrency: int = DEFAULT_CONCURRENCY) -> dict:
+    """Read many objects with up to ``concurrency`` requests in flight; ``{url: bytes or exception}``.
+
+    One bad object does not fail the rest: its value is the named exception (:class:`ObjectNotFound`,
+    :class:`AccessDenied`, :class:`StorageError`) for the caller to raise or skip. Asynchronous
+    filesystems (gcsfs, http) get their requests multiplexed on the filesystem's event loop; others are
+    read one by one (a local disk is not helped by more).
+    """
+    urls = list(dict.fromkeys(str(u) for u in urls))
+    out: dict = {}
+    if not urls:
+        return out
+    groups: dict = {}
+    for u in urls:
+        fs, path = filesystem(u)
+        groups.setdefault(id(fs), (fs, []))[1].append((u, path))
+    for fs, items in groups.values():
+        if getattr(fs, "async_impl", False) and hasattr(fs, "_cat_file"):
+            results = fsspec.asyn.sync(fs.loop, _gather_cat, fs, [p for _, p in items], max(1, concurrency))
+            for (u, _), r in zip(items, results):
+                out[u] = _named(u, r, "read") if isinstance(r, BaseException) else r
+        else:
+            for u, p in items:
+                try:
+                    out[u] = fs.cat_file(p)
+                except Exception as e:  # noqa: BLE001 - returned, named
+                    out[u] = _named(u, e, "read")
+    return out
+
+
+class PendingReads:
+    """Reads started by :func:`start_reads`; iterate to get ``(url, bytes or exception)`` as each completes.
+
+    On an asynchronous filesystem (gcsfs) the requests are already in flight on the filesystem's event loop
+    when this object is returned, so a caller can start the next batch's reads and then decode the current
+    one. On others each object is read when iteration reaches it. Iterate once; ``cancel()`` drops what is
+    still pending.
+    """
+
+    def __init__(self, urls: list, concurrency: int):
+        self.urls = urls
+        self._futures: dict = {}
+        self._sync: list = []
+        if not urls:
+            return
+        fs, _ = filesystem(urls[0])
+        if getattr(fs, "async_impl", False) and hasattr(fs, "_cat_file") and all(
+                filesystem(u)[0] is fs for u in urls):
+            sem = asyncio.Semaphore(max(1, concurrency))
+
+            async def one(path):
+                async with sem:
+                    return await fs._cat_file(path)
+            self._futures = {asyncio.run_coroutine_threadsafe(one(filesystem(u)[1]), fs.loop): u for u in urls}
+        else:
+            self._sync = urls
+
+    def __iter__(self) -> Iterator[tuple]:
+        import concurrent.futures
+        try:
+            for fut in concurrent.futures.as_completed(self._futures):
+                u = self._futures[fut]
+                try:
+                    yield u, fut.result()
+                except Exception as e:  # noqa: BLE001 - yielded, named
+                    yield u, _named(u, e, "read")
+            for u in self._sync:
+                yield u, read_many([u])[u]
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        for fut in self._futures:
+            fut.cancel()
+
+
+def start_reads(urls: Iterable[str], concurrency: int = DEFAULT_CONCURRENCY) -> PendingReads:
+    """Start reading every URL now (up to ``concurrency`` requests in flight); see :class:`PendingReads`."""
+    return PendingReads(list(dict.fromkeys(str(u) for u in urls)), concurrency)
+
+
+def iter_many(urls: Iterable[str], concurrency: int = DEFAULT_CONCURRENCY) -> Iterator[tuple]:
+    """Like :func:`read_many`, but yields ``(url, bytes or exception)`` as each read completes, so the caller
+    can decode one object while the others are still on the way. Every URL is yielded once."""
+    return iter(start_reads(urls, concurrency))
+
+
+async def _gather_cat(fs, paths: list, concurrency: int) -> list:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(p):
+        async with sem:
+            return await fs._cat_file(p)
+    return await asyncio.gather(*(one(p) for p in paths), return_exceptions=True)
 
 
 def write_bytes(url: str, data: bytes) -> None:
     """Write a whole object so that a reader never sees it half written.
 
-    Local files go to a temporary name in the same folder and are renamed over
-    the target (atomic on POSIX). Object stores get one whole-object PUT from
-    memory, which they publish atomically; we never stream through
-    ``fs.open(..., "wb")`` because fsspec publishes a partial object when an
-    exception leaves that block.
+    Local files go to a temporary name in the same folder and are renamed over the target (atomic on
+    POSIX). Object stores get one upload of bytes already complete in memory, which they publish
+    atomically on success; on failure the previous object, if any, is untouched.
     """
+    data = bytes(data) if not isinstance(data, bytes) else data
     fs, path = filesystem(url)
-    if "file" in _protocols(fs):
+    if "file" in _protocols(fs) or "local" in _protocols(fs):
         folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        except OSError as e:
+            raise _named(url, e, "write") from e
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise _named(url, e, "write") from e
             raise
-    else:
-        parent = posixpath.dirname(path)
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
+        return
+    try:
+        if not set(_protocols(fs)) & _OBJECT_STORES:
+            parent = posixpath.dirname(path)
+            if parent:
+                fs.makedirs(parent, exist_ok=True)
         fs.pipe_file(path, data)
+    except Exception as e:  # noqa: BLE001 - re-raised with the object's name
+        raise _named(url, e, "write") from e
 
 
 def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode("utf-8"))
 
 
+@contextlib.contextmanager
+def writer(url: str) -> Iterator[io.BytesIO]:
+    """``with writer(url) as f: torch.save(obj, f)``: the object is published whole when the block ends
+    normally, and not at all when it raises (unlike ``fs.open(url, "wb")``)."""
+    buf = io.BytesIO()
+    yield buf
+    write_bytes(url, buf.getvalue())
+
+
 def makedirs(url: str) -> None:
+    """Create a local (or other real) folder; a no-op on object stores, which have no folders."""
     fs, path = filesystem(url)
-    fs.makedirs(path, exist_ok=True)
+    if set(_protocols(fs)) & _OBJECT_STORES:
+        return
+    try:
+        fs.makedirs(path, exist_ok=True)
+    except Exception as e:  # noqa: BLE001
+        raise _named(url, e, "create") from e
 
 
 def remove(url: str, recursive: bool = False) -> None:
+    """Remove a file, or a folder / prefix with ``recursive``; nothing there is fine."""
     fs, path = filesystem(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=recursive)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # noqa: BLE001
+        raise _named(url, e, "delete") from e
 
 
 def listdir(url: str) -> list[str]:
     """Names (not full paths) of the entries directly under ``url``."""
     fs, path = filesystem(url)
-    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    try:
+        entries = fs.ls(path, detail=False)
+    except Exception as e:  # noqa: BLE001
+        raise _named(url, e, "list") from e
+    base = path.rstrip("/")
+    return sorted({posixpath.basename(p.rstrip("/")) for p in entries if p.rstrip("/") != base})
 
 
 def check_writable(url: str) -> None:
-    """Fail early, before any training, if the output location cannot be written."""
+    """Fail early, before any training, if the output location cannot be written.
+
+    Writes a small marker object under ``url``, overwrites it (a run rewrites metrics.json and its
+    checkpoint every epoch, which on GCS needs delete permission as well as create) and deletes it.
+    """
     probe = join(url, f".mlc-write-probe-{uuid.uuid4().hex}")
     try:
-        write_bytes(probe, b"ok")
-        remove(probe)
-    except Exception as e:  # noqa: BLE001 - any failure means "not writable"; we re-raise with context
-        raise StorageError(f"output location {url} is not writable: {e}") from e
+        write_bytes(probe, b"mlc write probe\n")
+        write_bytes(probe, b"mlc write probe, overwritten\n")
+        fs, path = filesystem(probe)
+        fs.rm(path)
+    except Exception as e:  # noqa: BLE001 - any failure means "not writable"; re-raised with context
+        reason = str(e) if isinstance(e, StorageError) else f"{type(e).__name__}: {_first_line(e)}"
+        hint = ("the bucket must exist and the credentials need storage.objects.create, .delete and .get on "
+                "it (roles/storage.objectUser)") if url.startswith(("gs://", "gcs://")) else \
+            "choose a folder this user can create files in"
+        raise StorageError(f"output location {safe_url(url)} is not writable: {reason}. Nothing was trained; "
+                           f"{hint}, or choose another --output.") from e
 
 
-def read_many(urls: Iterable[str]) -> dict:
-    """Fetch many small objects in one batched, concurrent call (fsspec's ``cat``).
-
-    Returns ``{url: bytes or Exception}`` so that one bad object does not fail the rest.
+def pyarrow_filesystem(url: str):
+    """``(pyarrow.fs.FileSystem, path)`` for a URL, e.g. for Ray's ``RunConfig(storage_filesystem=...,
+    storage_path=path)``: pyarrow's LocalFileSystem for local paths, otherwise the same fsspec filesystem
+    this module uses (gcsfs for gs://, with its credential chain) wrapped by ``pyarrow.fs.FSSpecHandler``.
     """
-    urls = list(urls)
-    if not urls:
-        return {}
-    fs, _ = filesystem(urls[0])
-    paths = [filesystem(u)[1] for u in urls]
-    got = fs.cat(paths, on_error="return")
-    if not isinstance(got, dict):  # a single path comes back bare
-        got = {paths[0]: got}
-    return {u: got.get(p, FileNotFoundError(u)) for u, p in zip(urls, paths)}
+    import pyarrow.fs as pafs
+    fs, path = filesystem(url)
+    if "file" in _protocols(fs) or "local" in _protocols(fs):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/")
 
 
 __all__ = [
-    "StorageError", "filesystem", "is_local", "join", "exists", "isdir", "read_bytes", "write_bytes",
-    "write_text", "makedirs", "remove", "listdir", "check_writable", "read_many", "fsspec",
+    "StorageError", "ObjectNotFound", "AccessDenied", "filesystem", "is_local", "is_object_store", "join",
+    "exists", "isdir", "read_bytes", "read_many", "iter_many", "start_reads", "PendingReads", "write_bytes", "write_text", "writer", "makedirs",
+    "remove", "listdir", "check_writable", "pyarrow_filesystem", "safe_url", "fsspec", "DEFAULT_CONCURRENCY",
 ]

@@ -22,7 +22,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 
 from . import storage

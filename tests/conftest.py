@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "comp5329"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ray_head.py
+# Ray 2.60 clusters use token auth, and a client presents its token (~/.ray/auth_token) only in token
+# mode, which Ray reads once at import: set it before any test imports ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +38,52 @@ def real_test(real_data):
     """read_table of the real test.csv, parsed once per session (do not mutate)."""
     from mlc.table import read_table
     return read_table(str(real_data / "test.csv"))
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One Ray head (4 CPUs, token auth, dashboard on 127.0.0.1) for the session, stopped at the end."""
+    pytest.importorskip("ray")
+    from ray_head import RayHead
+    head = RayHead(num_cpus=4)
+    yield head
+    head.stop()
+
+
+@pytest.fixture
+def ray_client(ray_head, monkeypatch):
+    """This process connected to the session's head; disconnected after the test."""
+    import ray
+    monkeypatch.setenv("RAY_ADDRESS", ray_head.address)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    ray.init(address=ray_head.address, log_to_driver=False)
+    yield ray_head
+    ray.shutdown()
+
+
+# --- A GCS JSON API server (gcp-storage-emulator behind tests/gcs_server.py's proxy) ---------------------------
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """The emulator behind a proxy for the whole session; this process and the processes it starts from now
+    on (subprocesses, DataLoader workers) reach gs:// there, anonymously. See tests/gcs_server.py."""
+    pytest.importorskip("gcp_storage_emulator", reason="needs the dev extra: pip install -e '.[dev]'")
+    from gcs_server import GCS
+    server = GCS()
+    server.activate()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_server, tmp_path, monkeypatch):
+    """A fresh bucket (``gcs.url("a/b")`` is ``gs://<bucket>/a/b``; ``gcs.upload(folder, url)``), the proxy with no
+    faults, no latency and an empty request log (``gcs.proxy.add_fault(503, "GET", r"o/x", times=1)``,
+    ``gcs.proxy.count("GET", ...)``), and a byte cache private to the test (MLC_BYTE_CACHE)."""
+    monkeypatch.setenv("MLC_BYTE_CACHE", str(tmp_path / "byte-cache"))
+    gcs_server.proxy.reset()
+    gcs_server.new_bucket()
+    yield gcs_server
+    gcs_server.proxy.reset()
+    gcs_server.empty_bucket()

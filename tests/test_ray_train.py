@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from mlc import trainer
 from mlc.checkpoint import load_model_checkpoint, load_training_state
