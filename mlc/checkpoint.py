@@ -2,7 +2,7 @@
 
 Layout under a run's output:
 - ``checkpoint/state.pt``: one object holding everything needed to resume
-  (bare model weights, optimizer, scheduler, epoch, RNG states, best-so-far,
+  (bare model weights, optimizer, scheduler, epoch, best-so-far,
   history, config, label vocabulary). One object, so it is never half written.
 - ``best/model.pt``: the bare state_dict, loadable into plain torchvision;
   ``best/labels.json``; ``best/meta.json`` (config, threshold, epoch, metrics and
@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import random
 
-import numpy as np
 import torch
 
 from . import storage
@@ -37,19 +35,6 @@ def _torch_bytes(obj) -> bytes:
 
 def _all_finite(state: dict) -> bool:
     return all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def save_training_state(url: str, state: dict) -> None:

@@ -42,7 +42,14 @@ def ensure_ray(log=print) -> None:
     address = os.environ.get("RAY_ADDRESS")
     # "local" always starts a new Ray here: a bare ray.init() would join any cluster `ray start` left on this
     # machine (it reads /tmp/ray/ray_current_cluster), whoever started it.
-    ray.init(address=address or "local", log_to_driver=True)
+    runtime_env = None
+    if not address:
+        # Workers import mlc; from a checkout that is not pip-installed (the jobs put the checkout on
+        # sys.path) they find it through PYTHONPATH. Under `ray job submit --working-dir .` Ray does this.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        runtime_env = {"env_vars": {"PYTHONPATH": path}}
+    ray.init(address=address or "local", log_to_driver=True, runtime_env=runtime_env)
     log(f"ray: joined the cluster at {address}" if address else "ray: no RAY_ADDRESS, started a local Ray")
 
 

@@ -154,8 +154,8 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
     Outputs go under ``<cfg.output>/<scale.name>/``; a rerun with the same name resumes there.
     """
     t_start = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS, or the local cluster, or a fresh local Ray
+    from .ray_predict import ensure_ray
+    ensure_ray(log)  # the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local Ray
     if cfg.data is None:
         from .demo import make_demo_dataset
         cfg = cfg.replace(data=make_demo_dataset())

@@ -147,8 +147,8 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     from .trainer import prepare_data
 
     t_start = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init()
+    from .ray_predict import ensure_ray
+    ensure_ray(log)  # the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local Ray
     if base.data is None:
         from .demo import make_demo_dataset
         base = base.replace(data=make_demo_dataset())

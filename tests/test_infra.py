@@ -4,7 +4,7 @@
 2. infra/gcp/cluster.yaml passes Ray's own cluster-config validation (the steps `ray up` runs before it
    talks to GCP: prepare_config, then validate_config against ray-schema.json) and keeps the security
    and cost decisions (CPU-0 head, loopback dashboard, token auth, Spot GPU workers, own service accounts).
-3. Every `python jobs/<script>.py ...` command in the YAML files, the k8s manifests, infra/README-gcp.md
+3. Every `python jobs/<script>.py ...` command in the YAML files, the k8s manifests, README.md's GCP section
    and README.md names a job that exists and only flags its real argument parser accepts.
 4. The Dockerfile installs from pyproject.toml only, copies no credentials, and matches the Ray version
    of this environment; .dockerignore keeps .venv and .git out; the k8s manifests agree with each other.
@@ -28,11 +28,10 @@ CLUSTER = INFRA / "gcp" / "cluster.yaml"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 K8S = INFRA / "k8s"
-README_GCP = INFRA / "README-gcp.md"
 README = REPO / "README.md"
 
-# The GCP walk-through: infra/README-gcp.md until it is merged into README.md (then README.md holds it).
-GCP_DOC = README_GCP if README_GCP.is_file() else README
+# The GCP walk-through is README.md's section "From zero to predictions on GCP".
+GCP_DOC = README
 
 YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml"))
 DOC_FILES = list(dict.fromkeys([GCP_DOC, README]))
