@@ -34,6 +34,13 @@ from .model import build_model
 from .transforms import eval_transform
 
 
+# Ray Data 2.60 starts a usage-metrics poller thread in the driver on the first execution; it outlives
+# ray.shutdown(), and its next poll then makes Ray end the process (seen killing a test session that
+# went on after ray.shutdown()). Opting out of Ray Data's usage collection keeps that thread from
+# starting; an explicit RAY_DATA_USAGE_DISABLED=0 still wins.
+os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
+
+
 def ensure_ray(log=print) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray, unless this process is already connected."""
     import ray

@@ -14,6 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ray_head.py
 # Ray 2.60 clusters use token auth, and a client presents its token (~/.ray/auth_token) only in token
 # mode, which Ray reads once at import: set it before any test imports ray.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# No usage reporting from tests. It also keeps Ray Data's usage poller thread from starting in this
+# process: that thread outlives ray.shutdown(), and its next poll makes Ray end the whole process
+# ("The core worker has already been shutdown ... The process will exit"), pytest included.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @pytest.fixture(scope="session")
@@ -48,17 +52,6 @@ def ray_head():
     head = RayHead(num_cpus=4)
     yield head
     head.stop()
-
-
-@pytest.fixture
-def ray_client(ray_head, monkeypatch):
-    """This process connected to the session's head; disconnected after the test."""
-    import ray
-    monkeypatch.setenv("RAY_ADDRESS", ray_head.address)
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    ray.init(address=ray_head.address, log_to_driver=False)
-    yield ray_head
-    ray.shutdown()
 
 
 # --- A GCS JSON API server (gcp-storage-emulator behind tests/gcs_server.py's proxy) ---------------------------

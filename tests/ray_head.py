@@ -89,3 +89,43 @@ class RayHead:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+
+class IsolatedError(RuntimeError):
+    """An exception raised in an isolated child: its type name, message and traceback."""
+
+
+def _child(queue, fn, args, kwargs) -> None:
+    import traceback
+    try:
+        queue.put(("ok", fn(*args, **kwargs)))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the test
+        queue.put(("err", f"{type(e).__name__}: {e}", traceback.format_exc()))
+
+
+def isolated(fn, *args, timeout: float = 600, **kwargs):
+    """Run ``fn(*args, **kwargs)`` in a fresh (spawned) Python process and return its result.
+
+    Tests never make the pytest process a Ray driver: Ray ends a process whose background threads
+    touch Ray after ``ray.shutdown()`` ("The core worker has already been shutdown ... The process
+    will exit"), which killed a whole test session once. ``fn`` must be a module-level function.
+    """
+    import multiprocessing as mp
+    import queue as queue_mod
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q, fn, args, kwargs))
+    p.start()
+    try:
+        result = q.get(timeout=timeout)
+    except queue_mod.Empty:
+        raise IsolatedError(f"{getattr(fn, '__name__', fn)} gave no result in {timeout} s "
+                            f"(exit code {p.exitcode})") from None
+    finally:
+        p.join(60)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if result[0] == "err":
+        raise IsolatedError(f"{result[1]}\n{result[2]}")
+    return result[1]

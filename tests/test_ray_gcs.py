@@ -9,7 +9,6 @@ import pytest
 
 from mlc import storage
 from mlc.checkpoint import load_model_checkpoint, load_training_state
-from mlc.config import ScaleConfig
 from test_trainer import REAL, cfg_for, make_dataset
 
 ray = pytest.importorskip("ray")
@@ -17,15 +16,12 @@ pytestmark = pytest.mark.skipif(not (REAL / "images").is_dir(), reason=f"real da
 
 
 def test_two_worker_ray_run_reads_and_writes_the_bucket(gcs, ray_head, tmp_path):
-    from mlc.ray_train import fit_distributed
+    from ray_head import isolated
+    from test_ray_train import run_distributed
     gcs.upload(make_dataset(tmp_path / "ds"), gcs.url("ds"))
     # The session's Ray head started before this server: its workers get the gcsfs settings from the job.
-    ray.init(address=ray_head.address, runtime_env={"env_vars": gcs.worker_env()}, log_to_driver=False)
-    try:
-        fit_distributed(cfg_for(gcs.url("ds"), gcs.url("runs"), batch_size=4, epochs=2),
-                        ScaleConfig(num_workers=2, name="g1", max_failures=0), progress=False, log=lambda *_: None)
-    finally:
-        ray.shutdown()
+    isolated(run_distributed, ray_head.address, cfg_for(gcs.url("ds"), gcs.url("runs"), batch_size=4, epochs=2).to_dict(),
+             {"num_workers": 2, "name": "g1", "max_failures": 0}, runtime_env={"env_vars": gcs.worker_env()})
     run = gcs.url("runs/g1")
     names = set(storage.listdir(run))
     # Ray Train's own files went through the same filesystem (gcsfs behind pyarrow's FSSpecHandler).

@@ -20,8 +20,7 @@ from mlc.model import bare_state_dict, build_model
 from mlc.predict import predict_from_checkpoint
 from mlc.table import read_table
 
-# Ray 2.60 reads RAY_AUTH_MODE into its config when ray is first imported; conftest's ray_client sets it only
-# after the ray_head fixture has imported ray, so without this the client is refused ("InvalidAuthToken").
+# Ray 2.60 reads RAY_AUTH_MODE once, when ray is first imported (conftest sets it too, before any test module).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,12 +88,25 @@ def test_in_process_prediction_uses_the_checkpoints_image_folder(setup):
     _check_outputs(setup["local"], setup)
 
 
-def test_two_ray_workers_write_the_in_process_predictions_in_input_order(setup, ray_client, tmp_path):
+def predict_on_cluster(address: str, ckpt: str, ids: list, images: str, out: str) -> tuple:
+    """predict_distributed in an isolated process (see ray_head.isolated); returns (summary, log lines)."""
+    import ray as ray_
     from mlc.ray_predict import predict_distributed
-    out = tmp_path / "dist"
     logs = []
-    summary = predict_distributed(str(setup["ckpt"]), setup["ids"], str(setup["root"] / "imgs"), str(out),
-                                  num_workers=2, batch_size=3, log=logs.append, progress=False)
+    ray_.init(address=address, log_to_driver=False)
+    try:
+        summary = predict_distributed(ckpt, ids, images, out, num_workers=2, batch_size=3, log=logs.append,
+                                      progress=False)
+    finally:
+        ray_.shutdown()
+    return summary, logs
+
+
+def test_two_ray_workers_write_the_in_process_predictions_in_input_order(setup, ray_head, tmp_path):
+    from ray_head import isolated
+    out = tmp_path / "dist"
+    summary, logs = isolated(predict_on_cluster, ray_head.address, str(setup["ckpt"]), list(setup["ids"]),
+                             str(setup["root"] / "imgs"), str(out))
     probs = _check_outputs(out, setup)
     local = pd.read_csv(setup["local"] / "probabilities.csv")
     np.testing.assert_allclose(probs[LABELS].to_numpy(), local[LABELS].to_numpy(), atol=1e-5)
@@ -108,14 +120,14 @@ def test_two_ray_workers_write_the_in_process_predictions_in_input_order(setup, 
     assert "on 2 Ray workers" in text and "img/s" in text
 
 
-def test_predict_job_with_num_workers_runs_on_the_cluster(setup, ray_client, tmp_path):
+def test_predict_job_with_num_workers_runs_on_the_cluster(setup, ray_head, tmp_path):
     out = tmp_path / "job"
-    env = dict(os.environ, RAY_ADDRESS=ray_client.address, RAY_AUTH_MODE="token")
+    env = dict(os.environ, RAY_ADDRESS=ray_head.address, RAY_AUTH_MODE="token")
     r = subprocess.run([sys.executable, "jobs/predict.py", "--checkpoint", str(setup["root"] / "run"),
                         "--output", str(out), "--num-workers", "2", "--batch-size", "3", "--quiet"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"joined the cluster at {ray_client.address}" in r.stdout, r.stdout
+    assert f"joined the cluster at {ray_head.address}" in r.stdout, r.stdout
     assert "on 2 Ray workers" in r.stdout and "img/s" in r.stdout
     for name in setup["bad"]:
         assert name in r.stdout

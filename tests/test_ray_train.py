@@ -19,6 +19,7 @@ import pytest
 from mlc import trainer
 from mlc.checkpoint import load_model_checkpoint, load_training_state
 from mlc.config import ScaleConfig
+from ray_head import IsolatedError, isolated
 from test_trainer import REAL, cfg_for, make_dataset
 
 ray = pytest.importorskip("ray")
@@ -63,18 +64,26 @@ def fail_once(marker: str, epoch: int, step: int):
     return hook
 
 
+def run_distributed(address: str, cfg: dict, scale: dict, fail_at=None, runtime_env=None) -> dict:
+    """fit_distributed in this (isolated) process, connected to the cluster at ``address``."""
+    import ray as ray_
+    from mlc.config import TrainConfig
+    from mlc.ray_train import fit_distributed
+    hook = fail_once(*fail_at) if fail_at else None
+    ray_.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+    try:
+        return fit_distributed(TrainConfig(**cfg), ScaleConfig(**scale), progress=False, on_step=hook,
+                               log=lambda *_: None)
+    finally:
+        ray_.shutdown()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(dataset, tmp_path_factory, ray_head):
     """A 2-worker run (batch 4 per worker) and the local run with batch 8, same seed and settings."""
-    from mlc.ray_train import fit_distributed
     tmp = tmp_path_factory.mktemp("straight")
-    ray.init(address=ray_head.address, log_to_driver=False)
-    try:
-        summary = fit_distributed(cfg_for(dataset, tmp, batch_size=4, **SPLIT_INVARIANT),
-                                  ScaleConfig(num_workers=2, name="straight", max_failures=0), progress=False,
-                                  log=lambda *_: None)
-    finally:
-        ray.shutdown()
+    summary = isolated(run_distributed, ray_head.address, cfg_for(dataset, tmp, batch_size=4, **SPLIT_INVARIANT).to_dict(),
+                       {"num_workers": 2, "name": "straight", "max_failures": 0})
     local = tmp / "local"
     trainer.fit(cfg_for(dataset, local, batch_size=8, **SPLIT_INVARIANT), log=lambda *_: None, progress=False)
     control = tmp / "control"  # one process with batch 4: what the workers would do without DDP
@@ -135,23 +144,22 @@ def test_predict_and_local_mode_accept_a_ray_checkpoint(uninterrupted, dataset, 
     assert [e["epoch"] for e in load_training_state(str(copy / "checkpoint"))["history"]] == [1, 2, 3]
 
 
-def test_a_worker_fault_is_recovered_from_the_last_checkpoint(uninterrupted, dataset, tmp_path, ray_client):
-    from mlc.ray_train import fit_distributed
+def test_a_worker_fault_is_recovered_from_the_last_checkpoint(uninterrupted, dataset, tmp_path, ray_head):
     marker = str(tmp_path / "failed")
-    fit_distributed(cfg_for(dataset, tmp_path, batch_size=4, **SPLIT_INVARIANT),
-                    ScaleConfig(num_workers=2, name="faulty", max_failures=1), progress=False,
-                    on_step=fail_once(marker, epoch=2, step=2), log=lambda *_: None)
+    isolated(run_distributed, ray_head.address, cfg_for(dataset, tmp_path, batch_size=4, **SPLIT_INVARIANT).to_dict(),
+             {"num_workers": 2, "name": "faulty", "max_failures": 1}, fail_at=(marker, 2, 2))
     assert Path(marker).exists()
     assert (tmp_path / "faulty" / "predictions.csv").is_file()
     assert_same_weights(weights_of(tmp_path / "faulty" / "epoch_0002"), weights_of(uninterrupted["run"] / "epoch_0002"))
 
 
-def test_a_worker_fault_without_retries_fails_and_writes_no_predictions(dataset, tmp_path, ray_client):
-    from mlc.ray_train import fit_distributed
-    with pytest.raises(ray.train.TrainingFailedError, match="injected worker fault"):
-        fit_distributed(cfg_for(dataset, tmp_path, batch_size=4, **SPLIT_INVARIANT),
-                        ScaleConfig(num_workers=2, name="fragile", max_failures=0), progress=False,
-                        on_step=fail_once(str(tmp_path / "failed"), epoch=1, step=2), log=lambda *_: None)
+def test_a_worker_fault_without_retries_fails_and_writes_no_predictions(dataset, tmp_path, ray_head):
+    with pytest.raises(IsolatedError) as e:
+        isolated(run_distributed, ray_head.address,
+                 cfg_for(dataset, tmp_path, batch_size=4, **SPLIT_INVARIANT).to_dict(),
+                 {"num_workers": 2, "name": "fragile", "max_failures": 0}, fail_at=(str(tmp_path / "failed"), 1, 2))
+    assert "TrainingFailedError" in str(e.value) or "WorkerGroupError" in str(e.value), str(e.value)[:2000]
+    assert "injected worker fault" in str(e.value)
     assert not (tmp_path / "fragile" / "predictions.csv").exists()
     assert not (tmp_path / "fragile" / "best").exists()
 
@@ -233,45 +241,53 @@ def test_ray_job_submit_runs_the_training_job(dataset, tmp_path, ray_head):
     assert len(pd.read_csv(tmp_path / "submitted" / "predictions.csv")) == 8
 
 
-def test_a_node_lost_mid_run_is_replaced_and_the_run_finishes(dataset, tmp_path, monkeypatch):
-    """A simulated 2-node cluster: the workers' node is removed after epoch 1 and another is added."""
+def lose_a_node_mid_run(cfg: dict) -> list:
+    """On a fresh 2-node ray.cluster_utils.Cluster: remove the workers' node after epoch 1, add another."""
     import threading
+    import ray as ray_
     from ray.cluster_utils import Cluster
+    from mlc.config import TrainConfig
     from mlc.ray_train import fit_distributed
     from ray_head import free_port, node_ip
 
     port = free_port()
     # The cluster's processes inherit RAY_ADDRESS: see ray_head.RayHead (another cluster runs beside this one).
-    monkeypatch.setenv("RAY_ADDRESS", f"{node_ip()}:{port}")
+    os.environ["RAY_ADDRESS"] = f"{node_ip()}:{port}"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
                                                             "gcs_server_port": port})
     try:
         first = cluster.add_node(num_cpus=2)
-        ray.init(address=cluster.address, log_to_driver=False)
+        ray_.init(address=cluster.address, log_to_driver=False)
         outcome = {}
 
         def run():
             try:
-                outcome["summary"] = fit_distributed(
-                    cfg_for(dataset, tmp_path, batch_size=4, **{**SPLIT_INVARIANT, "epochs": 3}),
-                    ScaleConfig(num_workers=2, name="nodes", max_failures=2), progress=False, log=lambda *_: None)
-            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+                outcome["summary"] = fit_distributed(TrainConfig(**cfg), ScaleConfig(num_workers=2, name="nodes",
+                                                                                    max_failures=2),
+                                                     progress=False, log=lambda *_: None)
+            except BaseException as e:  # noqa: BLE001 - reported below
                 outcome["error"] = e
 
         t = threading.Thread(target=run)
         t.start()
-        snap = tmp_path / "nodes" / "checkpoint_manager_snapshot.json"
+        snap = Path(cfg["output"]) / "nodes" / "checkpoint_manager_snapshot.json"
         deadline = time.time() + 300
         while not (snap.is_file() and "epoch_0001" in snap.read_text(errors="replace")):
-            assert t.is_alive() and time.time() < deadline, outcome
+            if not t.is_alive() or time.time() > deadline:
+                raise AssertionError(f"no epoch 1 checkpoint: {outcome}")
             time.sleep(0.2)
         cluster.remove_node(first)
         cluster.add_node(num_cpus=2)
         t.join(600)
-        assert not t.is_alive()
-        assert "error" not in outcome, outcome.get("error")
-        history = json.loads((tmp_path / "nodes" / "metrics.json").read_text())["epochs"]
-        assert [e["epoch"] for e in history] == [1, 2, 3]
+        if t.is_alive() or "error" in outcome:
+            raise AssertionError(f"the run did not finish: {outcome.get('error')}")
+        return [e["epoch"] for e in json.loads((Path(cfg["output"]) / "nodes" / "metrics.json").read_text())["epochs"]]
     finally:
-        ray.shutdown()
+        ray_.shutdown()
         cluster.shutdown()
+
+
+def test_a_node_lost_mid_run_is_replaced_and_the_run_finishes(dataset, tmp_path):
+    """A simulated 2-node cluster: the workers' node is removed after epoch 1 and another is added."""
+    cfg = cfg_for(dataset, tmp_path, batch_size=4, **{**SPLIT_INVARIANT, "epochs": 3}).to_dict()
+    assert isolated(lose_a_node_mid_run, cfg) == [1, 2, 3]
