@@ -33,11 +33,13 @@ HELP = {
     "momentum": "SGD momentum",
     "warmup_epochs": "linear warm-up length in epochs (may be fractional)",
     "clip_grad": "maximum gradient norm; 0 turns clipping off",
-    "amp": "mixed precision: auto (bf16 on GPUs and on CPUs with AMX, where it beats fp32), bf16, or off",
+    "amp": "mixed precision: auto (GPU: bf16 on sm80+, fp16 with loss scaling below; CPU: bf16 or fp32, whichever a "
+           "short timed probe finds faster, cached per machine), bf16, fp16, or off",
     "image_size": "training crop and evaluation centre-crop size in pixels",
     "val_fraction": "fraction of train.csv held out for validation (a seeded split by ImageID)",
     "seed": "seed of the split, the initialisation, the data order and the augmentations",
-    "loader_workers": "DataLoader worker processes per training process",
+    "loader_workers": "DataLoader worker processes per training process; default: chosen where the process runs, "
+                      "from the CPUs it may use (Ray's reservation per worker, or this process's CPU affinity)",
     "max_bad_fraction": "stop when more than this fraction of labelled images is unreadable",
     "max_image_pixels": "refuse images with more pixels than this (decompression bombs)",
 }
@@ -49,14 +51,14 @@ def add_train_args(p: argparse.ArgumentParser, skip=()) -> None:
         if f.name in skip:
             continue
         if f.name in ("optimizer", "amp"):
-            choices = {"optimizer": ["adamw", "sgd"], "amp": ["auto", "bf16", "off"]}[f.name]
+            choices = {"optimizer": ["adamw", "sgd"], "amp": ["auto", "bf16", "fp16", "off"]}[f.name]
         else:
             choices = None
         default = getattr(D, f.name)
-        kind = type(default) if default is not None else str
+        kind = type(default) if default is not None else (int if f.name == "loader_workers" else str)
         if kind is bool:
             kind = _bool
-        shown = f"default: {default}" + (f"; demo: {DEMO_DEFAULTS[f.name]}" if f.name in DEMO_DEFAULTS else "")
+        shown = f"default: {default if default is not None else 'auto'}" + (f"; demo: {DEMO_DEFAULTS[f.name]}" if f.name in DEMO_DEFAULTS else "")
         # SUPPRESS: only flags the user gave reach the namespace, so the demo defaults can fill the rest.
         g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, choices=choices,
                        help=f"{HELP[f.name]} ({shown})")

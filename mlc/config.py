@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -31,13 +30,17 @@ class TrainConfig:
     momentum: float = 0.9           # SGD only
     warmup_epochs: float = 1.0      # linear warm-up protects pretrained stages from the random head's gradients
     clip_grad: float = 1.0          # max global grad norm; cuts early spikes, rarely binds after warm-up; 0 = off
-    amp: str = "auto"               # auto: bf16 on GPUs and on CPUs with AMX, where it is faster than fp32
+    # auto: on GPUs bf16 where the card computes it natively (sm80+), fp16 with a GradScaler below; on CPUs
+    # whichever of bf16 and fp32 a short timed probe finds faster on this machine (cached per machine).
+    amp: str = "auto"
 
     # Data.
     image_size: int = 224           # ResNet50's ImageNet resolution; the COMP5329 images are <= 320 px
     val_fraction: float = 0.1
     seed: int = 0
-    loader_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # per process
+    # None: resolved where the training process runs, from the CPUs it may use (Ray's reservation or the
+    # process's CPU affinity), never on the machine that parsed the flags (mlc.engine.resolve_loader_workers).
+    loader_workers: int | None = None  # per training process
     max_bad_fraction: float = 0.01  # unreadable training images tolerated before the run stops
     max_image_pixels: int = 50_000_000  # larger images are refused as decompression bombs
 
@@ -62,8 +65,10 @@ class TrainConfig:
             problems.append(f"--image-size must be >= 32 (ResNet50 downsamples 32x), got {self.image_size}")
         if self.optimizer not in ("adamw", "sgd"):
             problems.append(f"--optimizer must be adamw or sgd, got {self.optimizer}")
-        if self.amp not in ("auto", "bf16", "off"):
-            problems.append(f"--amp must be auto, bf16 or off, got {self.amp}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            problems.append(f"--amp must be auto, bf16, fp16 or off, got {self.amp}")
+        if self.loader_workers is not None and self.loader_workers < 0:
+            problems.append(f"--loader-workers must be >= 0, got {self.loader_workers}")
         if not 0 <= self.max_bad_fraction <= 1:
             problems.append(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
         if problems:

@@ -86,7 +86,7 @@ class ImageTable(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            img = load_image(self.urls[i], max_pixels=self.max_pixels)
+            img = load_image(self.urls[i], max_pixels=self.max_pixels, draft=getattr(self.transform, "draft", None))
         except BadImageError as e:
             return Skipped(i, self.urls[i], e.reason)
         if self.epoch_seed is None:
@@ -114,6 +114,7 @@ class ImageTable(Dataset):
         where: dict = {}
         for k, i in enumerate(indices):
             where.setdefault(self.urls[i], []).append(k)
+        draft = getattr(self.transform, "draft", None)
         pending = self._take_read_ahead(indices)
         if pending is None:
             pending = fetch.start(where)
@@ -125,7 +126,7 @@ class ImageTable(Dataset):
             for k in where.get(url, ()):
                 i = indices[k]
                 try:
-                    out[k] = self._sample(i, decode_fetched(data, url, self.max_pixels))
+                    out[k] = self._sample(i, decode_fetched(data, url, self.max_pixels, draft))
                 except BadImageError as e:
                     out[k] = Skipped(i, url, e.reason)
         return out
@@ -207,49 +208,83 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(s)
 
 
-class ShardSampler(torch.utils.data.Sampler):
-    """This rank's rows of one epoch: a permutation seeded by (seed, epoch), dealt out round-robin.
+class RankBatches(torch.utils.data.Sampler):
+    """This rank's share of every batch of one epoch (a DataLoader ``batch_sampler``).
 
-    Training (``shuffle=True``) drops the last ``n % world`` rows of the permutation so every rank
-    takes the same number of steps (DDP needs that); rank r's k-th batch of b rows plus the other
-    ranks' k-th batches are exactly the k-th batch of b * world rows that one process would take.
-    Evaluation (``shuffle=False``) deals out every row once, no padding and no duplicates, so
-    gathered scores cover the set exactly.
+    Training (``shuffle=True``): a permutation seeded by (seed, epoch) is cut into *global* batches of
+    ``batch_size`` rows (a last partial batch is dropped with ``drop_last``), and each global batch is
+    dealt out round robin: rank r takes its rows r, r + world, ... So the rows of step k, summed over the
+    ranks, are the same whatever the world size; every rank takes the same number of steps (a share is
+    empty when ``batch_size < world``, or unequal by one row when ``world`` does not divide it), and a run
+    resumed on another number of workers continues the same sequence. ``global_sizes[k]`` is step k's
+    row count over all ranks, which the loss is normalised by.
+
+    Evaluation (``shuffle=False``): every row once, dealt out round robin without padding or duplicates
+    (so gathered scores cover the set exactly), then cut into this rank's batches of ``batch_size``.
     """
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
+                 world: int = 1, drop_last: bool = False):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world size {world}")
         if shuffle:
             g = torch.Generator()
             g.manual_seed(seed * 100_003 + epoch)
-            order = torch.randperm(n, generator=g)[: n - n % world]
+            order = torch.randperm(n, generator=g).tolist()
+            whole = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+            if drop_last and whole and len(whole[-1]) < batch_size:
+                whole.pop()
+            self.batches = [b[rank::world] for b in whole]
+            self.global_sizes = [len(b) for b in whole]
         else:
-            order = torch.arange(n)
-        self.indices = order[rank::world].tolist()
+            mine = list(range(n))[rank::world]
+            self.batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+            self.global_sizes = None
 
     def __iter__(self):
-        return iter(self.indices)
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.batches)
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                 num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False,
-                rank: int = 0, world: int = 1) -> DataLoader:
-    """This rank's loader; order and augmentation depend only on (seed, epoch), so a resumed epoch repeats."""
+                rank: int = 0, world: int = 1, persistent: bool = False) -> DataLoader:
+    """This rank's loader; order and augmentation depend only on (seed, epoch), so a resumed epoch repeats.
+
+    ``batch_size`` is global when ``shuffle`` (training: the rows of one optimizer step over all ranks)
+    and per rank otherwise (scoring). ``persistent`` keeps the worker processes between passes
+    (:class:`EpochLoader` re-plans them each epoch).
+    """
     if shuffle and hasattr(dataset, "set_epoch"):
         dataset.set_epoch(seed, epoch)
-    sampler = ShardSampler(len(dataset), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world=world)
+    batches = RankBatches(len(dataset), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world=world,
+                          drop_last=drop_last)
     # Each loader worker starts fetching its next batch while it decodes this one (hides storage latency).
-    plan_batches(dataset, sampler, batch_size, drop_last, num_workers)
+    plan_batches(dataset, batches, batch_size, drop_last, num_workers)
     g = torch.Generator()
     g.manual_seed(seed * 100_003 + epoch)  # seeds the loader workers (numpy/random in _seed_worker)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory,
-                      worker_init_fn=_seed_worker, generator=g,
-                      persistent_workers=False)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, worker_init_fn=_seed_worker, generator=g,
+                      persistent_workers=persistent and num_workers > 0,
+                      # Two batches in flight per worker (torch's default) is enough to hide decode jitter.
+                      prefetch_factor=2 if num_workers > 0 else None)
+
+
+class StartedLoader:
+    """A DataLoader whose worker processes start now, so that iterating it later finds batches ready."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.dataset, self.batch_sampler = loader, loader.dataset, loader.batch_sampler
+        self._it = iter(loader)
+
+    def __iter__(self):
+        it, self._it = self._it, None
+        return it if it is not None else iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def image_urls(images_root: str, ids) -> list[str]:
@@ -290,8 +325,11 @@ class BadImageBudget:
 
 def plan_batches(dataset, sampler, batch_size: int, drop_last: bool, num_workers: int) -> None:
     """Tell a dataset that reads ahead (:meth:`ImageTable.set_plan`) which batches its DataLoader will ask
-    for: the same batches the DataLoader's own BatchSampler makes from ``sampler``. Call it in the process
-    that creates the loader, before iterating (workers inherit the plan)."""
+    for: a :class:`RankBatches`' own batches, or those a BatchSampler makes from a plain ``sampler``. Call it
+    in the process that creates the loader, before iterating (workers inherit the plan)."""
     if hasattr(dataset, "set_plan"):
-        batches = list(torch.utils.data.BatchSampler(sampler, batch_size, drop_last))
+        if isinstance(sampler, RankBatches):
+            batches = sampler.batches
+        else:
+            batches = list(torch.utils.data.BatchSampler(sampler, batch_size, drop_last))
         dataset.set_plan(batches, num_workers)

@@ -5,7 +5,6 @@ Local mode and Ray Train call the same two functions.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -14,110 +13,195 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .precision import autocast, pick_amp_dtype  # noqa: F401  (pick_amp_dtype: re-exported for callers)
+from .transforms import to_model_input
+
 
 class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def autocast(device: torch.device, amp_dtype):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
-def _to_device(batch, device, channels_last: bool = True):
-    non_blocking = device.type == "cuda"
-    x = batch.x.to(device, non_blocking=non_blocking)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, batch.y.to(device, non_blocking=non_blocking)
+# How often (in optimizer steps) the loop reads its device-side counters back to the host: the running
+# loss for the progress line and the non-finite flag. Reading a device value waits for the GPU to finish
+# the queued work, so it must not happen every step; every 50 steps costs one wait per 50.
+LOG_EVERY = 50
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, device, *, epoch: int, amp_dtype=None,
                     clip_grad: float = 0.0, bad_images=None, progress: bool = True, desc: str = "",
-                    on_step=None) -> dict:
+                    on_step=None, world: int = 1, scaler=None, log_every: int = LOG_EVERY) -> dict:
     """Train for one pass over ``loader``; returns mean loss, image count and throughput.
 
-    ``on_step(epoch, step)``, when given, is called after each optimizer step (progress hooks, fault drills).
+    **Every rank takes every step.** The loader yields this rank's share of each global batch
+    (:class:`mlc.data.RankBatches`); a share may be empty, or every image of it unreadable. Such a rank
+    still runs a forward and backward pass (on one blank image, in eval mode so no BatchNorm statistic
+    moves, with zero loss), so its gradient all-reduce pairs with the other ranks' and DDP never
+    desynchronises; the zero gradient adds nothing to the average.
 
-    A non-finite loss raises NonFiniteLossError before the optimizer step, so no
-    non-finite weights are ever produced (and hence never checkpointed).
+    **The loss is normalised by the global batch.** Each rank's loss is its rows' summed BCE (mean over
+    labels) times ``world / rows of the global batch``: DDP's gradient average is then exactly the
+    gradient of the global batch's mean loss, however the rows are spread over the ranks, so results do
+    not depend on the world size. An unreadable image adds nothing (it is counted and named).
+
+    **No host sync per step.** The loss is accumulated on the device and read every ``log_every``
+    steps. A non-finite loss or gradient norm skips that step's update on the device (the fused
+    optimizers take a ``found_inf`` flag, as under AMP's GradScaler), so no non-finite value ever
+    reaches the weights; the flag is read at the next log point, which raises NonFiniteLossError naming
+    the first bad step and its images. With fp16 (``scaler``) the GradScaler skips the steps whose scaled
+    gradients overflow, as it should, and only a non-finite loss stops the run.
+
+    ``on_step(epoch, step)``, when given, is called after each optimizer step (fault drills).
     """
     model.train()
-    total_loss, seen, steps = 0.0, 0, 0
+    sizes = getattr(getattr(loader, "batch_sampler", None), "global_sizes", None)
+    skip_on_device = _supports_found_inf(optimizer)
+    loss_sum = torch.zeros((), device=device)
+    bad_steps = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    recent: dict = {}  # step -> this rank's image indices since the last check, to name a bad batch
+    seen = steps = 0
+    blank = None
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc or f"train {epoch}", disable=not progress, unit="batch", leave=False)
     for batch in bar:
         if bad_images is not None and batch.skipped:
             bad_images.add(batch.skipped)
-        if len(batch) == 0:
-            continue
-        x, y = _to_device(batch, device)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"epoch {epoch} step {steps}: loss is {loss.item()}; stopping without saving. "
-                "Lower --lr, keep --clip-grad on, or check the images of this batch: "
-                f"{batch.index[:8].tolist()}")
+        n = len(batch)
+        global_rows = sizes[steps] if sizes is not None else n * world
+        if n:
+            x = to_model_input(batch.x, device)
+            y = batch.y.to(device, non_blocking=device.type == "cuda")
+            blank = x.shape[1:]
+            with autocast(device, amp_dtype):
+                logits = model(x)
+            rows = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / y.shape[1]
+            loss = rows * (world / max(1, global_rows))
+            loss_sum += rows.detach()
+            recent[steps] = batch.index
+        else:
+            loss = _zero_loss(model, loader, device, amp_dtype, blank)
+        found = ~torch.isfinite(loss.detach())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad)
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        else:
+            loss.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf, foreach=True)
+        if scaler is not None:
+            scaler.step(optimizer)  # skips the update itself when the scaled gradients overflowed
+            scaler.update()
+        else:
+            found = found | ~torch.isfinite(norm)
+            if skip_on_device:
+                optimizer.found_inf = found.float()
+                optimizer.step()
+                del optimizer.found_inf
+            elif not found.item():  # no on-device skip in this optimizer: check on the host
+                optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        n = x.shape[0]
-        total_loss += loss.item() * n
+        bad_steps += found.float()
+        first_bad = torch.where(found & (first_bad < 0), torch.full_like(first_bad, steps), first_bad)
         seen += n
         steps += 1
         if on_step is not None:
             on_step(epoch, steps)
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.1f}")
+        if steps % log_every == 0:
+            _check_finite(bad_steps, first_bad, recent, epoch, loader)
+            recent.clear()
+            if progress:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{loss_sum.item() / max(seen, 1):.4f}", img_s=f"{seen / max(elapsed, 1e-9):.1f}")
+    _check_finite(bad_steps, first_bad, recent, epoch, loader)
     elapsed = time.perf_counter() - start
-    return {"train_loss": total_loss / seen if seen else math.nan, "train_images": seen, "train_steps": steps,
+    total = float(loss_sum.item())
+    return {"train_loss": total / seen if seen else math.nan, "train_images": seen, "train_steps": steps,
             "train_seconds": elapsed, "train_img_per_s": seen / elapsed if elapsed > 0 else 0.0}
 
 
-@torch.no_grad()
+def _zero_loss(model, loader, device, amp_dtype, blank):
+    """A loss of exactly zero that still runs the whole network: the step of a rank with no usable image.
+
+    Eval mode, so BatchNorm's running statistics do not see the blank image and dropout draws nothing;
+    the backward pass still reaches every trainable parameter, so DDP's all-reduces fire as on the other
+    ranks.
+    """
+    if blank is None:  # no batch seen yet on this rank: the transform's output size
+        side = getattr(getattr(getattr(loader, "dataset", None), "transform", None), "size", None) or 64
+        blank = (3, side, side)
+    was = model.training
+    model.eval()
+    try:
+        with autocast(device, amp_dtype):
+            x = torch.zeros(1, *blank, device=device).contiguous(memory_format=torch.channels_last)
+            return model(x).float().sum() * 0.0
+    finally:
+        model.train(was)
+
+
+def _supports_found_inf(optimizer) -> bool:
+    # Fused Adam/AdamW/SGD read ``found_inf`` in step() and skip the whole update on the device.
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and any(
+        g.get("fused") for g in optimizer.param_groups)
+
+
+def _check_finite(bad_steps, first_bad, recent: dict, epoch: int, loader) -> None:
+    if not bad_steps.item():
+        return
+    step = int(first_bad.item())
+    names = []
+    if step in recent:
+        urls = getattr(getattr(loader, "dataset", None), "urls", None)
+        idx = recent[step][:8].tolist()
+        names = [urls[i].rsplit("/", 1)[-1] for i in idx] if urls else idx
+    raise NonFiniteLossError(
+        f"epoch {epoch} step {step + 1}: the loss or its gradient is not finite; that update was skipped, so the "
+        "weights are still finite, and the run stops without saving. Lower --lr, keep --clip-grad on, try "
+        f"--amp off, or check this batch's images: {names}")
+
+
+@torch.inference_mode()
 def predict_scores(model, loader, device, *, amp_dtype=None, progress: bool = True, desc: str = "score",
                    n_rows: int | None = None) -> dict:
     """Sigmoid scores for every row the loader yields.
 
-    Returns ``probs`` (n_rows, C) with NaN rows for images that could not be
-    read, ``ok`` (bool mask of scored rows), ``loss`` (mean BCE over scored rows
-    with targets) and the ``skipped`` list.
+    Returns ``probs`` (n_rows, C) with NaN rows for images that could not be read, ``ok`` (bool mask of
+    scored rows), ``loss`` (mean BCE over scored rows with targets) and the ``skipped`` list. Scores stay
+    on the device until the pass ends: one copy back, no wait per batch.
     """
     model.eval()
     n_rows = n_rows if n_rows is not None else len(loader.dataset)
-    probs = None
     ok = np.zeros(n_rows, dtype=bool)
-    total_loss, seen, skipped = 0.0, 0, []
+    parts, where, skipped = [], [], []
+    loss_sum = torch.zeros((), device=device)
+    seen = 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False)
     for batch in bar:
         skipped.extend(batch.skipped)
         if len(batch) == 0:
             continue
-        x, y = _to_device(batch, device)
+        x = to_model_input(batch.x, device)
         with autocast(device, amp_dtype):
             logits = model(x).float()
-        if probs is None:
-            probs = np.full((n_rows, logits.shape[1]), np.nan, dtype=np.float32)
-        idx = batch.index.numpy()
-        probs[idx] = torch.sigmoid(logits).cpu().numpy()
-        ok[idx] = True
-        if y.numel():
-            total_loss += F.binary_cross_entropy_with_logits(logits, y, reduction="sum").item() / y.shape[1]
+        parts.append(torch.sigmoid(logits))
+        where.append(batch.index)
+        if batch.y.numel():
+            y = batch.y.to(device, non_blocking=device.type == "cuda")
+            loss_sum += F.binary_cross_entropy_with_logits(logits, y, reduction="sum") / y.shape[1]
         seen += x.shape[0]
-        bar.set_postfix(img_s=f"{seen / max(time.perf_counter() - start, 1e-9):.1f}")
-    if probs is None:
-        probs = np.full((n_rows, getattr(model, "module", model).fc.out_features), np.nan, dtype=np.float32)
+    num_classes = parts[0].shape[1] if parts else getattr(model, "module", model).fc.out_features
+    probs = np.full((n_rows, num_classes), np.nan, dtype=np.float32)
+    if parts:
+        idx = torch.cat(where).numpy()
+        probs[idx] = torch.cat(parts).cpu().numpy()
+        ok[idx] = True
     elapsed = time.perf_counter() - start
-    return {"probs": probs, "ok": ok, "loss": total_loss / seen if seen else math.nan, "skipped": skipped,
-            "seconds": elapsed, "img_per_s": seen / elapsed if elapsed > 0 else 0.0}
+    has_targets = getattr(loader.dataset, "targets", None) is not None
+    return {"probs": probs, "ok": ok, "loss": float(loss_sum.item()) / seen if seen and has_targets else math.nan,
+            "skipped": skipped, "seconds": elapsed, "img_per_s": seen / elapsed if elapsed > 0 else 0.0}
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -130,35 +214,27 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return f
 
 
-def make_optimizer(params, name: str, lr: float, momentum: float = 0.9):
+def make_optimizer(params, name: str, lr: float, momentum: float = 0.9, device: torch.device | None = None):
+    """AdamW or Nesterov SGD, fused where torch has a fused kernel for the device (CUDA, and CPU since torch
+    2.4): one kernel for the whole update, and the on-device ``found_inf`` skip the loop relies on."""
+    fused = True if device is not None and device.type in ("cuda", "cpu") else None
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
+        return torch.optim.AdamW(params, lr=lr, fused=fused)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, fused=fused)
     raise ValueError(f"unknown optimizer {name!r}; use adamw or sgd")
 
 
-def pick_amp_dtype(setting: str, device: torch.device):
-    """bf16 autocast where bf16 is faster than fp32: GPUs with bf16, and CPUs with AMX tiles.
+def resolve_loader_workers(setting: int | None, cpus: int | None, device: torch.device) -> int:
+    """DataLoader worker processes for one training process that may use ``cpus`` CPUs.
 
-    On a CPU with AVX512-BF16 but no AMX, jobs/bench.py measured bf16 at 0.74x the fp32 training
-    throughput (2-core dev machine), so ``auto`` stays in fp32 there; ``--amp bf16`` forces it.
+    On a GPU the model runs on the device, so every CPU but one (which feeds the GPU) decodes images.
+    On a CPU the model needs the cores itself: one loader process decodes while the model computes
+    (measured on the 2-core dev machine by ``jobs/bench.py --e2e``: see the README's measurements).
     """
-    if setting == "off":
-        return None
-    if setting == "bf16":
-        return torch.bfloat16
+    if setting is not None:
+        return setting
+    cpus = max(1, int(cpus or 1))
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu" and _cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
+        return max(1, cpus - 1)
+    return 1 if cpus >= 2 else 0

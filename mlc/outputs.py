@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import torch
 
 from . import plots, storage
 from .checkpoint import load_model_checkpoint
@@ -42,24 +43,31 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
     ``score_test(best_url, ids) -> {"probs", "ok"}`` scores the test images; by default they are
     scored in this process on ``device``.
     """
-    from .engine import pick_amp_dtype
+    from .engine import resolve_loader_workers
     from .model import build_model
-    from .predict import pick_device, score_ids, write_predictions
+    from .precision import NAMES, pick_amp_dtype
+    from .predict import available_cpus, pick_device, score_ids, write_predictions
 
     t_start = time.perf_counter() if t_start is None else t_start
     best_url = storage.join(out, "best")
     best_state, vocab, best_meta = load_model_checkpoint(best_url)
     choice = ThresholdChoice.from_dict(best_meta["threshold"])
     ids = data.test_df.ImageID.tolist()
-    device = device or pick_device()
-    amp_dtype = pick_amp_dtype(cfg.amp, device)
+    amp_name = extra.pop("precision", None)
     if score_test is None:
+        device = device or pick_device()
+        amp_dtype = pick_amp_dtype(cfg.amp, device, kind="predict", unfrozen_depth=cfg.unfrozen_depth,
+                                   image_size=cfg.image_size, log=log)
         model = build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout, weights=best_state, freeze_bn=cfg.freeze_bn)
-        model.to(device)
+        model.to(device, memory_format=torch.channels_last)  # as its inputs are: no layout change per call
+        workers = resolve_loader_workers(cfg.loader_workers, available_cpus(), device)
         scored = score_ids(model, ids, data.paths.images, image_size=cfg.image_size, device=device,
-                           amp_dtype=amp_dtype, batch_size=cfg.batch_size * 2, num_workers=cfg.loader_workers,
+                           amp_dtype=amp_dtype, batch_size=cfg.batch_size * 2, num_workers=workers,
                            max_pixels=cfg.max_image_pixels, log=log, progress=progress)
+        amp_name = amp_name or NAMES[amp_dtype]
     else:
+        # Scored on the cluster's workers, which report their own device and precision; this driver
+        # never touches a GPU.
         scored = score_test(best_url, ids)
     pred = write_predictions(out, ids, scored["probs"], scored["ok"], vocab, choice)
 
@@ -82,7 +90,8 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
         "best_epoch": best_row["epoch"], "best": {k: best_row[k] for k in SCALAR_KEYS},
         "threshold": choice.to_dict(), "baseline_f1_samples": base,
         "skipped_images": len(bad_images), "skipped": bad_images,
-        "test": pred, "device": str(device), "amp": str(amp_dtype), "seconds": time.perf_counter() - t_start,
+        "test": pred, **({"device": str(device)} if device is not None else {}), "amp": amp_name,
+        "seconds": time.perf_counter() - t_start,
         **extra,
     }
     write_metrics(out, history, cfg, complete=True, **summary)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,8 @@ from . import storage
 from .checkpoint import load_model_checkpoint
 from .config import TrainConfig
 from .data import DataPaths, ImageTable, image_urls, make_loader
-from .engine import pick_amp_dtype, predict_scores
+from .engine import predict_scores, resolve_loader_workers
+from .precision import pick_amp_dtype
 from .labels import LabelVocab
 from .metrics import ThresholdChoice
 from .model import build_model
@@ -21,7 +23,17 @@ from .transforms import eval_transform
 
 
 def pick_device() -> torch.device:
+    """This process's device when it is not a Ray worker: the first GPU, else the CPU. (Ray workers take
+    theirs from the GPUs Ray assigned them: see mlc.ray_predict.)"""
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def score_ids(model, ids, images_root: str, *, image_size: int, device, amp_dtype, batch_size: int,
@@ -57,7 +69,7 @@ def write_predictions(output: str, ids, probs: np.ndarray, ok: np.ndarray, vocab
 
 def predict_from_checkpoint(checkpoint: str, data: str | None, output: str, *, ids_csv: str | None = None,
                             images: str | None = None, batch_size: int = 64, num_workers: int = 0,
-                            loader_workers: int = 2, gpus_per_worker: float | None = None,
+                            loader_workers: int | None = None, gpus_per_worker: float | None = None,
                             cpus_per_worker: float | None = None, log=print, progress: bool = True) -> dict:
     """Predict test.csv (or any table with an ImageID column) with label vocabulary, image size and
     threshold taken from the checkpoint alone.
@@ -92,9 +104,11 @@ def predict_from_checkpoint(checkpoint: str, data: str | None, output: str, *, i
         model = build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout, weights=state)
         device = pick_device()
         model.to(device, memory_format=torch.channels_last)
-        amp_dtype = pick_amp_dtype(cfg.amp, device)
-        out = score_ids(model, ids, paths.images, image_size=cfg.image_size, device=device,
-                        amp_dtype=amp_dtype, batch_size=batch_size, num_workers=loader_workers,
+        amp_dtype = pick_amp_dtype(cfg.amp, device, kind="predict", unfrozen_depth=cfg.unfrozen_depth,
+                                   image_size=cfg.image_size, log=log)
+        out = score_ids(model, ids, paths.images, image_size=cfg.image_size, device=device, amp_dtype=amp_dtype,
+                        batch_size=batch_size,
+                        num_workers=resolve_loader_workers(loader_workers, available_cpus(), device),
                         max_pixels=cfg.max_image_pixels, log=log, progress=progress)
     summary = write_predictions(output, ids, out["probs"], out["ok"], vocab, choice)
     summary.update(seconds=out["seconds"], img_per_s=out["img_per_s"])

@@ -20,12 +20,14 @@ from . import storage
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import TrainConfig
 from .data import BadImageBudget, DataPaths, ImageTable, image_urls, make_loader, read_tables, split_train_val
-from .engine import make_optimizer, pick_amp_dtype, predict_scores, train_one_epoch, warmup_cosine
+from .data import StartedLoader
+from .engine import make_optimizer, predict_scores, resolve_loader_workers, train_one_epoch, warmup_cosine
 from .labels import LabelVocab
 from .metrics import ThresholdChoice, evaluate
 from .model import bare_state_dict, build_model, trainable_parameter_groups
 from .outputs import SCALAR_KEYS, finish, write_metrics
-from .predict import pick_device, write_predictions
+from .precision import NAMES, needs_grad_scaler, pick_amp_dtype
+from .predict import available_cpus, pick_device, write_predictions
 from .transforms import eval_transform, train_transform
 
 # Everything a local run writes under --output; --fresh removes these first so nothing stale survives.
@@ -135,6 +137,7 @@ def fit(cfg: TrainConfig, *, fresh: bool = False, log=print, progress: bool = Tr
     group = LocalGroup(cfg.output)
     result = train_loop(cfg, group, log=log, progress=progress)
     return finish(cfg, cfg.output, result["data"], result["history"], result["bad_images"], device=group.device,
+                  precision=result["precision"],
                   t_start=t_start, log=log, progress=progress)
 
 
@@ -159,8 +162,8 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
 def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_step=None) -> dict:
     """Train ``cfg.epochs`` epochs in this process as rank ``group.rank`` of ``group.world``.
 
-    Returns the history, the run's data and the unreadable images met. Each rank trains on its
-    shard (``ShardSampler``); validation scores are gathered so every rank computes the same
+    Returns the history, the run's data and the unreadable images met. Each rank trains on its share
+    of every global batch (``RankBatches``); validation scores are gathered so every rank computes the same
     metrics over the whole validation set and makes the same best-epoch decision.
     """
     rank0 = group.rank == 0
@@ -171,7 +174,18 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         check_resumable(state, cfg, data.vocab, source)
 
     device = group.device
-    amp_dtype = pick_amp_dtype(cfg.amp, device)
+    # Decided here, in the process that trains, from its own device and CPUs (a Ray driver on a small head
+    # node knows neither).
+    amp_dtype = pick_amp_dtype(cfg.amp, device, kind="train", unfrozen_depth=cfg.unfrozen_depth,
+                               image_size=cfg.image_size, log=say)
+    scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(amp_dtype) else None
+    cpus = process_cpus(group)
+    loader_workers = resolve_loader_workers(cfg.loader_workers, cpus, device)
+    if device.type == "cuda":
+        # Fixed input shapes: let cuDNN time its convolution algorithms once and keep the fastest.
+        torch.backends.cudnn.benchmark = True
+    say(f"device {device}, precision {NAMES[amp_dtype]}{' with loss scaling' if scaler else ''}, "
+        f"{loader_workers} loader workers per process ({cpus} CPUs), torch {torch.get_num_threads()} threads")
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
     model = build_model(len(data.vocab), cfg.unfrozen_depth, cfg.dropout,
                         weights=state["model"] if state else cfg.weights, log=say, freeze_bn=cfg.freeze_bn)
@@ -179,14 +193,13 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
     bare = model
     model = group.wrap(model)
     optimizer = make_optimizer(trainable_parameter_groups(bare, cfg.weight_decay), cfg.optimizer, cfg.lr,
-                               cfg.momentum)
-    per_rank = len(data.tr) // group.world
-    if per_rank < 1:
-        raise ValueError(f"{len(data.tr)} training images cannot be shared by {group.world} workers")
-    # drop_last keeps a 1-image final batch away from BatchNorm (it cannot normalise one value per channel)
-    # and gives every rank the same number of steps.
-    drop_last = per_rank > cfg.batch_size
-    steps_per_epoch = per_rank // cfg.batch_size if drop_last else 1
+                               cfg.momentum, device=device)
+    # --batch-size is global: the rows of one optimizer step over all ranks. The steps, and so the
+    # learning-rate schedule, depend on the data and the batch size only, never on the world size. A set
+    # smaller than one batch trains as one batch of everything.
+    n_train = len(data.tr)
+    drop_last = n_train >= cfg.batch_size
+    steps_per_epoch = n_train // cfg.batch_size if drop_last else 1
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps_per_epoch * cfg.epochs, max(1, int(cfg.warmup_epochs * steps_per_epoch))))
 
@@ -194,6 +207,8 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history, best_f1, start_epoch = state["history"], state["best_f1"], state["epoch"] + 1
         if start_epoch > cfg.epochs:
             say(f"resuming: {source} has finished all {state['epoch']} epochs; writing the outputs")
@@ -209,17 +224,27 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
     pin = device.type == "cuda"
     val_ids = data.train_df.ImageID.values[va]
 
+    def train_loader(epoch):
+        return StartedLoader(make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                                         num_workers=loader_workers, pin_memory=pin, drop_last=drop_last,
+                                         rank=group.rank, world=group.world))
+
+    # Scoring batches are per rank (memory only): twice the training share, as no gradients are kept.
+    val_batch = max(1, 2 * math.ceil(cfg.batch_size / group.world))
+    next_loader = train_loader(start_epoch) if start_epoch <= cfg.epochs else None
     for epoch in range(start_epoch, cfg.epochs + 1):
         _seed_epoch(cfg.seed, epoch, group.rank)
-        loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                             num_workers=cfg.loader_workers, pin_memory=pin, drop_last=drop_last,
-                             rank=group.rank, world=group.world)
+        loader = next_loader
+        # The validation loader's workers start now and have their first batches ready when training ends,
+        # and the next epoch's start during validation: the device never waits for a loader to start.
+        val_loader = StartedLoader(make_loader(val_ds, val_batch, shuffle=False, num_workers=loader_workers,
+                                               pin_memory=pin, rank=group.rank, world=group.world))
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(model, loader, optimizer, scheduler, device, epoch=epoch, amp_dtype=amp_dtype,
                                 clip_grad=cfg.clip_grad, bad_images=budget, progress=progress and rank0,
-                                desc=f"epoch {epoch}/{cfg.epochs}", on_step=on_step)
-        val_loader = make_loader(val_ds, cfg.batch_size * 2, shuffle=False, num_workers=cfg.loader_workers,
-                                 pin_memory=pin, rank=group.rank, world=group.world)
+                                desc=f"epoch {epoch}/{cfg.epochs}", on_step=on_step, world=group.world,
+                                scaler=scaler)
+        next_loader = train_loader(epoch + 1) if epoch < cfg.epochs else None
         # The bare module scores: ranks hold different numbers of validation batches, and DDP's forward
         # would wait for the others.
         scored = predict_scores(bare, val_loader, device, amp_dtype=amp_dtype, progress=progress and rank0,
@@ -237,14 +262,23 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         weights = bare_state_dict(bare)
         state = {"model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "epoch": epoch, "best_f1": best_f1, "history": history, "config": cfg.to_dict(),
-                 "labels": data.vocab.labels, "threshold": metrics["threshold"], "bad_images": dict(budget.bad)}
+                 "labels": data.vocab.labels, "threshold": metrics["threshold"], "bad_images": dict(budget.bad),
+                 "scaler": scaler.state_dict() if scaler is not None else None}
         meta = {"config": cfg.to_dict(), "threshold": metrics["threshold"], "epoch": epoch,
                 "metrics": {k: metrics[k] for k in SCALAR_KEYS}}
         group.end_epoch(EpochEnd(epoch, state, row, is_best, meta, val_ids, probs, ok, Y[va], data.vocab, cfg))
         say(f"epoch {epoch}/{cfg.epochs}: train loss {stats['train_loss']:.4f} ({stats['train_img_per_s']:.1f} img/s), "
             f"val loss {row['val_loss']:.4f}, F1 samples {metrics['f1_samples']:.4f} micro {metrics['f1_micro']:.4f} "
             f"macro {metrics['f1_macro']:.4f}, mAP {metrics['map']:.4f} [{metrics['threshold']['strategy']}]")
-    return {"history": history, "data": data, "bad_images": dict(budget.bad), "device": device}
+    return {"history": history, "data": data, "bad_images": dict(budget.bad), "device": device,
+            "precision": NAMES[amp_dtype]}
+
+
+def process_cpus(group) -> int:
+    """CPUs this training process may use: what its group reserved for it (Ray's reservation for a Ray
+    worker), else the process's CPU affinity."""
+    cpus = getattr(group, "cpus", None)
+    return int(cpus) if cpus else available_cpus()
 
 
 def _gather_epoch(group, scored: dict, stats: dict, budget: BadImageBudget):
