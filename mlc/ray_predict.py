@@ -2,10 +2,12 @@
 
 The driver loads the checkpoint once (label vocabulary, image size, threshold, weights) and puts the
 weights in Ray's object store. The ImageIDs become a Ray Dataset with an explicit ``pos`` column (the
-row's place in the input); ``map_batches`` runs :class:`Scorer` on a fixed pool of ``num_workers``
-actors, each of which builds the model once (on its GPU when it has one), reads its rows' images
-through :mod:`mlc.storage` (so ``gs://`` works), and returns sigmoid scores per row. An unreadable image
-keeps its row, with NaN scores and the reason. The driver puts rows back in input order by ``pos``,
+row's place in the input). With GPU actors, a first ``map_batches`` stage of CPU tasks reads and decodes
+the images (:func:`decode_batch`, through :mod:`mlc.fetch`, so ``gs://`` works) into uint8 arrays and a
+second runs :class:`Scorer` on a fixed pool of ``num_workers`` actors that only run the model (built once
+per actor, on the GPU Ray assigned it): Ray Data streams blocks between them, so the GPUs are not idle
+while images decode. With CPU actors each actor decodes its own rows (the stages would compete for the
+same cores). An unreadable image keeps its row, with NaN scores and the reason. The driver puts rows back in input order by ``pos``,
 whatever order blocks finish in, and writes the same files as in-process prediction.
 
 Ray Data 2.60 notes: ``map_batches(concurrency=...)`` is deprecated (it logs a warning); a fixed actor
@@ -19,7 +21,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -28,10 +29,10 @@ import torch
 from .checkpoint import load_model_checkpoint
 from .config import TrainConfig
 from .data import ImageTable, Skipped, collate, image_urls
-from .engine import autocast, pick_amp_dtype
+from .precision import autocast, pick_amp_dtype
 from .metrics import ThresholdChoice
 from .model import build_model
-from .transforms import eval_transform
+from .transforms import eval_transform, to_model_input
 
 
 # Ray Data 2.60 starts a usage-metrics poller thread in the driver on the first execution; it outlives
@@ -65,54 +66,90 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
+def actor_device() -> torch.device:
+    """The device of a Ray task or actor: its assigned GPU, else the CPU.
+
+    Ray narrows CUDA_VISIBLE_DEVICES to a worker's assigned GPUs, so ``cuda:0`` is the first of them. A
+    worker given no GPU keeps the node's CUDA_VISIBLE_DEVICES in Ray 2.60, so ``torch.cuda.is_available()``
+    is no guide there: asking it would put every CPU actor on a GPU node onto GPU 0, behind Ray's back.
+    """
+    import ray
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def decode_batch(batch: dict, *, images_root: str, image_size: int, max_pixels: int) -> dict:
+    """The CPU stage: read and decode a batch of rows ``{pos, ImageID}`` into uint8 images (N, 3, S, S).
+
+    Reads go through :meth:`mlc.data.ImageTable.__getitems__` (many requests in flight, the byte cache), the
+    same path as training. An unreadable image keeps its row, with ``ok`` False and the reason in ``error``.
+    """
+    ids = [str(i) for i in batch["ImageID"]]
+    table = ImageTable(image_urls(images_root, ids), None, eval_transform(image_size), max_pixels)
+    b = collate(table.__getitems__(list(range(len(ids)))))
+    image = np.zeros((len(ids), 3, image_size, image_size), dtype=np.uint8)
+    ok = np.zeros(len(ids), dtype=bool)
+    error = np.array([""] * len(ids), dtype=object)
+    if len(b):
+        image[b.index.numpy()] = b.x.numpy()
+        ok[b.index.numpy()] = True
+    for s in b.skipped:
+        error[s.index] = f"{s.name}\t{s.reason}"
+    return {"pos": np.asarray(batch["pos"], dtype=np.int64), "ImageID": np.array(ids, dtype=object),
+            "image": image, "ok": ok, "error": error}
+
+
 class Scorer:
-    """One Ray Data actor: builds the model once, then scores batches of rows ``{pos, ImageID}``."""
+    """One Ray Data actor: builds the model once, then scores batches.
+
+    With ``decode`` False it receives decoded uint8 images from the CPU stage (:func:`decode_batch`) and
+    only runs the model, so a GPU actor is never idle while images are read and decoded: Ray Data runs the
+    decoding tasks on the node's CPUs, ahead of it. With ``decode`` True it reads and decodes its rows
+    itself (one stage: the CPU-only layout, where a separate stage would only move bytes between processes).
+    """
 
     def __init__(self, *, state_ref, num_classes: int, unfrozen_depth: int, dropout: float, image_size: int,
-                 amp: str, max_pixels: int, images_root: str, io_threads: int = 8, torch_threads: int = 1):
+                 amp: str, max_pixels: int, images_root: str, decode: bool, torch_threads: int = 1):
         import ray
-        from .predict import pick_device  # the same device rule as in-process prediction
         if torch_threads >= 1:
             torch.set_num_threads(torch_threads)
         state = ray.get(state_ref)
         self.model = build_model(num_classes, unfrozen_depth, dropout, weights=state, log=lambda *_: None)
-        self.device = pick_device()  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU(s), if any
+        self.device = actor_device()
         self.model.to(self.device, memory_format=torch.channels_last).eval()
-        self.amp_dtype = pick_amp_dtype(amp, self.device)
-        self.transform = eval_transform(image_size)
-        self.images_root, self.max_pixels, self.num_classes = images_root, max_pixels, num_classes
-        self.pool = ThreadPoolExecutor(max(1, io_threads))  # image reads are I/O (GCS) and PIL decode
+        self.amp_dtype = pick_amp_dtype(amp, self.device, kind="predict", unfrozen_depth=unfrozen_depth,
+                                        image_size=image_size)
+        self.decode = dict(images_root=images_root, image_size=image_size, max_pixels=max_pixels) if decode else None
+        self.num_classes = num_classes
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
-    @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
         start = time.perf_counter()
-        ids = [str(i) for i in batch["ImageID"]]
-        pos = np.asarray(batch["pos"], dtype=np.int64)
-        table = ImageTable(image_urls(self.images_root, ids), None, self.transform, self.max_pixels)
-        items = list(self.pool.map(table.__getitem__, range(len(table))))
-        b = collate(items)
-        probs = np.full((len(ids), self.num_classes), np.nan, dtype=np.float32)
-        error = np.array([""] * len(ids), dtype=object)
-        for s in b.skipped:
-            error[s.index] = f"{s.name}\t{s.reason}"
-        if len(b):
-            x = b.x.to(self.device, non_blocking=self.device.type == "cuda")
-            x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.amp_dtype):
-                logits = self.model(x).float()
-            probs[b.index.numpy()] = torch.sigmoid(logits).cpu().numpy()
-        ok = np.zeros(len(ids), dtype=bool)
-        ok[b.index.numpy()] = True
-        busy = (time.perf_counter() - start) / max(1, len(ids))  # this batch's reading + scoring time, per row
-        return {"pos": pos, "ImageID": np.array(ids, dtype=object), "probs": probs, "ok": ok, "error": error,
-                "worker": np.array([self.worker] * len(ids), dtype=object), "busy": np.full(len(ids), busy)}
+        if self.decode is not None:
+            batch = decode_batch(batch, **self.decode)
+        ok = np.asarray(batch["ok"], dtype=bool)
+        probs = np.full((len(ok), self.num_classes), np.nan, dtype=np.float32)
+        if ok.any():
+            x = torch.from_numpy(np.ascontiguousarray(batch["image"][ok]))
+            if self.device.type == "cuda":
+                x = x.pin_memory()
+            with torch.inference_mode(), autocast(self.device, self.amp_dtype):
+                logits = self.model(to_model_input(x, self.device)).float()
+            probs[ok] = torch.sigmoid(logits).cpu().numpy()
+        busy = (time.perf_counter() - start) / max(1, len(ok))  # this batch's time in this actor, per row
+        return {"pos": batch["pos"], "ImageID": batch["ImageID"], "probs": probs, "ok": ok, "error": batch["error"],
+                "worker": np.array([self.worker] * len(ok), dtype=object), "busy": np.full(len(ok), busy),
+                "device": np.array([str(self.device)] * len(ok), dtype=object)}
 
 
 def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_classes: int, *,
                       num_workers: int, gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
-                      batch_size: int = 64, io_threads: int = 8, log=print, progress: bool = True) -> dict:
+                      batch_size: int = 64, split: bool | None = None, log=print, progress: bool = True) -> dict:
     """Scores for every ImageID in input order, computed by ``num_workers`` Ray Data actors.
+
+    ``split`` (default: when the actors have GPUs) reads and decodes the images in CPU tasks ahead of the
+    model actors instead of inside them (see :class:`Scorer`).
 
     ``gpus_per_worker`` None means 1 when the cluster has GPUs, else 0. ``cpus_per_worker`` None is Ray Data's
     default of 1 CPU per actor (it warns that giving both CPUs and GPUs explicitly is experimental).
@@ -133,6 +170,8 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
     ensure_ray(log)
     if gpus_per_worker is None:
         gpus_per_worker = 1 if cluster_gpus() > 0 else 0
+    if split is None:
+        split = gpus_per_worker > 0
     resources = ray.cluster_resources()
     cpus = 1 if cpus_per_worker is None else cpus_per_worker
     need_cpu, need_gpu = num_workers * cpus, num_workers * gpus_per_worker
@@ -144,10 +183,10 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
     probs = np.full((n, num_classes), np.nan, dtype=np.float32)
     ok = np.zeros(n, dtype=bool)
     seen = np.zeros(n, dtype=bool)
-    skipped, per_worker, busy = [], {}, {}
+    skipped, per_worker, busy, devices = [], {}, {}, set()
     if n == 0:
         return {"probs": probs, "ok": ok, "skipped": skipped, "seconds": 0.0, "img_per_s": 0.0,
-                "workers": per_worker}
+                "workers": per_worker, "devices": []}
 
     # One block per batch, so the actor pool shares the rows out batch by batch (one DataFrame would be one
     # block, and a block goes to one actor). The frames are split here: from_pandas(override_num_blocks=...)
@@ -155,20 +194,25 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
     rows = pd.DataFrame({"pos": np.arange(n, dtype=np.int64), "ImageID": ids})
     state_ref = ray.put(state)
     log(f"predicting {n} images on {num_workers} Ray workers ({cpus:g} CPU, {gpus_per_worker:g} GPU "
-        f"each, batches of {batch_size})")
+        f"each, batches of {batch_size}; {'decoding in CPU tasks ahead of them' if split else 'each decodes its rows'})")
     # A Dataset keeps a copy of the DataContext it was created under: set the progress bars before creating it.
     context = ray.data.DataContext.get_current()
     bars, context.enable_progress_bars = context.enable_progress_bars, progress
     start = time.perf_counter()
     try:
         ds = ray.data.from_pandas([rows.iloc[i:i + batch_size] for i in range(0, n, batch_size)])
+        model_kwargs = dict(state_ref=state_ref, num_classes=num_classes, unfrozen_depth=cfg.unfrozen_depth,
+                            dropout=cfg.dropout, image_size=cfg.image_size, amp=cfg.amp,
+                            max_pixels=cfg.max_image_pixels, images_root=images_root, decode=not split,
+                            torch_threads=max(1, int(cpus)))
+        if split:
+            # Reading and decoding run as CPU tasks ahead of the model actors; Ray Data streams between them.
+            ds = ds.map_batches(decode_batch, fn_kwargs=dict(images_root=images_root, image_size=cfg.image_size,
+                                                              max_pixels=cfg.max_image_pixels),
+                                batch_size=batch_size, batch_format="numpy", num_cpus=1,
+                                udf_modifying_row_count=False)
         scored = ds.map_batches(
-            Scorer,
-            fn_constructor_kwargs=dict(state_ref=state_ref, num_classes=num_classes,
-                                       unfrozen_depth=cfg.unfrozen_depth, dropout=cfg.dropout,
-                                       image_size=cfg.image_size, amp=cfg.amp, max_pixels=cfg.max_image_pixels,
-                                       images_root=images_root, io_threads=io_threads,
-                                       torch_threads=max(1, int(cpus))),
+            Scorer, fn_constructor_kwargs=model_kwargs,
             compute=ray.data.ActorPoolStrategy(size=num_workers),
             batch_size=batch_size, batch_format="numpy",
             num_cpus=cpus_per_worker,  # None: Ray Data's default, 1
@@ -187,9 +231,10 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
                 if err:
                     name, reason = err.split("\t", 1)
                     skipped.append(Skipped(int(p), name, reason))
-            for w, b in zip(out["worker"], out["busy"]):
+            for w, b, d in zip(out["worker"], out["busy"], out["device"]):
                 per_worker[w] = per_worker.get(w, 0) + 1
                 busy[w] = busy.get(w, 0.0) + float(b)
+                devices.add(str(d))
     finally:
         context.enable_progress_bars = bars
         del state_ref
@@ -204,13 +249,13 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
         f"({n / elapsed:.1f} img/s, actor start-up included); per worker: "
         + ", ".join(f"{per_worker[w]} rows at {per_worker[w] / max(busy[w], 1e-9):.1f} img/s" for w in per_worker))
     return {"probs": probs, "ok": ok, "skipped": skipped, "seconds": elapsed,
-            "img_per_s": n / elapsed if elapsed > 0 else 0.0, "workers": per_worker}
+            "img_per_s": n / elapsed if elapsed > 0 else 0.0, "workers": per_worker, "devices": sorted(devices)}
 
 
 def predict_distributed(checkpoint_url: str, ids, images_root: str, output: str, *, num_workers: int,
                         gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
                         batch_size: int = 64,
-                        io_threads: int = 8, log=print, progress: bool = True) -> dict:
+                        split: bool | None = None, log=print, progress: bool = True) -> dict:
     """Write ``predictions.csv`` and ``probabilities.csv`` under ``output`` for ``ids`` (in their order),
     scored by ``num_workers`` Ray actors; vocabulary, image size and threshold come from the checkpoint."""
     from . import storage
@@ -224,7 +269,7 @@ def predict_distributed(checkpoint_url: str, ids, images_root: str, output: str,
     storage.check_writable(output)
     out = score_distributed(state, ids, images_root, cfg, len(vocab), num_workers=num_workers,
                             gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
-                            io_threads=io_threads, log=log, progress=progress)
+                            split=split, log=log, progress=progress)
     summary = write_predictions(output, ids, out["probs"], out["ok"], vocab, choice)
-    summary.update(seconds=out["seconds"], img_per_s=out["img_per_s"], workers=out["workers"])
+    summary.update(seconds=out["seconds"], img_per_s=out["img_per_s"], workers=out["workers"], devices=out["devices"])
     return summary

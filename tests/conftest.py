@@ -18,6 +18,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 # process: that thread outlives ray.shutdown(), and its next poll makes Ray end the whole process
 # ("The core worker has already been shutdown ... The process will exit"), pytest included.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# `ray start` in token mode needs a token and, unlike ray.init(), never makes one. On a fresh machine
+# (CI) there is none in ~/.ray/auth_token: give this session's clusters, jobs and clients a token of
+# their own in the environment, which every process the tests start inherits, rather than writing one
+# into the user's home.
+if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        or (Path.home() / ".ray" / "auth_token").is_file()):
+    import secrets
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 @pytest.fixture(scope="session")

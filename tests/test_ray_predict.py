@@ -89,14 +89,17 @@ def test_in_process_prediction_uses_the_checkpoints_image_folder(setup):
 
 
 def predict_on_cluster(address: str, ckpt: str, ids: list, images: str, out: str) -> tuple:
-    """predict_distributed in an isolated process (see ray_head.isolated); returns (summary, log lines)."""
+    """predict_distributed in an isolated process (see ray_head.isolated); returns (summary, log lines).
+
+    With the GPU layout forced (split=True): CPU tasks decode ahead of the model actors. The job test below
+    runs the CPU layout (each actor decodes its own rows)."""
     import ray as ray_
     from mlc.ray_predict import predict_distributed
     logs = []
     ray_.init(address=address, log_to_driver=False)
     try:
         summary = predict_distributed(ckpt, ids, images, out, num_workers=2, batch_size=3, log=logs.append,
-                                      progress=False)
+                                      progress=False, split=True)
     finally:
         ray_.shutdown()
     return summary, logs
@@ -117,7 +120,7 @@ def test_two_ray_workers_write_the_in_process_predictions_in_input_order(setup, 
     text = "\n".join(logs)
     for name in setup["bad"]:
         assert f"cannot read {setup['root'] / 'imgs' / name}" in text, text
-    assert "on 2 Ray workers" in text and "img/s" in text
+    assert "on 2 Ray workers" in text and "img/s" in text and "decoding in CPU tasks ahead of them" in text
 
 
 def test_predict_job_with_num_workers_runs_on_the_cluster(setup, ray_head, tmp_path):
