@@ -4,6 +4,9 @@ Layout under a run's output:
 - ``checkpoint/state.pt``: one object holding everything needed to resume
   (bare model weights, optimizer, scheduler, epoch, best-so-far,
   history, config, label vocabulary). One object, so it is never half written.
+  It holds tensors and plain data only (dicts, lists, tuples, str, int, float, bool, None) and is read
+  with ``torch.load(weights_only=True)``: a file in a shared bucket is data, never code, so whoever can
+  write to the bucket cannot run anything on the nodes that resume from it.
 - ``best/model.pt``: the bare state_dict, loadable into plain torchvision;
   ``best/labels.json``; ``best/meta.json`` (config, threshold, epoch, metrics and
   the model file's sha256, so a reader can tell the three files belong together).
@@ -14,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 
+import numpy as np
 import torch
 
 from . import storage
@@ -37,21 +42,55 @@ def _all_finite(state: dict) -> bool:
     return all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
 
 
+def plain_data(obj, where: str = "state"):
+    """``obj`` with numpy scalars and arrays turned into Python numbers and lists; tensors kept.
+
+    What ``torch.load(weights_only=True)`` reads back: anything else (a class instance, a function)
+    would need full unpickling to load, so it is refused here, naming where it sits.
+    """
+    if isinstance(obj, np.generic):  # before float: np.float64 is a float, but pickles as a numpy global
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {k: plain_data(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        out = [plain_data(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return out if isinstance(obj, list) else tuple(out)
+    if isinstance(obj, torch.dtype | torch.device):
+        return str(obj)
+    raise CheckpointError(f"cannot checkpoint {where}: {type(obj).__name__} is not plain data "
+                          "(tensors, dicts, lists, numbers, strings)")
+
+
 def save_training_state(url: str, state: dict) -> None:
-    """Write ``url/state.pt`` atomically. Refuses non-finite weights."""
+    """Write ``url/state.pt`` atomically. Refuses non-finite weights and anything that is not plain data."""
     if not _all_finite(state["model"]):
         raise CheckpointError(f"refusing to write {url}: the model has non-finite weights")
-    storage.write_bytes(storage.join(url, STATE), _torch_bytes(state))
+    storage.write_bytes(storage.join(url, STATE), _torch_bytes(plain_data(state)))
 
 
 def load_training_state(url: str) -> dict | None:
-    """The state saved under ``url`` or None if there is none."""
+    """The state saved under ``url`` or None if there is none.
+
+    Read with ``weights_only=True``: a file that holds pickled Python objects (an old checkpoint, or one
+    someone planted in the bucket) is refused before any of it runs.
+    """
     path = storage.join(url, STATE)
     if not storage.exists(path):
         return None
+    blob = storage.read_bytes(path)
     try:
-        # RNG states hold numpy arrays and tuples; this file is our own, written by save_training_state.
-        return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=False)
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line.split("error:", 1)[1].strip().split(" was not")[0] for line in str(e).splitlines()
+                    if "WeightsUnpickler error:" in line), "weights_only load failed")
+        raise CheckpointError(
+            f"{path}: refused: it holds pickled Python objects ({why}), not only tensors and plain data, and "
+            "loading it could run code from the file; nothing in it was run. Checkpoints written by mlc before "
+            "safe loading look like this too: rerun with --fresh to start over") from None
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: cannot be read ({e}); rerun with --fresh to start over") from e
 
