@@ -37,12 +37,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None,
                    help="image folder, relative to --data unless absolute or a URL (default: the folder the "
                         "checkpoint was trained with, else <data>/data)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="per worker: images per forward pass of each Ray worker (or of this process with "
+                        "--num-workers 0); unlike training's global --batch-size, prediction has no optimizer "
+                        "step to keep constant, so it is not divided among workers (default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=0,
                    help="Ray workers (actors) that score the images across the cluster in RAY_ADDRESS, or a local "
                         "Ray; 0 = in this process (default: %(default)s)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
-                   help="GPUs per Ray worker, may be fractional (default: 1 if the cluster has GPUs, else 0)")
+                   help="GPUs per Ray worker; fractions share a GPU between scoring actors, which training "
+                        "(whole GPUs only) cannot (default: 1 if the cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs per Ray worker, also its torch threads (default: 1)")
     p.add_argument("--loader-workers", type=int, default=2,

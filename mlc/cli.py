@@ -87,25 +87,74 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 S = ScaleConfig()
+# Said in the help of both jobs that train on Ray: the batch and the schedule do not depend on the world size.
+GLOBAL_BATCH = ("global: images per optimizer step summed over all Ray workers, dealt out to them (uneven shares "
+                "when they do not divide it); the data order and the learning-rate schedule are the same at any "
+                "--num-workers, also after an elastic resize or a resume on fewer workers")
+RESOURCES = ("--gpus-per-worker: default 1 when the node types the cluster can provide (the autoscaler's, or the nodes "
+             "up) have GPUs, else 0; only 0 or whole GPUs for training (two ranks on one GPU fail in NCCL). "
+             "--cpus-per-worker: default 8 per GPU, capped by the GPU node type's CPUs per GPU; 1 for CPU workers")
 SCALE_HELP = {
-    "num_workers": "Ray Train workers (processes, one per GPU when GPUs are used)",
-    "gpus_per_worker": "GPUs per worker; default: 1 when the cluster has GPUs (NCCL), else 0 (CPU workers on gloo)",
-    "cpus_per_worker": "CPUs Ray reserves per worker (its DataLoader processes come on top)",
-    "max_failures": "worker-group failures recovered from the latest checkpoint before the run fails; -1: no limit",
+    "num_workers": "Ray Train workers (one process each, one per GPU on GPUs): N, or MIN-MAX for an elastic group that "
+                   "starts with what fits (at least MIN), grows as nodes arrive and, when nodes are lost, continues "
+                   "from the latest checkpoint on fewer (each shrink is one of --max-failures)",
+    "gpus_per_worker": "GPUs per worker: 0 (CPU workers on gloo) or a whole number (NCCL); default: 1 when the "
+                       "cluster's node types have GPUs, else 0",
+    "cpus_per_worker": "CPUs Ray reserves per worker, from which its DataLoader processes are sized; default: 8 per "
+                       "GPU capped by the GPU node type's CPUs per GPU, 1 for CPU workers",
+    "max_failures": "worker-group failures (a lost Spot node included) recovered from the latest checkpoint before "
+                    "the run fails; -1: no limit",
     "name": "stable run name: outputs and checkpoints go under --output/NAME/, and a rerun with the same name resumes",
-    "keep_checkpoints": "checkpoints kept in the run folder (the best by validation F1 and the latest always are)",
+    "keep_checkpoints": "checkpoints kept by validation F1 in the run folder (Ray Train also always keeps the latest)",
+    "wait_for_autoscaler": "wait for nodes even when no autoscaler config is readable here (an autoscaler this process "
+                           "cannot see, e.g. KubeRay's, will add them); with one readable, waiting is automatic",
+    "wait_timeout": "seconds to wait for the autoscaler to add the first workers' nodes before giving up",
+    "resize_check_s": "elastic groups: seconds between Ray Train's checks for room to grow",
 }
 
 
+def _workers(text: str):
+    """``N`` or ``MIN-MAX``."""
+    try:
+        if "-" in text.strip().lstrip("-"):
+            lo, hi = text.split("-", 1)
+            return (int(lo), int(hi))
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX (e.g. 2-8), got {text!r}") from None
+
+
+def _auto_float(text: str):
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def add_scale_args(p: argparse.ArgumentParser, skip=()) -> None:
-    g = p.add_argument_group("Ray cluster (ignored with --local)")
+    g = p.add_argument_group("Ray cluster (ignored with --local)", RESOURCES)
     for f in dataclasses.fields(ScaleConfig):
         if f.name in skip:
             continue
         default = getattr(S, f.name)
-        kind = float if f.name in ("gpus_per_worker", "cpus_per_worker") else type(default)
-        g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
-                       help=f"{SCALE_HELP[f.name]} (default: {default if default is not None else 'auto'})")
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "num_workers":
+            g.add_argument(flag, type=_workers, default=default, help=f"{SCALE_HELP[f.name]} (default: {default})")
+        elif isinstance(default, bool):
+            g.add_argument(flag, action="store_true", help=SCALE_HELP[f.name])
+        else:
+            kind = _auto_float if f.name in ("gpus_per_worker", "cpus_per_worker") else type(default)
+            g.add_argument(flag, type=kind, default=default,
+                           help=f"{SCALE_HELP[f.name]} (default: {default if default is not None else 'auto'})")
+
+
+def say_global_batch(p: argparse.ArgumentParser) -> None:
+    """--batch-size (from add_train_args) is global on Ray: say so in the help of the jobs that train there."""
+    for a in p._actions:
+        if "--batch-size" in a.option_strings:
+            a.help = f"{GLOBAL_BATCH} (default: {D.batch_size})"
 
 
 def scale_from_args(args: argparse.Namespace) -> ScaleConfig:
@@ -120,17 +169,18 @@ SWEEP_HELP = {
     "name": "stable sweep name: everything goes under --output/NAME/, and a rerun with the same name resumes",
     "num_samples": "trials to run",
     "workers_per_trial": "Ray Train workers per trial (each one GPU when the cluster has GPUs)",
-    "gpus_per_worker": "GPUs per worker; default: 1 when the cluster has GPUs, else 0",
-    "cpus_per_worker": "CPUs Ray reserves per worker",
+    "gpus_per_worker": SCALE_HELP["gpus_per_worker"],
+    "cpus_per_worker": SCALE_HELP["cpus_per_worker"],
     "max_epochs": "epochs of a trial that ASHA never stops",
     "grace_epochs": "epochs every trial runs before ASHA may stop it",
     "reduction_factor": "ASHA keeps the best 1/FACTOR of trials at each rung",
     "lr_min": "lowest peak learning rate (log-uniform range)",
     "lr_max": "highest peak learning rate (equal to --lr-min: a fixed rate)",
     "depths": "unfrozen depths to sample from, comma-separated, each 0..4",
-    "max_failures": "worker-group restarts per trial from its latest checkpoint",
+    "max_failures": "worker-group restarts per trial from its latest checkpoint (a lost Spot node included)",
     "search_seed": "seed of the random search",
-    "wait_for_autoscaler": "let trials wait for nodes an autoscaler will add, instead of failing at start",
+    "wait_for_autoscaler": SCALE_HELP["wait_for_autoscaler"],
+    "wait_timeout": "seconds to wait for the autoscaler to add the first trial's nodes before giving up",
 }
 
 
@@ -144,7 +194,9 @@ def _int_list(text: str) -> tuple:
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     from .tune import SweepConfig
     d = SweepConfig()
-    g = p.add_argument_group("sweep")
+    g = p.add_argument_group("sweep", "Trials at once: as many as the cluster holds once the autoscaler has added "
+                             "every node its node types allow (the nodes up now when no autoscaler config is "
+                             "readable), never more than --num-samples. " + RESOURCES)
     for f in dataclasses.fields(SweepConfig):
         default = getattr(d, f.name)
         if f.name == "depths":
@@ -153,7 +205,8 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
         elif isinstance(default, bool):
             g.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=SWEEP_HELP[f.name])
         else:
-            kind = float if f.name in ("gpus_per_worker", "cpus_per_worker", "lr_min", "lr_max") else type(default)
+            kind = (_auto_float if f.name in ("gpus_per_worker", "cpus_per_worker")
+                    else float if f.name in ("lr_min", "lr_max", "wait_timeout") else type(default))
             g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
                            help=f"{SWEEP_HELP[f.name]} (default: {default if default is not None else 'auto'})")
 

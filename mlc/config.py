@@ -114,25 +114,56 @@ def demo_config(**changes) -> TrainConfig:
 
 @dataclass(frozen=True)
 class ScaleConfig:
-    num_workers: int = 2            # two workers: the smallest group that exercises DDP
-    gpus_per_worker: float | None = None   # None: 1 when the cluster has GPUs, else CPU workers on gloo
-    cpus_per_worker: float = 1.0    # Ray's reservation for the worker process; DataLoader workers come on top
+    # An int: a fixed group. (MIN, MAX) (--num-workers MIN-MAX): elastic, Ray Train starts with what fits
+    # (at least MIN), grows as nodes arrive and shrinks when they go; --batch-size stays the global batch.
+    num_workers: int | tuple = 2    # two workers: the smallest group that exercises DDP
+    gpus_per_worker: float | None = None   # None: 1 when the cluster's node types have GPUs, else 0
+    cpus_per_worker: float | None = None   # None: 8 per GPU capped by the GPU node type's CPUs per GPU; 1 on CPUs
     max_failures: int = 3           # worker-group restarts from the latest checkpoint before giving up
     name: str = "mlc"               # stable: a rerun with the same name resumes
-    keep_checkpoints: int = 2       # the best by validation F1 and the latest are always kept
+    keep_checkpoints: int = 2       # by validation F1; Ray Train also always keeps the latest
+    wait_for_autoscaler: bool = False  # wait even when no autoscaler config can be read
+    wait_timeout: float = 1200.0    # seconds to wait for the autoscaler's nodes before giving up
+    resize_check_s: float = 60.0    # elastic: how often Ray Train looks for room to grow the group
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
 
     def __post_init__(self):
+        from .cluster import check_training_gpus
         problems = []
-        if self.num_workers < 1:
-            problems.append(f"--num-workers must be >= 1, got {self.num_workers}")
-        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            problems.append(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
-        if self.cpus_per_worker < 0:
-            problems.append(f"--cpus-per-worker must be >= 0, got {self.cpus_per_worker}")
+        n = self.num_workers
+        if isinstance(n, list):
+            object.__setattr__(self, "num_workers", n := tuple(n))
+        if isinstance(n, tuple) and n[0] == n[1]:
+            object.__setattr__(self, "num_workers", n := n[0])
+        if not (isinstance(n, int) or (isinstance(n, tuple) and len(n) == 2 and all(isinstance(x, int) for x in n))):
+            problems.append(f"--num-workers must be N or MIN-MAX, got {n!r}")
+        elif self.min_workers < 1 or self.max_workers < self.min_workers:
+            problems.append(f"--num-workers must be >= 1 (MIN-MAX with 1 <= MIN <= MAX), got {n!r}")
+        try:
+            check_training_gpus(self.gpus_per_worker)
+        except ValueError as e:
+            problems.append(str(e))
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            problems.append(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
         if self.max_failures < -1:
             problems.append(f"--max-failures must be >= -1 (-1: unlimited), got {self.max_failures}")
         if self.keep_checkpoints < 1:
             problems.append(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.wait_timeout < 0:
+            problems.append(f"--wait-timeout must be >= 0, got {self.wait_timeout}")
+        if self.resize_check_s <= 0:
+            problems.append(f"--resize-check-s must be > 0, got {self.resize_check_s}")
         if not self.name or "/" in self.name or self.name in (".", ".."):
             problems.append(f"--name must be a non-empty folder name without '/', got {self.name!r}")
         if problems:

@@ -11,6 +11,16 @@ checkpoint.
 Resume is Ray Train's: a run started again with the same ``--name`` and ``--output`` finds its
 checkpoint manager's snapshot in the run folder and ``ray.train.get_checkpoint()`` returns the
 latest checkpoint; a worker failure restarts the worker group from it, up to ``--max-failures``.
+
+Scale-from-zero and Spot: the driver plans from the node types the autoscaler can add
+(:mod:`mlc.cluster`), waits for the first nodes with a deadline, and fails at once when no node type
+can ever hold a worker. ``--num-workers MIN-MAX`` makes the group elastic: Ray Train starts with what
+fits (at least MIN), grows as nodes arrive, and after a node is lost restarts from the latest
+checkpoint with the workers that still fit. ``--batch-size`` is global, so the data order and the
+learning-rate schedule are the same at every world size.
+
+The driver never touches CUDA (it may run on a GPU head node, or a CPU one): the device and precision in
+metrics.json are the ones rank 0 trained with, returned by the workers.
 """
 
 from __future__ import annotations
@@ -25,19 +35,18 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from . import storage
+from . import cluster, storage
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import ScaleConfig, TrainConfig
 from .metrics import ThresholdChoice
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .predict import write_predictions
-from .trainer import EpochEnd, check_resumable, latest_epoch_checkpoint, prepare_data, train_loop
+from .runs import SCORE, best_of, epoch_dir, epoch_of, latest_epoch_checkpoint, publish_best, ray_storage
+from .trainer import EpochEnd, check_resumable, prepare_data, train_loop
 
 # Local filesystems that every node of a cluster can mount; other local paths are node-local.
 SHARED_FSTYPES = {"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse.gcsfuse",
                   "fuse.juicefs", "fuse.s3fs", "fuse.mountpoint-s3", "9p", "virtiofs"}
-# The metric that orders checkpoints: the same validation F1 that picks local mode's best/.
-SCORE = "f1_samples"
 
 
 class NodeLocalStorageError(RuntimeError):
@@ -81,6 +90,8 @@ class RayGroup:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.run_url, self.cfg = run_url, cfg
         self.device = ray.train.torch.get_device()
+        # The CPUs Ray reserved for this worker: mlc.trainer sizes the DataLoader from them.
+        self.cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
         check_shared_output(run_url, {driver_host, ray.util.get_node_ip_address()})
 
     def wrap(self, model):
@@ -107,7 +118,7 @@ class RayGroup:
         metrics = {"epoch": e.epoch, **{k: e.row[k] for k in SCALAR_KEYS},
                    "train_loss": e.row["train_loss"], "val_loss": e.row["val_loss"],
                    "threshold_strategy": e.model_meta["threshold"]["strategy"],
-                   "threshold_value": _scalar_threshold(e.model_meta["threshold"])}
+                   "threshold_value": _scalar_threshold(e.model_meta["threshold"]), "workers": self.world}
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
@@ -127,15 +138,60 @@ def _scalar_threshold(t: dict) -> float:
     return float(v) if isinstance(v, (int, float)) else float("nan")
 
 
-def epoch_dir(epoch: int) -> str:
-    return f"epoch_{epoch:04d}"
+def worker_main(config: dict) -> dict:
+    """The function every Ray Train worker runs (for jobs/train.py and for each Tune trial).
 
-
-def _worker(config: dict) -> None:
+    Returns (rank 0's value reaches the driver as ``Result.return_value``) the device and precision the
+    workers trained with, so the driver records them without probing its own hardware.
+    """
     cfg = TrainConfig.from_dict(config["cfg"])
     group = RayGroup(config["run_url"], cfg, config["driver_host"])
-    train_loop(cfg, group, progress=config["progress"], on_step=config.get("on_step"),
-               log=lambda m: print(f"[rank {group.rank}] {m}", flush=True))
+    out = train_loop(cfg, group, progress=config["progress"], on_step=config.get("on_step"),
+                     log=lambda m: print(f"[rank {group.rank}] {m}", flush=True))
+    return {"device": str(out.get("device")), "precision": out.get("precision"), "workers": group.world}
+
+
+def build_trainer(cfg: TrainConfig, run_url: str, *, name: str, storage_root: str, per_worker: dict,
+                  num_workers, max_failures: int, keep_checkpoints: int, resize_check_s: float = 60.0,
+                  driver_host: str, progress: bool = False, on_step=None, callbacks=None) -> TorchTrainer:
+    """The one place a Ray Train run is built, for ``fit_distributed`` and for every Tune trial.
+
+    ``num_workers`` is an int (a fixed group) or ``(min, max)`` (elastic). Checkpoints: Ray Train keeps
+    the ``keep_checkpoints`` best by validation F1 and, always, the latest (its checkpoint manager never
+    deletes the latest), so best/ and resume both have theirs.
+    """
+    storage_path, fs = ray_storage(storage_root)
+    elastic = not isinstance(num_workers, int)
+    scaling = ScalingConfig(num_workers=tuple(num_workers) if elastic else num_workers,
+                            use_gpu=bool(per_worker.get("GPU")), resources_per_worker=dict(per_worker),
+                            **({"elastic_resize_monitor_interval_s": resize_check_s} if elastic else {}))
+    return TorchTrainer(
+        worker_main,
+        train_loop_config={"cfg": cfg.to_dict(), "run_url": run_url, "progress": progress, "on_step": on_step,
+                           "driver_host": driver_host},
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints, checkpoint_score_attribute=SCORE,
+                                               checkpoint_score_order="max"),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def plan_workers(scale_gpus, scale_cpus, needed: int, *, what: str, wait: bool, timeout_s: float,
+                 log=print, most: int | None = None) -> tuple[dict, "cluster.Cluster"]:
+    """Per-worker resources from the node types the cluster can provide; fails at once when ``needed``
+    workers can never fit, waits (visibly, with a deadline) for the autoscaler's nodes when they can."""
+    c = cluster.describe()
+    per_worker = cluster.choose_resources(c, scale_gpus, scale_cpus, wait=wait)
+    cluster.check_feasible(c, per_worker, needed, what=what, wait=wait)
+    log(f"cluster: {len(c.alive)} node(s) up, planned from {c.source}; {cluster.capacity_now(c, per_worker)} "
+        f"worker(s) of {cluster.fmt_resources(per_worker)} fit now, up to {cluster.capacity_max(c, per_worker)} "
+        f"{'once the autoscaler has added its nodes' if c.types is not None else 'as far as this process can see'}")
+    cluster.wait_for_workers(per_worker, needed, timeout_s=timeout_s, log=log, what=what)
+    return per_worker, c
 
 
 def absolute_output(output: str) -> str:
@@ -178,64 +234,46 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
         log(f"resuming run {scale.name}: {previous} holds epoch {state['epoch']}; "
             f"training continues at epoch {state['epoch'] + 1} of {cfg.epochs}")
 
-    gpus = scale.gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    resources = {"CPU": scale.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-    storage_path, fs = storage_for_ray(output)
-    log(f"Ray Train: {scale.num_workers} workers x {resources} "
-        f"({'NCCL on GPUs' if gpus else 'gloo on CPUs'}), run folder {run_url}, "
+    per_worker, _ = plan_workers(scale.gpus_per_worker, scale.cpus_per_worker, scale.min_workers,
+                                 what=f"run {scale.name}", wait=scale.wait_for_autoscaler,
+                                 timeout_s=scale.wait_timeout, log=log)
+    gpus = per_worker.get("GPU", 0.0)
+    workers = f"{scale.min_workers}..{scale.max_workers} (elastic)" if scale.elastic else str(scale.num_workers)
+    log(f"Ray Train: {workers} workers x {cluster.fmt_resources(per_worker)} "
+        f"({'NCCL on GPUs' if gpus else 'gloo on CPUs'}), global batch {cfg.batch_size}, run folder {run_url}, "
         f"up to {scale.max_failures} restarts")
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"cfg": cfg.to_dict(), "run_url": run_url, "progress": progress, "on_step": on_step,
-                           "driver_host": ray.util.get_node_ip_address()},
-        scaling_config=ScalingConfig(num_workers=scale.num_workers, use_gpu=bool(gpus),
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=scale.name, storage_path=storage_path, storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=scale.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=scale.keep_checkpoints, checkpoint_score_attribute=SCORE,
-                                               checkpoint_score_order="max"),
-        ),
-    )
+    trainer = build_trainer(cfg, run_url, name=scale.name, storage_root=output, per_worker=per_worker,
+                            num_workers=scale.num_workers, max_failures=scale.max_failures,
+                            keep_checkpoints=scale.keep_checkpoints, resize_check_s=scale.resize_check_s,
+                            driver_host=ray.util.get_node_ip_address(), progress=progress, on_step=on_step)
     result = trainer.fit()  # raises ray.train.TrainingFailedError once the restarts are used up
 
     best = _best_epoch(result)
-    _publish_best(storage.join(run_url, epoch_dir(best)), storage.join(run_url, "best"))
+    publish_best(run_url, best, storage.join(run_url, "best"))
     latest = load_training_state(latest_epoch_checkpoint(run_url))
+    trained = result.return_value or {}
+    last_world = int(trained.get("workers") or latest["history"][-1].get("workers") or scale.min_workers)
 
     def score_test(best_url, ids):
         # On the cluster's workers (their GPUs), not on the driver, which may be a small CPU head node.
         from .checkpoint import load_model_checkpoint
         from .ray_predict import score_distributed
         state, vocab, _ = load_model_checkpoint(best_url)
-        return score_distributed(state, ids, data.paths.images, cfg, len(vocab), num_workers=scale.num_workers,
-                                 gpus_per_worker=gpus or 0, batch_size=cfg.batch_size * 2, log=log,
-                                 progress=progress)
+        # Scoring batches are per actor: the training run's per-worker share of the global batch, twice.
+        per_actor = max(1, 2 * -(-cfg.batch_size // last_world))
+        return score_distributed(state, ids, data.paths.images, cfg, len(vocab), num_workers=last_world,
+                                 gpus_per_worker=gpus, batch_size=per_actor, log=log, progress=progress)
 
     return finish(cfg, run_url, data, latest["history"], latest.get("bad_images", {}), t_start=t_start,
-                  score_test=score_test, log=log, progress=progress, workers=scale.num_workers,
+                  score_test=score_test, log=log, progress=progress, workers=last_world,
+                  device=trained.get("device"), precision=trained.get("precision"),
                   driver=socket.gethostname())
 
 
 def _best_epoch(result) -> int:
-    scored = [(m[SCORE], -m["epoch"], m["epoch"]) for _, m in (result.best_checkpoints or []) if SCORE in m]
-    if not scored:
-        raise RuntimeError(f"the run at {result.path} finished without a checkpoint")
-    return max(scored)[2]  # the highest F1; among equals, the earliest epoch (as local mode keeps it)
-
-
-def _publish_best(src: str, dst: str) -> None:
-    """Copy a checkpoint's model files to ``best/``; meta.json last, so a complete best/ is never mistaken."""
-    names = ["model.pt", "labels.json", "val_predictions.csv", "val_probabilities.csv", "meta.json"]
-    for n in names:
-        storage.write_bytes(storage.join(dst, n), storage.read_bytes(storage.join(src, n)))
-
-
-def storage_for_ray(url: str):
-    """``(storage_path, storage_filesystem)`` for RunConfig: the same filesystem mlc uses, for gs:// too."""
-    if storage.is_local(url):
-        return os.path.abspath(url), None
-    fs, path = storage.pyarrow_filesystem(url)
-    return path, fs
+    """The best of the checkpoints Ray Train kept (never one it has deleted)."""
+    kept = [(epoch_of(c.path), m) for c, m in (result.best_checkpoints or [])]
+    try:
+        return best_of(kept)[0]
+    except LookupError:
+        raise RuntimeError(f"the run at {result.path} finished without a scored checkpoint") from None

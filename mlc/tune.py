@@ -12,6 +12,12 @@ the epoch reports its best, with the strategy and value, as ``f1_samples``.
 At the end the sweep writes ``results.csv``, ``best_config.json``, ``plots/sweep.png`` and
 ``best/`` (the best trial's best checkpoint), and predicts the test table from ``best/`` by
 distributed batch inference into ``predictions.csv`` and ``probabilities.csv``.
+
+A trial's best epoch is always one of the checkpoints Ray Train kept for it (read back from the trial's
+own snapshot), so ties, ordering, early stopping and errors cannot point the summary at a deleted folder.
+Each trial keeps its best checkpoint and its latest (Ray Train never deletes the latest); an interrupted
+sweep's trials resume from their latest. The number of trials at once is planned from the node types the
+autoscaler can add (:mod:`mlc.cluster`) and enforced by the search algorithm itself.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from . import storage
+from . import cluster, storage
+from .cluster import check_training_gpus
 from .config import TrainConfig
+from .runs import SCORE, best_of, kept_checkpoints, publish_best
 
 METRIC = "f1_samples"
 
@@ -35,8 +43,8 @@ class SweepConfig:
     name: str = "sweep"                 # stable: a rerun with the same name resumes the sweep
     num_samples: int = 8                # trials
     workers_per_trial: int = 1          # one Ray Train worker (one GPU) per trial: more trials at once
-    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs
-    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None  # None: 1 when the cluster's node types have GPUs, else 0
+    cpus_per_worker: float | None = None  # None: 8 per GPU, capped by the GPU node type; 1 on CPUs
     max_epochs: int = 10
     grace_epochs: int = 1               # ASHA lets every trial run this many epochs before it may stop it
     reduction_factor: int = 3           # ASHA keeps the top 1/3 at each rung
@@ -45,7 +53,8 @@ class SweepConfig:
     depths: tuple = (0, 1, 2, 3, 4)     # unfrozen depths sampled uniformly
     max_failures: int = 1               # worker-group restarts per trial
     search_seed: int = 0
-    wait_for_autoscaler: bool = False   # allow trials larger than the cluster is now (an autoscaler adds nodes)
+    wait_for_autoscaler: bool = False   # wait even when no autoscaler config can be read
+    wait_timeout: float = cluster.DEFAULT_WAIT_S  # seconds to wait for the first trial's nodes
 
     def __post_init__(self):
         problems = []
@@ -53,6 +62,14 @@ class SweepConfig:
             problems.append(f"--num-samples must be >= 1, got {self.num_samples}")
         if self.workers_per_trial < 1:
             problems.append(f"--workers-per-trial must be >= 1, got {self.workers_per_trial}")
+        try:
+            check_training_gpus(self.gpus_per_worker)
+        except ValueError as e:
+            problems.append(str(e))
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            problems.append(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        if self.wait_timeout < 0:
+            problems.append(f"--wait-timeout must be >= 0, got {self.wait_timeout}")
         if self.max_epochs < 1:
             problems.append(f"--max-epochs must be >= 1, got {self.max_epochs}")
         if not 1 <= self.grace_epochs <= self.max_epochs:
@@ -76,39 +93,41 @@ def search_space(sweep: SweepConfig) -> dict:
     return {"lr": lr, "unfrozen_depth": depth}
 
 
-def plan_resources(sweep: SweepConfig, totals: dict) -> tuple[dict, int]:
-    """Per-worker resources and how many trials can run at once; refuses a sweep no trial of which fits.
+def plan_resources(sweep: SweepConfig, c: "cluster.Cluster") -> tuple[dict, int]:
+    """Per-worker resources and how many trials run at once; refuses a sweep no trial of which can ever fit.
 
-    Capping concurrent trials at what the cluster holds means no trial sits PENDING for resources that
-    other trials can never give back.
+    The concurrency is what the cluster holds once the autoscaler has added every node it may (the nodes
+    up now when no autoscaler config is readable), never more than the trials. When an autoscaler this
+    process cannot see will add nodes (--wait-for-autoscaler), every trial may be started: each one's
+    workers are one placement group, which is granted whole or waits, so waiting trials hold nothing.
     """
-    gpus = sweep.gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if totals.get("GPU", 0) > 0 else 0.0
-    per_worker = {"CPU": sweep.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-    fits = []
-    for k, v in per_worker.items():
-        need = v * sweep.workers_per_trial
-        if need <= 0:
-            continue
-        have = totals.get(k, 0)
-        if need > have and not sweep.wait_for_autoscaler:
-            raise ValueError(
-                f"one trial needs {need:g} {k} ({sweep.workers_per_trial} workers x {v:g}) but the cluster has "
-                f"{have:g}: lower --workers-per-trial or --{'gpus' if k == 'GPU' else 'cpus'}-per-worker, add "
-                "nodes, or pass --wait-for-autoscaler if an autoscaler will add them")
-        fits.append(max(1, int(have // need)) if need > 0 else sweep.num_samples)
-    return per_worker, max(1, min([sweep.num_samples] + fits))
+    per_worker = cluster.choose_resources(c, sweep.gpus_per_worker, sweep.cpus_per_worker,
+                                          wait=sweep.wait_for_autoscaler)
+    cluster.check_feasible(c, per_worker, sweep.workers_per_trial, what="one trial",
+                           wait=sweep.wait_for_autoscaler)
+    if c.types is None and sweep.wait_for_autoscaler:
+        return per_worker, sweep.num_samples
+    most = cluster.capacity_max(c, per_worker) // sweep.workers_per_trial
+    return per_worker, max(1, min(sweep.num_samples, most))
+
+
+def search_algorithm(sweep: SweepConfig, concurrent: int):
+    """Random search that never has more than ``concurrent`` trials live.
+
+    Tune's ``max_concurrent_trials`` is ignored when a search algorithm is passed (it warns and runs them
+    all), and ``ConcurrencyLimiter`` wraps only a ``Searcher``: the random-search generator enforces the
+    limit itself.
+    """
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    return BasicVariantGenerator(random_state=sweep.search_seed, max_concurrent=concurrent)
 
 
 def _trial(config: dict) -> None:
     """One Tune trial: a Ray Train run of the shared worker loop, its metrics forwarded to Tune."""
     import ray.tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .ray_train import SCORE, _worker, storage_for_ray
+    from .ray_train import build_trainer
 
     base = dict(config["base"])
     cfg = TrainConfig.from_dict({**base, "lr": config["lr"], "unfrozen_depth": config["unfrozen_depth"]})
@@ -116,24 +135,11 @@ def _trial(config: dict) -> None:
     sweep_url = config["sweep_url"]
     run_url = storage.join(sweep_url, trial)
     cfg = cfg.replace(output=run_url)
-    storage_path, fs = storage_for_ray(sweep_url)
-    res = config["per_worker"]
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"cfg": cfg.to_dict(), "run_url": run_url, "progress": False,
-                           "driver_host": config["driver_host"]},
-        scaling_config=ScalingConfig(num_workers=config["workers"], use_gpu=bool(res.get("GPU")),
-                                     resources_per_worker=res),
-        run_config=RunConfig(
-            name=trial, storage_path=storage_path, storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=config["max_failures"]),
-            # Keep the best epoch (for best/) and the latest (to resume an interrupted trial).
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE,
-                                               checkpoint_score_order="max"),
-            callbacks=[TuneReportCallback()],
-        ),
-    )
-    trainer.fit()
+    # keep_checkpoints=1: the best epoch by validation F1, and Ray Train always keeps the latest besides,
+    # which an interrupted trial resumes from.
+    build_trainer(cfg, run_url, name=trial, storage_root=sweep_url, per_worker=config["per_worker"],
+                  num_workers=config["workers"], max_failures=config["max_failures"], keep_checkpoints=1,
+                  driver_host=config["driver_host"], callbacks=[TuneReportCallback()]).fit()
 
 
 def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log=print, progress: bool = True,
@@ -141,9 +147,9 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from .ray_train import absolute_output, check_shared_output, storage_for_ray
+    from .ray_train import absolute_output, check_shared_output, plan_workers
+    from .runs import ray_storage
     from .trainer import prepare_data
 
     t_start = time.perf_counter()
@@ -163,15 +169,19 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
         log(f"--fresh: removing {sweep_url}")
         storage.remove(sweep_url, recursive=True)
     data = prepare_data(base, log)  # unreadable tables fail here, before any trial starts
-    per_worker, concurrent = plan_resources(sweep, ray.cluster_resources())
-    log(f"sweep {sweep.name}: {sweep.num_samples} trials of {sweep.workers_per_trial} worker(s) x {per_worker}, "
-        f"{concurrent} at a time, up to {sweep.max_epochs} epochs, ASHA grace {sweep.grace_epochs} epoch(s); "
+    per_worker, c = plan_workers(sweep.gpus_per_worker, sweep.cpus_per_worker, sweep.workers_per_trial,
+                                 what=f"sweep {sweep.name}", wait=sweep.wait_for_autoscaler,
+                                 timeout_s=sweep.wait_timeout, log=log)
+    per_worker, concurrent = plan_resources(sweep, c)
+    log(f"sweep {sweep.name}: {sweep.num_samples} trials of {sweep.workers_per_trial} worker(s) x "
+        f"{cluster.fmt_resources(per_worker)}, at most {concurrent} at a time, global batch {base.batch_size}, "
+        f"up to {sweep.max_epochs} epochs, ASHA grace {sweep.grace_epochs} epoch(s); "
         f"lr {sweep.lr_min:g}..{sweep.lr_max:g} (log-uniform), depth {list(sweep.depths)}")
 
     # The trial driver only waits on its Ray Train run, whose workers hold the CPUs/GPUs. Tune refuses an
     # empty request, so the driver asks for one byte of memory: no CPU is held by a waiting driver.
     trainable = tune.with_resources(_trial, {"memory": 1})
-    storage_path, fs = storage_for_ray(output)
+    storage_path, fs = ray_storage(output)
     experiment = f"{storage_path}/{sweep.name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         log(f"resuming sweep {sweep.name} from {sweep_url}: finished trials are kept, unfinished ones continue")
@@ -184,8 +194,7 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
                          "per_worker": per_worker, "workers": sweep.workers_per_trial,
                          "max_failures": sweep.max_failures, "driver_host": ray.util.get_node_ip_address()},
             tune_config=tune.TuneConfig(
-                num_samples=sweep.num_samples, max_concurrent_trials=concurrent,
-                search_alg=BasicVariantGenerator(random_state=sweep.search_seed),
+                num_samples=sweep.num_samples, search_alg=search_algorithm(sweep, concurrent),
                 scheduler=ASHAScheduler(metric=METRIC, mode="max", time_attr="epoch", max_t=sweep.max_epochs,
                                         grace_period=sweep.grace_epochs, reduction_factor=sweep.reduction_factor)),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path, storage_filesystem=fs,
@@ -193,45 +202,66 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
         )
     grid = tuner.fit()
     return summarize(grid, base, sweep, sweep_url, data, t_start, log=log, progress=progress,
-                     predict_workers=predict_workers)
+                     predict_workers=predict_workers, gpus_per_worker=per_worker.get("GPU", 0.0))
 
 
-def results_table(grid, sweep: SweepConfig) -> pd.DataFrame:
+def trial_id(r) -> str:
+    return (r.metrics or {}).get("trial_id") or r.path.rstrip("/").split("_")[-1]
+
+
+def kept_by_trial(grid, sweep_url: str) -> dict:
+    """For each trial, the checkpoints Ray Train kept in its run folder: ``[(epoch, metrics), ...]``."""
+    out = {}
+    for r in grid:
+        t = trial_id(r)
+        try:
+            out[t] = kept_checkpoints(storage.join(sweep_url, t))
+        except (RuntimeError, FileNotFoundError, OSError):
+            out[t] = []  # the trial failed before its first checkpoint (no snapshot)
+    return out
+
+
+def results_table(grid, sweep: SweepConfig, kept: dict) -> pd.DataFrame:
+    """One row per trial; its best epoch is the best of the checkpoints Ray Train kept for it."""
     rows = []
     for r in grid:
+        t = trial_id(r)
         df = r.metrics_dataframe
         epochs = df[df[METRIC].notna()] if df is not None and METRIC in df else pd.DataFrame()
-        best = epochs.loc[epochs[METRIC].idxmax()] if len(epochs) else None
         ran = int(epochs["epoch"].max()) if len(epochs) else 0
+        try:
+            best_epoch, best = best_of(kept.get(t, []))
+        except LookupError:
+            best_epoch, best = 0, None
         status = "error" if r.error else ("completed" if ran >= sweep.max_epochs else "stopped early")
         rows.append({
-            "trial": (r.metrics or {}).get("trial_id") or r.path.rstrip("/").split("_")[-1], "lr": r.config["lr"], "unfrozen_depth": r.config["unfrozen_depth"],
-            "best_f1_samples": float(best[METRIC]) if best is not None else math.nan,
-            "best_map": float(best["map"]) if best is not None else math.nan,
-            "best_epoch": int(best["epoch"]) if best is not None else 0,
-            "threshold_strategy": best["threshold_strategy"] if best is not None else "",
+            "trial": t, "lr": r.config["lr"], "unfrozen_depth": r.config["unfrozen_depth"],
+            "best_f1_samples": float(best[SCORE]) if best is not None else math.nan,
+            "best_map": float(best.get("map", math.nan)) if best is not None else math.nan,
+            "best_epoch": best_epoch,
+            "threshold_strategy": best.get("threshold_strategy", "") if best is not None else "",
             "threshold_value": best.get("threshold_value", math.nan) if best is not None else math.nan,
             "epochs_run": ran, "status": status, "error": str(r.error).splitlines()[0] if r.error else "",
         })
-    return pd.DataFrame(rows).sort_values("best_f1_samples", ascending=False, na_position="last").reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values(["best_f1_samples", "trial"], ascending=[False, True],
+                                          na_position="last").reset_index(drop=True)
 
 
 def summarize(grid, base: TrainConfig, sweep: SweepConfig, sweep_url: str, data, t_start: float, *, log=print,
-              progress: bool = True, predict_workers: int | None = None) -> dict:
+              progress: bool = True, predict_workers: int | None = None, gpus_per_worker: float | None = None) -> dict:
     from . import plots
-    from .ray_train import _publish_best, epoch_dir
 
-    table = results_table(grid, sweep)
+    table = results_table(grid, sweep, kept_by_trial(grid, sweep_url))
     buf = io.StringIO()
     table.to_csv(buf, index=False)
     storage.write_text(storage.join(sweep_url, "results.csv"), buf.getvalue())
     log("\n" + table.drop(columns=["error"]).to_string(index=False))
     ok = table[table.best_f1_samples.notna()]
     if ok.empty:
-        raise RuntimeError(f"no trial of sweep {sweep.name} finished an epoch; see {sweep_url}/results.csv")
+        raise RuntimeError(f"no trial of sweep {sweep.name} kept a checkpoint; see {sweep_url}/results.csv")
     top = ok.iloc[0]
     trial_url = storage.join(sweep_url, top.trial)
-    _publish_best(storage.join(trial_url, epoch_dir(int(top.best_epoch))), storage.join(sweep_url, "best"))
+    publish_best(trial_url, int(top.best_epoch), storage.join(sweep_url, "best"))
     meta = json.loads(storage.read_bytes(storage.join(sweep_url, "best", "meta.json")))
     best = {"trial": top.trial, "lr": float(top.lr), "unfrozen_depth": int(top.unfrozen_depth),
             "epoch": int(top.best_epoch), "f1_samples": float(top.best_f1_samples), "map": float(top.best_map),
@@ -242,9 +272,11 @@ def summarize(grid, base: TrainConfig, sweep: SweepConfig, sweep_url: str, data,
 
     from .predict import predict_from_checkpoint
     workers = predict_workers if predict_workers is not None else sweep.workers_per_trial
+    # Prediction's batch is per actor: twice a training worker's share of the global batch.
+    per_actor = max(1, 2 * -(-base.batch_size // sweep.workers_per_trial))
     pred = predict_from_checkpoint(storage.join(sweep_url, "best"), base.data, sweep_url,
-                                   ids_csv=base.test_csv, images=base.images, batch_size=base.batch_size * 2,
-                                   num_workers=workers, gpus_per_worker=sweep.gpus_per_worker, log=log,
+                                   ids_csv=base.test_csv, images=base.images, batch_size=per_actor,
+                                   num_workers=max(1, workers), gpus_per_worker=gpus_per_worker, log=log,
                                    progress=progress)
     log(f"best trial {top.trial}: lr {top.lr:.3g}, depth {int(top.unfrozen_depth)}, epoch {int(top.best_epoch)}, "
         f"validation F1 {top.best_f1_samples:.4f}, threshold {meta['threshold']['strategy']}; "

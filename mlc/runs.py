@@ -1,0 +1,88 @@
+"""A Ray Train run folder: where epochs, best/ and Ray's own bookkeeping live, and how best/ is published.
+
+``<run>/`` holds one ``epoch_NNNN/`` per checkpoint Ray Train kept (each a complete local-mode folder:
+``state.pt``, ``model.pt``, ``labels.json``, ``meta.json``, validation predictions), Ray Train's
+``checkpoint_manager_snapshot.json`` (which checkpoints it kept, with their metrics; the source of truth
+for resume and for choosing best/), and, once the run has finished, ``best/`` and local mode's outputs.
+A sweep folder holds one such run folder per trial, named by the trial id.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import storage
+
+# The metric that orders checkpoints: the same validation F1 that picks local mode's best/.
+SCORE = "f1_samples"
+EPOCH_PREFIX = "epoch_"
+# Copied to best/; meta.json last, so a best/ with meta.json is complete.
+BEST_FILES = ("model.pt", "labels.json", "val_predictions.csv", "val_probabilities.csv", "meta.json")
+
+
+def epoch_dir(epoch: int) -> str:
+    return f"{EPOCH_PREFIX}{epoch:04d}"
+
+
+def epoch_of(name: str) -> int:
+    return int(os.path.basename(name.rstrip("/"))[len(EPOCH_PREFIX):])
+
+
+def latest_epoch_checkpoint(run_url: str) -> str | None:
+    """The newest ``epoch_NNNN`` folder under ``run_url`` that holds a state.pt."""
+    if not storage.isdir(run_url):
+        return None
+    names = sorted((n for n in storage.listdir(run_url) if n.startswith(EPOCH_PREFIX)), reverse=True)
+    for n in names:
+        if storage.exists(storage.join(run_url, n, "state.pt")):
+            return storage.join(run_url, n)
+    return None
+
+
+def ray_storage(url: str):
+    """``(storage_path, storage_filesystem)`` for Ray's RunConfig: the filesystem mlc uses, for gs:// too."""
+    if storage.is_local(url):
+        return os.path.abspath(url), None
+    fs, path = storage.pyarrow_filesystem(url)
+    return path, fs
+
+
+def best_of(kept: list) -> tuple[int, dict]:
+    """``(epoch, metrics)`` of the best of ``kept`` ((epoch, metrics) pairs): the highest validation F1,
+    the earliest epoch among equals (as local mode keeps it). Only checkpoints that exist are offered."""
+    scored = [(m[SCORE], -e, e, m) for e, m in kept if m.get(SCORE) is not None and m[SCORE] == m[SCORE]]
+    if not scored:
+        raise LookupError("no kept checkpoint has a validation score")
+    best = max(scored, key=lambda t: (t[0], t[1]))
+    return best[2], best[3]
+
+
+def kept_checkpoints(run_url: str) -> list:
+    """``(epoch, metrics)`` for every checkpoint Ray Train kept in the run folder, from its own snapshot
+    (``ray.train.Result.from_path``): never a checkpoint it has deleted."""
+    from ray.train import Result
+    path, fs = ray_storage(run_url)
+    result = Result.from_path(path, storage_filesystem=fs)
+    out = []
+    for ckpt, metrics in result.best_checkpoints or []:
+        out.append((epoch_of(ckpt.path), dict(metrics)))
+    return sorted(out, key=lambda t: t[0])
+
+
+def best_kept(run_url: str) -> tuple[int, dict]:
+    """The best checkpoint Ray Train kept in ``run_url``: ``(epoch, metrics)``."""
+    kept = kept_checkpoints(run_url)
+    try:
+        return best_of(kept)
+    except LookupError:
+        raise LookupError(f"{run_url}: Ray Train kept no scored checkpoint there") from None
+
+
+def publish_best(run_url: str, epoch: int, dst: str) -> None:
+    """Copy ``<run>/epoch_NNNN``'s model files to ``dst``; meta.json last, so a complete best/ is never mistaken."""
+    src = storage.join(run_url, epoch_dir(epoch))
+    missing = [n for n in BEST_FILES if not storage.exists(storage.join(src, n))]
+    if missing:
+        raise FileNotFoundError(f"{src}: cannot publish it as best/: {', '.join(missing)} missing")
+    for n in BEST_FILES:
+        storage.write_bytes(storage.join(dst, n), storage.read_bytes(storage.join(src, n)))
