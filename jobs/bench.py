@@ -1,6 +1,14 @@
 """Benchmark: img/s of the training step and of prediction for unfrozen depths and precisions, measured side
 by side in one run (machines are noisy: compare rows of one run, not numbers across runs).
 
+With --e2e: end-to-end training and prediction img/s of the 2020 report's pipeline, of mlc's own (default
+flags) and of the model alone, on the same real JPEGs (../shared/data/comp5329/images when present, else
+the demo images), interleaved in one run; ratios and peak memory.
+
+With --gpu: the prepared GPU check (under 5 minutes on one GPU): full fine-tune and depth-1 training img/s
+(bf16, channels_last, compiled and not), prediction img/s, and end-to-end with real JPEGs decoded on the
+CPU against decoded on the GPU.
+
 With --io: loader img/s (decode + augment, no model) over the same images read from local disk, from a
 GCS API server (gcp-storage-emulator, from the dev extra) directly, and through a proxy that adds
 --latency-ms to every request, with a cold and a warm byte cache; ratios to local disk."""
@@ -9,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +32,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="off,bf16", help="precisions to compare: off, auto, bf16 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="also print the rows as one JSON list on the last line")
+    e2e = p.add_argument_group("end to end (--e2e)")
+    e2e.add_argument("--e2e", action="store_true", help="compare the 2020 pipeline, mlc's and the model alone")
+    e2e.add_argument("--e2e-images", type=int, default=224,
+                     help="images per pass; the first batch of each pass is not timed (default: %(default)s)")
+    e2e.add_argument("--repeats-e2e", type=int, default=2, help="interleaved passes per row, best kept "
+                     "(default: %(default)s)")
+    p.add_argument("--gpu", action="store_true", help="the prepared GPU check (needs a CUDA device)")
     io = p.add_argument_group("loader I/O (--io)")
     io.add_argument("--io", action="store_true", help="measure loader I/O instead of model compute")
     io.add_argument("--images", default=None,
@@ -135,6 +151,47 @@ def main(args: argparse.Namespace) -> list:
     return rows
 
 
+def _image_folder(args) -> Path:
+    repo = Path(__file__).resolve().parents[1]
+    folder = Path(args.images) if args.images else repo.parent / "shared" / "data" / "comp5329" / "images"
+    if not folder.is_dir():
+        from mlc.demo import make_demo_dataset
+        folder = Path(make_demo_dataset()) / "data"
+    return folder
+
+
+def main_e2e(args: argparse.Namespace) -> dict:
+    import torch
+
+    from mlc.bench_e2e import run
+    folder = _image_folder(args)
+    paths = sorted((str(p) for p in folder.iterdir() if p.is_file()), key=lambda s: (len(s), s))[: args.e2e_images]
+    print(f"end to end: {len(paths)} images from {folder}, batch {args.batch_size}, {args.image_size} px, depth 1; "
+          f"CPU, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
+    out = run(paths, repeats=args.repeats_e2e, batch_size=args.batch_size, image_size=args.image_size)
+    rows = out["rows"]
+    print(f"\nbest of {args.repeats_e2e} interleaved passes; mlc precision {out['amp']}, "
+          f"{out['loader_workers']} loader worker(s)\n")
+    print("| | 2020 pipeline | mlc (default flags) | model only | mlc / 2020 | mlc / model only |\n|---|---|---|---|---|---|")
+    for kind in ("train", "predict"):
+        a, b, c = (rows[(n, kind)]["img_s"] for n in ("2020", "mlc", "model only"))
+        print(f"| {kind} img/s | {a:.1f} | {b:.1f} | {c:.1f} | {b / a:.2f}x | {b / c:.0%} |")
+    for kind in ("train", "predict"):
+        print(f"| {kind} peak memory GB | " + " | ".join(f"{rows[(n, kind)]['peak_gb']:.2f}"
+                                                     for n in ("2020", "mlc", "model only")) + " | | |")
+    if args.json:
+        print(json.dumps({f"{n} {k}": v for (n, k), v in rows.items()}))
+    return out
+
+
 if __name__ == "__main__":
     _args = get_args_parser().parse_args()
-    main_io(_args) if _args.io else main(_args)
+    if _args.gpu:
+        from mlc.bench_gpu import main as gpu_main
+        gpu_main(_args, _image_folder(_args))
+    elif _args.e2e:
+        main_e2e(_args)
+    elif _args.io:
+        main_io(_args)
+    else:
+        main(_args)

@@ -35,11 +35,15 @@ HELP = {
     "clip_grad": "maximum gradient norm; 0 turns clipping off",
     "amp": "mixed precision: auto (GPU: bf16 on sm80+, fp16 with loss scaling below; CPU: bf16 or fp32, whichever a "
            "short timed probe finds faster, cached per machine), bf16, fp16, or off",
+    "compile": "torch.compile the training model (true/false); measured not to pay on a 2-core CPU, unmeasured "
+               "on GPUs, where jobs/bench.py --gpu measures it",
     "image_size": "training crop and evaluation centre-crop size in pixels",
     "val_fraction": "fraction of train.csv held out for validation (a seeded split by ImageID)",
     "seed": "seed of the split, the initialisation, the data order and the augmentations",
     "loader_workers": "DataLoader worker processes per training process; default: chosen where the process runs, "
                       "from the CPUs it may use (Ray's reservation per worker, or this process's CPU affinity)",
+    "gpu_decode": "decode JPEGs on the GPU (nvJPEG) instead of in the loader workers, for nodes whose CPUs "
+                  "cannot keep up (true/false); other formats still decode on the CPU",
     "max_bad_fraction": "stop when more than this fraction of labelled images is unreadable",
     "max_image_pixels": "refuse images with more pixels than this (decompression bombs)",
 }

@@ -33,6 +33,9 @@ class TrainConfig:
     # auto: on GPUs bf16 where the card computes it natively (sm80+), fp16 with a GradScaler below; on CPUs
     # whichever of bf16 and fp32 a short timed probe finds faster on this machine (cached per machine).
     amp: str = "auto"
+    # torch.compile of the training model. Off: measured on the 2-core dev CPU it took 28 s to compile and
+    # trained no faster (23.5 vs 24.2 img/s, depth 1, bf16); on GPUs `jobs/bench.py --gpu` measures it.
+    compile: bool = False
 
     # Data.
     image_size: int = 224           # ResNet50's ImageNet resolution; the COMP5329 images are <= 320 px
@@ -41,11 +44,15 @@ class TrainConfig:
     # None: resolved where the training process runs, from the CPUs it may use (Ray's reservation or the
     # process's CPU affinity), never on the machine that parsed the flags (mlc.engine.resolve_loader_workers).
     loader_workers: int | None = None  # per training process
+    # Decode JPEGs on the GPU (nvJPEG) instead of in the loader workers, for nodes whose CPUs cannot keep up
+    # with the GPU (mlc.gpu_decode). Off until measured on a GPU: `jobs/bench.py --gpu` compares the two.
+    gpu_decode: bool = False
     max_bad_fraction: float = 0.01  # unreadable training images tolerated before the run stops
     max_image_pixels: int = 50_000_000  # larger images are refused as decompression bombs
 
     # Settings that may change between a run and its resume without invalidating the checkpoint.
-    RESUMABLE_CHANGES = ("epochs", "loader_workers", "output", "data", "images", "train_csv", "test_csv")
+    RESUMABLE_CHANGES = ("epochs", "loader_workers", "output", "data", "images", "train_csv", "test_csv", "compile",
+                         "gpu_decode")
 
     def __post_init__(self):
         problems = []

@@ -74,9 +74,12 @@ class ImageTable(Dataset):
     resumed epoch repeats exactly.
     """
 
-    def __init__(self, urls: list[str], targets: np.ndarray | None, transform, max_pixels: int):
+    def __init__(self, urls: list[str], targets: np.ndarray | None, transform, max_pixels: int,
+                 gpu_decode: bool = False):
         self.urls, self.targets, self.transform, self.max_pixels = list(urls), targets, transform, max_pixels
         self.epoch_seed: int | None = None
+        # --gpu-decode: ship the bytes of plain JPEGs for the device to decode (mlc.gpu_decode).
+        self.gpu_decode = gpu_decode
 
     def set_epoch(self, seed: int, epoch: int) -> None:
         self.epoch_seed = (seed * 1_000_003 + epoch) * 10_000_019
@@ -89,15 +92,7 @@ class ImageTable(Dataset):
             img = load_image(self.urls[i], max_pixels=self.max_pixels, draft=getattr(self.transform, "draft", None))
         except BadImageError as e:
             return Skipped(i, self.urls[i], e.reason)
-        if self.epoch_seed is None:
-            x = self.transform(img)
-        else:
-            # fork_rng restores the caller's generator, so dropout's random stream is not disturbed.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.epoch_seed + i) % 2**63)
-                x = self.transform(img)
-        y = torch.from_numpy(self.targets[i]) if self.targets is not None else torch.zeros(0)
-        return x, y, i
+        return self._sample(i, img)
 
     def __getitems__(self, indices):
         """A batch of rows at once; torch's DataLoader calls this with each batch's index list.
@@ -126,7 +121,8 @@ class ImageTable(Dataset):
             for k in where.get(url, ()):
                 i = indices[k]
                 try:
-                    out[k] = self._sample(i, decode_fetched(data, url, self.max_pixels, draft))
+                    out[k] = (self._raw(i, data, url) if self.gpu_decode else None) or \
+                        self._sample(i, decode_fetched(data, url, self.max_pixels, draft))
                 except BadImageError as e:
                     out[k] = Skipped(i, url, e.reason)
         return out
@@ -164,6 +160,17 @@ class ImageTable(Dataset):
         state["_ahead"] = None  # reads in flight belong to this process
         return state
 
+    def _raw(self, i: int, data, url: str):
+        """Row ``i`` for the device decoder, or None when it must be decoded here (see mlc.gpu_decode)."""
+        from .gpu_decode import plan_raw
+        if isinstance(data, BaseException):
+            return None  # decode_fetched names the missing object or raises the storage error
+        y = torch.from_numpy(self.targets[i]) if self.targets is not None else torch.zeros(0)
+        with torch.random.fork_rng(devices=[]):
+            if self.epoch_seed is not None:
+                torch.manual_seed((self.epoch_seed + i) % 2**63)
+            return plan_raw(data, url, i, y, self.transform, self.max_pixels)
+
     def _sample(self, i: int, img):
         """``(x, y, i)`` for row ``i``'s decoded image, augmented as in ``__getitem__``."""
         if self.epoch_seed is None:
@@ -178,27 +185,35 @@ class ImageTable(Dataset):
 
 @dataclass
 class Batch:
+    """Decoded rows (``x`` uint8, ``y``) first, then ``raw`` rows for the device decoder (``--gpu-decode``);
+    ``index`` holds the row numbers of both, in that order."""
     x: torch.Tensor | None
     y: torch.Tensor | None
     index: torch.Tensor
     skipped: list = field(default_factory=list)
+    raw: list = field(default_factory=list)
 
     def __len__(self) -> int:
-        return 0 if self.x is None else self.x.shape[0]
+        return len(self.index)
 
     def pin_memory(self):
         if self.x is not None:
             self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
+        for r in self.raw:
+            r.data = r.data.pin_memory()
         return self
 
 
 def collate(items) -> Batch:
-    good = [it for it in items if not isinstance(it, Skipped)]
+    from .gpu_decode import RawJpeg
     skipped = [it for it in items if isinstance(it, Skipped)]
+    raw = [it for it in items if isinstance(it, RawJpeg)]
+    good = [it for it in items if not isinstance(it, (Skipped, RawJpeg))]
+    idx = [it[2] for it in good] + [r.index for r in raw]
     if not good:
-        return Batch(None, None, torch.zeros(0, dtype=torch.long), skipped)
-    xs, ys, idx = zip(*good)
-    return Batch(torch.stack(xs), torch.stack(ys), torch.tensor(idx, dtype=torch.long), skipped)
+        return Batch(None, None, torch.tensor(idx, dtype=torch.long), skipped, raw)
+    xs, ys, _ = zip(*good)
+    return Batch(torch.stack(xs), torch.stack(ys), torch.tensor(idx, dtype=torch.long), skipped, raw)
 
 
 def _seed_worker(worker_id: int) -> None:

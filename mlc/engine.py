@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .precision import autocast, pick_amp_dtype  # noqa: F401  (pick_amp_dtype: re-exported for callers)
-from .transforms import to_model_input
+from .transforms import batch_to_device
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -66,18 +66,19 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, *, epoch: int, 
     for batch in bar:
         if bad_images is not None and batch.skipped:
             bad_images.add(batch.skipped)
-        n = len(batch)
-        global_rows = sizes[steps] if sizes is not None else n * world
+        x, y, index, lost = batch_to_device(batch, device)
+        if lost and bad_images is not None:
+            bad_images.add(lost)
+        n = len(index)
+        global_rows = sizes[steps] if sizes is not None else len(batch) * world
         if n:
-            x = to_model_input(batch.x, device)
-            y = batch.y.to(device, non_blocking=device.type == "cuda")
             blank = x.shape[1:]
             with autocast(device, amp_dtype):
                 logits = model(x)
             rows = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / y.shape[1]
             loss = rows * (world / max(1, global_rows))
             loss_sum += rows.detach()
-            recent[steps] = batch.index
+            recent[steps] = index
         else:
             loss = _zero_loss(model, loader, device, amp_dtype, blank)
         found = ~torch.isfinite(loss.detach())
@@ -180,16 +181,15 @@ def predict_scores(model, loader, device, *, amp_dtype=None, progress: bool = Tr
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False)
     for batch in bar:
-        skipped.extend(batch.skipped)
-        if len(batch) == 0:
+        x, y, index, lost = batch_to_device(batch, device)
+        skipped.extend(batch.skipped + lost)
+        if x is None:
             continue
-        x = to_model_input(batch.x, device)
         with autocast(device, amp_dtype):
             logits = model(x).float()
         parts.append(torch.sigmoid(logits))
-        where.append(batch.index)
-        if batch.y.numel():
-            y = batch.y.to(device, non_blocking=device.type == "cuda")
+        where.append(index)
+        if y.numel():
             loss_sum += F.binary_cross_entropy_with_logits(logits, y, reduction="sum") / y.shape[1]
         seen += x.shape[0]
     num_classes = parts[0].shape[1] if parts else getattr(model, "module", model).fc.out_features

@@ -107,6 +107,12 @@ def _open(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
     return im
 
 
+def open_header(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The lazily opened image (header parsed, no pixel decoded), with the same checks and errors as
+    :func:`decode_image` applies before decoding. For decoders other than PIL's (mlc.gpu_decode)."""
+    return _open(data, name, max_pixels)
+
+
 def read_header(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
     """Return ``{"format", "width", "height", "mode"}`` without decoding any pixels.
 

@@ -192,6 +192,10 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
     model.to(device, memory_format=torch.channels_last)
     bare = model
     model = group.wrap(model)
+    if cfg.compile:
+        # Compiled around DDP, as torch recommends (DDP's buckets become graph breaks); ``bare`` stays the
+        # plain module that checkpoints and validation use.
+        model = torch.compile(model)
     optimizer = make_optimizer(trainable_parameter_groups(bare, cfg.weight_decay), cfg.optimizer, cfg.lr,
                                cfg.momentum, device=device)
     # --batch-size is global: the rows of one optimizer step over all ranks. The steps, and so the
@@ -216,8 +220,12 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
             say(f"resuming from {source}: epoch {state['epoch']} done, continuing at epoch {start_epoch}")
 
     tr, va, Y = data.tr, data.va, data.Y
-    train_ds = ImageTable([data.urls[i] for i in tr], Y[tr], train_transform(cfg.image_size), cfg.max_image_pixels)
-    val_ds = ImageTable([data.urls[i] for i in va], Y[va], eval_transform(cfg.image_size), cfg.max_image_pixels)
+    train_ds = ImageTable([data.urls[i] for i in tr], Y[tr], train_transform(cfg.image_size), cfg.max_image_pixels,
+                          gpu_decode=cfg.gpu_decode)
+    val_ds = ImageTable([data.urls[i] for i in va], Y[va], eval_transform(cfg.image_size), cfg.max_image_pixels,
+                        gpu_decode=cfg.gpu_decode)
+    if cfg.gpu_decode and device.type != "cuda":
+        say("warning: --gpu-decode on a CPU device: JPEGs are decoded in the training process, not in parallel")
     budget = BadImageBudget(len(data.train_df), cfg.max_bad_fraction, log=say)
     if state is not None:
         budget.bad.update(state.get("bad_images", {}))

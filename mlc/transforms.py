@@ -30,12 +30,20 @@ TRAIN_SCALE = (0.35, 1.0)
 class ImageTransform:
     """A PIL -> uint8 CHW tensor transform plus the smallest side a JPEG may be decoded at for it."""
 
-    def __init__(self, steps, size: int, draft: int):
+    def __init__(self, steps, size: int, draft: int, random: bool):
         self.pipeline = T.Compose([*steps, T.PILToTensor()])
-        self.size, self.draft = size, draft
+        self.size, self.draft, self.random = size, draft, random
 
     def __call__(self, img):
         return self.pipeline(img)
+
+    def params(self, height: int, width: int) -> tuple:
+        """The random crop box and flip this transform would draw for an image of this size, in the same
+        order from the same generator (mlc.gpu_decode applies them on the device)."""
+        crop = self.pipeline.transforms[0]
+        top, left, h, w = T.RandomResizedCrop.get_params(torch.empty(1, height, width), crop.scale, crop.ratio)
+        flip = bool(torch.rand(1) < 0.5)
+        return top, left, h, w, flip
 
 
 def train_transform(size: int) -> ImageTransform:
@@ -44,12 +52,12 @@ def train_transform(size: int) -> ImageTransform:
     # size / 0.51 still gives every crop at full resolution.
     draft = math.ceil(size / math.sqrt(TRAIN_SCALE[0] * 3 / 4))
     return ImageTransform([T.RandomResizedCrop(size, scale=TRAIN_SCALE, antialias=True),
-                           T.RandomHorizontalFlip()], size, draft)
+                           T.RandomHorizontalFlip()], size, draft, random=True)
 
 
 def eval_transform(size: int) -> ImageTransform:
     resize = int(round(size / EVAL_CROP_RATIO))
-    return ImageTransform([T.Resize(resize, antialias=True), T.CenterCrop(size)], size, resize)
+    return ImageTransform([T.Resize(resize, antialias=True), T.CenterCrop(size)], size, resize, random=False)
 
 
 _STATS: dict = {}
@@ -71,3 +79,29 @@ def to_model_input(x: torch.Tensor, device: torch.device, channels_last: bool = 
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return (x.float() - mean) * inv_std
+
+
+def batch_to_device(batch, device: torch.device) -> tuple:
+    """``(x, y, index, lost)`` of a loader batch on ``device``: normalised float inputs, targets, row
+    indices, and the rows the device decoder could not decode (``--gpu-decode``; mlc.data.Skipped)."""
+    from .data import Skipped
+    nb = device.type == "cuda"
+    parts, ys, index, lost = [], [], [], []
+    if batch.x is not None:
+        parts.append(batch.x.to(device, non_blocking=nb))
+        ys.append(batch.y.to(device, non_blocking=nb))
+        index.append(batch.index[: batch.x.shape[0]])
+    if batch.raw:
+        from .gpu_decode import decode_rows
+        images, failed = decode_rows(batch.raw, device)
+        lost = [Skipped(r.index, r.name, reason) for r, reason in failed]
+        kept = [(r, img) for r, img in zip(batch.raw, images) if img is not None]
+        if kept:
+            parts.append(torch.stack([img for _, img in kept]))
+            ys.append(torch.stack([r.y for r, _ in kept]).to(device, non_blocking=nb))
+            index.append(torch.tensor([r.index for r, _ in kept], dtype=torch.long))
+    if not parts:
+        return None, None, torch.zeros(0, dtype=torch.long), lost
+    x = torch.cat(parts) if len(parts) > 1 else parts[0]
+    y = torch.cat(ys) if len(ys) > 1 else ys[0]
+    return to_model_input(x, device), y, torch.cat(index) if len(index) > 1 else index[0], lost

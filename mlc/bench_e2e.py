@@ -1,0 +1,252 @@
+"""End-to-end speed: the 2020 report's pipeline against mlc's, on the same real JPEGs, side by side in one run.
+
+Three ways to push the same images through ResNet50 at depth 1 (layer4 + head train), for training and
+for prediction:
+
+- ``2020``: the report's pipeline rebuilt as it was: PIL -> Resize((224, 224)) -> ToTensor -> Normalize
+  in one DataLoader worker, float32 tensors between processes, fp32 NCHW, Adam, ``loss.item()`` each
+  step, frozen stages still in train mode.
+- ``mlc``: mlc's own loader and loop as ``jobs/train.py`` runs them with default flags (uint8 from the
+  loader workers, normalisation on the device, JPEG draft decode, loader workers and precision chosen
+  as ``--loader-workers``/``--amp auto`` choose them, channels_last, fused AdamW, no per-step sync;
+  prediction under inference_mode).
+- ``model only``: the same model, precision and optimizer on random tensors already in memory: the
+  ceiling the pipeline can reach on this machine.
+
+Every pass skips its first batch (worker start-up) and times the rest; the passes of all pipelines
+are interleaved ``repeats`` times and each keeps its best, so a slow spell of a shared machine hits all
+of them alike. Peak memory is the peak resident set of this process plus its loader workers during
+each pass.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+class _Style2020(Dataset):
+    def __init__(self, paths, num_classes):
+        self.paths = paths
+        self.tf = T.Compose([T.Resize((224, 224)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.y = (np.random.default_rng(0).random((len(paths), num_classes)) < 0.15).astype(np.float32)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.tf(Image.open(self.paths[i]).convert("RGB")), torch.from_numpy(self.y[i])
+
+
+class _PeakRSS:
+    """Peak resident memory of this process and its children (loader workers), sampled every 50 ms."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _rss(self) -> int:
+        pids = [os.getpid()]
+        try:
+            for task in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{task}/children") as f:
+                    pids += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+        total = 0
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError):
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def _timed(counts) -> tuple[int, float]:
+    """Images and seconds over all steps but the first (start-up); ``counts`` runs one step per item."""
+    n, t0 = 0, None
+    for k, c in enumerate(counts):
+        if k == 0:
+            t0 = time.perf_counter()
+        else:
+            n += c
+    return n, time.perf_counter() - t0
+
+
+def _model_2020(num_classes):
+    from torchvision.models import resnet50
+    torch.manual_seed(0)
+    m = resnet50(num_classes=num_classes)
+    for name, p in m.named_parameters():
+        p.requires_grad_(name.startswith(("layer4", "fc")))
+    return m
+
+
+class Bench:
+    """The three pipelines over ``paths``; ``pass_(name, kind)`` runs one timed pass."""
+
+    def __init__(self, paths, *, batch_size: int = 16, image_size: int = 224, num_classes: int = 18, log=print):
+        from .engine import make_optimizer, resolve_loader_workers
+        from .model import build_model, trainable_parameter_groups
+        from .precision import NAMES, pick_amp_dtype
+        from .predict import available_cpus
+        self.paths, self.batch_size, self.image_size, self.num_classes = list(paths), batch_size, image_size, num_classes
+        self.device = torch.device("cpu")
+        self.amp = {k: pick_amp_dtype("auto", self.device, kind=k, unfrozen_depth=1, image_size=image_size, log=log)
+                    for k in ("train", "predict")}
+        self.workers = resolve_loader_workers(None, available_cpus(), self.device)
+        log(f"mlc defaults here: precision train {NAMES[self.amp['train']]}, predict {NAMES[self.amp['predict']]}; "
+            f"{self.workers} loader worker(s); torch {torch.get_num_threads()} threads")
+        self.old = _model_2020(num_classes)
+        self.old_opt = torch.optim.Adam([p for p in self.old.parameters() if p.requires_grad], lr=1e-4)
+        torch.manual_seed(0)
+        self.new = build_model(num_classes, 1, dropout=0.0, weights="none").to(memory_format=torch.channels_last)
+        self.new_opt = make_optimizer(trainable_parameter_groups(self.new, 0.01), "adamw", 1e-4, device=self.device)
+        self.y = (np.random.default_rng(0).random((len(self.paths), num_classes)) < 0.15).astype(np.float32)
+
+    # -- the 2020 pipeline
+    def _old_loader(self, shuffle):
+        return DataLoader(_Style2020(self.paths, self.num_classes), batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=1, drop_last=shuffle)
+
+    def old_train(self):
+        self.old.train()
+        crit = torch.nn.BCEWithLogitsLoss()
+
+        def step(b):
+            x, y = b
+            loss = crit(self.old(x), y)
+            self.old_opt.zero_grad()
+            loss.backward()
+            self.old_opt.step()
+            loss.item()  # the report logged the loss of every step
+            return x.shape[0]
+        return _timed((step(b) for b in self._old_loader(True)))
+
+    def old_predict(self):
+        self.old.eval()
+
+        def step(b):
+            with torch.no_grad():
+                torch.sigmoid(self.old(b[0])).numpy()
+            return b[0].shape[0]
+        return _timed((step(b) for b in self._old_loader(False)))
+
+    # -- mlc's pipeline
+    def _new_loader(self, train: bool):
+        from .data import ImageTable, make_loader
+        from .transforms import eval_transform, train_transform
+        tf = train_transform(self.image_size) if train else eval_transform(self.image_size)
+        ds = ImageTable(self.paths, self.y if train else None, tf, 50_000_000)
+        return make_loader(ds, self.batch_size, shuffle=train, seed=0, epoch=1, num_workers=self.workers,
+                           drop_last=train)
+
+    def new_train(self):
+        from .engine import train_one_epoch
+        loader = self._new_loader(True)
+        counted = _CountingLoader(loader)
+        train_one_epoch(self.new, counted, self.new_opt, None, self.device, epoch=1, amp_dtype=self.amp["train"],
+                        clip_grad=1.0, progress=False)
+        return counted.result()
+
+    def new_predict(self):
+        from .engine import predict_scores
+        counted = _CountingLoader(self._new_loader(False))
+        predict_scores(self.new, counted, self.device, amp_dtype=self.amp["predict"], progress=False)
+        return counted.result()
+
+    # -- model only
+    def model_train(self):
+        from .precision import autocast
+        x = torch.randn(self.batch_size, 3, self.image_size, self.image_size).contiguous(
+            memory_format=torch.channels_last)
+        y = torch.from_numpy(self.y[: self.batch_size])
+        steps = len(self.paths) // self.batch_size
+        self.new.train()
+
+        def step(_):
+            with autocast(self.device, self.amp["train"]):
+                logits = self.new(x)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+            self.new_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.new_opt.step()
+            return self.batch_size
+        return _timed((step(k) for k in range(steps)))
+
+    def model_predict(self):
+        from .precision import autocast
+        x = torch.randn(self.batch_size, 3, self.image_size, self.image_size).contiguous(
+            memory_format=torch.channels_last)
+        steps = -(-len(self.paths) // self.batch_size)
+        self.new.eval()
+
+        def step(_):
+            with torch.inference_mode(), autocast(self.device, self.amp["predict"]):
+                torch.sigmoid(self.new(x).float())
+            return self.batch_size
+        return _timed((step(k) for k in range(steps)))
+
+
+class _CountingLoader:
+    """Wraps a loader to time everything after its first batch, as :func:`_timed` does."""
+
+    def __init__(self, loader):
+        self.loader, self.dataset, self.batch_sampler = loader, loader.dataset, loader.batch_sampler
+        self.n, self.t0 = 0, None
+
+    def __iter__(self):
+        for k, b in enumerate(self.loader):
+            if k >= 1:
+                self.n += len(b)
+            yield b
+            if k == 0:  # the consumer is done with the first batch: time from here, as _timed does
+                self.t0 = time.perf_counter()
+
+    def result(self):
+        return self.n, time.perf_counter() - self.t0
+
+
+def run(paths, *, repeats: int = 2, batch_size: int = 16, image_size: int = 224, log=print) -> dict:
+    """Interleaved passes of every pipeline; the best img/s and the peak memory of each."""
+    bench = Bench(paths, batch_size=batch_size, image_size=image_size, log=log)
+    plan = [("2020", "train", bench.old_train), ("mlc", "train", bench.new_train),
+            ("model only", "train", bench.model_train), ("2020", "predict", bench.old_predict),
+            ("mlc", "predict", bench.new_predict), ("model only", "predict", bench.model_predict)]
+    best: dict = {}
+    for rep in range(repeats):
+        for name, kind, fn in plan:
+            with _PeakRSS() as mem:
+                n, seconds = fn()
+            r = {"img_s": n / seconds, "images": n, "seconds": seconds, "peak_gb": mem.peak / 2**30}
+            log(f"  [{rep + 1}/{repeats}] {kind:<8} {name:<11} {r['img_s']:7.1f} img/s ({n} images in {seconds:.1f} s, "
+                f"peak {r['peak_gb']:.2f} GB)")
+            key = (name, kind)
+            if key not in best or r["img_s"] > best[key]["img_s"]:
+                best[key] = {**r, "peak_gb": max(r["peak_gb"], best.get(key, {}).get("peak_gb", 0))}
+    return {"rows": best, "amp": {k: str(v) for k, v in bench.amp.items()}, "loader_workers": bench.workers}

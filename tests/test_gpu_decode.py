@@ -1,0 +1,78 @@
+"""--gpu-decode: the device decoder (run here with device="cpu", torchvision's libjpeg) gives the CPU path's
+crops, skips what it cannot decode by name, and leaves non-JPEG files to the CPU path."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mlc.data import Batch, ImageTable, collate, make_loader
+from mlc.gpu_decode import RawJpeg
+from mlc.transforms import batch_to_device, eval_transform, train_transform
+
+CPU = torch.device("cpu")
+
+
+def _write(folder, name, img, fmt="JPEG"):
+    img.save(folder / name, fmt, quality=95)
+    return str(folder / name)
+
+
+def _photo(w, h, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h), Image.BILINEAR)
+
+
+def test_device_decode_matches_the_cpu_path_for_training_and_evaluation(tmp_path):
+    urls = [_write(tmp_path, f"{i}.jpg", _photo(320 - 40 * i, 240 + 20 * i, i)) for i in range(4)]
+    y = np.eye(4, dtype=np.float32)
+    for tf in (train_transform(64), eval_transform(64)):
+        cpu = ImageTable(urls, y, tf, 50_000_000)
+        dev = ImageTable(urls, y, tf, 50_000_000, gpu_decode=True)
+        for ds in (cpu, dev):
+            ds.set_epoch(3, 2)
+        a = collate(cpu.__getitems__([0, 1, 2, 3]))
+        b = collate(dev.__getitems__([0, 1, 2, 3]))
+        assert a.raw == [] and len(b.raw) == 4 and b.x is None  # the bytes travel, not pixels
+        xa, ya, ia, _ = batch_to_device(a, CPU)
+        xb, yb, ib, lost = batch_to_device(b, CPU)
+        assert lost == [] and ia.tolist() == ib.tolist() == [0, 1, 2, 3]
+        assert torch.equal(ya, yb)
+        # The same crop box and flip, drawn from the same per-row seed: only the decoders' and resizers'
+        # rounding differ (a different box would differ by tens of grey levels).
+        diff = (xa - xb).abs().mean().item() * 0.226 * 255  # back to grey levels, roughly
+        assert diff < 4.0, diff
+
+
+def test_device_decode_skips_a_truncated_jpeg_by_name_and_leaves_other_formats_to_the_cpu(tmp_path):
+    good = _write(tmp_path, "good.jpg", _photo(200, 160, 1))
+    data = (tmp_path / "good.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
+    cut = str(tmp_path / "cut.jpg")
+    cmyk = _write(tmp_path, "cmyk.jpg", _photo(200, 160, 2).convert("CMYK"))
+    png = _write(tmp_path, "png.jpg", _photo(200, 160, 3), "PNG")
+    ds = ImageTable([good, cut, cmyk, png], np.eye(4, dtype=np.float32), eval_transform(32), 50_000_000,
+                    gpu_decode=True)
+    rows = ds.__getitems__([0, 1, 2, 3])
+    assert [type(r).__name__ for r in rows[:2]] == ["RawJpeg", "RawJpeg"]  # headers are fine
+    assert isinstance(rows[2], tuple) and isinstance(rows[3], tuple)      # decoded here, on the CPU
+    b = collate(rows)
+    x, y, index, lost = batch_to_device(b, CPU)
+    assert [s.name for s in lost] == [cut] and "truncated" in lost[0].reason
+    assert sorted(index.tolist()) == [0, 2, 3] and x.shape == (3, 3, 32, 32)
+    assert torch.equal(y[index.tolist().index(0)], torch.tensor([1.0, 0, 0, 0]))
+
+
+def test_a_loader_with_gpu_decode_yields_every_row_once(tmp_path):
+    urls = [_write(tmp_path, f"{i}.jpg", _photo(96, 80, i)) for i in range(10)]
+    ds = ImageTable(urls, np.zeros((10, 2), dtype=np.float32), train_transform(32), 50_000_000, gpu_decode=True)
+    seen = []
+    for batch in make_loader(ds, 4, shuffle=True, seed=0, epoch=1, num_workers=2, drop_last=False):
+        assert isinstance(batch, Batch) and all(isinstance(r, RawJpeg) for r in batch.raw)
+        x, _, index, lost = batch_to_device(batch, CPU)
+        assert x.shape[0] == len(index) and not lost
+        seen += index.tolist()
+    assert sorted(seen) == list(range(10))
