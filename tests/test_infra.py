@@ -523,3 +523,66 @@ def test_no_secret_material_in_infra_files(path):
     assert '"private_key"' not in text and "private_key_id" not in text
     assert not re.search(r"AIza[0-9A-Za-z_-]{35}", text), "a Google API key"
     assert not re.search(r"RAY_AUTH_TOKEN\s*=\s*['\"]?[A-Za-z0-9]", text), "a literal Ray token"
+
+
+# --------------------------------------------------------------------------------------------------------
+# 5. The shipped commands plan on the shipped clusters as they scale from zero
+
+
+def k8s_node_types(spec: dict) -> dict:
+    """MLC_NODE_TYPES on the head container, parsed."""
+    import json
+    for c in spec["headGroupSpec"]["template"]["spec"]["containers"]:
+        for env in c.get("env", []):
+            if env["name"] == "MLC_NODE_TYPES":
+                return json.loads(env["value"])
+    raise AssertionError("the head container sets no MLC_NODE_TYPES")
+
+
+def test_k8s_head_declares_the_worker_groups_node_types():
+    """The drivers plan from MLC_NODE_TYPES (KubeRay's autoscaler config is out of their reach): it must say
+    what workerGroupSpecs say, in Ray's terms (CPUs and GPUs from the pod limits, maxReplicas)."""
+    for where, spec in ray_cluster_specs():
+        declared = k8s_node_types(spec)
+        groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+        assert set(declared) == set(groups), f"{where}: MLC_NODE_TYPES {set(declared)} != groups {set(groups)}"
+        for name, g in groups.items():
+            limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+            want = {"CPU": float(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0))}
+            got = {k: float(v) for k, v in declared[name]["resources"].items()}
+            assert got == want, f"{where}: {name} declares {got}, the pod limits give {want}"
+            assert declared[name]["max_workers"] == g["maxReplicas"], f"{where}: {name} max_workers"
+
+
+def _shipped_cluster(source: str):
+    from mlc.cluster import Cluster, types_from_config
+    if source == "gce":
+        types = types_from_config(yaml.safe_load(CLUSTER.read_text()))
+    else:
+        types = types_from_config({"available_node_types": k8s_node_types(ray_cluster_specs()[0][1])})
+    return Cluster(({"CPU": 0.0},), types, source)  # scale from zero: the 0-CPU head is all there is
+
+
+@pytest.mark.parametrize("source", ["gce", "k8s"])
+def test_shipped_train_and_tune_commands_plan_gpu_workers_on_a_cluster_with_no_worker_node(source):
+    from mlc import cluster
+    from mlc.cli import scale_from_args, sweep_from_args
+    c = _shipped_cluster(source)
+    files = [README] + sorted(K8S.glob("rayjob-*.yaml"))
+    seen = set()
+    for path in files:
+        for where, script, tokens in extract_commands(path):
+            if script not in ("train", "tune") or not any(t.startswith("gs://") for t in tokens):
+                continue
+            args = job_module(script).get_args_parser().parse_args(tokens)
+            conf = scale_from_args(args) if script == "train" else sweep_from_args(args)
+            needed = conf.min_workers if script == "train" else conf.workers_per_trial
+            per_worker = cluster.choose_resources(c, conf.gpus_per_worker, conf.cpus_per_worker, wait=False)
+            assert per_worker.get("GPU") == 1.0, f"{where}: {per_worker}"
+            assert per_worker["CPU"] == (8.0 if source == "gce" else 7.0), f"{where}: {per_worker}"
+            cluster.check_feasible(c, per_worker, needed, what=where, wait=False)  # raises if it never fits
+            seen.add(script)
+    assert seen == {"train", "tune"}
+    # And the plan refuses what the node types can never hold, at once.
+    with pytest.raises(cluster.ClusterError, match="at most 4"):
+        cluster.check_feasible(c, {"CPU": 1.0, "GPU": 1.0}, 5, what="x", wait=False)
