@@ -76,3 +76,18 @@ def test_a_loader_with_gpu_decode_yields_every_row_once(tmp_path):
         assert x.shape[0] == len(index) and not lost
         seen += index.tolist()
     assert sorted(seen) == list(range(10))
+
+
+def test_the_prepared_gpu_check_runs_through_on_a_cpu_with_tiny_settings(tmp_path):
+    """jobs/bench.py --gpu cannot run here; its code path can, so it does not rot while no GPU is at hand."""
+    from mlc.bench_gpu import run
+    paths = [_write(tmp_path, f"{i}.jpg", _photo(96, 80, i)) for i in range(8)]
+    lines = []
+    rows = run(CPU, paths, batch=2, size=32, steps=1, budget_s=60, workers=0, amp_setting="off",
+               log=lines.append)
+    by = {r["item"]: r for r in rows}
+    for item in ("train depth 4", "train depth 1", "predict", "end to end, depth 4, CPU decode",
+                 "end to end, depth 4, GPU decode"):
+        assert by[item]["img_s"] > 0, by[item]
+    assert all("skipped" in r for k, r in by.items() if "compiled" in k)  # no time left for a compile
+    assert any(line.startswith("| end to end, depth 4, GPU decode |") for line in lines)
