@@ -129,3 +129,79 @@ def isolated(fn, *args, timeout: float = 600, **kwargs):
     if result[0] == "err":
         raise IsolatedError(f"{result[1]}\n{result[2]}")
     return result[1]
+
+
+# The fake multi-node provider's base config. Ray's wheel does not ship
+# ray/autoscaler/_private/fake_multi_node/example.yaml, which AutoscalingCluster._generate_config reads.
+FAKE_BASE = {
+    "cluster_name": "mlc-fake", "max_workers": 8,
+    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                 "disable_launch_config_check": True},
+    "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 1.0,
+    "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+    "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+    "rsync_exclude": [], "rsync_filter": [],
+}
+
+
+def _autoscaling_cluster_class():
+    from ray.cluster_utils import AutoscalingCluster
+
+    class Generated(AutoscalingCluster):
+        def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **config_kwargs):
+            import copy
+            config = copy.deepcopy(FAKE_BASE)
+            config["available_node_types"] = dict(worker_node_types)
+            config["available_node_types"]["ray.head.default"] = {"resources": head_resources, "node_config": {},
+                                                                  "max_workers": 0}
+            config.update(config_kwargs)
+            return config
+
+    return Generated
+
+
+class AutoscalingHead(RayHead):
+    """Ray's fake multi-node autoscaler on this machine, as a scale-from-zero cluster: a head with 0 CPUs and
+    worker node types the autoscaler adds on demand (``ray.cluster_utils.AutoscalingCluster``'s config).
+
+    AutoscalingCluster.start() and shutdown() run ``ray stop --force``, which would kill every Ray on the
+    machine: the head is started here instead like ``RayHead`` (``ray start --head --block`` in its own
+    session, loopback dashboard), and stopped by signalling that session only: the fake worker nodes are
+    processes the head's monitor started, in the same session. The config file is also what the job
+    drivers read as the autoscaler's node types (``MLC_AUTOSCALER_CONFIG``, as ``~/ray_bootstrap_config.yaml``
+    on a ``ray up`` head).
+    """
+
+    def __init__(self, worker_node_types: dict, head_resources: dict | None = None, idle_timeout_minutes=1.0):
+        import json
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.dir = tempfile.mkdtemp(prefix="mlc-ray-auto-")
+        ip = node_ip()
+        generated = _autoscaling_cluster_class()(dict(head_resources or {"CPU": 0}), worker_node_types,
+                                                 idle_timeout_minutes=idle_timeout_minutes)
+        self.config = generated._config
+        self.config["provider"]["gcs_address"] = f"{ip}:{self.port}"  # the provider assumes port 6379
+        self.config_path = str(Path(self.dir) / "autoscaling.yaml")
+        Path(self.config_path).write_text(json.dumps(self.config))
+        self.log = open(Path(self.dir) / "head.log", "w")
+        head = self.config["available_node_types"]["ray.head.default"]["resources"]
+        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+               f"--port={self.port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={self.dashboard_port}", f"--num-cpus={head.get('CPU', 0)}",
+               f"--num-gpus={head.get('GPU', 0)}", f"--autoscaling-config={self.config_path}",
+               "--disable-usage-stats", "--include-dashboard=true"]
+        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_ADDRESS=f"{ip}:{self.port}",
+                        AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1",
+                        MLC_AUTOSCALER_CONFIG=self.config_path)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        self.address = None
+        self._wait_ready()
+
+    def stop(self) -> None:
+        super().stop()
+        try:  # the worker nodes the monitor started outlive the head; they are in its session only
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
