@@ -195,14 +195,15 @@ def check_feasible(cluster: Cluster, per_worker: dict, needed: int, *, what: str
         return
     if cluster.types is not None:
         listed = ", ".join(f"{t.name} {fmt_resources(t.resources)} x{t.max_count}" for t in cluster.types)
-        where = f"the autoscaler's node types ({listed})"
+        where = f"the node types of {cluster.source} ({listed})"
+        hint = "or give the cluster a node type (or max_workers) that holds them"
     else:
         listed = ", ".join(fmt_resources(n) for n in cluster.alive) or "none"
         where = f"the nodes up now ({listed}); no autoscaler config was found"
+        hint = "add nodes, or pass --wait-for-autoscaler if an autoscaler this process cannot see will add them"
     raise ClusterError(
-        f"{what} needs {needed} worker(s) of {fmt_resources(per_worker)}, but at most {most} fit on {where}: lower "
-        "the worker count or --cpus-per-worker / --gpus-per-worker, use a larger node type, or pass "
-        "--wait-for-autoscaler if an autoscaler this process cannot see will add nodes")
+        f"{what} needs {needed} worker(s) of {fmt_resources(per_worker)}, but at most {most} ever fit on {where}: "
+        f"lower the worker count or --cpus-per-worker / --gpus-per-worker, {hint}")
 
 
 def wait_for_workers(per_worker: dict, needed: int, *, timeout_s: float, log=print, what: str = "the run",
