@@ -9,6 +9,9 @@ With --gpu: the prepared GPU check (under 5 minutes on one GPU): full fine-tune 
 (bf16, channels_last, compiled and not), prediction img/s, and end-to-end with real JPEGs decoded on the
 CPU against decoded on the GPU.
 
+With --ray-predict: Ray Data prediction with decoding inside the model actors against decoding in CPU
+tasks ahead of them (the layout GPU actors get), on this machine's CPUs.
+
 With --io: loader img/s (decode + augment, no model) over the same images read from local disk, from a
 GCS API server (gcp-storage-emulator, from the dev extra) directly, and through a proxy that adds
 --latency-ms to every request, with a cold and a warm byte cache; ratios to local disk."""
@@ -25,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image-size", type=int, default=224, help="input size in pixels (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="images per step (default: %(default)s)")
     p.add_argument("--depths", default="1,4", help="unfrozen depths to compare (default: %(default)s)")
@@ -39,6 +42,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--repeats-e2e", type=int, default=2, help="interleaved passes per row, best kept "
                      "(default: %(default)s)")
     p.add_argument("--gpu", action="store_true", help="the prepared GPU check (needs a CUDA device)")
+    rp = p.add_argument_group("Ray Data prediction (--ray-predict)")
+    rp.add_argument("--ray-predict", action="store_true",
+                    help="distributed prediction on a local Ray: decoding inside the model actors against decoding "
+                         "in CPU tasks ahead of them (the GPU layout), on the CPU")
+    rp.add_argument("--ray-images", type=int, default=400, help="images to score (default: %(default)s)")
+    rp.add_argument("--ray-actors", type=int, default=1, help="model actors (default: %(default)s)")
     io = p.add_argument_group("loader I/O (--io)")
     io.add_argument("--io", action="store_true", help="measure loader I/O instead of model compute")
     io.add_argument("--images", default=None,
@@ -160,6 +169,37 @@ def _image_folder(args) -> Path:
     return folder
 
 
+def main_ray_predict(args: argparse.Namespace) -> dict:
+    import ray
+    import torch
+
+    from mlc.config import TrainConfig
+    from mlc.model import bare_state_dict, build_model
+    from mlc.ray_predict import score_distributed
+    folder = _image_folder(args)
+    ids = sorted((p.name for p in folder.iterdir() if p.is_file()), key=lambda s: (len(s), s))[: args.ray_images]
+    cfg = TrainConfig(image_size=args.image_size, unfrozen_depth=1, dropout=0.0, amp="auto")
+    state = bare_state_dict(build_model(18, 1, 0.0, weights="none"))
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    out = {}
+    try:
+        print(f"Ray Data prediction: {len(ids)} images from {folder}, {args.ray_actors} model actor(s), "
+              f"{os.cpu_count()} CPUs, batch {args.batch_size}", flush=True)
+        for rep in range(2):
+            for split in (False, True):
+                r = score_distributed(state, ids, str(folder), cfg, 18, num_workers=args.ray_actors,
+                                      gpus_per_worker=0, batch_size=args.batch_size, split=split,
+                                      log=lambda *_: None, progress=False)
+                name = "decode in CPU tasks, model actors" if split else "decode inside the model actors"
+                print(f"  [{rep + 1}/2] {name:<36} {r['img_per_s']:6.1f} img/s (actor start-up included)", flush=True)
+                out[name] = max(out.get(name, 0), r["img_per_s"])
+    finally:
+        ray.shutdown()
+    a, b = out.values()
+    print(f"\nsplit / one stage: {b / a:.2f}x (best of 2 each)")
+    return out
+
+
 def main_e2e(args: argparse.Namespace) -> dict:
     import torch
 
@@ -191,6 +231,8 @@ if __name__ == "__main__":
         gpu_main(_args, _image_folder(_args))
     elif _args.e2e:
         main_e2e(_args)
+    elif _args.ray_predict:
+        main_ray_predict(_args)
     elif _args.io:
         main_io(_args)
     else:

@@ -36,7 +36,7 @@ def pick_amp_dtype(setting: str, device: torch.device, *, kind: str = "train", u
     """The autocast dtype for ``setting`` on ``device`` (None: fp32). See the module docstring for ``auto``.
 
     ``kind`` is ``train`` or ``predict``: the CPU probe times what the caller will run. ``probe(kind,
-    dtype, unfrozen_depth, image_size) -> seconds`` replaces the real timing (tests).
+    unfrozen_depth, image_size) -> (fp32 seconds, bf16 seconds)`` replaces the real timing (tests).
     """
     if setting in DTYPES:
         return DTYPES[setting]
@@ -47,7 +47,7 @@ def pick_amp_dtype(setting: str, device: torch.device, *, kind: str = "train", u
         return torch.bfloat16 if major >= 8 else torch.float16
     if device.type != "cpu":
         return None  # mps and others: fp32 until measured
-    return _cpu_choice(kind, unfrozen_depth, image_size, probe or time_cpu_step, cache_path, log)
+    return _cpu_choice(kind, unfrozen_depth, image_size, probe or time_cpu_steps, cache_path, log)
 
 
 def needs_grad_scaler(amp_dtype) -> bool:
@@ -96,8 +96,7 @@ def _cpu_choice(kind, unfrozen_depth, image_size, probe, cache_path, log):
             cache = _read(path)
             if key in cache:
                 return DTYPES[cache[key]["choice"]]
-            fp32 = probe(kind, None, unfrozen_depth, image_size)
-            bf16 = probe(kind, torch.bfloat16, unfrozen_depth, image_size)
+            fp32, bf16 = probe(kind, unfrozen_depth, image_size)
             # A tie goes to fp32: same speed, more precision.
             choice = "bf16" if bf16 < fp32 / 1.05 else "off"
             cache[key] = {"choice": choice, "fp32_s": fp32, "bf16_s": bf16, "measured": time.strftime("%Y-%m-%d")}
@@ -122,10 +121,13 @@ def _read(path: str) -> dict:
         return {}  # absent or damaged: measure again
 
 
-def time_cpu_step(kind: str, amp_dtype, unfrozen_depth: int, image_size: int, *, batch_size: int = 8,
-                  steps: int = 3) -> float:
-    """Seconds per step of the configured ResNet50 (random weights and inputs) on the CPU: the median of
-    ``steps`` after one warm-up, training steps or forward passes by ``kind``."""
+def time_cpu_steps(kind: str, unfrozen_depth: int, image_size: int, *, batch_size: int = 8,
+                   rounds: int = 4) -> tuple[float, float]:
+    """Seconds per step of the configured ResNet50 (random weights and inputs) on the CPU in fp32 and in bf16:
+    training steps or forward passes by ``kind``. The two precisions alternate, step by step, after a
+    warm-up step of each, and each keeps its fastest step: other work on a shared machine only ever slows
+    a step down, so the minimum is the figure it disturbs least, and alternating exposes both to the
+    same spells."""
     import torch.nn.functional as F
 
     from .model import build_model, trainable_parameter_groups
@@ -135,9 +137,9 @@ def time_cpu_step(kind: str, amp_dtype, unfrozen_depth: int, image_size: int, *,
         model = build_model(18, unfrozen_depth, dropout=0.0, weights="none").to(memory_format=torch.channels_last)
         x = torch.randn(batch_size, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
         y = (torch.rand(batch_size, 18) < 0.15).float()
-    opt = torch.optim.AdamW([g for g in trainable_parameter_groups(model, 0.01)], lr=1e-4)
-    times = []
-    for _ in range(steps + 1):
+    opt = torch.optim.AdamW(trainable_parameter_groups(model, 0.01), lr=1e-4)
+
+    def step(amp_dtype) -> float:
         t = time.perf_counter()
         if kind == "train":
             model.train()
@@ -151,5 +153,11 @@ def time_cpu_step(kind: str, amp_dtype, unfrozen_depth: int, image_size: int, *,
             model.eval()
             with torch.inference_mode(), autocast(device, amp_dtype):
                 model(x)
-        times.append(time.perf_counter() - t)
-    return sorted(times[1:])[len(times[1:]) // 2]
+        return time.perf_counter() - t
+
+    step(None), step(torch.bfloat16)  # warm-up: allocations, kernel selection
+    fp32, bf16 = [], []
+    for _ in range(rounds):
+        fp32.append(step(None))
+        bf16.append(step(torch.bfloat16))
+    return min(fp32), min(bf16)

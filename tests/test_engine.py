@@ -260,23 +260,26 @@ def test_auto_precision_on_cuda_follows_the_compute_capability(capability, expec
 def test_auto_precision_on_cpu_is_measured_once_and_cached(tmp_path):
     calls = []
 
-    def probe(kind, dtype, depth, size):
-        calls.append((kind, dtype))
-        return {None: 1.0, torch.bfloat16: 0.5}[dtype] if kind == "train" else {None: 1.0, torch.bfloat16: 1.02}[dtype]
+    def probe(kind, depth, size):
+        calls.append((kind, depth))
+        return (1.0, 0.5) if kind == "train" else (1.0, 1.02)
 
     cache = str(tmp_path / "precision.json")
     cpu = torch.device("cpu")
     assert precision.pick_amp_dtype("auto", cpu, kind="train", probe=probe, cache_path=cache) == torch.bfloat16
     assert precision.pick_amp_dtype("auto", cpu, kind="predict", probe=probe, cache_path=cache) is None  # a tie: fp32
-    assert len(calls) == 4
+    assert len(calls) == 2
     assert precision.pick_amp_dtype("auto", cpu, kind="train", probe=probe, cache_path=cache) == torch.bfloat16
-    assert len(calls) == 4  # cached
+    assert len(calls) == 2  # cached
     assert precision.pick_amp_dtype("auto", cpu, kind="train", unfrozen_depth=4, probe=probe,
                                     cache_path=cache) == torch.bfloat16
-    assert len(calls) == 6  # another model setting is measured on its own
+    assert len(calls) == 3  # another model setting is measured on its own
     (tmp_path / "precision.json").write_text("{not json")
     assert precision.pick_amp_dtype("auto", cpu, kind="train", probe=probe, cache_path=cache) == torch.bfloat16
+    assert len(calls) == 4  # a damaged cache is measured again
     assert precision.pick_amp_dtype("bf16", cpu) == torch.bfloat16  # explicit settings are not probed
+    fp32, bf16 = precision.time_cpu_steps("predict", 0, 32, batch_size=2, rounds=1)  # the real probe runs
+    assert fp32 > 0 and bf16 > 0
 
 
 def test_loader_workers_are_sized_where_the_process_runs():
