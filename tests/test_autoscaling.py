@@ -2,8 +2,8 @@
 until work asks for one (tests/ray_head.py ``AutoscalingHead``).
 
 One spawned child runs the cluster for both checks (a 2-worker training run, then a 3-trial sweep through
-``jobs/tune.py`` exactly as documented, without --wait-for-autoscaler) and stops it, so the suite pays for
-one cluster start.
+``jobs/tune.py`` exactly as documented, without --wait-for-autoscaler, its driver killed after the first
+checkpoint and the command run again) and stops it, so the suite pays for one cluster and one sweep.
 """
 
 from __future__ import annotations
@@ -67,12 +67,30 @@ def on_a_scale_from_zero_cluster(dataset: str, out: str) -> dict:
 
         # The sweep exactly as the README documents it: no --wait-for-autoscaler. A learning rate of 1e-8
         # leaves the model as it was, so every trial's two epochs tie on validation F1 (issue 11's crash).
+        # Its driver is killed once a trial has a checkpoint, and the same command is run again.
         cmd = [sys.executable, "jobs/tune.py", "--data", dataset, "--output", str(Path(out) / "sweeps"),
                "--name", "sw", "--num-samples", "3", "--max-epochs", "2", "--workers-per-trial", "1",
                "--depths", "0", "--lr-min", "1e-8", "--lr-max", "1e-8", "--weights", "none",
                "--image-size", "32", "--batch-size", "8", "--val-fraction", "0.25", "--loader-workers", "0",
                "--amp", "off", "--quiet"]
+        sweep = Path(out) / "sweeps" / "sw"
         t0 = time.time()
+        with open(Path(out) / "sweep-killed.log", "w") as first:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ), stdout=first, stderr=subprocess.STDOUT)
+            try:
+                deadline = time.time() + 600
+                while not list(sweep.glob("*/epoch_0001/meta.json")):
+                    if proc.poll() is not None or time.time() > deadline:
+                        raise AssertionError(f"no trial checkpoint (exit {proc.poll()}): "
+                                             + (Path(out) / "sweep-killed.log").read_text()[-3000:])
+                    time.sleep(0.2)
+                proc.kill()
+                proc.wait(30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        result["killed_with_results"] = (sweep / "results.csv").exists()
+        time.sleep(3)
         r = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=900)
         result["sweep_seconds"] = time.time() - t0
         (Path(out) / "sweep.log").write_text(r.stdout + r.stderr)
@@ -105,24 +123,45 @@ def test_training_starts_on_a_cluster_with_no_worker_node_and_waits_visibly(scal
     assert len(pd.read_csv(run / "predictions.csv")) == 8
 
 
-def test_the_documented_sweep_runs_on_a_scale_from_zero_cluster_and_survives_ties(scaled):
+def test_the_documented_sweep_runs_from_zero_nodes_resumes_after_its_driver_dies_and_survives_ties(scaled):
+    first = (scaled["out"] / "sweep-killed.log").read_text()
     out = (scaled["out"] / "sweep.log").read_text()
     assert scaled["sweep_rc"] == 0, out[-6000:]
     # It started with no worker node, planned 2 trials at a time from the node types (2 nodes of 1 CPU)
     # and waited for the first trial's node.
     assert scaled["nodes_before_sweep"] == 1
-    assert "waiting for 1 node of type cpu1" in out, out[-3000:]
-    assert "at most 2 at a time" in out, out[-3000:]
-    assert "will be ignored" not in out
+    assert "waiting for 1 node of type cpu1" in first, first[-3000:]
+    assert "at most 2 at a time" in first and "will be ignored" not in first + out
+    assert not scaled["killed_with_results"] and "resuming sweep sw" in out
+
     sweep = scaled["out"] / "sweeps" / "sw"
     table = pd.read_csv(sweep / "results.csv")
-    assert len(table) == 3 and table.best_f1_samples.notna().all()
+    assert len(table) == 3 and set(table.status) <= {"completed", "stopped early"}
+    assert table.best_f1_samples.notna().all() and (table.epochs_run >= 1).all()
+    assert (table.unfrozen_depth == 0).all() and ((table.lr - 1e-8).abs() < 1e-15).all()
     best = json.loads((sweep / "best_config.json").read_text())
+    assert best["f1_samples"] == pytest.approx(table.best_f1_samples.max())
+    assert best["threshold"]["strategy"] in ("percentile", "global", "per_class") and "value" in best["threshold"]
+    assert (sweep / "plots" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     # best/ is a checkpoint Ray kept: its epoch folder still exists in the trial's run folder.
     assert (sweep / best["trial"] / f"epoch_{best['epoch']:04d}" / "model.pt").is_file()
     assert json.loads((sweep / "best" / "meta.json").read_text())["epoch"] == best["epoch"]
     # Every trial kept its latest checkpoint (to resume from) besides its best.
     for t in table.itertuples():
         assert (sweep / t.trial / f"epoch_{t.epochs_run:04d}" / "state.pt").is_file(), t
+    test_ids = pd.read_csv(scaled["data"] / "test.csv").ImageID.tolist()
     pred = pd.read_csv(sweep / "predictions.csv")
-    assert pred.ImageID.tolist() == pd.read_csv(scaled["data"] / "test.csv").ImageID.tolist()
+    assert pred.ImageID.tolist() == test_ids and list(pred.columns) == ["ImageID", "Labels"]
+    assert pd.read_csv(sweep / "probabilities.csv").ImageID.tolist() == test_ids
+
+    # jobs/score.py on the best trial's validation predictions gives the F1 the sweep reported.
+    from mlc.table import read_table
+    val = pd.read_csv(sweep / "best" / "val_predictions.csv")
+    train = read_table(str(scaled["data"] / "train.csv")).set_index("ImageID")
+    truth = scaled["out"] / "val_truth.csv"
+    truth.write_text("ImageID,Labels,Caption\n" + "".join(
+        f'{i},{" ".join(train.Labels[i])},"x"\n' for i in val.ImageID))
+    s = subprocess.run([sys.executable, "jobs/score.py", "--predictions", str(sweep / "best" / "val_predictions.csv"),
+                        "--truth", str(truth), "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert s.returncode == 0, s.stderr
+    assert json.loads(s.stdout.strip().splitlines()[-1])["f1_samples"] == pytest.approx(best["f1_samples"], abs=1e-9)
