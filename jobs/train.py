@@ -10,7 +10,12 @@ Examples:
   python jobs/train.py --num-workers 2 --output /tmp/mlc-runs    # demo data, 2 Ray workers
   RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
       python jobs/train.py --data gs://BUCKET/comp5329 --images images --weights imagenet \\
-      --output gs://BUCKET/runs --name r50-depth1 --num-workers 4
+      --output gs://BUCKET/runs --name r50-depth1 --num-workers 2-4 --batch-size 64
+
+On an autoscaling cluster with no worker node yet, the job plans from the autoscaler's node types, asks
+for the nodes and prints "waiting for N nodes of type T" until they are up (--wait-timeout); a request
+no node type can hold fails at once. --num-workers MIN-MAX is elastic: it starts with what fits, grows
+as nodes arrive, and continues on fewer after a Spot node is lost. --batch-size is global.
 """
 
 from __future__ import annotations

@@ -212,7 +212,8 @@ def wait_for_workers(per_worker: dict, needed: int, *, timeout_s: float, log=pri
 
     Asks the autoscaler for the nodes (``request_resources``) while waiting, and withdraws the request
     once they are up (or on giving up): the run's own placement groups then hold them, and a standing
-    request would keep nodes alive after the run.
+    request would keep nodes alive after the run. A driver killed (SIGKILL) during the wait cannot
+    withdraw it; the next run's wait replaces it, or ``ray.autoscaler.sdk.request_resources(bundles=[])``.
     """
     from ray.autoscaler.sdk import request_resources
     cluster = describe()
