@@ -122,7 +122,7 @@ def _read(path: str) -> dict:
 
 
 def time_cpu_steps(kind: str, unfrozen_depth: int, image_size: int, *, batch_size: int = 8,
-                   rounds: int = 4) -> tuple[float, float]:
+                   rounds: int = 8) -> tuple[float, float]:
     """Seconds per step of the configured ResNet50 (random weights and inputs) on the CPU in fp32 and in bf16:
     training steps or forward passes by ``kind``. The two precisions alternate, step by step, after a
     warm-up step of each, and each keeps its fastest step: other work on a shared machine only ever slows
