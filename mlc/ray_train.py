@@ -181,7 +181,7 @@ def build_trainer(cfg: TrainConfig, run_url: str, *, name: str, storage_root: st
 
 
 def plan_workers(scale_gpus, scale_cpus, needed: int, *, what: str, wait: bool, timeout_s: float,
-                 log=print, most: int | None = None) -> tuple[dict, "cluster.Cluster"]:
+                 log=print) -> tuple[dict, "cluster.Cluster"]:
     """Per-worker resources from the node types the cluster can provide; fails at once when ``needed``
     workers can never fit, waits (visibly, with a deadline) for the autoscaler's nodes when they can."""
     c = cluster.describe()
