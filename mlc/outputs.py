@@ -46,7 +46,7 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
     from .engine import resolve_loader_workers
     from .model import build_model
     from .precision import NAMES, pick_amp_dtype
-    from .predict import available_cpus, pick_device, score_ids, write_predictions
+    from .predict import available_cpus, pick_device, prepare_device, score_ids, write_predictions
 
     t_start = time.perf_counter() if t_start is None else t_start
     best_url = storage.join(out, "best")
@@ -56,6 +56,7 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
     amp_name = extra.pop("precision", None)
     if score_test is None:
         device = device or pick_device()
+        prepare_device(device)
         amp_dtype = pick_amp_dtype(cfg.amp, device, kind="predict", unfrozen_depth=cfg.unfrozen_depth,
                                    image_size=cfg.image_size, log=log)
         model = build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout, weights=best_state, freeze_bn=cfg.freeze_bn)

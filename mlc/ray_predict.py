@@ -117,6 +117,8 @@ class Scorer:
         state = ray.get(state_ref)
         self.model = build_model(num_classes, unfrozen_depth, dropout, weights=state, log=lambda *_: None)
         self.device = actor_device()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: time cuDNN's algorithms once
         self.model.to(self.device, memory_format=torch.channels_last).eval()
         self.amp_dtype = pick_amp_dtype(amp, self.device, kind="predict", unfrozen_depth=unfrozen_depth,
                                         image_size=image_size)

@@ -27,7 +27,7 @@ from .metrics import ThresholdChoice, evaluate
 from .model import bare_state_dict, build_model, trainable_parameter_groups
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .precision import NAMES, needs_grad_scaler, pick_amp_dtype
-from .predict import available_cpus, pick_device, write_predictions
+from .predict import available_cpus, pick_device, prepare_device, write_predictions
 from .transforms import eval_transform, train_transform
 
 # Everything a local run writes under --output; --fresh removes these first so nothing stale survives.
@@ -181,9 +181,7 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
     scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(amp_dtype) else None
     cpus = process_cpus(group)
     loader_workers = resolve_loader_workers(cfg.loader_workers, cpus, device)
-    if device.type == "cuda":
-        # Fixed input shapes: let cuDNN time its convolution algorithms once and keep the fastest.
-        torch.backends.cudnn.benchmark = True
+    prepare_device(device)
     say(f"device {device}, precision {NAMES[amp_dtype]}{' with loss scaling' if scaler else ''}, "
         f"{loader_workers} loader workers per process ({cpus} CPUs), torch {torch.get_num_threads()} threads")
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
