@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 # RAY_AUTH_MODE in the environment still wins.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from mlc.cli import add_scale_args, add_train_args, config_from_args, say_global_batch, scale_from_args  # noqa: E402
+from mlc.cli import add_scale_args, add_train_args, config_from_args, scale_from_args  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train in this process on the first GPU, else the CPU, without Ray")
     add_scale_args(p)
     add_train_args(p)
-    say_global_batch(p)
     return p
 
 

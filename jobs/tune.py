@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 # RAY_AUTH_MODE in the environment still wins.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from mlc.cli import add_sweep_args, add_train_args, config_from_args, say_global_batch, sweep_from_args  # noqa: E402
+from mlc.cli import add_sweep_args, add_train_args, config_from_args, sweep_from_args  # noqa: E402
 
 # Swept, or set by the sweep, so not flags here: the search space replaces them.
 NOT_FLAGS = ("lr", "unfrozen_depth", "epochs")
@@ -35,7 +35,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sweep_args(p)
     add_train_args(p, skip=NOT_FLAGS)
-    say_global_batch(p)
     p.add_argument("--predict-workers", type=int, default=None,
                    help="Ray Data workers for the final batch inference (default: --workers-per-trial)")
     return p

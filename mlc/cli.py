@@ -26,7 +26,9 @@ HELP = {
     "freeze_bn": "keep every BatchNorm layer in eval mode (pretrained running statistics, no batch statistics); "
                  "true/false",
     "epochs": "total epochs (a rerun may raise it to train further)",
-    "batch_size": "images per optimizer step",
+    "batch_size": "images per optimizer step; in a Ray run global: summed over all workers, dealt out to them "
+                  "(uneven shares when they do not divide it), so the data order and the learning-rate schedule "
+                  "are the same at any --num-workers, also after an elastic resize or a resume on fewer workers",
     "lr": "peak learning rate (after warm-up; cosine decay to 0)",
     "weight_decay": "decoupled weight decay on conv/linear weights",
     "optimizer": "adamw or sgd (Nesterov)",
@@ -92,9 +94,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 S = ScaleConfig()
 # Said in the help of both jobs that train on Ray: the batch and the schedule do not depend on the world size.
-GLOBAL_BATCH = ("global: images per optimizer step summed over all Ray workers, dealt out to them (uneven shares "
-                "when they do not divide it); the data order and the learning-rate schedule are the same at any "
-                "--num-workers, also after an elastic resize or a resume on fewer workers")
 RESOURCES = ("--gpus-per-worker: default 1 when the node types the cluster can provide (the autoscaler's, or the nodes "
              "up) have GPUs, else 0; only 0 or whole GPUs for training (two ranks on one GPU fail in NCCL). "
              "--cpus-per-worker: default 8 per GPU, capped by the GPU node type's CPUs per GPU; 1 for CPU workers")
@@ -152,13 +151,6 @@ def add_scale_args(p: argparse.ArgumentParser, skip=()) -> None:
             kind = _auto_float if f.name in ("gpus_per_worker", "cpus_per_worker") else type(default)
             g.add_argument(flag, type=kind, default=default,
                            help=f"{SCALE_HELP[f.name]} (default: {default if default is not None else 'auto'})")
-
-
-def say_global_batch(p: argparse.ArgumentParser) -> None:
-    """--batch-size (from add_train_args) is global on Ray: say so in the help of the jobs that train there."""
-    for a in p._actions:
-        if "--batch-size" in a.option_strings:
-            a.help = f"{GLOBAL_BATCH} (default: {D.batch_size})"
 
 
 def scale_from_args(args: argparse.Namespace) -> ScaleConfig:

@@ -77,7 +77,9 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
     v_true = val[[f"true_{c}" for c in vocab.labels]].to_numpy()
     v_ok = ~np.isnan(v_probs).any(axis=1)
     _, curves = select_threshold(v_true[v_ok], v_probs[v_ok])
-    best_row = max(history, key=lambda r: r["f1_samples"])
+    # The epoch best/ holds (a kept checkpoint, whatever ties): not recomputed from the history.
+    best_row = next((r for r in history if r["epoch"] == best_meta.get("epoch")), None) or \
+        max(history, key=lambda r: r["f1_samples"])
     base = baseline_f1([frozenset(data.train_df.Labels[i]) for i in data.tr], data.Y[data.va], vocab.index)
 
     storage.write_bytes(storage.join(out, "plots", "history.png"), plots.history_png(history))

@@ -19,8 +19,8 @@ import torch
 from . import storage
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import TrainConfig
-from .data import BadImageBudget, DataPaths, ImageTable, image_urls, make_loader, read_tables, split_train_val
-from .data import StartedLoader
+from .data import (BadImageBudget, DataPaths, ImageTable, StartedLoader, image_urls, make_loader, read_tables,
+                   split_train_val)
 from .engine import make_optimizer, predict_scores, resolve_loader_workers, train_one_epoch, warmup_cosine
 from .labels import LabelVocab
 from .metrics import ThresholdChoice, evaluate
@@ -28,6 +28,7 @@ from .model import bare_state_dict, build_model, trainable_parameter_groups
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .precision import NAMES, needs_grad_scaler, pick_amp_dtype
 from .predict import available_cpus, pick_device, prepare_device, write_predictions
+from .runs import latest_epoch_checkpoint
 from .transforms import eval_transform, train_transform
 
 # Everything a local run writes under --output; --fresh removes these first so nothing stale survives.
@@ -110,17 +111,6 @@ class LocalGroup:
                               ThresholdChoice.from_dict(e.model_meta["threshold"]), prefix="val_", truth=e.val_truth)
         save_training_state(self.ckpt_url, e.state)
         write_metrics(self.out, e.state["history"], e.cfg, complete=False)
-
-
-def latest_epoch_checkpoint(run_url: str) -> str | None:
-    """The newest ``epoch_NNNN`` folder (a Ray Train checkpoint) under ``run_url`` that holds a state.pt."""
-    if not storage.isdir(run_url):
-        return None
-    names = sorted((n for n in storage.listdir(run_url) if n.startswith("epoch_")), reverse=True)
-    for n in names:
-        if storage.exists(storage.join(run_url, n, "state.pt")):
-            return storage.join(run_url, n)
-    return None
 
 
 def fit(cfg: TrainConfig, *, fresh: bool = False, log=print, progress: bool = True) -> dict:
