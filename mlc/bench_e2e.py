@@ -9,7 +9,7 @@ for prediction:
 - ``mlc``: mlc's own loader and loop as ``jobs/train.py`` runs them with default flags (uint8 from the
   loader workers, normalisation on the device, JPEG draft decode, loader workers and precision chosen
   as ``--loader-workers``/``--amp auto`` choose them, channels_last, fused AdamW, no per-step sync;
-  prediction under inference_mode).
+  prediction under inference_mode with BatchNorm folded into the convolutions).
 - ``model only``: the same model, precision and optimizer on random tensors already in memory: the
   ceiling the pipeline can reach on this machine.
 
@@ -177,8 +177,13 @@ class Bench:
     def new_predict(self):
         from .engine import predict_scores
         counted = _CountingLoader(self._new_loader(False))
-        predict_scores(self.new, counted, self.device, amp_dtype=self.amp["predict"], progress=False)
+        predict_scores(self.scorer(), counted, self.device, amp_dtype=self.amp["predict"], progress=False)
         return counted.result()
+
+    def scorer(self):
+        """The model as mlc's prediction paths run it: BatchNorm folded into the convolutions."""
+        from .model import fold_batchnorm
+        return fold_batchnorm(self.new)
 
     # -- model only
     def model_train(self):
@@ -204,11 +209,11 @@ class Bench:
         x = torch.randn(self.batch_size, 3, self.image_size, self.image_size).contiguous(
             memory_format=torch.channels_last)
         steps = -(-len(self.paths) // self.batch_size)
-        self.new.eval()
+        model = self.scorer()
 
         def step(_):
             with torch.inference_mode(), autocast(self.device, self.amp["predict"]):
-                torch.sigmoid(self.new(x).float())
+                torch.sigmoid(model(x).float())
             return self.batch_size
         return _timed((step(k) for k in range(steps)))
 

@@ -44,7 +44,7 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
     scored in this process on ``device``.
     """
     from .engine import resolve_loader_workers
-    from .model import build_model
+    from .model import build_model, fold_batchnorm
     from .precision import NAMES, pick_amp_dtype
     from .predict import available_cpus, pick_device, prepare_device, score_ids, write_predictions
 
@@ -59,7 +59,8 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
         prepare_device(device)
         amp_dtype = pick_amp_dtype(cfg.amp, device, kind="predict", unfrozen_depth=cfg.unfrozen_depth,
                                    image_size=cfg.image_size, log=log)
-        model = build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout, weights=best_state, freeze_bn=cfg.freeze_bn)
+        model = fold_batchnorm(build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout, weights=best_state,
+                                           freeze_bn=cfg.freeze_bn))
         model.to(device, memory_format=torch.channels_last)  # as its inputs are: no layout change per call
         workers = resolve_loader_workers(cfg.loader_workers, available_cpus(), device)
         scored = score_ids(model, ids, data.paths.images, image_size=cfg.image_size, device=device,

@@ -17,7 +17,7 @@ from .engine import predict_scores, resolve_loader_workers
 from .precision import pick_amp_dtype
 from .labels import LabelVocab
 from .metrics import ThresholdChoice
-from .model import build_model
+from .model import build_model, fold_batchnorm
 from .table import read_ids, submission_csv
 from .transforms import eval_transform
 
@@ -108,7 +108,7 @@ def predict_from_checkpoint(checkpoint: str, data: str | None, output: str, *, i
                                 gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                                 batch_size=batch_size, log=log, progress=progress)
     else:
-        model = build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout, weights=state)
+        model = fold_batchnorm(build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout, weights=state))
         device = pick_device()
         prepare_device(device)
         model.to(device, memory_format=torch.channels_last)

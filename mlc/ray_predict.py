@@ -31,7 +31,7 @@ from .config import TrainConfig
 from .data import ImageTable, Skipped, collate, image_urls
 from .precision import autocast, pick_amp_dtype
 from .metrics import ThresholdChoice
-from .model import build_model
+from .model import build_model, fold_batchnorm
 from .transforms import eval_transform, to_model_input
 
 
@@ -115,7 +115,8 @@ class Scorer:
         if torch_threads >= 1:
             torch.set_num_threads(torch_threads)
         state = ray.get(state_ref)
-        self.model = build_model(num_classes, unfrozen_depth, dropout, weights=state, log=lambda *_: None)
+        self.model = fold_batchnorm(build_model(num_classes, unfrozen_depth, dropout, weights=state,
+                                                log=lambda *_: None))
         self.device = actor_device()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: time cuDNN's algorithms once

@@ -24,7 +24,7 @@ from .data import (BadImageBudget, DataPaths, ImageTable, StartedLoader, image_u
 from .engine import make_optimizer, predict_scores, resolve_loader_workers, train_one_epoch, warmup_cosine
 from .labels import LabelVocab
 from .metrics import ThresholdChoice, evaluate
-from .model import bare_state_dict, build_model, trainable_parameter_groups
+from .model import bare_state_dict, build_model, fold_batchnorm, trainable_parameter_groups
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .precision import NAMES, needs_grad_scaler, pick_amp_dtype
 from .predict import available_cpus, pick_device, prepare_device, write_predictions
@@ -243,8 +243,8 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         next_loader = train_loader(epoch + 1) if epoch < cfg.epochs else None
         # The bare module scores: ranks hold different numbers of validation batches, and DDP's forward
         # would wait for the others.
-        scored = predict_scores(bare, val_loader, device, amp_dtype=amp_dtype, progress=progress and rank0,
-                                desc="validate")
+        scored = predict_scores(fold_batchnorm(bare), val_loader, device, amp_dtype=amp_dtype,
+                                progress=progress and rank0, desc="validate")
         probs, ok, stats, skipped, val_loss = _gather_epoch(group, scored, stats, budget)
         budget.add(skipped)
         metrics = evaluate(Y[va][ok], probs[ok])

@@ -102,3 +102,28 @@ def test_state_dict_bytes_are_weights_only_loadable():
     torch.save(M.bare_state_dict(m), buf)
     buf.seek(0)
     assert set(torch.load(buf, weights_only=True)) == set(torchvision.models.resnet50(num_classes=3).state_dict())
+
+
+def test_folding_batchnorm_into_the_convolutions_keeps_the_function_and_the_checkpoint_keys():
+    from mlc.model import bare_state_dict, build_model, fold_batchnorm
+    torch.manual_seed(0)
+    model = build_model(5, unfrozen_depth=2, dropout=0.0, weights="none")
+    for m in model.modules():  # statistics far from the identity, so a wrong fold shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.3, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    keys = set(bare_state_dict(model))
+    model.train()
+    folded = fold_batchnorm(model)
+    assert model.training and not folded.training  # the original is left as it was
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 53
+    assert set(bare_state_dict(model)) == keys
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (want - model.fc(torch.zeros(1, 2048))).abs().max() > 1e-2  # the check is not vacuous
