@@ -252,7 +252,9 @@ def test_ray_job_submit_runs_the_training_job(dataset, tmp_path, ray_head):
     """The real client: `ray job submit --working-dir . -- python jobs/train.py ...`, token auth on."""
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_ADDRESS=ray_head.dashboard_url,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    assert (Path.home() / ".ray" / "auth_token").is_file()  # written by the head; the client reads it
+    # The client presents the cluster's token: ~/.ray/auth_token, or on a machine that had none the session
+    # token conftest put in the environment, which the head was started with too.
+    assert os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file()
     train = ["python"] + _train_cmd(dataset, tmp_path, "submitted", epochs=1)[1:]
     r = subprocess.run(["ray", "job", "submit", "--working-dir", ".", "--"] + train,
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
