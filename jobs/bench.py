@@ -171,7 +171,6 @@ def _image_folder(args) -> Path:
 
 def main_ray_predict(args: argparse.Namespace) -> dict:
     import ray
-    import torch
 
     from mlc.config import TrainConfig
     from mlc.model import bare_state_dict, build_model

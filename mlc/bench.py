@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
-from .engine import autocast, make_optimizer, pick_amp_dtype
+from .engine import make_optimizer, model_step
 from .model import build_model, trainable_parameter_groups
+from .precision import pick_amp_dtype
 
 
 def _time(fn, steps: int, warmup: int, sync) -> float:
@@ -37,19 +37,10 @@ def measure(depth: int, image_size: int, batch_size: int, amp: str, device: torc
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def train_step():
-        model.train()
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        model_step(model, opt, x, y, device, amp_dtype, train=True)
 
-    @torch.no_grad()
     def predict_step():
-        model.eval()
-        with autocast(device, amp_dtype):
-            model(x)
+        model_step(model, opt, x, y, device, amp_dtype, train=False)
 
     t_train = _time(train_step, steps, warmup, sync)
     t_pred = _time(predict_step, steps, warmup, sync)

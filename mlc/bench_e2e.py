@@ -169,14 +169,14 @@ class Bench:
     def new_train(self):
         from .engine import train_one_epoch
         loader = self._new_loader(True)
-        counted = _CountingLoader(loader)
+        counted = TimedAfterFirst(loader)
         train_one_epoch(self.new, counted, self.new_opt, None, self.device, epoch=1, amp_dtype=self.amp["train"],
                         clip_grad=1.0, progress=False)
         return counted.result()
 
     def new_predict(self):
         from .engine import predict_scores
-        counted = _CountingLoader(self._new_loader(False))
+        counted = TimedAfterFirst(self._new_loader(False))
         predict_scores(self.scorer(), counted, self.device, amp_dtype=self.amp["predict"], progress=False)
         return counted.result()
 
@@ -218,12 +218,13 @@ class Bench:
         return _timed((step(k) for k in range(steps)))
 
 
-class _CountingLoader:
-    """Wraps a loader to time everything after its first batch, as :func:`_timed` does."""
+class TimedAfterFirst:
+    """Wraps a loader to time everything after its first batch, as :func:`_timed` does; ``sync`` waits for
+    the device (CUDA) before the clock starts."""
 
-    def __init__(self, loader):
+    def __init__(self, loader, sync=None):
         self.loader, self.dataset, self.batch_sampler = loader, loader.dataset, loader.batch_sampler
-        self.n, self.t0 = 0, None
+        self.n, self.t0, self.sync = 0, None, sync
 
     def __iter__(self):
         for k, b in enumerate(self.loader):
@@ -231,6 +232,8 @@ class _CountingLoader:
                 self.n += len(b)
             yield b
             if k == 0:  # the consumer is done with the first batch: time from here, as _timed does
+                if self.sync is not None:
+                    self.sync()
                 self.t0 = time.perf_counter()
 
     def result(self):

@@ -22,11 +22,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .engine import make_optimizer, resolve_loader_workers
+from .bench_e2e import TimedAfterFirst
+from .engine import make_optimizer, model_step, resolve_loader_workers
 from .model import build_model, trainable_parameter_groups
-from .precision import NAMES, autocast, pick_amp_dtype
+from .precision import NAMES, pick_amp_dtype
 
 
 def _sync(device):
@@ -47,17 +47,7 @@ def model_only(device, *, depth: int, kind: str, compiled: bool, batch: int, siz
     y = (torch.rand(batch, 18, device=device) < 0.15).float()
 
     def step():
-        if kind == "train":
-            bare.train()
-            with autocast(device, amp):
-                loss = F.binary_cross_entropy_with_logits(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        else:
-            bare.eval()
-            with torch.inference_mode(), autocast(device, amp):
-                model(x)
+        model_step(model, opt, x, y, device, amp, train=kind == "train")
 
     t = time.perf_counter()
     for _ in range(2):  # warm-up: cuDNN autotuning, and the compile itself
@@ -82,25 +72,10 @@ def end_to_end(device, paths, *, depth: int, gpu_decode: bool, batch: int, size:
     ds = ImageTable(paths, y, train_transform(size), 50_000_000, gpu_decode=gpu_decode)
     loader = make_loader(ds, batch, shuffle=True, seed=0, epoch=1, num_workers=workers,
                          pin_memory=device.type == "cuda", drop_last=True)
-    timed = _After1(loader, device)
+    timed = TimedAfterFirst(loader, sync=lambda: _sync(device))
     train_one_epoch(bare, timed, opt, None, device, epoch=1, amp_dtype=amp, clip_grad=1.0, progress=False)
     _sync(device)
     return {"img_s": timed.n / (time.perf_counter() - timed.t0)}
-
-
-class _After1:
-    def __init__(self, loader, device):
-        self.loader, self.dataset, self.batch_sampler, self.device = loader, loader.dataset, loader.batch_sampler, device
-        self.n, self.t0 = 0, None
-
-    def __iter__(self):
-        for k, b in enumerate(self.loader):
-            if k >= 1:
-                self.n += len(b)
-            yield b
-            if k == 0:
-                _sync(self.device)
-                self.t0 = time.perf_counter()
 
 
 def run(device, paths, *, batch: int = 256, size: int = 224, steps: int = 20, budget_s: float = 270.0,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .precision import autocast, pick_amp_dtype  # noqa: F401  (pick_amp_dtype: re-exported for callers)
+from .precision import autocast
 from .transforms import batch_to_device
 
 
@@ -202,6 +202,23 @@ def predict_scores(model, loader, device, *, amp_dtype=None, progress: bool = Tr
     has_targets = getattr(loader.dataset, "targets", None) is not None
     return {"probs": probs, "ok": ok, "loss": float(loss_sum.item()) / seen if seen and has_targets else math.nan,
             "skipped": skipped, "seconds": elapsed, "img_per_s": seen / elapsed if elapsed > 0 else 0.0}
+
+
+def model_step(model, optimizer, x, y, device, amp_dtype, *, train: bool) -> None:
+    """One training step (or one forward pass) of ``model`` on a batch already in memory: what the speed
+    probes and benchmarks time, without a loader."""
+    if train:
+        model.train()
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    else:
+        model.eval()
+        with torch.inference_mode(), autocast(device, amp_dtype):
+            model(x)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):

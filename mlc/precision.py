@@ -128,8 +128,7 @@ def time_cpu_steps(kind: str, unfrozen_depth: int, image_size: int, *, batch_siz
     warm-up step of each, and each keeps its fastest step: other work on a shared machine only ever slows
     a step down, so the minimum is the figure it disturbs least, and alternating exposes both to the
     same spells."""
-    import torch.nn.functional as F
-
+    from .engine import model_step
     from .model import build_model, trainable_parameter_groups
     device = torch.device("cpu")
     with torch.random.fork_rng(devices=[]):
@@ -141,18 +140,7 @@ def time_cpu_steps(kind: str, unfrozen_depth: int, image_size: int, *, batch_siz
 
     def step(amp_dtype) -> float:
         t = time.perf_counter()
-        if kind == "train":
-            model.train()
-            with autocast(device, amp_dtype):
-                logits = model(x)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        else:
-            model.eval()
-            with torch.inference_mode(), autocast(device, amp_dtype):
-                model(x)
+        model_step(model, opt, x, y, device, amp_dtype, train=kind == "train")
         return time.perf_counter() - t
 
     step(None), step(torch.bfloat16)  # warm-up: allocations, kernel selection

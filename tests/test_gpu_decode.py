@@ -3,8 +3,6 @@ crops, skips what it cannot decode by name, and leaves non-JPEG files to the CPU
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
 from PIL import Image
