@@ -4,8 +4,8 @@
 2. infra/gcp/cluster.yaml passes Ray's own cluster-config validation (the steps `ray up` runs before it
    talks to GCP: prepare_config, then validate_config against ray-schema.json) and keeps the security
    and cost decisions (CPU-0 head, loopback dashboard, token auth, Spot GPU workers, own service accounts).
-3. Every `python jobs/<script>.py ...` command in the YAML files, the k8s manifests, README.md's GCP section
-   and README.md names a job that exists and only flags its real argument parser accepts.
+3. Every `python jobs/<script>.py ...` command in the YAML files, the k8s manifests, docs/gcp.md,
+   README.md and docs/*.md names a job that exists and only flags its real argument parser accepts.
 4. The Dockerfile installs from pyproject.toml only, copies no credentials, and matches the Ray version
    of this environment; .dockerignore keeps .venv and .git out; the k8s manifests agree with each other.
 """
@@ -30,11 +30,12 @@ DOCKERIGNORE = REPO / ".dockerignore"
 K8S = INFRA / "k8s"
 README = REPO / "README.md"
 
-# The GCP walk-through is README.md's section "From zero to predictions on GCP".
-GCP_DOC = README
+DOCS = REPO / "docs"
+# The GCP walk-through: docs/gcp.md, "From zero to predictions on GCP".
+GCP_DOC = DOCS / "gcp.md"
 
 YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml"))
-DOC_FILES = list(dict.fromkeys([GCP_DOC, README]))
+DOC_FILES = [README] + sorted(DOCS.glob("*.md"))
 
 
 def rel(path: Path) -> str:
@@ -56,7 +57,7 @@ def test_infra_has_the_expected_files():
     for p in (CLUSTER, DOCKERFILE, DOCKERIGNORE, K8S / "serviceaccount.yaml", K8S / "raycluster.yaml",
               K8S / "rayjob-train.yaml", K8S / "rayjob-tune.yaml"):
         assert p.is_file(), f"missing {rel(p)}"
-    assert "## From zero to predictions on GCP" in GCP_DOC.read_text(), f"no GCP walk-through in {rel(GCP_DOC)}"
+    assert "# From zero to predictions on GCP" in GCP_DOC.read_text(), f"no GCP walk-through in {rel(GCP_DOC)}"
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=[rel(p) for p in YAML_FILES])
@@ -568,7 +569,7 @@ def test_shipped_train_and_tune_commands_plan_gpu_workers_on_a_cluster_with_no_w
     from mlc import cluster
     from mlc.cli import scale_from_args, sweep_from_args
     c = _shipped_cluster(source)
-    files = [README] + sorted(K8S.glob("rayjob-*.yaml"))
+    files = DOC_FILES + sorted(K8S.glob("rayjob-*.yaml"))
     seen = set()
     for path in files:
         for where, script, tokens in extract_commands(path):
