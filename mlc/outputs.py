@@ -17,7 +17,8 @@ import torch
 
 from . import plots, storage
 from .checkpoint import load_model_checkpoint
-from .metrics import ThresholdChoice, baseline_f1, select_threshold
+from .metrics import baseline_f1
+from .thresholds import ThresholdChoice, select_threshold
 
 SCALAR_KEYS = ("f1_samples", "f1_micro", "f1_macro", "precision_samples", "recall_samples",
                "precision_micro", "recall_micro", "precision_macro", "recall_macro", "map")

@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mlc import metrics
+from mlc import metrics, thresholds
 
 __all__ = ["history_png", "per_class_f1_png", "threshold_png", "pr_curves_png"]
 
@@ -154,7 +154,7 @@ def per_class_f1_png(labels: Sequence[str], f1: Sequence[float], ap: Sequence[fl
 def _choice_dict(choice) -> dict | None:
     if choice is None:
         return None
-    if isinstance(choice, metrics.ThresholdChoice):
+    if isinstance(choice, thresholds.ThresholdChoice):
         return choice.to_dict()
     return dict(choice)
 
@@ -163,9 +163,9 @@ def threshold_png(curves: Mapping, choice=None) -> bytes:
     """Samples F1 against the per-image percentile (left) and the global threshold (right).
 
     ``curves`` is the second value returned by
-    :func:`mlc.metrics.select_threshold`; the cross-fitted per-class F1 is
+    :func:`mlc.thresholds.select_threshold`; the cross-fitted per-class F1 is
     drawn on both panels as a horizontal line for comparison. ``choice`` (a
-    :class:`~mlc.metrics.ThresholdChoice` or its dict) marks the selected point,
+    :class:`~mlc.thresholds.ThresholdChoice` or its dict) marks the selected point,
     or labels the line when per-class thresholds won.
     """
     ch = _choice_dict(choice)

@@ -16,7 +16,7 @@ from .data import DataPaths, ImageTable, image_urls, make_loader
 from .engine import predict_scores, resolve_loader_workers
 from .precision import pick_amp_dtype
 from .labels import LabelVocab
-from .metrics import ThresholdChoice
+from .thresholds import ThresholdChoice
 from .model import build_model, fold_batchnorm
 from .table import read_ids, submission_csv
 from .transforms import eval_transform

@@ -30,7 +30,7 @@ from .checkpoint import load_model_checkpoint
 from .config import TrainConfig
 from .data import ImageTable, Skipped, collate, image_urls
 from .precision import autocast, pick_amp_dtype
-from .metrics import ThresholdChoice
+from .thresholds import ThresholdChoice
 from .model import build_model, fold_batchnorm
 from .transforms import eval_transform, to_model_input
 

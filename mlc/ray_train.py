@@ -38,7 +38,7 @@ from ray.train.torch import TorchTrainer
 from . import cluster, storage
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import ScaleConfig, TrainConfig
-from .metrics import ThresholdChoice
+from .thresholds import ThresholdChoice
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .predict import write_predictions
 from .runs import SCORE, best_of, epoch_dir, epoch_of, latest_epoch_checkpoint, publish_best, ray_storage

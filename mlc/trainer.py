@@ -23,7 +23,7 @@ from .data import (BadImageBudget, DataPaths, ImageTable, StartedLoader, image_u
                    split_train_val)
 from .engine import make_optimizer, predict_scores, resolve_loader_workers, train_one_epoch, warmup_cosine
 from .labels import LabelVocab
-from .metrics import ThresholdChoice, evaluate
+from .thresholds import ThresholdChoice, evaluate
 from .model import bare_state_dict, build_model, fold_batchnorm, trainable_parameter_groups
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .precision import NAMES, needs_grad_scaler, pick_amp_dtype

@@ -1,4 +1,4 @@
-"""mlc.metrics against scikit-learn, hand-computed edge cases and constructed data."""
+"""mlc.metrics and mlc.thresholds against scikit-learn, hand-computed edge cases and constructed data."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mlc import metrics as M
+from mlc import thresholds as T
 
 sk = pytest.importorskip("sklearn.metrics")
 
@@ -154,7 +155,7 @@ def test_shape_errors_name_the_shapes():
     with pytest.raises(ValueError, match=r"\(2, 2\).*\(2, 3\)"):
         M.mean_average_precision(np.zeros((2, 2)), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="NaN"):
-        M.apply_threshold([[np.nan, 0.1]], "global", 0.5)
+        T.apply_threshold([[np.nan, 0.1]], "global", 0.5)
 
 
 # --------------------------------------------------------------------------
@@ -221,18 +222,18 @@ def test_percentile_90_keeps_top_two_of_20_and_of_18():
     rng = np.random.default_rng(0)
     for c in (20, 18):
         row = rng.permutation(np.linspace(0.01, 0.99, c))
-        kept = M.apply_threshold(row[None, :], "percentile", 90)[0]
+        kept = T.apply_threshold(row[None, :], "percentile", 90)[0]
         assert kept.sum() == 2
         assert set(np.flatnonzero(kept)) == set(np.argsort(row)[-2:])
 
 
 def test_percentile_all_equal_keeps_everything_and_ties_at_cut_are_kept():
-    assert M.apply_threshold(np.full((2, 18), 0.3), "percentile", 90).all()
+    assert T.apply_threshold(np.full((2, 18), 0.3), "percentile", 90).all()
     row = np.array([[0.1, 0.2, 0.7, 0.7, 0.7]])
     # cut at the 90th percentile is 0.7 (both neighbours are 0.7): all three kept
-    assert M.apply_threshold(row, "percentile", 90)[0].tolist() == [False, False, True, True, True]
-    assert M.apply_threshold(row, "percentile", 0).all()
-    assert M.apply_threshold(row, "percentile", 100).sum() == 3
+    assert T.apply_threshold(row, "percentile", 90)[0].tolist() == [False, False, True, True, True]
+    assert T.apply_threshold(row, "percentile", 0).all()
+    assert T.apply_threshold(row, "percentile", 100).sum() == 3
 
 
 def test_percentile_matches_numpy_definition():
@@ -240,20 +241,20 @@ def test_percentile_matches_numpy_definition():
     p = np.round(rng.random((50, 18)), 1)
     for q in (0, 12.5, 50, 88, 90, 99.5, 100):
         expected = p >= np.percentile(p, q, axis=1)[:, None]
-        np.testing.assert_array_equal(M.apply_threshold(p, "percentile", q), expected)
+        np.testing.assert_array_equal(T.apply_threshold(p, "percentile", q), expected)
     with pytest.raises(ValueError, match="percentile"):
-        M.apply_threshold(p, "percentile", 101)
+        T.apply_threshold(p, "percentile", 101)
 
 
 def test_global_and_per_class_thresholds():
     p = np.array([[0.2, 0.5, 0.9], [0.6, 0.4, 0.1]])
-    assert M.apply_threshold(p, "global", 0.5).tolist() == [[False, True, True], [True, False, False]]
-    got = M.apply_threshold(p, "per_class", [0.1, 0.45, 0.95])
+    assert T.apply_threshold(p, "global", 0.5).tolist() == [[False, True, True], [True, False, False]]
+    got = T.apply_threshold(p, "per_class", [0.1, 0.45, 0.95])
     assert got.tolist() == [[True, True, False], [True, False, False]]
     with pytest.raises(ValueError, match=r"\(3,\)"):
-        M.apply_threshold(p, "per_class", [0.5, 0.5])
+        T.apply_threshold(p, "per_class", [0.5, 0.5])
     with pytest.raises(ValueError, match="unknown"):
-        M.apply_threshold(p, "top_k", 2)
+        T.apply_threshold(p, "top_k", 2)
 
 
 # --------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def test_tune_per_class_matches_brute_force():
         y = rng.random((n, c)) < 0.3
         y[0, :] = True  # every class has a positive
         p = np.round(np.clip(y * 0.2 + rng.random((n, c)) * 0.8, 0, 1), int(rng.choice([1, 3])))
-        t = M.tune_per_class_thresholds(y, p)
+        t = T.tune_per_class_thresholds(y, p)
         for j in range(c):
             v, f1 = _brute_force_cut(y[:, j], p[:, j])
             pred = p[:, j] >= t[j]
@@ -295,9 +296,9 @@ def test_tune_per_class_matches_brute_force():
 def test_tune_per_class_class_without_positive_is_never_predicted():
     y = np.array([[1, 0], [0, 0], [1, 0]])
     p = np.array([[0.9, 1.0], [0.2, 0.5], [0.8, 0.0]])
-    t = M.tune_per_class_thresholds(y, p)
+    t = T.tune_per_class_thresholds(y, p)
     assert t[1] > 1.0 and math.isfinite(t[1])
-    assert not M.apply_threshold(p, "per_class", t)[:, 1].any()
+    assert not T.apply_threshold(p, "per_class", t)[:, 1].any()
     assert t[0] == pytest.approx((0.8 + 0.2) / 2)
 
 
@@ -305,7 +306,7 @@ def test_tune_per_class_runs_on_30000_rows():
     rng = np.random.default_rng(0)
     y = rng.random((30_000, 18)) < 0.1
     p = rng.random((30_000, 18))
-    t = M.tune_per_class_thresholds(y, p)
+    t = T.tune_per_class_thresholds(y, p)
     assert len(t) == 18 and all(math.isfinite(x) for x in t)
 
 
@@ -324,7 +325,7 @@ def test_select_prefers_global_when_half_is_perfect():
     n, c = 300, 18
     y = _labels_with_varying_counts(rng, n, c)
     p = np.where(y, rng.uniform(0.55, 1.0, (n, c)), rng.uniform(0.0, 0.45, (n, c)))
-    choice, curves = M.select_threshold(y, p)
+    choice, curves = T.select_threshold(y, p)
     # per_class is also perfect here; the tie goes to the simpler global rule
     assert max(curves["percentile"]["f1_samples"]) < 1.0
     assert choice.strategy == "global"
@@ -341,7 +342,7 @@ def test_select_prefers_percentile_when_every_image_has_two_labels():
         y[i, rng.choice(c, 2, replace=False)] = True
     base = rng.uniform(0.0, 0.7, (n, 1))  # per-image score level defeats any fixed cut
     p = np.where(y, base + rng.uniform(0.2, 0.3, (n, c)), base + rng.uniform(0.0, 0.1, (n, c)))
-    choice, curves = M.select_threshold(y, p)
+    choice, curves = T.select_threshold(y, p)
     assert choice.strategy == "percentile"
     # rank P/100 * 17 in (15, 16] cuts between the 3rd and 2nd highest: top 2 kept
     assert 100 * 15 / 17 < choice.value <= 100 * 16 / 17
@@ -356,7 +357,7 @@ def test_select_prefers_per_class_when_classes_need_different_cuts():
     y = _labels_with_varying_counts(rng, n, c)
     level = np.linspace(0.12, 0.88, c)[None, :]
     p = np.where(y, level + rng.uniform(0.02, 0.1, (n, c)), level - rng.uniform(0.02, 0.1, (n, c)))
-    choice, curves = M.select_threshold(y, p)
+    choice, curves = T.select_threshold(y, p)
     assert choice.strategy == "per_class"
     assert len(choice.value) == c
     assert choice.f1 == pytest.approx(1.0)
@@ -372,7 +373,7 @@ def test_cross_fitting_stops_per_class_winning_on_noise():
         rng = np.random.default_rng(1000 + seed)
         y = _labels_with_varying_counts(rng, 300, 18)
         p = rng.random((300, 18))
-        choice, curves = M.select_threshold(y, p)
+        choice, curves = T.select_threshold(y, p)
         simple = max(max(curves["percentile"]["f1_samples"]), max(curves["global"]["f1_samples"]))
         per_class_wins += choice.strategy == "per_class"
         in_sample_would_win += curves["per_class"]["f1_samples_in_sample"] > simple
@@ -386,11 +387,11 @@ def test_select_threshold_curves_shape_and_consistency():
     rng = np.random.default_rng(4)
     y = _labels_with_varying_counts(rng, 120, 18)
     p = np.clip(y * 0.3 + rng.random((120, 18)) * 0.7, 0, 1)
-    choice, curves = M.select_threshold(y, p)
-    assert curves["percentile"]["values"] == list(M.PERCENTILE_GRID)
-    assert curves["global"]["values"] == list(M.GLOBAL_GRID)
-    assert len(curves["percentile"]["f1_samples"]) == len(M.PERCENTILE_GRID)
-    assert len(curves["global"]["f1_samples"]) == len(M.GLOBAL_GRID)
+    choice, curves = T.select_threshold(y, p)
+    assert curves["percentile"]["values"] == list(T.PERCENTILE_GRID)
+    assert curves["global"]["values"] == list(T.GLOBAL_GRID)
+    assert len(curves["percentile"]["f1_samples"]) == len(T.PERCENTILE_GRID)
+    assert len(curves["global"]["f1_samples"]) == len(T.GLOBAL_GRID)
     json.dumps(curves)
     if choice.strategy != "per_class":
         # the reported F1 is what the chosen rule really scores on these rows
@@ -405,17 +406,17 @@ def test_select_threshold_curves_shape_and_consistency():
 
 def test_threshold_choice_round_trip():
     for ch in (
-        M.ThresholdChoice("percentile", 90.0, 0.7),
-        M.ThresholdChoice("global", 0.35, 0.6),
-        M.ThresholdChoice("per_class", [0.1, 1.0000000000000002], 0.5),
+        T.ThresholdChoice("percentile", 90.0, 0.7),
+        T.ThresholdChoice("global", 0.35, 0.6),
+        T.ThresholdChoice("per_class", [0.1, 1.0000000000000002], 0.5),
     ):
         d = json.loads(json.dumps(ch.to_dict()))
-        back = M.ThresholdChoice.from_dict(d)
+        back = T.ThresholdChoice.from_dict(d)
         assert back == ch
     p = np.array([[0.2, 0.9], [0.6, 0.1]])
-    assert M.ThresholdChoice("global", 0.5).apply(p).tolist() == [[False, True], [True, False]]
+    assert T.ThresholdChoice("global", 0.5).apply(p).tolist() == [[False, True], [True, False]]
     with pytest.raises(ValueError):
-        M.ThresholdChoice("nope", 1.0)
+        T.ThresholdChoice("nope", 1.0)
 
 
 # --------------------------------------------------------------------------
@@ -427,15 +428,15 @@ def test_evaluate_keys_and_json():
     y = _labels_with_varying_counts(rng, 80, 5)
     y[:, 3] = False  # absent class -> nan AP
     p = np.clip(y * 0.4 + rng.random((80, 5)) * 0.6, 0, 1)
-    res = M.evaluate(y, p)
+    res = T.evaluate(y, p)
     for k in ("f1_samples", "f1_micro", "f1_macro", "precision_per_class", "support_per_class", "map", "ap_per_class"):
         assert k in res
     assert math.isnan(res["ap_per_class"][3])
-    assert res["threshold"]["strategy"] in M.STRATEGIES
+    assert res["threshold"]["strategy"] in T.STRATEGIES
     json.loads(json.dumps(res))  # nan is allowed by the json module's default
 
-    fixed = M.ThresholdChoice("global", 0.5)
-    res2 = M.evaluate(y, p, fixed)
+    fixed = T.ThresholdChoice("global", 0.5)
+    res2 = T.evaluate(y, p, fixed)
     assert res2["threshold"]["value"] == 0.5
     assert res2["f1_samples"] == pytest.approx(M.prf(y, p >= 0.5)["f1_samples"])
 

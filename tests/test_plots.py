@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from matplotlib._pylab_helpers import Gcf
 
-from mlc import metrics, plots
+from mlc import plots, thresholds
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LABELS = [str(i) for i in range(1, 19)]
@@ -48,7 +48,7 @@ def test_history_png_empty_and_without_epoch():
 
 def test_per_class_f1_png_with_and_without_ap(scored):
     y, p = scored
-    res = metrics.evaluate(y, p)
+    res = thresholds.evaluate(y, p)
     assert math.isnan(res["ap_per_class"][5])
     _assert_png(plots.per_class_f1_png(LABELS, res["f1_per_class"], res["ap_per_class"]))
     _assert_png(plots.per_class_f1_png(LABELS, res["f1_per_class"], None))
@@ -60,13 +60,13 @@ def test_per_class_f1_png_with_and_without_ap(scored):
 
 def test_threshold_png_from_select_threshold(scored):
     y, p = scored
-    choice, curves = metrics.select_threshold(y, p)
+    choice, curves = thresholds.select_threshold(y, p)
     _assert_png(plots.threshold_png(curves, choice))
     _assert_png(plots.threshold_png(curves))
     _assert_png(plots.threshold_png(curves, choice.to_dict()))
     for strategy, value in (("percentile", 90.0), ("global", 0.5)):
-        _assert_png(plots.threshold_png(curves, metrics.ThresholdChoice(strategy, value)))  # f1 nan: read off curve
-    _assert_png(plots.threshold_png(curves, metrics.ThresholdChoice("per_class", [0.5] * 18, 0.6)))
+        _assert_png(plots.threshold_png(curves, thresholds.ThresholdChoice(strategy, value)))  # f1 nan: read off curve
+    _assert_png(plots.threshold_png(curves, thresholds.ThresholdChoice("per_class", [0.5] * 18, 0.6)))
 
 
 def test_threshold_png_with_missing_parts():

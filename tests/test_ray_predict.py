@@ -15,7 +15,7 @@ import torch
 from mlc.checkpoint import save_model
 from mlc.config import TrainConfig
 from mlc.labels import LabelVocab
-from mlc.metrics import ThresholdChoice
+from mlc.thresholds import ThresholdChoice
 from mlc.model import bare_state_dict, build_model
 from mlc.predict import predict_from_checkpoint
 from mlc.table import read_table
