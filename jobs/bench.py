@@ -139,7 +139,7 @@ def main(args: argparse.Namespace) -> list:
     import torch
 
     from mlc.bench import measure
-    from mlc.predict import pick_device
+    from mlc.device import pick_device
     device = pick_device()
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; image size {args.image_size}, batch {args.batch_size}, {args.steps} timed steps")

@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from .engine import make_optimizer, model_step
+from .engine import make_optimizer
 from .model import build_model, trainable_parameter_groups
-from .precision import pick_amp_dtype
+from .precision import model_step, pick_amp_dtype
 
 
 def _time(fn, steps: int, warmup: int, sync) -> float:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from .bench_e2e import TimedAfterFirst
-from .engine import make_optimizer, model_step, resolve_loader_workers
+from .engine import make_optimizer, resolve_loader_workers
 from .model import build_model, trainable_parameter_groups
-from .precision import NAMES, pick_amp_dtype
+from .precision import NAMES, model_step, pick_amp_dtype
 
 
 def _sync(device):

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from . import storage
+from .config import TrainConfig
 from .labels import LabelVocab
+from .thresholds import ThresholdChoice
 
 STATE = "state.pt"
 
@@ -128,3 +130,13 @@ def load_model_checkpoint(url: str) -> tuple[dict, LabelVocab, dict]:
         raise CheckpointError(f"{url}: no model here (looked for meta.json + model.pt, best/, and {STATE})")
     meta = {"config": st["config"], "threshold": st.get("threshold"), "epoch": st["epoch"]}
     return st["model"], LabelVocab(st["labels"]), meta
+
+
+def load_predictor(url: str) -> tuple[dict, LabelVocab, TrainConfig, ThresholdChoice]:
+    """What predicting with a checkpoint needs: ``(state_dict, vocab, config, threshold)``; see
+    :func:`load_model_checkpoint` for the folders accepted. A checkpoint saved before its first validation
+    holds no threshold and is refused."""
+    state, vocab, meta = load_model_checkpoint(url)
+    if meta.get("threshold") is None:
+        raise ValueError(f"{url}: holds no threshold (it predates its first validation); use best/")
+    return state, vocab, TrainConfig.from_dict(meta["config"]), ThresholdChoice.from_dict(meta["threshold"])

@@ -156,6 +156,12 @@ def _types_from_env() -> tuple | None:
                            f"'{{\"gpu\": {{\"resources\": {{\"CPU\": 7, \"GPU\": 1}}, \"max_workers\": 4}}}}' ({e})") from e
 
 
+def default_gpus(shapes) -> float:
+    """GPUs per worker when none were asked for: one when any of ``shapes`` (node types, or resources of
+    the nodes up) has a GPU, else none (CPU workers)."""
+    return 1.0 if any(s.get("GPU", 0) > 0 for s in shapes) else 0.0
+
+
 def choose_resources(cluster: Cluster, gpus: float | None, cpus: float | None, *, wait: bool) -> dict:
     """Per-worker resources for training: GPUs and CPUs resolved from the node types the cluster can provide.
 
@@ -166,7 +172,7 @@ def choose_resources(cluster: Cluster, gpus: float | None, cpus: float | None, *
     """
     shapes = cluster.shapes()
     if gpus is None:
-        if any(s.get("GPU", 0) > 0 for s in shapes):
+        if default_gpus(shapes):
             gpus = 1.0
         elif cluster.types is None and wait:
             raise ClusterError(

@@ -13,11 +13,11 @@ import time
 
 import numpy as np
 import pandas as pd
-import torch
 
 from . import plots, storage
 from .checkpoint import load_model_checkpoint
 from .metrics import baseline_f1
+from .submission import write_predictions
 from .thresholds import ThresholdChoice, select_threshold
 
 SCALAR_KEYS = ("f1_samples", "f1_micro", "f1_macro", "precision_samples", "recall_samples",
@@ -44,10 +44,7 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
     ``score_test(best_url, ids) -> {"probs", "ok"}`` scores the test images; by default they are
     scored in this process on ``device``.
     """
-    from .engine import resolve_loader_workers
-    from .model import build_model, fold_batchnorm
-    from .precision import NAMES, pick_amp_dtype
-    from .predict import available_cpus, pick_device, prepare_device, score_ids, write_predictions
+    from .predict import score_here
 
     t_start = time.perf_counter() if t_start is None else t_start
     best_url = storage.join(out, "best")
@@ -56,18 +53,10 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
     ids = data.test_df.ImageID.tolist()
     amp_name = extra.pop("precision", None)
     if score_test is None:
-        device = device or pick_device()
-        prepare_device(device)
-        amp_dtype = pick_amp_dtype(cfg.amp, device, kind="predict", unfrozen_depth=cfg.unfrozen_depth,
-                                   image_size=cfg.image_size, log=log)
-        model = fold_batchnorm(build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout, weights=best_state,
-                                           freeze_bn=cfg.freeze_bn))
-        model.to(device, memory_format=torch.channels_last)  # as its inputs are: no layout change per call
-        workers = resolve_loader_workers(cfg.loader_workers, available_cpus(), device)
-        scored = score_ids(model, ids, data.paths.images, image_size=cfg.image_size, device=device,
-                           amp_dtype=amp_dtype, batch_size=cfg.batch_size * 2, num_workers=workers,
-                           max_pixels=cfg.max_image_pixels, log=log, progress=progress)
-        amp_name = amp_name or NAMES[amp_dtype]
+        scored = score_here(best_state, len(vocab), cfg, ids, data.paths.images, batch_size=cfg.batch_size * 2,
+                            loader_workers=cfg.loader_workers, device=device, log=log, progress=progress)
+        device = scored["device"]
+        amp_name = amp_name or scored["precision"]
     else:
         # Scored on the cluster's workers, which report their own device and precision; this driver
         # never touches a GPU.

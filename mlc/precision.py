@@ -26,6 +26,7 @@ import platform
 import time
 
 import torch
+import torch.nn.functional as F
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
@@ -59,6 +60,24 @@ def autocast(device: torch.device, amp_dtype):
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def model_step(model, optimizer, x, y, device, amp_dtype, *, train: bool) -> None:
+    """One training step (or one forward pass) of ``model`` on a batch already in memory: what the CPU probe
+    below and the benchmarks (mlc.bench, mlc.bench_gpu) time, without a loader. (It lives here, not in
+    mlc.engine, because engine computes under :func:`autocast` and this module must not import it back.)"""
+    if train:
+        model.train()
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    else:
+        model.eval()
+        with torch.inference_mode(), autocast(device, amp_dtype):
+            model(x)
 
 
 def _cache_file(cache_path: str | None) -> str:
@@ -128,7 +147,6 @@ def time_cpu_steps(kind: str, unfrozen_depth: int, image_size: int, *, batch_siz
     warm-up step of each, and each keeps its fastest step: other work on a shared machine only ever slows
     a step down, so the minimum is the figure it disturbs least, and alternating exposes both to the
     same spells."""
-    from .engine import model_step
     from .model import build_model, trainable_parameter_groups
     device = torch.device("cpu")
     with torch.random.fork_rng(devices=[]):

@@ -26,12 +26,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .checkpoint import load_model_checkpoint
+from . import cluster, storage
+from .checkpoint import load_predictor
 from .config import TrainConfig
 from .data import ImageTable, Skipped, collate, image_urls
-from .precision import autocast, pick_amp_dtype
-from .thresholds import ThresholdChoice
+from .device import prepare_device
 from .model import build_model, fold_batchnorm
+from .precision import autocast, pick_amp_dtype
+from .submission import write_predictions
 from .transforms import eval_transform, to_model_input
 
 
@@ -59,11 +61,6 @@ def ensure_ray(log=print) -> None:
         runtime_env = {"env_vars": {"PYTHONPATH": path}}
     ray.init(address=address or "local", log_to_driver=True, runtime_env=runtime_env)
     log(f"ray: joined the cluster at {address}" if address else "ray: no RAY_ADDRESS, started a local Ray")
-
-
-def cluster_gpus() -> float:
-    import ray
-    return float(ray.cluster_resources().get("GPU", 0))
 
 
 def actor_device() -> torch.device:
@@ -118,8 +115,7 @@ class Scorer:
         self.model = fold_batchnorm(build_model(num_classes, unfrozen_depth, dropout, weights=state,
                                                 log=lambda *_: None))
         self.device = actor_device()
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input shapes: time cuDNN's algorithms once
+        prepare_device(self.device)
         self.model.to(self.device, memory_format=torch.channels_last).eval()
         self.amp_dtype = pick_amp_dtype(amp, self.device, kind="predict", unfrozen_depth=unfrozen_depth,
                                         image_size=image_size)
@@ -171,11 +167,11 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
     ids = [str(i) for i in ids]
     n = len(ids)
     ensure_ray(log)
+    resources = ray.cluster_resources()
     if gpus_per_worker is None:
-        gpus_per_worker = 1 if cluster_gpus() > 0 else 0
+        gpus_per_worker = cluster.default_gpus([resources])  # the nodes up now: prediction does not wait
     if split is None:
         split = gpus_per_worker > 0
-    resources = ray.cluster_resources()
     cpus = 1 if cpus_per_worker is None else cpus_per_worker
     need_cpu, need_gpu = num_workers * cpus, num_workers * gpus_per_worker
     if need_cpu > resources.get("CPU", 0) or need_gpu > resources.get("GPU", 0):
@@ -261,14 +257,7 @@ def predict_distributed(checkpoint_url: str, ids, images_root: str, output: str,
                         split: bool | None = None, log=print, progress: bool = True) -> dict:
     """Write ``predictions.csv`` and ``probabilities.csv`` under ``output`` for ``ids`` (in their order),
     scored by ``num_workers`` Ray actors; vocabulary, image size and threshold come from the checkpoint."""
-    from . import storage
-    from .predict import write_predictions
-
-    state, vocab, meta = load_model_checkpoint(checkpoint_url)
-    if meta.get("threshold") is None:
-        raise ValueError(f"{checkpoint_url}: holds no threshold (it predates its first validation); use best/")
-    cfg = TrainConfig.from_dict(meta["config"])
-    choice = ThresholdChoice.from_dict(meta["threshold"])
+    state, vocab, cfg, choice = load_predictor(checkpoint_url)
     storage.check_writable(output)
     out = score_distributed(state, ids, images_root, cfg, len(vocab), num_workers=num_workers,
                             gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,

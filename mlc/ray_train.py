@@ -38,10 +38,10 @@ from ray.train.torch import TorchTrainer
 from . import cluster, storage
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import ScaleConfig, TrainConfig
-from .thresholds import ThresholdChoice
 from .outputs import SCALAR_KEYS, finish, write_metrics
-from .predict import write_predictions
 from .runs import SCORE, best_of, epoch_dir, epoch_of, latest_epoch_checkpoint, publish_best, ray_storage
+from .submission import write_predictions
+from .thresholds import ThresholdChoice
 from .trainer import EpochEnd, check_resumable, prepare_data, train_loop
 
 # Local filesystems that every node of a cluster can mount; other local paths are node-local.

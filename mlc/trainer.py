@@ -21,14 +21,15 @@ from .checkpoint import load_training_state, save_model, save_training_state
 from .config import TrainConfig
 from .data import (BadImageBudget, DataPaths, ImageTable, StartedLoader, image_urls, make_loader, read_tables,
                    split_train_val)
+from .device import available_cpus, pick_device, prepare_device
 from .engine import make_optimizer, predict_scores, resolve_loader_workers, train_one_epoch, warmup_cosine
 from .labels import LabelVocab
-from .thresholds import ThresholdChoice, evaluate
 from .model import bare_state_dict, build_model, fold_batchnorm, trainable_parameter_groups
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .precision import NAMES, needs_grad_scaler, pick_amp_dtype
-from .predict import available_cpus, pick_device, prepare_device, write_predictions
 from .runs import latest_epoch_checkpoint
+from .submission import write_predictions
+from .thresholds import ThresholdChoice, evaluate
 from .transforms import eval_transform, train_transform
 
 # Everything a local run writes under --output; --fresh removes these first so nothing stale survives.
