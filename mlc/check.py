@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 from tqdm.auto import tqdm
 
@@ -13,18 +12,23 @@ from .images import BadImageError, read_header
 from .labels import LabelVocab
 from .table import TableError, read_table
 
-# Image headers are tiny reads dominated by latency on object stores: many in flight hide it.
+# Image headers are tiny reads dominated by latency on object stores: many in flight hide it. Reads go
+# in chunks, so a 40,000-image folder is never in memory at once.
 CONCURRENCY = 32
+CHUNK = 1024
 
 
-def _header(url: str, max_pixels: int):
+def _header(url: str, data, max_pixels: int):
+    """Why the image read as ``data`` (bytes, or the storage exception) is unusable, or None."""
+    if isinstance(data, FileNotFoundError):
+        return "missing"
+    if isinstance(data, BaseException):
+        raise data  # permission, network after retries: the check cannot say anything about this image
     try:
-        read_header(storage.read_bytes(url), url, max_pixels=max_pixels)
+        read_header(data, url, max_pixels=max_pixels)
         return None
     except BadImageError as e:
         return e.reason
-    except FileNotFoundError:
-        return "missing"
 
 
 def check_dataset(paths: DataPaths, *, max_pixels: int = 50_000_000, progress: bool = True) -> dict:
@@ -56,10 +60,14 @@ def check_dataset(paths: DataPaths, *, max_pixels: int = 50_000_000, progress: b
     present = set(storage.listdir(paths.images))  # one listing instead of 40,000 existence checks
     missing = [i for i in ids if i not in present]
     to_read = [i for i in ids if i in present]
-    with ThreadPoolExecutor(CONCURRENCY) as pool:
-        reasons = list(tqdm(pool.map(lambda i: _header(storage.join(paths.images, i), max_pixels), to_read),
-                            total=len(to_read), desc="image headers", disable=not progress, unit="img"))
-    unreadable = {i: r for i, r in zip(to_read, reasons) if r is not None}
+    reasons: dict = {}
+    with tqdm(total=len(to_read), desc="image headers", disable=not progress, unit="img") as bar:
+        for k in range(0, len(to_read), CHUNK):
+            for url, data in storage.start_reads([storage.join(paths.images, i) for i in to_read[k:k + CHUNK]],
+                                                 CONCURRENCY):
+                reasons[url] = _header(url, data, max_pixels)
+                bar.update()
+    unreadable = {i: r for i in to_read if (r := reasons[storage.join(paths.images, i)]) is not None}
     report["images_found"] = len(to_read)
     report["missing_images"] = len(missing)
     report["missing_examples"] = missing[:20]

@@ -1,9 +1,9 @@
-"""Many small objects, fast: concurrent reads of a batch, and an on-disk byte cache for later epochs.
+"""Many small objects, fast: the byte cache and read-ahead on top of :func:`mlc.storage.start_reads`.
 
 The COMP5329 images are 40,000 objects of about 12 KB. Read one at a time from GCS at ~50 ms per request
-an epoch would spend over 30 minutes waiting; reading a whole batch at once (``read_many``: up to
-``MLC_FETCH_CONCURRENCY`` requests in flight, default 32, per DataLoader worker) pays that latency once
-per batch instead of once per image. The bytes of every remote object read are kept in a local cache
+an epoch would spend over 30 minutes waiting; starting a whole batch's reads at once (:func:`start`: up to
+``MLC_FETCH_CONCURRENCY`` requests in flight, default 32, per DataLoader worker), and the next batch's
+before this one is decoded, pays that latency once per batch instead of once per image. The bytes of every remote object read are kept in a local cache
 (``ByteCache``), so the second and later epochs read from local disk and make no requests at all; the
 whole set is about 0.5 GB.
 
@@ -135,31 +135,6 @@ def default_cache() -> ByteCache | None:
 _DEFAULT = object()
 
 
-def read_many(urls, *, cache=_DEFAULT, max_concurrency: int | None = None) -> dict:
-    """``{url: bytes or exception}`` for every URL: cached bytes first, then the rest fetched concurrently.
-
-    Exceptions come from :mod:`mlc.storage` and name the object (``ObjectNotFound`` for a missing one).
-    """
-    cache = default_cache() if cache is _DEFAULT else cache
-    urls = list(dict.fromkeys(str(u) for u in urls))
-    out: dict = {}
-    todo = []
-    for u in urls:
-        data = cache.get(u) if cache is not None and cacheable(u) else None
-        if data is None:
-            todo.append(u)
-        else:
-            out[u] = data
-    if todo:
-        got = storage.read_many(todo, concurrency=max_concurrency or concurrency())
-        for u in todo:
-            v = got[u]
-            out[u] = v
-            if cache is not None and isinstance(v, bytes) and cacheable(u):
-                cache.put(u, v)
-    return out
-
-
 class Pending:
     """Reads started by :func:`start`: cached objects at once, the rest in flight. Iterate once to get
     ``(url, bytes or exception)`` for every URL, cached ones first, then in the order reads complete;
@@ -194,19 +169,12 @@ def start(urls, *, cache=_DEFAULT, max_concurrency: int | None = None) -> Pendin
     return Pending(urls, default_cache() if cache is _DEFAULT else cache, max_concurrency)
 
 
-def iter_many(urls, *, cache=_DEFAULT, max_concurrency: int | None = None):
-    """``(url, bytes or exception)`` for every URL as soon as it is there: cached ones first, then the rest in
-    the order their reads complete (see :func:`mlc.storage.iter_many`)."""
-    return iter(start(urls, cache=cache, max_concurrency=max_concurrency))
-
-
 def read(url: str, *, cache=_DEFAULT) -> bytes:
     """One object through the cache; raises the named storage exception."""
-    v = read_many([url], cache=cache)[str(url)]
+    (_, v), = start([url], cache=cache)
     if isinstance(v, BaseException):
         raise v
     return v
 
 
-__all__ = ["ByteCache", "Pending", "default_cache", "start", "read_many", "iter_many", "read", "cacheable",
-           "concurrency"]
+__all__ = ["ByteCache", "Pending", "default_cache", "start", "read", "cacheable", "concurrency"]

@@ -233,7 +233,7 @@ def load_image(url: str, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str 
 
 def decode_fetched(data, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                    draft: int | None = None) -> Image.Image:
-    """:func:`decode_image` for one value of :func:`mlc.fetch.read_many` (bytes, or the exception reading
+    """:func:`decode_image` for one value read by :mod:`mlc.fetch` (bytes, or the exception reading
     failed with): a missing object is a :class:`BadImageError` ``"missing"`` like in :func:`load_image`;
     any other storage error (permission, network after retries) is raised as it is, naming the object."""
     if isinstance(data, FileNotFoundError):

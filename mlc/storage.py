@@ -32,6 +32,7 @@ What this module guarantees:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import io
 import os
@@ -113,11 +114,6 @@ def is_local(url: str) -> bool:
     return "file" in _protocols(fs) or "local" in _protocols(fs)
 
 
-def is_object_store(url: str) -> bool:
-    fs, _ = filesystem(url)
-    return bool(set(_protocols(fs)) & _OBJECT_STORES)
-
-
 def join(url: str, *parts: str) -> str:
     """Join path parts onto a URL without touching its scheme (``gs://b/x`` + ``y`` -> ``gs://b/x/y``)."""
     url = str(url)
@@ -187,65 +183,32 @@ def read_bytes(url: str) -> bytes:
         raise _named(url, e, "read") from e
 
 
-def read_many(urls: Iterable[str], concurrency: int = DEFAULT_CONCURRENCY) -> dict:
-    """Read many objects with up to ``concurrency`` requests in flight; ``{url: bytes or exception}``.
-
-    One bad object does not fail the rest: its value is the named exception (:class:`ObjectNotFound`,
-    :class:`AccessDenied`, :class:`StorageError`) for the caller to raise or skip. Asynchronous
-    filesystems (gcsfs, http) get their requests multiplexed on the filesystem's event loop; others are
-    read one by one (a local disk is not helped by more).
-    """
-    urls = list(dict.fromkeys(str(u) for u in urls))
-    out: dict = {}
-    if not urls:
-        return out
-    groups: dict = {}
-    for u in urls:
-        fs, path = filesystem(u)
-        groups.setdefault(id(fs), (fs, []))[1].append((u, path))
-    for fs, items in groups.values():
-        if getattr(fs, "async_impl", False) and hasattr(fs, "_cat_file"):
-            results = fsspec.asyn.sync(fs.loop, _gather_cat, fs, [p for _, p in items], max(1, concurrency))
-            for (u, _), r in zip(items, results):
-                out[u] = _named(u, r, "read") if isinstance(r, BaseException) else r
-        else:
-            for u, p in items:
-                try:
-                    out[u] = fs.cat_file(p)
-                except Exception as e:  # noqa: BLE001 - returned, named
-                    out[u] = _named(u, e, "read")
-    return out
-
-
 class PendingReads:
     """Reads started by :func:`start_reads`; iterate to get ``(url, bytes or exception)`` as each completes.
 
-    On an asynchronous filesystem (gcsfs) the requests are already in flight on the filesystem's event loop
-    when this object is returned, so a caller can start the next batch's reads and then decode the current
-    one. On others each object is read when iteration reaches it. Iterate once; ``cancel()`` drops what is
-    still pending.
+    One bad object does not fail the rest: its value is the named exception (:class:`ObjectNotFound`,
+    :class:`AccessDenied`, :class:`StorageError`) for the caller to raise or skip. On an asynchronous
+    filesystem (gcsfs, http) the requests are already in flight on the filesystem's event loop when this
+    object is returned, so a caller can start the next batch's reads and then decode the current one;
+    objects on other filesystems are read one by one when iteration reaches them (a local disk is not
+    helped by more). Iterate once; ``cancel()`` drops what is still pending.
     """
 
     def __init__(self, urls: list, concurrency: int):
         self.urls = urls
         self._futures: dict = {}
         self._sync: list = []
-        if not urls:
-            return
-        fs, _ = filesystem(urls[0])
-        if getattr(fs, "async_impl", False) and hasattr(fs, "_cat_file") and all(
-                filesystem(u)[0] is fs for u in urls):
-            sem = asyncio.Semaphore(max(1, concurrency))
-
-            async def one(path):
-                async with sem:
-                    return await fs._cat_file(path)
-            self._futures = {asyncio.run_coroutine_threadsafe(one(filesystem(u)[1]), fs.loop): u for u in urls}
-        else:
-            self._sync = urls
+        semaphores: dict = {}
+        for u in urls:
+            fs, path = filesystem(u)
+            if not (getattr(fs, "async_impl", False) and hasattr(fs, "_cat_file")):
+                self._sync.append((u, fs, path))
+                continue
+            # One limit per filesystem: each has its own event loop and connection pool.
+            sem = semaphores.setdefault(id(fs), asyncio.Semaphore(max(1, concurrency)))
+            self._futures[asyncio.run_coroutine_threadsafe(_cat_limited(fs, path, sem), fs.loop)] = u
 
     def __iter__(self) -> Iterator[tuple]:
-        import concurrent.futures
         try:
             for fut in concurrent.futures.as_completed(self._futures):
                 u = self._futures[fut]
@@ -253,8 +216,11 @@ class PendingReads:
                     yield u, fut.result()
                 except Exception as e:  # noqa: BLE001 - yielded, named
                     yield u, _named(u, e, "read")
-            for u in self._sync:
-                yield u, read_many([u])[u]
+            for u, fs, path in self._sync:
+                try:
+                    yield u, fs.cat_file(path)
+                except Exception as e:  # noqa: BLE001 - yielded, named
+                    yield u, _named(u, e, "read")
         finally:
             self.cancel()
 
@@ -263,24 +229,21 @@ class PendingReads:
             fut.cancel()
 
 
+async def _cat_limited(fs, path: str, sem: asyncio.Semaphore) -> bytes:
+    async with sem:
+        return await fs._cat_file(path)
+
+
 def start_reads(urls: Iterable[str], concurrency: int = DEFAULT_CONCURRENCY) -> PendingReads:
-    """Start reading every URL now (up to ``concurrency`` requests in flight); see :class:`PendingReads`."""
+    """Start reading every URL now (up to ``concurrency`` requests in flight per filesystem; each URL once);
+    see :class:`PendingReads`. The one batch read: :func:`read_many`, :mod:`mlc.fetch` and the dataset
+    check all go through it."""
     return PendingReads(list(dict.fromkeys(str(u) for u in urls)), concurrency)
 
 
-def iter_many(urls: Iterable[str], concurrency: int = DEFAULT_CONCURRENCY) -> Iterator[tuple]:
-    """Like :func:`read_many`, but yields ``(url, bytes or exception)`` as each read completes, so the caller
-    can decode one object while the others are still on the way. Every URL is yielded once."""
-    return iter(start_reads(urls, concurrency))
-
-
-async def _gather_cat(fs, paths: list, concurrency: int) -> list:
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one(p):
-        async with sem:
-            return await fs._cat_file(p)
-    return await asyncio.gather(*(one(p) for p in paths), return_exceptions=True)
+def read_many(urls: Iterable[str], concurrency: int = DEFAULT_CONCURRENCY) -> dict:
+    """``{url: bytes or exception}`` for every URL, read concurrently (:func:`start_reads`), once all are in."""
+    return dict(start_reads(urls, concurrency))
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -333,17 +296,6 @@ def writer(url: str) -> Iterator[io.BytesIO]:
     buf = io.BytesIO()
     yield buf
     write_bytes(url, buf.getvalue())
-
-
-def makedirs(url: str) -> None:
-    """Create a local (or other real) folder; a no-op on object stores, which have no folders."""
-    fs, path = filesystem(url)
-    if set(_protocols(fs)) & _OBJECT_STORES:
-        return
-    try:
-        fs.makedirs(path, exist_ok=True)
-    except Exception as e:  # noqa: BLE001
-        raise _named(url, e, "create") from e
 
 
 def remove(url: str, recursive: bool = False) -> None:
@@ -403,7 +355,7 @@ def pyarrow_filesystem(url: str):
 
 
 __all__ = [
-    "StorageError", "ObjectNotFound", "AccessDenied", "filesystem", "is_local", "is_object_store", "join",
-    "exists", "isdir", "read_bytes", "read_many", "iter_many", "start_reads", "PendingReads", "write_bytes", "write_text", "writer", "makedirs",
-    "remove", "listdir", "check_writable", "pyarrow_filesystem", "safe_url", "fsspec", "DEFAULT_CONCURRENCY",
+    "StorageError", "ObjectNotFound", "AccessDenied", "filesystem", "is_local", "join", "exists", "isdir",
+    "read_bytes", "read_many", "start_reads", "PendingReads", "write_bytes", "write_text", "writer", "remove",
+    "listdir", "check_writable", "pyarrow_filesystem", "safe_url", "fsspec", "DEFAULT_CONCURRENCY",
 ]
