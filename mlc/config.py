@@ -1,54 +1,116 @@
-"""Run configuration: one frozen dataclass, built by the jobs' argument parsers and saved with every model."""
+"""Run configuration: frozen dataclasses for a training run, its Ray scale and a sweep.
+
+Each field carries its command-line help (``metadata["help"]``, read by :mod:`mlc.cli`), so a setting, its
+default and what ``--help`` says about it are written in one place; comments say why a default is what it
+is. A TrainConfig is saved with every model.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
+from . import cluster
+
+
+def _f(default, help: str):
+    """A field with its ``--help`` text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+# Said of every Ray worker, in training runs and in sweeps.
+_GPUS_HELP = ("GPUs per worker: 0 (CPU workers on gloo) or a whole number (NCCL); default: 1 when the cluster's node "
+              "types have GPUs, else 0")
+_CPUS_HELP = ("CPUs Ray reserves per worker, from which its DataLoader processes are sized; default: 8 per GPU capped "
+              "by the GPU node type's CPUs per GPU, 1 for CPU workers")
+_WAIT_FOR_AUTOSCALER_HELP = ("wait for nodes even when no autoscaler config is readable here (an autoscaler this "
+                             "process cannot see, e.g. KubeRay's, will add them); with one readable, waiting is "
+                             "automatic")
+
+
+def _worker_problems(gpus: float | None, cpus: float | None, wait_timeout: float) -> list:
+    """What is wrong with a Ray worker's resources and the wait for them (training runs and sweeps alike)."""
+    problems = []
+    try:
+        cluster.check_training_gpus(gpus)
+    except ValueError as e:
+        problems.append(str(e))
+    if cpus is not None and cpus <= 0:
+        problems.append(f"--cpus-per-worker must be > 0, got {cpus}")
+    if wait_timeout < 0:
+        problems.append(f"--wait-timeout must be >= 0, got {wait_timeout}")
+    return problems
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     # Where things are. data=None means the embedded demo dataset (generated offline into a cache).
-    data: str | None = None
-    output: str = "runs/mlc"
-    images: str | None = None       # default: <data>/data, as in the original COMP5329S1A2Dataset
-    train_csv: str | None = None    # default: <data>/train.csv
-    test_csv: str | None = None     # default: <data>/test.csv
+    data: str | None = _f(None,
+        "dataset root URL (local path, file://, gs://bucket/prefix, memory://...) holding train.csv, test.csv and "
+        "data/<ImageID>; omit it to use the embedded demo dataset (generated offline into ~/.cache/mlc)")
+    output: str = _f("runs/mlc",
+        "where the run writes checkpoint/, best/, metrics.json, predictions.csv, probabilities.csv, plots/")
+    images: str | None = _f(None, "image folder, inside --data when relative (e.g. images); default <data>/data")
+    train_csv: str | None = _f(None, "labelled table (ImageID,Labels,Caption), a path or URL; default <data>/train.csv")
+    test_csv: str | None = _f(None, "table to predict (ImageID[,Caption]), a path or URL; default <data>/test.csv")
 
     # Model. Depth 1 (layer4 + head) is the report's choice; 4 trains everything, stem included.
-    weights: str = "imagenet"
-    unfrozen_depth: int = 1
-    dropout: float = 0.5            # the report's dropout before its trainable part (layer4)
-    freeze_bn: bool = False         # BatchNorm trains where its stage trains; True suits tiny per-GPU batches
+    weights: str = _f("imagenet",
+        "initial weights: imagenet (torchvision IMAGENET1K_V2, downloaded to torchvision's cache), none (random init), "
+        "or a path/URL to a state dict")
+    unfrozen_depth: int = _f(1,
+        "how many of the last residual stages train: 0 = head only, 1 = layer4 + head (the report), 2, 3, and 4 = every"
+        " stage including the stem (conv1/bn1); frozen stages keep BatchNorm in eval mode")
+    # The report's dropout before its trainable part (layer4).
+    dropout: float = _f(0.5,
+        "dropout where the frozen features enter the trainable part (none at depth 4, where nothing is frozen)")
+    # Off: BatchNorm trains where its stage trains; on suits tiny per-GPU batches.
+    freeze_bn: bool = _f(False,
+        "keep every BatchNorm layer in eval mode (pretrained running statistics, no batch statistics); true/false")
 
     # Optimisation.
-    epochs: int = 10
-    batch_size: int = 32            # per process; fits ResNet50 at 224 px in 8 GB with bf16
-    lr: float = 1e-3                # AdamW peak; a fresh head on frozen features tolerates a high rate
-    weight_decay: float = 0.01      # AdamW's usual default; not applied to BatchNorm and biases
-    optimizer: str = "adamw"
-    momentum: float = 0.9           # SGD only
-    warmup_epochs: float = 1.0      # linear warm-up protects pretrained stages from the random head's gradients
-    clip_grad: float = 1.0          # max global grad norm; cuts early spikes, rarely binds after warm-up; 0 = off
+    epochs: int = _f(10, "total epochs (a rerun may raise it to train further)")
+    # Fits ResNet50 at 224 px in 8 GB with bf16 on one GPU.
+    batch_size: int = _f(32,
+        "images per optimizer step; in a Ray run global: summed over all workers, dealt out to them (uneven shares when"
+        " they do not divide it), so the data order and the learning-rate schedule are the same at any --num-workers, "
+        "also after an elastic resize or a resume on fewer workers")
+    # AdamW peak; a fresh head on frozen features tolerates a high rate.
+    lr: float = _f(1e-3, "peak learning rate (after warm-up; cosine decay to 0)")
+    # AdamW's usual default; not applied to BatchNorm and biases.
+    weight_decay: float = _f(0.01, "decoupled weight decay on conv/linear weights")
+    optimizer: str = _f("adamw", "adamw or sgd (Nesterov)")
+    momentum: float = _f(0.9, "SGD momentum")
+    # Warm-up protects pretrained stages from the random head's gradients.
+    warmup_epochs: float = _f(1.0, "linear warm-up length in epochs (may be fractional)")
+    clip_grad: float = _f(1.0, "maximum gradient norm; 0 turns clipping off")
     # auto: on GPUs bf16 where the card computes it natively (sm80+), fp16 with a GradScaler below; on CPUs
     # whichever of bf16 and fp32 a short timed probe finds faster on this machine (cached per machine).
-    amp: str = "auto"
+    amp: str = _f("auto",
+        "mixed precision: auto (GPU: bf16 on sm80+, fp16 with loss scaling below; CPU: bf16 or fp32, whichever a short "
+        "timed probe finds faster, cached per machine), bf16, fp16, or off")
     # torch.compile of the training model. Off: measured on the 2-core dev CPU it took 28 s to compile and
     # trained no faster (23.5 vs 24.2 img/s, depth 1, bf16); on GPUs `jobs/bench.py --gpu` measures it.
-    compile: bool = False
+    compile: bool = _f(False,
+        "torch.compile the training model (true/false); measured not to pay on a 2-core CPU, unmeasured on GPUs, where "
+        "jobs/bench.py --gpu measures it")
 
-    # Data.
-    image_size: int = 224           # ResNet50's ImageNet resolution; the COMP5329 images are <= 320 px
-    val_fraction: float = 0.1
-    seed: int = 0
+    # Data. The size is ResNet50's ImageNet resolution; the COMP5329 images are <= 320 px.
+    image_size: int = _f(224, "training crop and evaluation centre-crop size in pixels")
+    val_fraction: float = _f(0.1, "fraction of train.csv held out for validation (a seeded split by ImageID)")
+    seed: int = _f(0, "seed of the split, the initialisation, the data order and the augmentations")
     # None: resolved where the training process runs, from the CPUs it may use (Ray's reservation or the
     # process's CPU affinity), never on the machine that parsed the flags (mlc.engine.resolve_loader_workers).
-    loader_workers: int | None = None  # per training process
+    loader_workers: int | None = _f(None,
+        "DataLoader worker processes per training process; default: chosen where the process runs, from the CPUs it may"
+        " use (Ray's reservation per worker, or this process's CPU affinity)")
     # Decode JPEGs on the GPU (nvJPEG) instead of in the loader workers, for nodes whose CPUs cannot keep up
     # with the GPU (mlc.gpu_decode). Off until measured on a GPU: `jobs/bench.py --gpu` compares the two.
-    gpu_decode: bool = False
-    max_bad_fraction: float = 0.01  # unreadable training images tolerated before the run stops
-    max_image_pixels: int = 50_000_000  # larger images are refused as decompression bombs
+    gpu_decode: bool = _f(False,
+        "decode JPEGs on the GPU (nvJPEG) instead of in the loader workers, for nodes whose CPUs cannot keep up "
+        "(true/false); other formats still decode on the CPU")
+    max_bad_fraction: float = _f(0.01, "stop when more than this fraction of labelled images is unreadable")
+    max_image_pixels: int = _f(50_000_000, "refuse images with more pixels than this (decompression bombs)")
 
     # Settings that may change between a run and its resume without invalidating the checkpoint.
     RESUMABLE_CHANGES = ("epochs", "loader_workers", "output", "data", "images", "train_csv", "test_csv", "compile",
@@ -119,23 +181,28 @@ DEMO_DEFAULTS = {
 }
 
 
-def demo_config(**changes) -> TrainConfig:
-    return TrainConfig(**{**DEMO_DEFAULTS, **changes})
-
-
 @dataclass(frozen=True)
 class ScaleConfig:
     # An int: a fixed group. (MIN, MAX) (--num-workers MIN-MAX): elastic, Ray Train starts with what fits
     # (at least MIN), grows as nodes arrive and shrinks when they go; --batch-size stays the global batch.
-    num_workers: int | tuple = 2    # two workers: the smallest group that exercises DDP
-    gpus_per_worker: float | None = None   # None: 1 when the cluster's node types have GPUs, else 0
-    cpus_per_worker: float | None = None   # None: 8 per GPU capped by the GPU node type's CPUs per GPU; 1 on CPUs
-    max_failures: int = 3           # worker-group restarts from the latest checkpoint before giving up
-    name: str = "mlc"               # stable: a rerun with the same name resumes
-    keep_checkpoints: int = 2       # by validation F1; Ray Train also always keeps the latest
-    wait_for_autoscaler: bool = False  # wait even when no autoscaler config can be read
-    wait_timeout: float = 1200.0    # seconds to wait for the autoscaler's nodes before giving up
-    resize_check_s: float = 60.0    # elastic: how often Ray Train looks for room to grow the group
+    # Two workers: the smallest group that exercises DDP.
+    num_workers: int | tuple = _f(2,
+        "Ray Train workers (one process each, one per GPU on GPUs): N, or MIN-MAX for an elastic group that starts with"
+        " what fits (at least MIN), grows as nodes arrive and, when nodes are lost, continues from the latest "
+        "checkpoint on fewer (each shrink is one of --max-failures)")
+    gpus_per_worker: float | None = _f(None, _GPUS_HELP)
+    cpus_per_worker: float | None = _f(None, _CPUS_HELP)
+    max_failures: int = _f(3,
+        "worker-group failures (a lost Spot node included) recovered from the latest checkpoint before the run fails; "
+        "-1: no limit")
+    name: str = _f("mlc",
+        "stable run name: outputs and checkpoints go under --output/NAME/, and a rerun with the same name resumes")
+    keep_checkpoints: int = _f(2,
+        "checkpoints kept by validation F1 in the run folder (Ray Train also always keeps the latest)")
+    wait_for_autoscaler: bool = _f(False, _WAIT_FOR_AUTOSCALER_HELP)
+    wait_timeout: float = _f(cluster.DEFAULT_WAIT_S,
+        "seconds to wait for the autoscaler to add the first workers' nodes before giving up")
+    resize_check_s: float = _f(60.0, "elastic groups: seconds between Ray Train's checks for room to grow")
 
     @property
     def min_workers(self) -> int:
@@ -150,8 +217,7 @@ class ScaleConfig:
         return self.min_workers != self.max_workers
 
     def __post_init__(self):
-        from .cluster import check_training_gpus
-        problems = []
+        problems = _worker_problems(self.gpus_per_worker, self.cpus_per_worker, self.wait_timeout)
         n = self.num_workers
         if isinstance(n, list):
             object.__setattr__(self, "num_workers", n := tuple(n))
@@ -161,21 +227,61 @@ class ScaleConfig:
             problems.append(f"--num-workers must be N or MIN-MAX, got {n!r}")
         elif self.min_workers < 1 or self.max_workers < self.min_workers:
             problems.append(f"--num-workers must be >= 1 (MIN-MAX with 1 <= MIN <= MAX), got {n!r}")
-        try:
-            check_training_gpus(self.gpus_per_worker)
-        except ValueError as e:
-            problems.append(str(e))
-        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
-            problems.append(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
         if self.max_failures < -1:
             problems.append(f"--max-failures must be >= -1 (-1: unlimited), got {self.max_failures}")
         if self.keep_checkpoints < 1:
             problems.append(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if self.wait_timeout < 0:
-            problems.append(f"--wait-timeout must be >= 0, got {self.wait_timeout}")
         if self.resize_check_s <= 0:
             problems.append(f"--resize-check-s must be > 0, got {self.resize_check_s}")
         if not self.name or "/" in self.name or self.name in (".", ".."):
+            problems.append(f"--name must be a non-empty folder name without '/', got {self.name!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A Ray Tune sweep (mlc.tune) over learning rate and unfrozen depth, with ASHA early stopping."""
+
+    name: str = _f("sweep",
+        "stable sweep name: everything goes under --output/NAME/, and a rerun with the same name resumes")
+    num_samples: int = _f(8, "trials to run")
+    # one Ray Train worker (one GPU) per trial: more trials at once
+    workers_per_trial: int = _f(1, "Ray Train workers per trial (each one GPU when the cluster has GPUs)")
+    gpus_per_worker: float | None = _f(None, _GPUS_HELP)
+    cpus_per_worker: float | None = _f(None, _CPUS_HELP)
+    max_epochs: int = _f(10, "epochs of a trial that ASHA never stops")
+    # ASHA lets every trial run this many epochs before it may stop it
+    grace_epochs: int = _f(1, "epochs every trial runs before ASHA may stop it")
+    # ASHA keeps the top 1/3 at each rung
+    reduction_factor: int = _f(3, "ASHA keeps the best 1/FACTOR of trials at each rung")
+    # the learning-rate range, sampled log-uniformly
+    lr_min: float = _f(1e-4, "lowest peak learning rate (log-uniform range)")
+    lr_max: float = _f(1e-2, "highest peak learning rate (equal to --lr-min: a fixed rate)")
+    depths: tuple = _f((0, 1, 2, 3, 4), "unfrozen depths to sample from, comma-separated, each 0..4")
+    max_failures: int = _f(1, "worker-group restarts per trial from its latest checkpoint (a lost Spot node included)")
+    search_seed: int = _f(0, "seed of the random search")
+    wait_for_autoscaler: bool = _f(False, _WAIT_FOR_AUTOSCALER_HELP)
+    wait_timeout: float = _f(cluster.DEFAULT_WAIT_S,
+        "seconds to wait for the autoscaler to add the first trial's nodes before giving up")
+
+    def __post_init__(self):
+        problems = _worker_problems(self.gpus_per_worker, self.cpus_per_worker, self.wait_timeout)
+        if self.num_samples < 1:
+            problems.append(f"--num-samples must be >= 1, got {self.num_samples}")
+        if self.workers_per_trial < 1:
+            problems.append(f"--workers-per-trial must be >= 1, got {self.workers_per_trial}")
+        if self.max_epochs < 1:
+            problems.append(f"--max-epochs must be >= 1, got {self.max_epochs}")
+        if not 1 <= self.grace_epochs <= self.max_epochs:
+            problems.append(f"--grace-epochs must be in 1..--max-epochs ({self.max_epochs}), got {self.grace_epochs}")
+        if self.reduction_factor < 2:
+            problems.append(f"--reduction-factor must be >= 2, got {self.reduction_factor}")
+        if not 0 < self.lr_min <= self.lr_max:
+            problems.append(f"--lr-min and --lr-max must satisfy 0 < min <= max, got {self.lr_min}, {self.lr_max}")
+        if not self.depths or any(d not in range(5) for d in self.depths):
+            problems.append(f"--depths must be values in 0..4, got {list(self.depths)}")
+        if not self.name or "/" in self.name:
             problems.append(f"--name must be a non-empty folder name without '/', got {self.name!r}")
         if problems:
             raise ValueError("; ".join(problems))

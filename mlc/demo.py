@@ -359,3 +359,13 @@ def make_demo_dataset(
 
 
 __all__ = ["DEMO_CLASSES", "DEMO_VERSION", "default_demo_root", "make_demo_dataset"]
+
+
+def with_demo_data(cfg, log=print):
+    """``cfg`` itself when it names a dataset; otherwise ``cfg`` on the embedded demo dataset (made once, offline,
+    into the cache). Every way of training (local, Ray Train, Ray Tune) starts here when --data is absent."""
+    if cfg.data is not None:
+        return cfg
+    cfg = cfg.replace(data=make_demo_dataset())
+    log(f"no --data given: using the embedded demo dataset at {cfg.data}")
+    return cfg

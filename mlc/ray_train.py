@@ -38,6 +38,7 @@ from ray.train.torch import TorchTrainer
 from . import cluster, storage
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import ScaleConfig, TrainConfig
+from .demo import with_demo_data
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .runs import SCORE, best_of, epoch_dir, epoch_of, latest_epoch_checkpoint, publish_best, ray_storage
 from .submission import write_predictions
@@ -212,10 +213,7 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
     t_start = time.perf_counter()
     from .ray_predict import ensure_ray
     ensure_ray(log)  # the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local Ray
-    if cfg.data is None:
-        from .demo import make_demo_dataset
-        cfg = cfg.replace(data=make_demo_dataset())
-        log(f"no --data given: using the embedded demo dataset at {cfg.data}")
+    cfg = with_demo_data(cfg, log)
     output = absolute_output(cfg.output)
     run_url = storage.join(output, scale.name)
     hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}

@@ -21,6 +21,7 @@ from .checkpoint import load_training_state, save_model, save_training_state
 from .config import TrainConfig
 from .data import (BadImageBudget, DataPaths, ImageTable, StartedLoader, image_urls, make_loader, read_tables,
                    split_train_val)
+from .demo import with_demo_data
 from .device import available_cpus, pick_device, prepare_device
 from .engine import make_optimizer, predict_scores, resolve_loader_workers, train_one_epoch, warmup_cosine
 from .labels import LabelVocab
@@ -117,10 +118,7 @@ class LocalGroup:
 def fit(cfg: TrainConfig, *, fresh: bool = False, log=print, progress: bool = True) -> dict:
     """Local mode: train in this process, then write every output under ``cfg.output``."""
     t_start = time.perf_counter()
-    if cfg.data is None:
-        from .demo import make_demo_dataset
-        cfg = cfg.replace(data=make_demo_dataset())
-        log(f"no --data given: using the embedded demo dataset at {cfg.data}")
+    cfg = with_demo_data(cfg, log)
     storage.check_writable(cfg.output)
     if fresh:
         for name in OUTPUTS:

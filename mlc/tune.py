@@ -26,64 +26,14 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass
-
 import pandas as pd
 
 from . import cluster, storage
-from .cluster import check_training_gpus
-from .config import TrainConfig
+from .config import SweepConfig, TrainConfig
+from .demo import with_demo_data
 from .runs import SCORE, best_of, kept_checkpoints, publish_best
 
 METRIC = "f1_samples"
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    name: str = "sweep"                 # stable: a rerun with the same name resumes the sweep
-    num_samples: int = 8                # trials
-    workers_per_trial: int = 1          # one Ray Train worker (one GPU) per trial: more trials at once
-    gpus_per_worker: float | None = None  # None: 1 when the cluster's node types have GPUs, else 0
-    cpus_per_worker: float | None = None  # None: 8 per GPU, capped by the GPU node type; 1 on CPUs
-    max_epochs: int = 10
-    grace_epochs: int = 1               # ASHA lets every trial run this many epochs before it may stop it
-    reduction_factor: int = 3           # ASHA keeps the top 1/3 at each rung
-    lr_min: float = 1e-4                # the learning-rate range, sampled log-uniformly
-    lr_max: float = 1e-2
-    depths: tuple = (0, 1, 2, 3, 4)     # unfrozen depths sampled uniformly
-    max_failures: int = 1               # worker-group restarts per trial
-    search_seed: int = 0
-    wait_for_autoscaler: bool = False   # wait even when no autoscaler config can be read
-    wait_timeout: float = cluster.DEFAULT_WAIT_S  # seconds to wait for the first trial's nodes
-
-    def __post_init__(self):
-        problems = []
-        if self.num_samples < 1:
-            problems.append(f"--num-samples must be >= 1, got {self.num_samples}")
-        if self.workers_per_trial < 1:
-            problems.append(f"--workers-per-trial must be >= 1, got {self.workers_per_trial}")
-        try:
-            check_training_gpus(self.gpus_per_worker)
-        except ValueError as e:
-            problems.append(str(e))
-        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
-            problems.append(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
-        if self.wait_timeout < 0:
-            problems.append(f"--wait-timeout must be >= 0, got {self.wait_timeout}")
-        if self.max_epochs < 1:
-            problems.append(f"--max-epochs must be >= 1, got {self.max_epochs}")
-        if not 1 <= self.grace_epochs <= self.max_epochs:
-            problems.append(f"--grace-epochs must be in 1..--max-epochs ({self.max_epochs}), got {self.grace_epochs}")
-        if self.reduction_factor < 2:
-            problems.append(f"--reduction-factor must be >= 2, got {self.reduction_factor}")
-        if not 0 < self.lr_min <= self.lr_max:
-            problems.append(f"--lr-min and --lr-max must satisfy 0 < min <= max, got {self.lr_min}, {self.lr_max}")
-        if not self.depths or any(d not in range(5) for d in self.depths):
-            problems.append(f"--depths must be values in 0..4, got {list(self.depths)}")
-        if not self.name or "/" in self.name:
-            problems.append(f"--name must be a non-empty folder name without '/', got {self.name!r}")
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 def search_space(sweep: SweepConfig) -> dict:
@@ -155,10 +105,7 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     t_start = time.perf_counter()
     from .ray_predict import ensure_ray
     ensure_ray(log)  # the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local Ray
-    if base.data is None:
-        from .demo import make_demo_dataset
-        base = base.replace(data=make_demo_dataset())
-        log(f"no --data given: using the embedded demo dataset at {base.data}")
+    base = with_demo_data(base, log)
     base = base.replace(epochs=sweep.max_epochs)
     output = absolute_output(base.output)
     sweep_url = storage.join(output, sweep.name)

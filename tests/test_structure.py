@@ -100,3 +100,13 @@ def test_cycle_finder_sees_function_level_and_relative_imports(tmp_path):
     assert find_cycle(graph) == ["mlc.a", "mlc.b", "mlc.c", "mlc.a"]
     (pkg / "c.py").write_text("import os\n")
     assert find_cycle(import_graph(pkg)) is None
+
+
+def test_every_config_field_carries_its_help():
+    """The flags' help is read from the config classes (mlc.cli); a field without it would have no --help line."""
+    import dataclasses
+
+    from mlc.config import ScaleConfig, SweepConfig, TrainConfig
+    for cls in (TrainConfig, ScaleConfig, SweepConfig):
+        for f in dataclasses.fields(cls):
+            assert len(f.metadata.get("help", "")) > 10, f"{cls.__name__}.{f.name} has no help text"
