@@ -56,11 +56,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from mlc.predict import predict_from_checkpoint
-    return predict_from_checkpoint(args.checkpoint, args.data, args.output, ids_csv=args.ids, images=args.images,
-                                   batch_size=args.batch_size, num_workers=args.num_workers,
-                                   loader_workers=args.loader_workers, gpus_per_worker=args.gpus_per_worker,
-                                   cpus_per_worker=args.cpus_per_worker, progress=not args.quiet)
+    import mlc
+    return mlc.predict(args.checkpoint, args.data, args.output, ids_csv=args.ids, images=args.images,
+                       batch_size=args.batch_size, num_workers=args.num_workers, loader_workers=args.loader_workers,
+                       gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                       progress=not args.quiet)
 
 
 if __name__ == "__main__":

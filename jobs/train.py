@@ -46,8 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict:
     cfg = config_from_args(args)
     if args.local:
-        from mlc.trainer import fit
-        return fit(cfg, fresh=args.fresh, progress=not args.quiet)
+        import mlc
+        return mlc.fit(cfg, fresh=args.fresh, progress=not args.quiet)
     from mlc.ray_train import fit_distributed
     return fit_distributed(cfg, scale_from_args(args), fresh=args.fresh, progress=not args.quiet)
 

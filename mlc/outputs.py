@@ -44,7 +44,7 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
     ``score_test(best_url, ids) -> {"probs", "ok"}`` scores the test images; by default they are
     scored in this process on ``device``.
     """
-    from .predict import score_here
+    from .inference import score_here
 
     t_start = time.perf_counter() if t_start is None else t_start
     best_url = storage.join(out, "best")

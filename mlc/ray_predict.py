@@ -153,7 +153,7 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
     ``gpus_per_worker`` None means 1 when the cluster has GPUs, else 0. ``cpus_per_worker`` None is Ray Data's
     default of 1 CPU per actor (it warns that giving both CPUs and GPUs explicitly is experimental).
 
-    Returns what :func:`mlc.predict.score_ids` returns: ``probs`` (NaN rows for unreadable images), ``ok``,
+    Returns what :func:`mlc.inference.score_ids` returns: ``probs`` (NaN rows for unreadable images), ``ok``,
     ``skipped`` (``Skipped`` records naming each unreadable image), ``seconds`` and ``img_per_s``; plus
     ``workers`` (rows scored per actor).
     """

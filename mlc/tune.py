@@ -217,7 +217,7 @@ def summarize(grid, base: TrainConfig, sweep: SweepConfig, sweep_url: str, data,
     storage.write_text(storage.join(sweep_url, "best_config.json"), json.dumps(best, indent=1, default=float))
     storage.write_bytes(storage.join(sweep_url, "plots", "sweep.png"), plots.sweep_png(table))
 
-    from .predict import predict_from_checkpoint
+    from .inference import predict_from_checkpoint
     workers = predict_workers if predict_workers is not None else sweep.workers_per_trial
     # Prediction's batch is per actor: twice a training worker's share of the global batch.
     per_actor = max(1, 2 * -(-base.batch_size // sweep.workers_per_trial))

@@ -17,7 +17,7 @@ from mlc.config import TrainConfig
 from mlc.labels import LabelVocab
 from mlc.thresholds import ThresholdChoice
 from mlc.model import bare_state_dict, build_model
-from mlc.predict import predict_from_checkpoint
+from mlc.inference import predict_from_checkpoint
 from mlc.table import read_table
 
 # Ray 2.60 reads RAY_AUTH_MODE once, when ray is first imported (conftest sets it too, before any test module).

@@ -104,7 +104,7 @@ def test_the_summary_uses_the_checkpoints_ray_kept_with_ties_a_best_before_the_l
     kept = {"tie": [(2, _row(2, 0.5))], "early": [(1, _row(1, 0.4)), (3, _row(3, 0.3))], "broken": []}
     monkeypatch.setattr(tune, "kept_by_trial", lambda grid, url: kept)
     predicted = {}
-    monkeypatch.setattr("mlc.predict.predict_from_checkpoint",
+    monkeypatch.setattr("mlc.inference.predict_from_checkpoint",
                         lambda ckpt, *a, **k: predicted.update(ckpt=ckpt, **k) or {"rows": 0})
     monkeypatch.setattr("mlc.plots.sweep_png", lambda table: b"\x89PNG")
     grid = [_FakeResult("tie", [_row(1, 0.5), _row(2, 0.5)], 0.01),

@@ -1,15 +1,17 @@
-"""Prediction: scores for a list of ImageIDs in this process, and predictions from a checkpoint alone
-(in this process, or on Ray Data actors through :mod:`mlc.ray_predict`)."""
+"""Inference: scores for a list of ImageIDs in this process, and predictions from a checkpoint alone (in this
+process, or on Ray Data actors through :mod:`mlc.ray_predict`); ``mlc.predict`` and jobs/predict.py call it."""
 
 from __future__ import annotations
 
 import torch
 
 from . import storage
-from .checkpoint import load_predictor
+from .checkpoint import load_model_checkpoint, load_predictor
+from .config import TrainConfig
 from .data import DataPaths, ImageTable, image_urls, make_loader
 from .device import available_cpus, pick_device, prepare_device
 from .engine import predict_scores, resolve_loader_workers
+from .labels import LabelVocab
 from .model import build_model, fold_batchnorm
 from .precision import NAMES, pick_amp_dtype
 from .submission import write_predictions
@@ -47,7 +49,8 @@ def score_here(state: dict, num_classes: int, cfg, ids, images_root: str, *, bat
     return {**out, "device": device, "precision": NAMES[amp_dtype]}
 
 
-def predict_from_checkpoint(checkpoint: str, data: str | None, output: str, *, ids_csv: str | None = None,
+def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: str | None = None, *,
+                            ids_csv: str | None = None,
                             images: str | None = None, batch_size: int = 64, num_workers: int = 0,
                             loader_workers: int | None = None, gpus_per_worker: float | None = None,
                             cpus_per_worker: float | None = None, log=print, progress: bool = True) -> dict:
@@ -58,8 +61,11 @@ def predict_from_checkpoint(checkpoint: str, data: str | None, output: str, *, i
     ``num_workers`` N >= 1 spreads the rows over N Ray Data actors on the cluster in RAY_ADDRESS (or a
     local Ray), each with ``gpus_per_worker`` GPUs (default: 1 when the cluster has GPUs, else 0).
     Without ``images`` the image folder is the one the checkpoint was trained with, resolved against
-    ``data`` (default: the checkpoint's dataset root).
+    ``data`` (default: the checkpoint's dataset root). Returns the summary: rows, unreadable ImageIDs, rows
+    with no label, seconds, images per second.
     """
+    if output is None:
+        raise TypeError("predict needs output=: the folder for predictions.csv and probabilities.csv")
     if num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
     state, vocab, cfg, choice = load_predictor(checkpoint)
@@ -84,3 +90,19 @@ def predict_from_checkpoint(checkpoint: str, data: str | None, output: str, *, i
     log(f"wrote {storage.join(output, 'predictions.csv')} ({summary['rows']} rows, "
         f"{len(summary['unreadable'])} unreadable images)")
     return summary
+
+
+def load_model(checkpoint: str) -> tuple[torch.nn.Module, LabelVocab]:
+    """``(model, vocab)`` from a run folder, its ``best/`` or ``checkpoint/``, or a ``best/model.pt`` (its
+    ``labels.json`` and ``meta.json`` are read beside it), read with ``weights_only=True``.
+
+    The model is the trained ResNet50 on the CPU in eval mode; ``model(x)`` gives one logit per label of
+    ``vocab`` for ``x`` normalised as :func:`mlc.transforms.to_model_input` does (ImageNet mean and std).
+    """
+    url = str(checkpoint).rstrip("/")
+    if url.rsplit("/", 1)[-1] == "model.pt":
+        url = url.rsplit("/", 1)[0] if "/" in url else "."
+    state, vocab, meta = load_model_checkpoint(url)
+    cfg = TrainConfig.from_dict(meta["config"])
+    model = build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout, weights=state, freeze_bn=cfg.freeze_bn)
+    return model.eval(), vocab
