@@ -114,7 +114,7 @@ class Bench:
         from .engine import make_optimizer, resolve_loader_workers
         from .model import build_model, trainable_parameter_groups
         from .precision import NAMES, pick_amp_dtype
-        from .predict import available_cpus
+        from .device import available_cpus
         self.paths, self.batch_size, self.image_size, self.num_classes = list(paths), batch_size, image_size, num_classes
         self.device = torch.device("cpu")
         self.amp = {k: pick_amp_dtype("auto", self.device, kind=k, unfrozen_depth=1, image_size=image_size, log=log)

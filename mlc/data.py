@@ -13,8 +13,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import fetch, storage
-from .images import BadImageError, decode_fetched, load_image
+from .images import DEFAULT_MAX_PIXELS, BadImageError, decode_fetched
 from .table import read_table
+
+
+def load_image(url: str, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None,
+               draft: int | None = None):
+    """Read one image through :mod:`mlc.fetch` (storage plus the byte cache) and decode it to RGB.
+
+    A missing file is a :class:`BadImageError` with reason ``"missing"`` (a row in the CSV whose image is
+    absent is a data problem like any other bad image). Other storage errors (permissions, network)
+    propagate unchanged, because skipping them would silently drop data the run should have had. ``name``
+    (default: ``url``) is what error messages call the file, e.g. ``data/5.jpg`` rather than a bucket URL.
+    """
+    try:
+        data = fetch.read(url)
+    except FileNotFoundError as e:
+        data = e
+    return decode_fetched(data, url if name is None else name, max_pixels, draft)
 
 
 @dataclass
@@ -88,11 +104,7 @@ class ImageTable(Dataset):
         return len(self.urls)
 
     def __getitem__(self, i: int):
-        try:
-            img = load_image(self.urls[i], max_pixels=self.max_pixels, draft=getattr(self.transform, "draft", None))
-        except BadImageError as e:
-            return Skipped(i, self.urls[i], e.reason)
-        return self._sample(i, img)
+        return self.__getitems__([i])[0]
 
     def __getitems__(self, indices):
         """A batch of rows at once; torch's DataLoader calls this with each batch's index list.

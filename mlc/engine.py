@@ -204,23 +204,6 @@ def predict_scores(model, loader, device, *, amp_dtype=None, progress: bool = Tr
             "skipped": skipped, "seconds": elapsed, "img_per_s": seen / elapsed if elapsed > 0 else 0.0}
 
 
-def model_step(model, optimizer, x, y, device, amp_dtype, *, train: bool) -> None:
-    """One training step (or one forward pass) of ``model`` on a batch already in memory: what the speed
-    probes and benchmarks time, without a loader."""
-    if train:
-        model.train()
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    else:
-        model.eval()
-        with torch.inference_mode(), autocast(device, amp_dtype):
-            model(x)
-
-
 def warmup_cosine(total_steps: int, warmup_steps: int):
     """LR multiplier: linear warm-up from ~0 to 1, then cosine decay to 0 at ``total_steps``."""
     def f(step: int) -> float:

@@ -28,7 +28,6 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mlc import fetch
 
 # The real COMP5329 images are at most 320 px a side (~0.1 Mpx). 50 Mpx still
 # accepts any camera photo someone might add (a 48 Mpx phone shot is 8000x6000)
@@ -211,30 +210,10 @@ def decode_image(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PI
     return _to_rgb(im, name)
 
 
-def load_image(url: str, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None,
-               draft: int | None = None) -> Image.Image:
-    """Read ``url`` through :mod:`mlc.fetch` (storage plus the byte cache) and :func:`decode_image` it.
-
-    A missing file is a :class:`BadImageError` with reason ``"missing"`` (a row
-    in the CSV whose image is absent is a data problem like any other bad
-    image). Other storage errors (permissions, network) propagate unchanged,
-    because skipping them would silently drop data the run should have had.
-    ``name`` (default: ``url``) is what error messages call the file, e.g. the
-    ``data/5.jpg`` relative name rather than a long bucket URL.
-    """
-    label = url if name is None else name
-    try:
-        # Through the byte cache: a remote image read once is read from local disk afterwards.
-        data = fetch.read(url)
-    except FileNotFoundError:
-        raise BadImageError(label, "missing", "missing") from None
-    return decode_image(data, label, max_pixels, draft)
-
-
 def decode_fetched(data, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                    draft: int | None = None) -> Image.Image:
     """:func:`decode_image` for one value read by :mod:`mlc.fetch` (bytes, or the exception reading
-    failed with): a missing object is a :class:`BadImageError` ``"missing"`` like in :func:`load_image`;
+    failed with): a missing object is a :class:`BadImageError` ``"missing"`` like in :func:`mlc.data.load_image`;
     any other storage error (permission, network after retries) is raised as it is, naming the object."""
     if isinstance(data, FileNotFoundError):
         raise BadImageError(name, "missing", "missing")
@@ -243,4 +222,4 @@ def decode_fetched(data, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     return decode_image(data, name, max_pixels, draft)
 
 
-__all__ = ["BadImageError", "DEFAULT_MAX_PIXELS", "decode_image", "decode_fetched", "read_header", "load_image"]
+__all__ = ["BadImageError", "DEFAULT_MAX_PIXELS", "decode_image", "decode_fetched", "read_header"]

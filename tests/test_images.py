@@ -11,7 +11,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from mlc import images
-from mlc.images import BadImageError, decode_image, load_image, read_header
+from mlc.data import load_image
+from mlc.images import BadImageError, decode_image, read_header
 
 
 def _encode(im: Image.Image, fmt: str, **kwargs) -> bytes:
