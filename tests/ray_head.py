@@ -80,14 +80,23 @@ class RayHead:
         self.log.flush()
         return (Path(self.dir) / "head.log").read_text(errors="replace")
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL to the head's whole session: every process of this cluster and no other.
+
+        ``ray start --block`` answers SIGTERM by stopping its processes one by one with their own grace
+        periods, about 30 s on this machine; a test cluster has nothing worth a graceful stop after a few
+        seconds, so the rest are killed."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(60)
+                self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
         self.log.close()
 
 
@@ -170,7 +179,8 @@ class AutoscalingHead(RayHead):
     session, loopback dashboard), and stopped by signalling that session only: the fake worker nodes are
     processes the head's monitor started, in the same session. The config file is also what the job
     drivers read as the autoscaler's node types (``MLC_AUTOSCALER_CONFIG``, as ``~/ray_bootstrap_config.yaml``
-    on a ``ray up`` head).
+    on a ``ray up`` head). The worker nodes the monitor started are in the head's session, so ``stop`` ends
+    them too.
     """
 
     def __init__(self, worker_node_types: dict, head_resources: dict | None = None, idle_timeout_minutes=1.0):
@@ -199,9 +209,3 @@ class AutoscalingHead(RayHead):
         self.address = None
         self._wait_ready()
 
-    def stop(self) -> None:
-        super().stop()
-        try:  # the worker nodes the monitor started outlive the head; they are in its session only
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

@@ -280,8 +280,15 @@ def lose_a_node_mid_run(cfg: dict) -> dict:
     # The cluster's processes inherit RAY_ADDRESS: see ray_head.RayHead (another cluster runs beside this one).
     os.environ["RAY_ADDRESS"] = f"{node_ip()}:{port}"
     os.environ.pop("MLC_AUTOSCALER_CONFIG", None)
+    # The node goes abruptly (its raylet is killed). The GCS notices a dead node by missed health checks,
+    # about 30 s by default; until then Ray Train sees its CPU as free, restarts at the old size and waits out
+    # its 60 s worker-group start timeout before it shrinks. Faster health checks (and a shorter start
+    # timeout as a backstop) keep the same sequence of events in a few seconds.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
+    fast_death = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500,
+                  "health_check_timeout_ms": 1000, "health_check_failure_threshold": 2}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                            "gcs_server_port": port})
+                                                            "gcs_server_port": port, "_system_config": fast_death})
     try:
         cluster.add_node(num_cpus=1)
         second = cluster.add_node(num_cpus=1)
