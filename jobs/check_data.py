@@ -11,6 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mlc.check import check_dataset, format_report  # noqa: E402
+from mlc.cli import add_log_args, run_job  # noqa: E402
 from mlc.data import DataPaths  # noqa: E402
 
 
@@ -21,7 +22,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-csv", default=None, help="default: <data>/train.csv")
     p.add_argument("--test-csv", default=None, help="default: <data>/test.csv")
     p.add_argument("--json", action="store_true", help="also print the report as one JSON object on the last line")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_log_args(p)
     return p
 
 
@@ -39,4 +40,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    run_job(main, get_args_parser())

@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 # RAY_AUTH_MODE in the environment still wins.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
+from mlc.cli import add_log_args, run_job  # noqa: E402
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,17 +53,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="CPUs per Ray worker, also its torch threads (default: 1)")
     p.add_argument("--loader-workers", type=int, default=2,
                    help="DataLoader worker processes with --num-workers 0 (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_log_args(p)
     return p
 
 
 def main(args: argparse.Namespace) -> dict:
     import mlc
+    from mlc.logs import say
     return mlc.predict(args.checkpoint, args.data, args.output, ids_csv=args.ids, images=args.images,
                        batch_size=args.batch_size, num_workers=args.num_workers, loader_workers=args.loader_workers,
                        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                       progress=not args.quiet)
+                       progress=not args.quiet, log=say)
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_job(main, get_args_parser())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from mlc.cli import add_log_args, run_job  # noqa: E402
 from mlc.scoring import SubmissionError, format_report, json_summary, score_submission  # noqa: E402
 
 
@@ -18,6 +19,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help="the submission CSV (path or URL)")
     p.add_argument("--truth", required=True, help="the labelled CSV (path or URL)")
     p.add_argument("--json", action="store_true", help="also print one JSON object as the last line (default: off)")
+    add_log_args(p)
     return p
 
 
@@ -25,6 +27,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = score_submission(args.predictions, args.truth)
     except (SubmissionError, FileNotFoundError) as e:
+        # Its own rule, older than mlc.errors: anything that cannot be scored is 2, the file missing included.
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(result))
@@ -34,4 +37,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    run_job(main, get_args_parser())

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 # RAY_AUTH_MODE in the environment still wins.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from mlc.cli import add_scale_args, add_train_args, config_from_args, scale_from_args  # noqa: E402
+from mlc.cli import add_log_args, add_scale_args, add_train_args, config_from_args, run_job, scale_from_args  # noqa: E402,E501
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -40,17 +40,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train in this process on the first GPU, else the CPU, without Ray")
     add_scale_args(p)
     add_train_args(p)
+    add_log_args(p)
     return p
 
 
 def main(args: argparse.Namespace) -> dict:
+    from mlc.logs import say
     cfg = config_from_args(args)
     if args.local:
         import mlc
-        return mlc.fit(cfg, fresh=args.fresh, progress=not args.quiet)
+        return mlc.fit(cfg, fresh=args.fresh, progress=not args.quiet, log=say)
     from mlc.ray_train import fit_distributed
-    return fit_distributed(cfg, scale_from_args(args), fresh=args.fresh, progress=not args.quiet)
+    return fit_distributed(cfg, scale_from_args(args), fresh=args.fresh, progress=not args.quiet, log=say)
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_job(main, get_args_parser())

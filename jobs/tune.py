@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 # RAY_AUTH_MODE in the environment still wins.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from mlc.cli import add_sweep_args, add_train_args, config_from_args, sweep_from_args  # noqa: E402
+from mlc.cli import add_log_args, add_sweep_args, add_train_args, config_from_args, run_job, sweep_from_args  # noqa: E402,E501
 
 # Swept, or set by the sweep, so not flags here: the search space replaces them.
 NOT_FLAGS = ("lr", "unfrozen_depth", "epochs")
@@ -37,15 +37,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_train_args(p, skip=NOT_FLAGS)
     p.add_argument("--predict-workers", type=int, default=None,
                    help="Ray Data workers for the final batch inference (default: --workers-per-trial)")
+    add_log_args(p)
     return p
 
 
 def main(args: argparse.Namespace) -> dict:
+    from mlc.logs import say
     from mlc.tune import run_sweep
     base = config_from_args(args)
     sweep = sweep_from_args(args)
-    return run_sweep(base, sweep, fresh=args.fresh, progress=not args.quiet, predict_workers=args.predict_workers)
+    return run_sweep(base, sweep, fresh=args.fresh, progress=not args.quiet, predict_workers=args.predict_workers,
+                     log=say)
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_job(main, get_args_parser())

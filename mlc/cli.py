@@ -9,6 +9,7 @@ import dataclasses
 import sys
 
 from .config import DEMO_DEFAULTS, ScaleConfig, SweepConfig, TrainConfig
+from .errors import UsageError
 
 D = TrainConfig()
 
@@ -31,7 +32,6 @@ def add_train_args(p: argparse.ArgumentParser, skip=()) -> None:
                        help=f"{f.metadata['help']} ({shown})")
     p.add_argument("--fresh", action="store_true", help="ignore and remove an existing checkpoint in --output and "
                    "start over (default: resume from it)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _bool(text: str) -> bool:
@@ -43,6 +43,39 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def add_log_args(p: argparse.ArgumentParser) -> None:
+    """--quiet and --verbose, on every job (read by :func:`run_job`)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quiet", action="store_true",
+                   help="warnings and errors only: no progress bars or heartbeat lines (default: off)")
+    g.add_argument("--verbose", action="store_true",
+                   help="debug lines too, and the traceback of an expected error (default: off)")
+
+
+def run_job(main, parser: argparse.ArgumentParser, argv=None) -> None:
+    """Parse the flags, set up the logs, run ``main(args)`` and exit: with its return value when it is an int,
+    else 0. An expected failure (:mod:`mlc.errors`) prints ``error: <message>`` on stderr and exits with its
+    kind's code, its traceback only with --verbose; anything else is a bug and keeps Python's traceback."""
+    import traceback
+
+    from . import errors, logs
+    args = parser.parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    logs.setup(logs.VERBOSE if verbose else logs.QUIET if getattr(args, "quiet", False) else logs.NORMAL)
+    try:
+        code = main(args)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - classified below; bugs are re-raised
+        kind, cause = errors.classify(e)
+        if kind is None:
+            raise
+        sys.stdout.flush()
+        if verbose:
+            traceback.print_exception(e, file=sys.stderr)
+        print(f"error: {errors.message(cause)}", file=sys.stderr, flush=True)
+        sys.exit(kind)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The flags given, on top of the demo defaults when --data is absent, else the normal defaults."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
@@ -50,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     try:
         return TrainConfig(**{**base, **given})
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        raise UsageError(str(e)) from None
 
 
 S = ScaleConfig()
@@ -100,7 +133,7 @@ def scale_from_args(args: argparse.Namespace) -> ScaleConfig:
     try:
         return ScaleConfig(**given)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        raise UsageError(str(e)) from None
 
 
 def _int_list(text: str) -> tuple:
@@ -134,4 +167,4 @@ def sweep_from_args(args: argparse.Namespace) -> SweepConfig:
     try:
         return SweepConfig(**given)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        raise UsageError(str(e)) from None

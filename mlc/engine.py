@@ -11,8 +11,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
+from .logs import progress as progress_bar
 from .precision import autocast
 from .transforms import batch_to_device
 
@@ -62,7 +61,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, *, epoch: int, 
     seen = steps = 0
     blank = None
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc or f"train {epoch}", disable=not progress, unit="batch", leave=False)
+    bar = progress_bar(loader, desc=desc or f"train {epoch}", enabled=progress)
     for batch in bar:
         if bad_images is not None and batch.skipped:
             bad_images.add(batch.skipped)
@@ -179,7 +178,7 @@ def predict_scores(model, loader, device, *, amp_dtype=None, progress: bool = Tr
     loss_sum = torch.zeros((), device=device)
     seen = 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False)
+    bar = progress_bar(loader, desc=desc, enabled=progress)
     for batch in bar:
         x, y, index, lost = batch_to_device(batch, device)
         skipped.extend(batch.skipped + lost)

@@ -74,6 +74,8 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
         raise ValueError(f"{checkpoint}: its config names no dataset root; pass --data")
     paths = DataPaths.resolve(data, images=images if images is not None else cfg.images, test_csv=ids_csv)
     ids = read_ids(paths.test_csv)
+    from .trainer import check_images_found
+    check_images_found(paths.images, image_urls(paths.images, ids), table=paths.test_csv)
     storage.check_writable(output)
     log(f"predicting {len(ids)} images from {paths.test_csv} (images in {paths.images}) with {checkpoint} "
         f"({len(vocab)} labels, {cfg.image_size}px, threshold {choice.strategy})")

@@ -62,7 +62,34 @@ def prepare_data(cfg: TrainConfig, log=print) -> RunData:
     tr, va = split_train_val(train_df.ImageID, cfg.val_fraction, cfg.seed)
     log(f"data: {len(train_df)} labelled ({len(tr)} train / {len(va)} validation), {len(test_df)} test, "
         f"{len(vocab)} labels")
-    return RunData(paths, train_df, test_df, vocab, Y, tr, va, image_urls(paths.images, train_df.ImageID))
+    urls = image_urls(paths.images, train_df.ImageID)
+    check_images_found(paths.images, urls, table=paths.train_csv)
+    return RunData(paths, train_df, test_df, vocab, Y, tr, va, urls)
+
+
+# Enough rows that a folder holding most of the listed images cannot miss them all by chance, few enough to
+# check in about one round trip (concurrently) before anything starts.
+PREFLIGHT_IMAGES = 32
+
+
+def check_images_found(images: str, urls: list, *, table: str, first: int = PREFLIGHT_IMAGES) -> None:
+    """Fail before any work when the image folder does not exist or holds none of the first ``first``
+    images the table lists (a wrong --images or --data); a few missing images are the bad-image budget's
+    business, later."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .errors import DataError
+    if not urls:
+        return
+    if not storage.isdir(images):
+        raise DataError(f"image folder {storage.safe_url(images)} does not exist; check --data and --images "
+                        "(relative --images are inside --data)")
+    sample = urls[:first]
+    with ThreadPoolExecutor(min(16, len(sample))) as pool:
+        found = sum(pool.map(storage.exists, sample))
+    if not found:
+        raise DataError(f"none of the first {len(sample)} images listed in {storage.safe_url(table)} is in "
+                        f"{storage.safe_url(images)} (e.g. {sample[0].rsplit('/', 1)[-1]}); check --data and --images")
 
 
 @dataclass

@@ -11,6 +11,7 @@ import pytest
 
 from mlc.cli import config_from_args
 from mlc.config import DEMO_DEFAULTS, TrainConfig
+from mlc.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -46,7 +47,7 @@ def test_flags_build_the_config_demo_defaults_only_without_data():
     assert real.weights == "imagenet" and real.image_size == 224 and real.lr == 0.01 and real.unfrozen_depth == 1
     mixed = config_from_args(p.parse_args(["--local", "--image-size", "96"]))
     assert mixed.image_size == 96 and mixed.weights == "none"
-    with pytest.raises(SystemExit, match="unfrozen-depth must be 0..4"):
+    with pytest.raises(UsageError, match="unfrozen-depth must be 0..4"):
         config_from_args(p.parse_args(["--local", "--unfrozen-depth", "7"]))
 
 
