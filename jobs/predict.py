@@ -5,8 +5,8 @@ vocabulary, image size and threshold come from it.
 
 With --num-workers N (N >= 1) the images are scored by N Ray Data actors spread over the Ray cluster
 named by RAY_ADDRESS (a local Ray is started when it is unset), each on a GPU when the cluster has
-GPUs; the files are written by this process, in input order. With --num-workers 0 (the default) it
-all runs in this process, on its first GPU if there is one.
+GPUs; the files are written by this process, in input order. With --local (the default when
+--num-workers is not given) it all runs in this process, on its first GPU if there is one.
 
 examples:
   python jobs/predict.py --checkpoint runs/r1 --output runs/r1/again
@@ -27,42 +27,81 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 # RAY_AUTH_MODE in the environment still wins.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from mlc.cli import add_log_args, run_job  # noqa: E402
+from mlc.cli import BoolFlag, add_config_arg, add_log_args, from_file, run_job  # noqa: E402
+from mlc.errors import UsageError  # noqa: E402
+
+# Every setting's default; each flag's default is SUPPRESS, so a flag absent from the parsed namespace was not
+# given and a --config file (a predict_config.json) may set it.
+DEFAULTS = {"checkpoint": None, "data": None, "output": None, "ids": None, "images": None, "batch_size": 64,
+            "num_workers": None, "gpus_per_worker": None, "cpus_per_worker": None, "loader_workers": None,
+            "local": None}
+S = argparse.SUPPRESS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run output, best/ or checkpoint/ folder (path or URL)")
-    p.add_argument("--data", default=None, help="dataset root (default: the one the checkpoint was trained on)")
-    p.add_argument("--output", required=True, help="folder for predictions.csv and probabilities.csv")
-    p.add_argument("--ids", default=None, help="any CSV with an ImageID column to predict (default: <data>/test.csv)")
-    p.add_argument("--images", default=None,
+    p.add_argument("--checkpoint", default=S, help="run output, best/ or checkpoint/ folder (path or URL); required "
+                   "unless --config names it")
+    p.add_argument("--data", default=S, help="dataset root (default: the one the checkpoint was trained on)")
+    p.add_argument("--output", default=S, help="folder for predictions.csv, probabilities.csv and "
+                   "predict_config.json; required unless --config names it")
+    p.add_argument("--ids", default=S, help="any CSV with an ImageID column to predict (default: <data>/test.csv)")
+    p.add_argument("--local", action=BoolFlag, default=S,
+                   help="score in this process, on its first GPU or the CPU, as jobs/train.py --local trains; "
+                        "--no-local: on Ray (default: in this process unless --num-workers is given)")
+    p.add_argument("--images", default=S,
                    help="image folder, relative to --data unless absolute or a URL (default: the folder the "
                         "checkpoint was trained with, else <data>/data)")
-    p.add_argument("--batch-size", type=int, default=64,
+    p.add_argument("--batch-size", type=int, default=S,
                    help="per worker: images per forward pass of each Ray worker (or of this process with "
-                        "--num-workers 0); unlike training's global --batch-size, prediction has no optimizer "
-                        "step to keep constant, so it is not divided among workers (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=0,
-                   help="Ray workers (actors) that score the images across the cluster in RAY_ADDRESS, or a local "
-                        "Ray; 0 = in this process (default: %(default)s)")
-    p.add_argument("--gpus-per-worker", type=float, default=None,
+                        "--local); unlike training's global --batch-size, prediction has no optimizer "
+                        "step to keep constant, so it is not divided among workers (default: 64)")
+    p.add_argument("--num-workers", type=int, default=S,
+                   help="Ray workers, as in jobs/train.py: here Ray Data actors that each load the model and score "
+                        "their share across the cluster in RAY_ADDRESS, or a local Ray; giving it means --no-local "
+                        "(default: 1 with --no-local; 0, the old spelling of --local, still works for one release)")
+    p.add_argument("--gpus-per-worker", type=float, default=S,
                    help="GPUs per Ray worker; fractions share a GPU between scoring actors, which training "
                         "(whole GPUs only) cannot (default: 1 if the cluster has GPUs, else 0)")
-    p.add_argument("--cpus-per-worker", type=float, default=None,
+    p.add_argument("--cpus-per-worker", type=float, default=S,
                    help="CPUs per Ray worker, also its torch threads (default: 1)")
-    p.add_argument("--loader-workers", type=int, default=2,
-                   help="DataLoader worker processes with --num-workers 0 (default: %(default)s)")
+    p.add_argument("--loader-workers", type=int, default=S,
+                   help="DataLoader worker processes with --local, as in jobs/train.py (default: auto, chosen in "
+                        "the process that scores from the CPUs it may use)")
+    add_config_arg(p)
     add_log_args(p)
     return p
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """Flags given, over the --config file's ``predict`` section, over DEFAULTS; ``local`` and ``num_workers``
+    resolved to one meaning."""
+    given = {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
+    s = {**DEFAULTS, **{k: v for k, v in from_file(args, "predict").items() if k in DEFAULTS}, **given}
+    if "local" in given and "num_workers" in given and given["local"] and given["num_workers"]:
+        raise UsageError("--local scores in this process; --num-workers N asks for Ray workers: give one of them")
+    if given.get("num_workers") == 0:
+        print("warning: --num-workers 0 is deprecated and goes in the next release; use --local", file=sys.stderr)
+    if "local" in given:
+        local = given["local"]
+    elif "num_workers" in given:
+        local = given["num_workers"] == 0
+    else:
+        local = s["local"] if s["local"] is not None else not s["num_workers"]
+    s["local"], s["num_workers"] = local, 0 if local else max(1, s["num_workers"] or 1)
+    missing = [f"--{k}" for k in ("checkpoint", "output") if not s[k]]
+    if missing:
+        raise UsageError(f"{' and '.join(missing)} required (on the command line or in the --config file)")
+    return s
 
 
 def main(args: argparse.Namespace) -> dict:
     import mlc
     from mlc.logs import say
-    return mlc.predict(args.checkpoint, args.data, args.output, ids_csv=args.ids, images=args.images,
-                       batch_size=args.batch_size, num_workers=args.num_workers, loader_workers=args.loader_workers,
-                       gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+    s = settings(args)
+    return mlc.predict(s["checkpoint"], s["data"], s["output"], ids_csv=s["ids"], images=s["images"],
+                       batch_size=s["batch_size"], num_workers=s["num_workers"], loader_workers=s["loader_workers"],
+                       gpus_per_worker=s["gpus_per_worker"], cpus_per_worker=s["cpus_per_worker"],
                        progress=not args.quiet, log=say)
 
 

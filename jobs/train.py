@@ -31,13 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 # RAY_AUTH_MODE in the environment still wins.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from mlc.cli import add_log_args, add_scale_args, add_train_args, config_from_args, run_job, scale_from_args  # noqa: E402,E501
+from mlc.cli import (BoolFlag, add_config_arg, add_log_args, add_scale_args, add_train_args,  # noqa: E402
+                     config_from_args, given_or_file, run_job, scale_from_args)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--local", action="store_true",
-                   help="train in this process on the first GPU, else the CPU, without Ray")
+    p.add_argument("--local", action=BoolFlag, default=argparse.SUPPRESS,
+                   help="train in this process on the first GPU, else the CPU, without Ray; --no-local: on Ray "
+                        "Train (default: off, or what --config says)")
+    add_config_arg(p)
     add_scale_args(p)
     add_train_args(p)
     add_log_args(p)
@@ -47,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict:
     from mlc.logs import say
     cfg = config_from_args(args)
-    if args.local:
+    if given_or_file(args, "local", False):
         import mlc
         return mlc.fit(cfg, fresh=args.fresh, progress=not args.quiet, log=say)
     from mlc.ray_train import fit_distributed

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 # RAY_AUTH_MODE in the environment still wins.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from mlc.cli import add_log_args, add_sweep_args, add_train_args, config_from_args, run_job, sweep_from_args  # noqa: E402,E501
+from mlc.cli import (add_config_arg, add_log_args, add_sweep_args, add_train_args, config_from_args,  # noqa: E402
+                     run_job, sweep_from_args)
 
 # Swept, or set by the sweep, so not flags here: the search space replaces them.
 NOT_FLAGS = ("lr", "unfrozen_depth", "epochs")
@@ -33,6 +34,7 @@ NOT_FLAGS = ("lr", "unfrozen_depth", "epochs")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arg(p)
     add_sweep_args(p)
     add_train_args(p, skip=NOT_FLAGS)
     p.add_argument("--predict-workers", type=int, default=None,

@@ -23,11 +23,14 @@ def add_train_args(p: argparse.ArgumentParser, skip=()) -> None:
         else:
             choices = None
         default = getattr(D, f.name)
-        kind = type(default) if default is not None else (int if f.name == "loader_workers" else str)
-        if kind is bool:
-            kind = _bool
+        kind = type(default) if default is not None else (_auto_int if f.name == "loader_workers" else str)
         shown = f"default: {default if default is not None else 'auto'}" + (f"; demo: {DEMO_DEFAULTS[f.name]}" if f.name in DEMO_DEFAULTS else "")
-        # SUPPRESS: only flags the user gave reach the namespace, so the demo defaults can fill the rest.
+        # SUPPRESS: only flags the user gave reach the namespace, so a --config file and the demo defaults can
+        # fill the rest.
+        if kind is bool:
+            g.add_argument("--" + f.name.replace("_", "-"), action=BoolFlag, default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} ({shown})")
+            continue
         g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, choices=choices,
                        help=f"{f.metadata['help']} ({shown})")
     p.add_argument("--fresh", action="store_true", help="ignore and remove an existing checkpoint in --output and "
@@ -41,6 +44,69 @@ def _bool(text: str) -> bool:
     if t in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _auto_int(text: str):
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
+
+
+class BoolFlag(argparse.BooleanOptionalAction):
+    """``--x`` / ``--no-x``. The value form documented before (``--x true|false``) still parses, with a
+    deprecation warning, for one release."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.nargs = "?"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        on = not option_string.startswith("--no-")
+        if values is not None:
+            if not on:
+                parser.error(f"{option_string} takes no value")
+            try:
+                on = _bool(values)
+            except argparse.ArgumentTypeError as e:
+                parser.error(f"argument {option_string}: {e}")
+            print(f"warning: {option_string} {values} is deprecated and goes in the next release; use "
+                  f"{option_string if on else '--no-' + option_string[2:]}", file=sys.stderr)
+        setattr(namespace, self.dest, on)
+
+    def format_usage(self):
+        return " | ".join(self.option_strings)
+
+
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="settings from a run's config.json, or a sweep's best_config.json (a path or URL); flags "
+                        "given here override it (default: none)")
+
+
+def config_file(args: argparse.Namespace) -> dict:
+    """The --config file's contents ({} without one)."""
+    url = getattr(args, "config", None)
+    if not url:
+        return {}
+    from .replay import load_config
+    return load_config(url)
+
+
+def from_file(args: argparse.Namespace, section: str) -> dict:
+    """The ``section`` of the --config file, {} without one."""
+    return dict(config_file(args).get(section) or {})
+
+
+def given_or_file(args: argparse.Namespace, name: str, default, section: str | None = None):
+    """A flag given on the command line, else the --config file's value (in ``section``, or at the top level),
+    else ``default``."""
+    if hasattr(args, name):
+        return getattr(args, name)
+    value = from_file(args, section).get(name) if section else config_file(args).get(name)
+    return default if value is None else value
 
 
 def add_log_args(p: argparse.ArgumentParser) -> None:
@@ -78,10 +144,13 @@ def run_job(main, parser: argparse.ArgumentParser, argv=None) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The flags given, on top of the demo defaults when --data is absent, else the normal defaults."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    base = DEMO_DEFAULTS if given.get("data") is None else {}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: getattr(args, k) for k in names if hasattr(args, k)}
+    saved = {k: v for k, v in from_file(args, "train").items() if k in names}
+    merged = {**saved, **given}
+    base = DEMO_DEFAULTS if merged.get("data") is None else {}
     try:
-        return TrainConfig(**{**base, **given})
+        return TrainConfig(**{**base, **merged})
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -118,18 +187,31 @@ def add_scale_args(p: argparse.ArgumentParser, skip=()) -> None:
             continue
         default = getattr(S, f.name)
         flag = "--" + f.name.replace("_", "-")
+        # SUPPRESS: a flag absent from the namespace was not given, so a --config file may set it.
         if f.name == "num_workers":
-            g.add_argument(flag, type=_workers, default=default, help=f"{f.metadata['help']} (default: {default})")
+            g.add_argument(flag, type=_workers, default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} (default: {default})")
         elif isinstance(default, bool):
-            g.add_argument(flag, action="store_true", help=f.metadata["help"])
+            g.add_argument(flag, action=BoolFlag, default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} (default: {'on' if default else 'off'})")
         else:
             kind = _auto_float if f.name in ("gpus_per_worker", "cpus_per_worker") else type(default)
-            g.add_argument(flag, type=kind, default=default,
+            g.add_argument(flag, type=kind, default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} (default: {default if default is not None else 'auto'})")
 
 
+def _section(args: argparse.Namespace, cls, section: str) -> dict:
+    """The fields of ``cls``: flags given, over the --config file's ``section``, over the defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    saved = {k: v for k, v in from_file(args, section).items() if k in names}
+    merged = {**saved, **{k: getattr(args, k) for k in names if hasattr(args, k)}}
+    if isinstance(merged.get("depths"), list):  # JSON has no tuples
+        merged["depths"] = tuple(merged["depths"])
+    return merged
+
+
 def scale_from_args(args: argparse.Namespace) -> ScaleConfig:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ScaleConfig) if hasattr(args, f.name)}
+    given = _section(args, ScaleConfig, "scale")
     try:
         return ScaleConfig(**given)
     except ValueError as e:
@@ -151,19 +233,20 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(SweepConfig):
         default = getattr(d, f.name)
         if f.name == "depths":
-            g.add_argument("--depths", type=_int_list, default=default,
+            g.add_argument("--depths", type=_int_list, default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} (default: {','.join(map(str, default))})")
         elif isinstance(default, bool):
-            g.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f.metadata["help"])
+            g.add_argument("--" + f.name.replace("_", "-"), action=BoolFlag, default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} (default: {'on' if default else 'off'})")
         else:
             kind = (_auto_float if f.name in ("gpus_per_worker", "cpus_per_worker")
                     else float if f.name in ("lr_min", "lr_max", "wait_timeout") else type(default))
-            g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
+            g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} (default: {default if default is not None else 'auto'})")
 
 
 def sweep_from_args(args: argparse.Namespace) -> SweepConfig:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SweepConfig) if hasattr(args, f.name)}
+    given = _section(args, SweepConfig, "sweep")
     try:
         return SweepConfig(**given)
     except ValueError as e:

@@ -77,6 +77,13 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
     from .trainer import check_images_found
     check_images_found(paths.images, image_urls(paths.images, ids), table=paths.test_csv)
     storage.check_writable(output)
+    from .replay import write_config
+    # predict_config.json, not config.json: --output may be the training run's own folder, whose config.json
+    # replays the training.
+    write_config(output, "predict", name="predict_config.json", predict={
+        "checkpoint": checkpoint, "data": data, "output": output, "ids": ids_csv, "images": images,
+        "batch_size": batch_size, "num_workers": num_workers, "gpus_per_worker": gpus_per_worker,
+        "cpus_per_worker": cpus_per_worker, "loader_workers": loader_workers, "local": num_workers == 0})
     log(f"predicting {len(ids)} images from {paths.test_csv} (images in {paths.images}) with {checkpoint} "
         f"({len(vocab)} labels, {cfg.image_size}px, threshold {choice.strategy})")
     if num_workers >= 1:

@@ -213,6 +213,7 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
     t_start = time.perf_counter()
     from .ray_predict import ensure_ray
     ensure_ray(log)  # the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local Ray
+    given = cfg  # as the caller gave it: data=None (the demo set) stays None in config.json
     cfg = with_demo_data(cfg, log)
     output = absolute_output(cfg.output)
     run_url = storage.join(output, scale.name)
@@ -222,6 +223,8 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
     if fresh and storage.exists(run_url):
         log(f"--fresh: removing {run_url}")
         storage.remove(run_url, recursive=True)
+    from .replay import write_config
+    write_config(run_url, "train", local=False, train=given.replace(output=output), scale=scale)
     cfg = cfg.replace(output=run_url)
 
     data = prepare_data(cfg, log)  # fails here, before any worker starts, on unreadable tables

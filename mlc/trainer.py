@@ -34,7 +34,8 @@ from .thresholds import ThresholdChoice, evaluate
 from .transforms import eval_transform, train_transform
 
 # Everything a local run writes under --output; --fresh removes these first so nothing stale survives.
-OUTPUTS = ("checkpoint", "best", "metrics.json", "predictions.csv", "probabilities.csv", "plots")
+OUTPUTS = ("checkpoint", "best", "metrics.json", "predictions.csv", "probabilities.csv", "plots", "config.json",
+           "tensorboard")
 
 
 class ConfigMismatch(ValueError):
@@ -145,11 +146,14 @@ class LocalGroup:
 def fit(cfg: TrainConfig, *, fresh: bool = False, log=print, progress: bool = True) -> dict:
     """Local mode: train in this process, then write every output under ``cfg.output``."""
     t_start = time.perf_counter()
+    given = cfg  # as the caller gave it: data=None (the demo set) stays None in config.json
     cfg = with_demo_data(cfg, log)
     storage.check_writable(cfg.output)
     if fresh:
         for name in OUTPUTS:
             storage.remove(storage.join(cfg.output, name), recursive=True)
+    from .replay import write_config
+    write_config(cfg.output, "train", local=True, train=given)
     group = LocalGroup(cfg.output)
     result = train_loop(cfg, group, log=log, progress=progress)
     return finish(cfg, cfg.output, result["data"], result["history"], result["bad_images"], device=group.device,

@@ -105,6 +105,7 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     t_start = time.perf_counter()
     from .ray_predict import ensure_ray
     ensure_ray(log)  # the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local Ray
+    given = base  # as the caller gave it: data=None (the demo set) stays None in config.json
     base = with_demo_data(base, log)
     base = base.replace(epochs=sweep.max_epochs)
     output = absolute_output(base.output)
@@ -115,6 +116,8 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     if fresh and storage.exists(sweep_url):
         log(f"--fresh: removing {sweep_url}")
         storage.remove(sweep_url, recursive=True)
+    from .replay import write_config
+    write_config(sweep_url, "tune", train=given.replace(output=output), sweep=sweep)
     data = prepare_data(base, log)  # unreadable tables fail here, before any trial starts
     per_worker, c = plan_workers(sweep.gpus_per_worker, sweep.cpus_per_worker, sweep.workers_per_trial,
                                  what=f"sweep {sweep.name}", wait=sweep.wait_for_autoscaler,
