@@ -234,11 +234,12 @@ def test_scale_flags_are_validated():
     assert not ScaleConfig(num_workers=(4, 4)).elastic and ScaleConfig(num_workers=(4, 4)).num_workers == 4
     import argparse
     from mlc.cli import add_scale_args, scale_from_args
+    from mlc.errors import UsageError
     p = argparse.ArgumentParser()
     add_scale_args(p)
     parsed = scale_from_args(p.parse_args(["--num-workers", "2-8", "--cpus-per-worker", "auto"]))
     assert parsed.num_workers == (2, 8) and parsed.cpus_per_worker is None
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="whole number"):  # mlc.cli.run_job: error line, exit code 2
         scale_from_args(p.parse_args(["--gpus-per-worker", "0.5"]))
     with pytest.raises(ValueError, match="--name"):
         ScaleConfig(name="a/b")
