@@ -58,7 +58,10 @@ def setup(verbosity: int = NORMAL, rank: int | None = None, stream=None) -> logg
 
 
 def verbosity() -> int:
-    level = LOGGER.getEffectiveLevel()
+    """This process's setting, to pass on to the processes it starts (Ray workers); NORMAL when not set up."""
+    level = LOGGER.level
+    if level == logging.NOTSET:
+        return NORMAL
     return QUIET if level >= logging.WARNING else VERBOSE if level <= logging.DEBUG else NORMAL
 
 

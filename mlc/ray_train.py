@@ -39,6 +39,7 @@ from . import cluster, storage
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import ScaleConfig, TrainConfig
 from .demo import with_demo_data
+from .logs import verbosity
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .runs import SCORE, best_of, epoch_dir, epoch_of, latest_epoch_checkpoint, publish_best, ray_storage
 from .submission import write_predictions
@@ -86,10 +87,11 @@ def check_shared_output(output: str, hosts: set) -> None:
 class RayGroup:
     """This Ray Train worker's place in the group: rank, device, DDP, gathering, checkpoints via ray.train."""
 
-    def __init__(self, run_url: str, cfg: TrainConfig, driver_host: str):
+    def __init__(self, run_url: str, cfg: TrainConfig, driver_host: str, tensorboard_url: str | None = None):
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.run_url, self.cfg = run_url, cfg
+        self.tensorboard_url = tensorboard_url or storage.join(run_url, "tensorboard")
         self.device = ray.train.torch.get_device()
         # The CPUs Ray reserved for this worker: mlc.trainer sizes the DataLoader from them.
         self.cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
@@ -146,15 +148,19 @@ def worker_main(config: dict) -> dict:
     workers trained with, so the driver records them without probing its own hardware.
     """
     cfg = TrainConfig.from_dict(config["cfg"])
-    group = RayGroup(config["run_url"], cfg, config["driver_host"])
-    out = train_loop(cfg, group, progress=config["progress"], on_step=config.get("on_step"),
-                     log=lambda m: print(f"[rank {group.rank}] {m}", flush=True))
+    from .logs import say, setup
+    # Lines through the mlc logger, not print: Ray Train patches print in its workers to log through the root
+    # logger and also tees it to the redirected stdout, so a printed line reached the driver twice.
+    setup(config.get("verbosity", 0), rank=ray.train.get_context().get_world_rank())
+    group = RayGroup(config["run_url"], cfg, config["driver_host"], config.get("tensorboard_url"))
+    out = train_loop(cfg, group, progress=config["progress"], on_step=config.get("on_step"), log=say)
     return {"device": str(out.get("device")), "precision": out.get("precision"), "workers": group.world}
 
 
 def build_trainer(cfg: TrainConfig, run_url: str, *, name: str, storage_root: str, per_worker: dict,
                   num_workers, max_failures: int, keep_checkpoints: int, resize_check_s: float = 60.0,
-                  driver_host: str, progress: bool = False, on_step=None, callbacks=None) -> TorchTrainer:
+                  driver_host: str, progress: bool = False, on_step=None, callbacks=None,
+                  tensorboard_url: str | None = None) -> TorchTrainer:
     """The one place a Ray Train run is built, for ``fit_distributed`` and for every Tune trial.
 
     ``num_workers`` is an int (a fixed group) or ``(min, max)`` (elastic). Checkpoints: Ray Train keeps
@@ -169,7 +175,8 @@ def build_trainer(cfg: TrainConfig, run_url: str, *, name: str, storage_root: st
     return TorchTrainer(
         worker_main,
         train_loop_config={"cfg": cfg.to_dict(), "run_url": run_url, "progress": progress, "on_step": on_step,
-                           "driver_host": driver_host},
+                           "driver_host": driver_host, "tensorboard_url": tensorboard_url,
+                           "verbosity": verbosity()},
         scaling_config=scaling,
         run_config=RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=fs,

@@ -116,6 +116,7 @@ class LocalGroup:
     def __init__(self, out: str):
         self.out = out
         self.ckpt_url, self.best_url = storage.join(out, "checkpoint"), storage.join(out, "best")
+        self.tensorboard_url = storage.join(out, "tensorboard")
         self.device = pick_device()
 
     def wrap(self, model):
@@ -258,6 +259,10 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
     # Scoring batches are per rank (memory only): twice the training share, as no gradients are kept.
     val_batch = max(1, 2 * math.ceil(cfg.batch_size / group.world))
     next_loader = train_loader(start_epoch) if start_epoch <= cfg.epochs else None
+    board = None
+    if rank0 and start_epoch <= cfg.epochs:
+        from .tracking import Board
+        board = Board(group.tensorboard_url, log=say)
     for epoch in range(start_epoch, cfg.epochs + 1):
         _seed_epoch(cfg.seed, epoch, group.rank)
         loader = next_loader
@@ -268,13 +273,13 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(model, loader, optimizer, scheduler, device, epoch=epoch, amp_dtype=amp_dtype,
                                 clip_grad=cfg.clip_grad, bad_images=budget, progress=progress and rank0,
-                                desc=f"epoch {epoch}/{cfg.epochs}", on_step=on_step, world=group.world,
+                                desc=f"epoch {epoch}/{cfg.epochs} train", on_step=on_step, world=group.world,
                                 scaler=scaler)
         next_loader = train_loader(epoch + 1) if epoch < cfg.epochs else None
         # The bare module scores: ranks hold different numbers of validation batches, and DDP's forward
         # would wait for the others.
         scored = predict_scores(fold_batchnorm(bare), val_loader, device, amp_dtype=amp_dtype,
-                                progress=progress and rank0, desc="validate")
+                                progress=progress and rank0, desc=f"epoch {epoch}/{cfg.epochs} validate")
         probs, ok, stats, skipped, val_loss = _gather_epoch(group, scored, stats, budget)
         budget.add(skipped)
         metrics = evaluate(Y[va][ok], probs[ok])
@@ -296,6 +301,12 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         say(f"epoch {epoch}/{cfg.epochs}: train loss {stats['train_loss']:.4f} ({stats['train_img_per_s']:.1f} img/s), "
             f"val loss {row['val_loss']:.4f}, F1 samples {metrics['f1_samples']:.4f} micro {metrics['f1_micro']:.4f} "
             f"macro {metrics['f1_macro']:.4f}, mAP {metrics['map']:.4f} [{metrics['threshold']['strategy']}]")
+        if board is not None:
+            board.epoch(row)
+    if board is not None:
+        best = max(history, key=lambda r: r["f1_samples"])
+        board.per_class(data.vocab.labels, best["f1_per_class"], best.get("ap_per_class"), best["epoch"])
+        board.close()
     return {"history": history, "data": data, "bad_images": dict(budget.bad), "device": device,
             "precision": NAMES[amp_dtype]}
 

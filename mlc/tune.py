@@ -89,7 +89,9 @@ def _trial(config: dict) -> None:
     # which an interrupted trial resumes from.
     build_trainer(cfg, run_url, name=trial, storage_root=sweep_url, per_worker=config["per_worker"],
                   num_workers=config["workers"], max_failures=config["max_failures"], keep_checkpoints=1,
-                  driver_host=config["driver_host"], callbacks=[TuneReportCallback()]).fit()
+                  driver_host=config["driver_host"], callbacks=[TuneReportCallback()],
+                  # the sweep's trials side by side: tensorboard --logdir <sweep>/tensorboard
+                  tensorboard_url=storage.join(sweep_url, "tensorboard", trial)).fit()
 
 
 def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log=print, progress: bool = True,
