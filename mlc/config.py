@@ -259,7 +259,10 @@ class SweepConfig:
     lr_min: float = _f(1e-4, "lowest peak learning rate (log-uniform range)")
     lr_max: float = _f(1e-2, "highest peak learning rate (equal to --lr-min: a fixed rate)")
     depths: tuple = _f((0, 1, 2, 3, 4), "unfrozen depths to sample from, comma-separated, each 0..4")
-    max_failures: int = _f(1, "worker-group restarts per trial from its latest checkpoint (a lost Spot node included)")
+    # 3, as jobs/train.py's: a trial is a Ray Train run and loses Spot nodes like one; a trial that keeps
+    # failing still ends as an errored trial and the sweep goes on without it.
+    max_failures: int = _f(3, "worker-group restarts per trial from its latest checkpoint (a lost Spot node "
+                           "included), as jobs/train.py's --max-failures; -1: no limit")
     search_seed: int = _f(0, "seed of the random search")
     wait_for_autoscaler: bool = _f(False, _WAIT_FOR_AUTOSCALER_HELP)
     wait_timeout: float = _f(cluster.DEFAULT_WAIT_S,
@@ -277,6 +280,8 @@ class SweepConfig:
             problems.append(f"--grace-epochs must be in 1..--max-epochs ({self.max_epochs}), got {self.grace_epochs}")
         if self.reduction_factor < 2:
             problems.append(f"--reduction-factor must be >= 2, got {self.reduction_factor}")
+        if self.max_failures < -1:
+            problems.append(f"--max-failures must be >= -1 (-1: unlimited), got {self.max_failures}")
         if not 0 < self.lr_min <= self.lr_max:
             problems.append(f"--lr-min and --lr-max must satisfy 0 < min <= max, got {self.lr_min}, {self.lr_max}")
         if not self.depths or any(d not in range(5) for d in self.depths):

@@ -79,3 +79,18 @@ def test_readme_main_command_beats_the_baseline_on_demo_data(tmp_path):
             "--truth", str(tmp_path / "cache" / "demo-v1" / "test_labels.csv"), "--json")
     assert s.returncode == 0, s.stderr
     assert json.loads(s.stdout.strip().splitlines()[-1])["f1_samples"] >= base + 0.2
+
+
+def test_the_flag_table_in_docs_matches_every_parser():
+    """docs/jobs.md "Flags across jobs": one row per flag, an x under each job that takes it."""
+    import predict as predict_job
+    import tune as tune_job
+    text = (REPO / "docs" / "jobs.md").read_text()
+    rows = re.findall(r"^\| `(--[a-z0-9-]+)` \|([^|]*)\|([^|]*)\|([^|]*)\|", text, flags=re.M)
+    assert rows, "no flag table in docs/jobs.md"
+    documented = {job: {flag for flag, *cols in rows if cols[i].strip() == "x"}
+                  for i, job in enumerate(("train", "tune", "predict"))}
+    for job, module in (("train", train_job), ("tune", tune_job), ("predict", predict_job)):
+        flags = {a.option_strings[0] for a in module.get_args_parser()._actions
+                 if a.option_strings and a.option_strings[0] != "-h"}
+        assert flags == documented[job], (job, sorted(flags ^ documented[job]))
