@@ -256,12 +256,19 @@ def test_ray_job_submit_runs_the_training_job(dataset, tmp_path, ray_head):
     # The client presents the cluster's token: ~/.ray/auth_token, or on a machine that had none the session
     # token conftest put in the environment, which the head was started with too.
     assert os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file()
-    train = ["python"] + _train_cmd(dataset, tmp_path, "submitted", epochs=1)[1:]
+    # Not --quiet: the job's whole log, as `ray job logs` shows it, is checked below.
+    train = ["python"] + [a for a in _train_cmd(dataset, tmp_path, "submitted", epochs=1)[1:] if a != "--quiet"]
     r = subprocess.run(["ray", "job", "submit", "--working-dir", ".", "--"] + train,
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert "succeeded" in out.lower(), out[-2000:]
+    # A log that reads in a file: no progress-bar carriage returns, each worker line once with its rank, and a
+    # bounded number of lines per epoch (phase lines and heartbeats, not one per step).
+    assert "\r" not in out
+    for message in ("[rank 0] data: ", "[rank 1] data: ", "[rank 0] epoch 1/1: train loss", "[rank 0] device "):
+        assert out.count(message) == 1, (message, out[-4000:])
+    assert sum("[rank " in line for line in out.splitlines()) <= 20, out[-4000:]
     metrics = json.loads((tmp_path / "submitted" / "metrics.json").read_text())
     assert metrics["complete"] is True and metrics["workers"] == 2
     assert len(pd.read_csv(tmp_path / "submitted" / "predictions.csv")) == 8
