@@ -120,6 +120,16 @@ def test_the_summary_uses_the_checkpoints_ray_kept_with_ties_a_best_before_the_l
     assert json.loads((sweep_url / "best" / "meta.json").read_text())["epoch"] == 2
     assert predicted["ckpt"] == str(sweep_url / "best") and predicted["num_workers"] == 1
     assert list(pd.read_csv(sweep_url / "results.csv").trial) == ["tie", "early", "broken"]
+    # The sweep's best_config.json is a --config for a full training run: the best trial's settings, flags on top.
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import train as train_job
+    from mlc.cli import config_from_args
+    args = train_job.get_args_parser().parse_args(["--config", str(sweep_url / "best_config.json"),
+                                                   "--data", "/d", "--epochs", "12"])
+    cfg = config_from_args(args)
+    assert cfg.lr == 0.1 and cfg.epochs == 12 and cfg.data == "/d"
 
 
 def cfg_stub():
