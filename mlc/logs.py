@@ -24,6 +24,14 @@ LOGGER = logging.getLogger("mlc")
 # (at most 120 lines an hour per phase).
 HEARTBEAT_S = 30.0
 QUIET, NORMAL, VERBOSE = -1, 0, 1
+# A run's result (its best F1, where the predictions went): above INFO, so --quiet still shows it.
+RESULT = 25
+logging.addLevelName(RESULT, "RESULT")
+
+
+class Result(str):
+    """A message that is the job's result, not progress: :func:`say` logs it at RESULT. Still a plain str for
+    any other ``log=`` callable (``print``, a list's append)."""
 
 
 class LineFormatter(logging.Formatter):
@@ -34,7 +42,7 @@ class LineFormatter(logging.Formatter):
         self.prefix = f"[rank {rank}] " if rank is not None else ""
 
     def format(self, record: logging.LogRecord) -> str:
-        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        level = "" if record.levelno in (logging.INFO, RESULT) else f"{record.levelname.lower()}: "
         text = f"{self.formatTime(record, self.datefmt)} {self.prefix}{level}{record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
@@ -52,7 +60,7 @@ def setup(verbosity: int = NORMAL, rank: int | None = None, stream=None) -> logg
     handler._mlc = True
     handler.setFormatter(LineFormatter(rank))
     LOGGER.addHandler(handler)
-    LOGGER.setLevel({QUIET: logging.WARNING, VERBOSE: logging.DEBUG}.get(verbosity, logging.INFO))
+    LOGGER.setLevel({QUIET: RESULT, VERBOSE: logging.DEBUG}.get(verbosity, logging.INFO))
     LOGGER.propagate = False
     return LOGGER
 
@@ -62,7 +70,7 @@ def verbosity() -> int:
     level = LOGGER.level
     if level == logging.NOTSET:
         return NORMAL
-    return QUIET if level >= logging.WARNING else VERBOSE if level <= logging.DEBUG else NORMAL
+    return QUIET if level >= RESULT else VERBOSE if level <= logging.DEBUG else NORMAL
 
 
 def say(message: str) -> None:
@@ -74,7 +82,7 @@ def say(message: str) -> None:
         if line.startswith("warning: "):
             LOGGER.warning(line[len("warning: "):])
         else:
-            LOGGER.info(line)
+            LOGGER.log(RESULT if isinstance(message, Result) else logging.INFO, line)
 
 
 def interactive(stream=None) -> bool:

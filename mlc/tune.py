@@ -230,8 +230,9 @@ def summarize(grid, base: TrainConfig, sweep: SweepConfig, sweep_url: str, data,
                                    ids_csv=base.test_csv, images=base.images, batch_size=per_actor,
                                    num_workers=max(1, workers), gpus_per_worker=gpus_per_worker, log=log,
                                    progress=progress)
-    log(f"best trial {top.trial}: lr {top.lr:.3g}, depth {int(top.unfrozen_depth)}, epoch {int(top.best_epoch)}, "
+    from .logs import Result
+    log(Result(f"best trial {top.trial}: lr {top.lr:.3g}, depth {int(top.unfrozen_depth)}, epoch {int(top.best_epoch)}, "
         f"validation F1 {top.best_f1_samples:.4f}, threshold {meta['threshold']['strategy']}; "
         f"wrote results.csv, best_config.json, best/, plots/sweep.png, predictions.csv under {sweep_url} "
-        f"in {time.perf_counter() - t_start:.0f} s")
+        f"in {time.perf_counter() - t_start:.0f} s"))
     return {"best": best, "table": table, "predictions": pred}
