@@ -42,10 +42,14 @@ def score_here(state: dict, num_classes: int, cfg, ids, images_root: str, *, bat
     model = fold_batchnorm(build_model(num_classes, cfg.unfrozen_depth, cfg.dropout, weights=state,
                                        freeze_bn=cfg.freeze_bn))
     model.to(device, memory_format=torch.channels_last)  # as its inputs are: no layout change per call
+    cpus = available_cpus()
+    workers = resolve_loader_workers(loader_workers, cpus, device)
+    # Decided here, where the images are scored, and said here (the machine that parsed the flags may differ).
+    log(f"scoring on {device}, precision {NAMES[amp_dtype]}, {workers} loader workers ({cpus} CPUs), "
+        f"batches of {batch_size}")
     out = score_ids(model, ids, images_root, image_size=cfg.image_size, device=device, amp_dtype=amp_dtype,
-                    batch_size=batch_size,
-                    num_workers=resolve_loader_workers(loader_workers, available_cpus(), device),
-                    max_pixels=cfg.max_image_pixels, log=log, progress=progress)
+                    batch_size=batch_size, num_workers=workers, max_pixels=cfg.max_image_pixels, log=log,
+                    progress=progress)
     return {**out, "device": device, "precision": NAMES[amp_dtype]}
 
 
