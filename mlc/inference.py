@@ -11,6 +11,7 @@ from .config import TrainConfig
 from .data import DataPaths, ImageTable, image_urls, make_loader
 from .device import available_cpus, pick_device, prepare_device
 from .engine import predict_scores, resolve_loader_workers
+from .errors import UsageError
 from .labels import LabelVocab
 from .model import build_model, fold_batchnorm
 from .precision import NAMES, pick_amp_dtype
@@ -71,11 +72,11 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
     if output is None:
         raise TypeError("predict needs output=: the folder for predictions.csv and probabilities.csv")
     if num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
+        raise UsageError(f"--num-workers must be >= 0, got {num_workers}")
     state, vocab, cfg, choice = load_predictor(checkpoint)
     data = data or cfg.data
     if data is None:
-        raise ValueError(f"{checkpoint}: its config names no dataset root; pass --data")
+        raise UsageError(f"{checkpoint}: its config names no dataset root; pass --data")
     paths = DataPaths.resolve(data, images=images if images is not None else cfg.images, test_csv=ids_csv)
     ids = read_ids(paths.test_csv)
     from .trainer import check_images_found

@@ -39,6 +39,7 @@ from . import cluster, storage
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import ScaleConfig, TrainConfig
 from .demo import with_demo_data
+from .errors import UsageError
 from .logs import verbosity
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .runs import SCORE, best_of, epoch_dir, epoch_of, latest_epoch_checkpoint, publish_best, ray_storage
@@ -206,7 +207,7 @@ def absolute_output(output: str) -> str:
     if storage.is_local(output):
         output = os.path.abspath(output)
         if "/runtime_resources/" in output:
-            raise ValueError(f"--output {output} is inside Ray's temporary copy of the working directory, which is "
+            raise UsageError(f"--output {output} is inside Ray's temporary copy of the working directory, which is "
                              "deleted after the job; give an absolute path or a gs:// URL")
     return output
 
