@@ -45,7 +45,7 @@ from .outputs import SCALAR_KEYS, finish, write_metrics
 from .runs import SCORE, best_of, epoch_dir, epoch_of, latest_epoch_checkpoint, publish_best, ray_storage
 from .submission import write_predictions
 from .thresholds import ThresholdChoice
-from .trainer import EpochEnd, check_resumable, prepare_data, train_loop
+from .trainer import EpochEnd, check_resumable, check_weights_found, prepare_data, train_loop
 
 # Local filesystems that every node of a cluster can mount; other local paths are node-local.
 SHARED_FSTYPES = {"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse.gcsfuse",
@@ -236,6 +236,7 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
     cfg = cfg.replace(output=run_url)
 
     data = prepare_data(cfg, log)  # fails here, before any worker starts, on unreadable tables
+    check_weights_found(cfg.weights)
     previous = latest_epoch_checkpoint(run_url)
     if previous is not None:
         state = load_training_state(previous)

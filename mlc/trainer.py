@@ -68,6 +68,15 @@ def prepare_data(cfg: TrainConfig, log=print) -> RunData:
     return RunData(paths, train_df, test_df, vocab, Y, tr, va, urls)
 
 
+def check_weights_found(spec: str) -> None:
+    """A --weights path or URL that is not there fails before any Ray worker starts (a worker's failure would be
+    retried --max-failures times first). imagenet is fetched where the model is built, by torchvision."""
+    if spec in ("imagenet", "none") or storage.exists(spec):
+        return
+    from .model import WeightsError
+    raise WeightsError(f"--weights {spec}: not found; give imagenet, none, or a path/URL to a state dict")
+
+
 # Enough rows that a folder holding most of the listed images cannot miss them all by chance, few enough to
 # check in about one round trip (concurrently) before anything starts.
 PREFLIGHT_IMAGES = 32

@@ -102,7 +102,7 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
 
     from .ray_train import absolute_output, check_shared_output, plan_workers
     from .runs import ray_storage
-    from .trainer import prepare_data
+    from .trainer import check_weights_found, prepare_data
 
     t_start = time.perf_counter()
     from .ray_predict import ensure_ray
@@ -121,6 +121,7 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     from .replay import write_config
     write_config(sweep_url, "tune", train=given.replace(output=output), sweep=sweep)
     data = prepare_data(base, log)  # unreadable tables fail here, before any trial starts
+    check_weights_found(base.weights)
     per_worker, c = plan_workers(sweep.gpus_per_worker, sweep.cpus_per_worker, sweep.workers_per_trial,
                                  what=f"sweep {sweep.name}", wait=sweep.wait_for_autoscaler,
                                  timeout_s=sweep.wait_timeout, log=log)

@@ -122,3 +122,13 @@ def test_a_bug_keeps_its_traceback(tmp_path):
 def test_every_exit_code_is_documented(code):
     text = (REPO / "docs" / "jobs.md").read_text()
     assert f"| {code} |" in text
+
+
+def test_ray_runs_check_a_weights_path_before_any_worker_starts(tmp_path):
+    from mlc.trainer import check_weights_found
+    check_weights_found("imagenet")  # fetched where the model is built
+    (tmp_path / "w.pt").write_bytes(b"x")
+    check_weights_found(str(tmp_path / "w.pt"))
+    with pytest.raises(Exception) as e:
+        check_weights_found(str(tmp_path / "missing.pt"))
+    assert errors.classify(e.value)[0] == errors.WEIGHTS and "not found" in str(e.value)
