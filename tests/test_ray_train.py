@@ -266,8 +266,8 @@ def test_ray_job_submit_runs_the_training_job(dataset, tmp_path, ray_head):
     # A log that reads in a file: no progress-bar carriage returns, each worker line once with its rank, and a
     # bounded number of lines per epoch (phase lines and heartbeats, not one per step).
     assert "\r" not in out
-    for message in ("[rank 0] data: ", "[rank 1] data: ", "[rank 0] epoch 1/1: train loss", "[rank 0] device "):
-        assert out.count(message) == 1, (message, out[-4000:])
+    for message in ("[rank 0] data: ", "[rank 0] epoch 1/1: train loss", "[rank 0] device "):
+        assert out.count(message) == 1, (message, out[-4000:])  # (the other ranks log warnings only)
     assert sum("[rank " in line for line in out.splitlines()) <= 20, out[-4000:]
     metrics = json.loads((tmp_path / "submitted" / "metrics.json").read_text())
     assert metrics["complete"] is True and metrics["workers"] == 2
