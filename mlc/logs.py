@@ -24,14 +24,15 @@ LOGGER = logging.getLogger("mlc")
 # (at most 120 lines an hour per phase).
 HEARTBEAT_S = 30.0
 QUIET, NORMAL, VERBOSE = -1, 0, 1
-# A run's result (its best F1, where the predictions went): above INFO, so --quiet still shows it.
-RESULT = 25
-logging.addLevelName(RESULT, "RESULT")
+# What a --quiet run still says, above INFO: where it resumed from and its result (best F1, where the
+# predictions went).
+NOTICE = 25
+logging.addLevelName(NOTICE, "NOTICE")
 
 
-class Result(str):
-    """A message that is the job's result, not progress: :func:`say` logs it at RESULT. Still a plain str for
-    any other ``log=`` callable (``print``, a list's append)."""
+class Notice(str):
+    """A message a --quiet run still shows (a resume, the result), not progress: :func:`say` logs it at NOTICE.
+    Still a plain str for any other ``log=`` callable (``print``, a list's append)."""
 
 
 class LineFormatter(logging.Formatter):
@@ -42,7 +43,7 @@ class LineFormatter(logging.Formatter):
         self.prefix = f"[rank {rank}] " if rank is not None else ""
 
     def format(self, record: logging.LogRecord) -> str:
-        level = "" if record.levelno in (logging.INFO, RESULT) else f"{record.levelname.lower()}: "
+        level = "" if record.levelno in (logging.INFO, NOTICE) else f"{record.levelname.lower()}: "
         text = f"{self.formatTime(record, self.datefmt)} {self.prefix}{level}{record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
@@ -60,7 +61,7 @@ def setup(verbosity: int = NORMAL, rank: int | None = None, stream=None) -> logg
     handler._mlc = True
     handler.setFormatter(LineFormatter(rank))
     LOGGER.addHandler(handler)
-    LOGGER.setLevel({QUIET: RESULT, VERBOSE: logging.DEBUG}.get(verbosity, logging.INFO))
+    LOGGER.setLevel({QUIET: NOTICE, VERBOSE: logging.DEBUG}.get(verbosity, logging.INFO))
     LOGGER.propagate = False
     return LOGGER
 
@@ -70,7 +71,7 @@ def verbosity() -> int:
     level = LOGGER.level
     if level == logging.NOTSET:
         return NORMAL
-    return QUIET if level >= RESULT else VERBOSE if level <= logging.DEBUG else NORMAL
+    return QUIET if level >= NOTICE else VERBOSE if level <= logging.DEBUG else NORMAL
 
 
 def say(message: str) -> None:
@@ -82,7 +83,7 @@ def say(message: str) -> None:
         if line.startswith("warning: "):
             LOGGER.warning(line[len("warning: "):])
         else:
-            LOGGER.log(RESULT if isinstance(message, Result) else logging.INFO, line)
+            LOGGER.log(NOTICE if isinstance(message, Notice) else logging.INFO, line)
 
 
 def interactive(stream=None) -> bool:

@@ -40,7 +40,7 @@ from .checkpoint import load_training_state, save_model, save_training_state
 from .config import ScaleConfig, TrainConfig
 from .demo import with_demo_data
 from .errors import UsageError
-from .logs import verbosity
+from .logs import Notice, verbosity
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .runs import SCORE, best_of, epoch_dir, epoch_of, latest_epoch_checkpoint, publish_best, ray_storage
 from .submission import write_predictions
@@ -241,8 +241,8 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
     if previous is not None:
         state = load_training_state(previous)
         check_resumable(state, cfg, data.vocab, previous)
-        log(f"resuming run {scale.name}: {previous} holds epoch {state['epoch']}; "
-            f"training continues at epoch {state['epoch'] + 1} of {cfg.epochs}")
+        log(Notice(f"resuming run {scale.name}: {previous} holds epoch {state['epoch']}; "
+            f"training continues at epoch {state['epoch'] + 1} of {cfg.epochs}"))
 
     per_worker, _ = plan_workers(scale.gpus_per_worker, scale.cpus_per_worker, scale.min_workers,
                                  what=f"run {scale.name}", wait=scale.wait_for_autoscaler,

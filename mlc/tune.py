@@ -31,6 +31,7 @@ import pandas as pd
 from . import cluster, storage
 from .config import SweepConfig, TrainConfig
 from .demo import with_demo_data
+from .logs import Notice
 from .runs import SCORE, best_of, kept_checkpoints, publish_best
 
 METRIC = "f1_samples"
@@ -137,7 +138,8 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     storage_path, fs = ray_storage(output)
     experiment = f"{storage_path}/{sweep.name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
-        log(f"resuming sweep {sweep.name} from {sweep_url}: finished trials are kept, unfinished ones continue")
+        log(Notice(f"resuming sweep {sweep.name} from {sweep_url}: finished trials are kept, unfinished ones "
+                   "continue"))
         tuner = tune.Tuner.restore(experiment, trainable=trainable, storage_filesystem=fs,
                                    resume_unfinished=True, resume_errored=True)
     else:
@@ -231,8 +233,7 @@ def summarize(grid, base: TrainConfig, sweep: SweepConfig, sweep_url: str, data,
                                    ids_csv=base.test_csv, images=base.images, batch_size=per_actor,
                                    num_workers=max(1, workers), gpus_per_worker=gpus_per_worker, log=log,
                                    progress=progress)
-    from .logs import Result
-    log(Result(f"best trial {top.trial}: lr {top.lr:.3g}, depth {int(top.unfrozen_depth)}, epoch {int(top.best_epoch)}, "
+    log(Notice(f"best trial {top.trial}: lr {top.lr:.3g}, depth {int(top.unfrozen_depth)}, epoch {int(top.best_epoch)}, "
         f"validation F1 {top.best_f1_samples:.4f}, threshold {meta['threshold']['strategy']}; "
         f"wrote results.csv, best_config.json, best/, plots/sweep.png, predictions.csv under {sweep_url} "
         f"in {time.perf_counter() - t_start:.0f} s"))

@@ -85,7 +85,7 @@ def test_log_lines_have_a_timestamp_a_level_and_a_rank(capsys):
     logs.setup(logs.QUIET, stream=buf)
     try:
         logs.say("progress, hidden")
-        logs.say(logs.Result("the result, shown"))
+        logs.say(logs.Notice("the result, shown"))
     finally:
         logs.setup()
     out = buf.getvalue().splitlines()
