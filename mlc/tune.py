@@ -127,10 +127,10 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
                                  what=f"sweep {sweep.name}", wait=sweep.wait_for_autoscaler,
                                  timeout_s=sweep.wait_timeout, log=log)
     per_worker, concurrent = plan_resources(sweep, c)
-    log(f"sweep {sweep.name}: {sweep.num_samples} trials of {sweep.workers_per_trial} worker(s) x "
+    log(Notice(f"sweep {sweep.name}: {sweep.num_samples} trials of {sweep.workers_per_trial} worker(s) x "
         f"{cluster.fmt_resources(per_worker)}, at most {concurrent} at a time, global batch {base.batch_size}, "
         f"up to {sweep.max_epochs} epochs, ASHA grace {sweep.grace_epochs} epoch(s); "
-        f"lr {sweep.lr_min:g}..{sweep.lr_max:g} (log-uniform), depth {list(sweep.depths)}")
+        f"lr {sweep.lr_min:g}..{sweep.lr_max:g} (log-uniform), depth {list(sweep.depths)}"))
 
     # The trial driver only waits on its Ray Train run, whose workers hold the CPUs/GPUs. Tune refuses an
     # empty request, so the driver asks for one byte of memory: no CPU is held by a waiting driver.
