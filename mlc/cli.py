@@ -113,8 +113,8 @@ def add_log_args(p: argparse.ArgumentParser) -> None:
     """--quiet and --verbose, on every job (read by :func:`run_job`)."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quiet", action="store_true",
-                   help="the run's plan, what it resumed from, its result, warnings and errors only: no progress "
-                        "bars, heartbeats or progress lines (default: off)")
+                   help="no progress: no bars, heartbeat or phase lines; the plan, resume, result and warnings "
+                        "still print (default: off)")
     g.add_argument("--verbose", action="store_true",
                    help="debug lines too, and the traceback of an expected error (default: off)")
 

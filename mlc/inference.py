@@ -101,9 +101,8 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
                          loader_workers=loader_workers, log=log, progress=progress)
     summary = write_predictions(output, ids, out["probs"], out["ok"], vocab, choice)
     summary.update(seconds=out["seconds"], img_per_s=out["img_per_s"])
-    from .logs import Notice
-    log(Notice(f"wrote {storage.join(output, 'predictions.csv')} ({summary['rows']} rows, "
-               f"{len(summary['unreadable'])} unreadable images)"))
+    log(f"wrote {storage.join(output, 'predictions.csv')} ({summary['rows']} rows, "
+        f"{len(summary['unreadable'])} unreadable images)")
     return summary
 
 

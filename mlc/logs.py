@@ -1,8 +1,8 @@
 """Job logs that read well in a terminal and in a file (``ray job logs``, a KubeRay pod, ``nohup``).
 
 Messages go through the ``mlc`` logger: one line each, with a timestamp, the level when it is not
-INFO, and ``[rank N]`` in a Ray Train worker. ``--quiet`` shows warnings and errors only, ``--verbose``
-adds debug lines (and tracebacks of expected errors, :func:`mlc.cli.run_job`).
+INFO, and ``[rank N]`` in a Ray Train worker. ``--quiet`` turns progress off (no bars, heartbeats or phase
+lines), ``--verbose`` adds debug lines (and tracebacks of expected errors, :func:`mlc.cli.run_job`).
 
 Progress: an interactive tqdm bar only when stderr is a terminal. Anywhere else (a file, a pipe, a Ray
 worker, whose output Ray forwards line by line) a bar's carriage returns make one unreadable line, so
@@ -24,15 +24,6 @@ LOGGER = logging.getLogger("mlc")
 # (at most 120 lines an hour per phase).
 HEARTBEAT_S = 30.0
 QUIET, NORMAL, VERBOSE = -1, 0, 1
-# What a --quiet run still says, above INFO: where it resumed from and its result (best F1, where the
-# predictions went).
-NOTICE = 25
-logging.addLevelName(NOTICE, "NOTICE")
-
-
-class Notice(str):
-    """A message a --quiet run still shows (a resume, the result), not progress: :func:`say` logs it at NOTICE.
-    Still a plain str for any other ``log=`` callable (``print``, a list's append)."""
 
 
 class LineFormatter(logging.Formatter):
@@ -43,7 +34,7 @@ class LineFormatter(logging.Formatter):
         self.prefix = f"[rank {rank}] " if rank is not None else ""
 
     def format(self, record: logging.LogRecord) -> str:
-        level = "" if record.levelno in (logging.INFO, NOTICE) else f"{record.levelname.lower()}: "
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
         text = f"{self.formatTime(record, self.datefmt)} {self.prefix}{level}{record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
@@ -61,17 +52,18 @@ def setup(verbosity: int = NORMAL, rank: int | None = None, stream=None) -> logg
     handler._mlc = True
     handler.setFormatter(LineFormatter(rank))
     LOGGER.addHandler(handler)
-    LOGGER.setLevel({QUIET: NOTICE, VERBOSE: logging.DEBUG}.get(verbosity, logging.INFO))
+    # --quiet keeps its documented meaning, no progress display (the jobs pass progress=False: no bars,
+    # heartbeats or phase lines); the plan, resume and result lines still print, as scripts that grep a quiet
+    # run's log expect.
+    LOGGER.setLevel(logging.DEBUG if verbosity == VERBOSE else logging.INFO)
+    LOGGER._mlc_verbosity = verbosity
     LOGGER.propagate = False
     return LOGGER
 
 
 def verbosity() -> int:
     """This process's setting, to pass on to the processes it starts (Ray workers); NORMAL when not set up."""
-    level = LOGGER.level
-    if level == logging.NOTSET:
-        return NORMAL
-    return QUIET if level >= NOTICE else VERBOSE if level <= logging.DEBUG else NORMAL
+    return getattr(LOGGER, "_mlc_verbosity", NORMAL)
 
 
 def say(message: str) -> None:
@@ -83,7 +75,7 @@ def say(message: str) -> None:
         if line.startswith("warning: "):
             LOGGER.warning(line[len("warning: "):])
         else:
-            LOGGER.log(NOTICE if isinstance(message, Notice) else logging.INFO, line)
+            LOGGER.info(line)
 
 
 def interactive(stream=None) -> bool:

@@ -16,7 +16,6 @@ import pandas as pd
 
 from . import plots, storage
 from .checkpoint import load_model_checkpoint
-from .logs import Notice
 from .metrics import baseline_f1
 from .submission import write_predictions
 from .thresholds import ThresholdChoice, select_threshold
@@ -90,9 +89,9 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
         **extra,
     }
     write_metrics(out, history, cfg, complete=True, **summary)
-    log(Notice(f"best epoch {best_row['epoch']}: validation F1 (samples) {best_row['f1_samples']:.4f}, "
+    log(f"best epoch {best_row['epoch']}: validation F1 (samples) {best_row['f1_samples']:.4f}, "
         f"micro {best_row['f1_micro']:.4f}, mAP {best_row['map']:.4f}; "
-        f"baseline (always the most frequent label set) F1 {base:.4f}"))
-    log(Notice(f"threshold: {choice.strategy} {choice.value if choice.strategy != 'per_class' else '(per class)'}; "
-        f"wrote {storage.join(out, 'predictions.csv')} ({pred['rows']} rows), metrics.json, best/, plots/"))
+        f"baseline (always the most frequent label set) F1 {base:.4f}")
+    log(f"threshold: {choice.strategy} {choice.value if choice.strategy != 'per_class' else '(per class)'}; "
+        f"wrote {storage.join(out, 'predictions.csv')} ({pred['rows']} rows), metrics.json, best/, plots/")
     return summary

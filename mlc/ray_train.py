@@ -40,7 +40,7 @@ from .checkpoint import load_training_state, save_model, save_training_state
 from .config import ScaleConfig, TrainConfig
 from .demo import with_demo_data
 from .errors import UsageError
-from .logs import Notice, verbosity
+from .logs import verbosity
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .runs import SCORE, best_of, epoch_dir, epoch_of, latest_epoch_checkpoint, publish_best, ray_storage
 from .submission import write_predictions
@@ -196,11 +196,10 @@ def plan_workers(scale_gpus, scale_cpus, needed: int, *, what: str, wait: bool, 
     c = cluster.describe()
     per_worker = cluster.choose_resources(c, scale_gpus, scale_cpus, wait=wait)
     cluster.check_feasible(c, per_worker, needed, what=what, wait=wait)
-    # Notices: a --quiet run still says what it planned and what it waits for (a wait may last minutes).
-    log(Notice(f"cluster: {len(c.alive)} node(s) up, planned from {c.source}; {cluster.capacity_now(c, per_worker)} "
+    log(f"cluster: {len(c.alive)} node(s) up, planned from {c.source}; {cluster.capacity_now(c, per_worker)} "
         f"worker(s) of {cluster.fmt_resources(per_worker)} fit now, up to {cluster.capacity_max(c, per_worker)} "
-        f"{'once the autoscaler has added its nodes' if c.types is not None else 'as far as this process can see'}"))
-    cluster.wait_for_workers(per_worker, needed, timeout_s=timeout_s, log=lambda m: log(Notice(m)), what=what)
+        f"{'once the autoscaler has added its nodes' if c.types is not None else 'as far as this process can see'}")
+    cluster.wait_for_workers(per_worker, needed, timeout_s=timeout_s, log=log, what=what)
     return per_worker, c
 
 
@@ -242,17 +241,17 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
     if previous is not None:
         state = load_training_state(previous)
         check_resumable(state, cfg, data.vocab, previous)
-        log(Notice(f"resuming run {scale.name}: {previous} holds epoch {state['epoch']}; "
-            f"training continues at epoch {state['epoch'] + 1} of {cfg.epochs}"))
+        log(f"resuming run {scale.name}: {previous} holds epoch {state['epoch']}; "
+            f"training continues at epoch {state['epoch'] + 1} of {cfg.epochs}")
 
     per_worker, _ = plan_workers(scale.gpus_per_worker, scale.cpus_per_worker, scale.min_workers,
                                  what=f"run {scale.name}", wait=scale.wait_for_autoscaler,
                                  timeout_s=scale.wait_timeout, log=log)
     gpus = per_worker.get("GPU", 0.0)
     workers = f"{scale.min_workers}..{scale.max_workers} (elastic)" if scale.elastic else str(scale.num_workers)
-    log(Notice(f"Ray Train: {workers} workers x {cluster.fmt_resources(per_worker)} "
+    log(f"Ray Train: {workers} workers x {cluster.fmt_resources(per_worker)} "
         f"({'NCCL on GPUs' if gpus else 'gloo on CPUs'}), global batch {cfg.batch_size}, run folder {run_url}, "
-        f"up to {scale.max_failures} restarts"))
+        f"up to {scale.max_failures} restarts")
     trainer = build_trainer(cfg, run_url, name=scale.name, storage_root=output, per_worker=per_worker,
                             num_workers=scale.num_workers, max_failures=scale.max_failures,
                             keep_checkpoints=scale.keep_checkpoints, resize_check_s=scale.resize_check_s,

@@ -25,7 +25,6 @@ from .demo import with_demo_data
 from .device import available_cpus, pick_device, prepare_device
 from .engine import make_optimizer, predict_scores, resolve_loader_workers, train_one_epoch, warmup_cosine
 from .labels import LabelVocab
-from .logs import Notice
 from .model import bare_state_dict, build_model, fold_batchnorm, trainable_parameter_groups
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .precision import NAMES, needs_grad_scaler, pick_amp_dtype
@@ -244,9 +243,9 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
             scaler.load_state_dict(state["scaler"])
         history, best_f1, start_epoch = state["history"], state["best_f1"], state["epoch"] + 1
         if start_epoch > cfg.epochs:
-            say(Notice(f"resuming: {source} has finished all {state['epoch']} epochs; writing the outputs"))
+            say(f"resuming: {source} has finished all {state['epoch']} epochs; writing the outputs")
         else:
-            say(Notice(f"resuming from {source}: epoch {state['epoch']} done, continuing at epoch {start_epoch}"))
+            say(f"resuming from {source}: epoch {state['epoch']} done, continuing at epoch {start_epoch}")
 
     tr, va, Y = data.tr, data.va, data.Y
     train_ds = ImageTable([data.urls[i] for i in tr], Y[tr], train_transform(cfg.image_size), cfg.max_image_pixels,

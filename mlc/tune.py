@@ -31,7 +31,6 @@ import pandas as pd
 from . import cluster, storage
 from .config import SweepConfig, TrainConfig
 from .demo import with_demo_data
-from .logs import Notice
 from .runs import SCORE, best_of, kept_checkpoints, publish_best
 
 METRIC = "f1_samples"
@@ -127,10 +126,10 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
                                  what=f"sweep {sweep.name}", wait=sweep.wait_for_autoscaler,
                                  timeout_s=sweep.wait_timeout, log=log)
     per_worker, concurrent = plan_resources(sweep, c)
-    log(Notice(f"sweep {sweep.name}: {sweep.num_samples} trials of {sweep.workers_per_trial} worker(s) x "
+    log(f"sweep {sweep.name}: {sweep.num_samples} trials of {sweep.workers_per_trial} worker(s) x "
         f"{cluster.fmt_resources(per_worker)}, at most {concurrent} at a time, global batch {base.batch_size}, "
         f"up to {sweep.max_epochs} epochs, ASHA grace {sweep.grace_epochs} epoch(s); "
-        f"lr {sweep.lr_min:g}..{sweep.lr_max:g} (log-uniform), depth {list(sweep.depths)}"))
+        f"lr {sweep.lr_min:g}..{sweep.lr_max:g} (log-uniform), depth {list(sweep.depths)}")
 
     # The trial driver only waits on its Ray Train run, whose workers hold the CPUs/GPUs. Tune refuses an
     # empty request, so the driver asks for one byte of memory: no CPU is held by a waiting driver.
@@ -138,8 +137,7 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     storage_path, fs = ray_storage(output)
     experiment = f"{storage_path}/{sweep.name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
-        log(Notice(f"resuming sweep {sweep.name} from {sweep_url}: finished trials are kept, unfinished ones "
-                   "continue"))
+        log(f"resuming sweep {sweep.name} from {sweep_url}: finished trials are kept, unfinished ones continue")
         tuner = tune.Tuner.restore(experiment, trainable=trainable, storage_filesystem=fs,
                                    resume_unfinished=True, resume_errored=True)
     else:
@@ -233,8 +231,8 @@ def summarize(grid, base: TrainConfig, sweep: SweepConfig, sweep_url: str, data,
                                    ids_csv=base.test_csv, images=base.images, batch_size=per_actor,
                                    num_workers=max(1, workers), gpus_per_worker=gpus_per_worker, log=log,
                                    progress=progress)
-    log(Notice(f"best trial {top.trial}: lr {top.lr:.3g}, depth {int(top.unfrozen_depth)}, epoch {int(top.best_epoch)}, "
+    log(f"best trial {top.trial}: lr {top.lr:.3g}, depth {int(top.unfrozen_depth)}, epoch {int(top.best_epoch)}, "
         f"validation F1 {top.best_f1_samples:.4f}, threshold {meta['threshold']['strategy']}; "
         f"wrote results.csv, best_config.json, best/, plots/sweep.png, predictions.csv under {sweep_url} "
-        f"in {time.perf_counter() - t_start:.0f} s"))
+        f"in {time.perf_counter() - t_start:.0f} s")
     return {"best": best, "table": table, "predictions": pred}

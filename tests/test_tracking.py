@@ -82,14 +82,13 @@ def test_log_lines_have_a_timestamp_a_level_and_a_rank(capsys):
         logs.LOGGER.debug("hidden")
     finally:
         logs.setup()
-    logs.setup(logs.QUIET, stream=buf)
+    logs.setup(logs.VERBOSE, stream=buf)
     try:
-        logs.say("progress, hidden")
-        logs.say(logs.Notice("the result, shown"))
+        logs.LOGGER.debug("shown with --verbose")
     finally:
         logs.setup()
     out = buf.getvalue().splitlines()
-    assert out[2].endswith(" the result, shown") and len(out) == 3
+    assert out[2].endswith(" debug: shown with --verbose") and len(out) == 3
     out = out[:2]
     assert len(out) == 2 and all(LINE.match(re.sub(r"\[rank 1\] ", "", x)) for x in out), out
     assert out[0].endswith("[rank 1] hello") and out[1].endswith("[rank 1] warning: careful")
