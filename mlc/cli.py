@@ -33,6 +33,7 @@ def add_train_args(p: argparse.ArgumentParser, skip=()) -> None:
             continue
         g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, choices=choices,
                        help=f"{f.metadata['help']} ({shown})")
+    accept_old_bool_values(p)
     p.add_argument("--fresh", action="store_true", help="ignore and remove an existing checkpoint in --output and "
                    "start over (default: resume from it)")
 
@@ -55,29 +56,44 @@ def _auto_int(text: str):
         raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
 
 
-class BoolFlag(argparse.BooleanOptionalAction):
-    """``--x`` / ``--no-x``. The value form documented before (``--x true|false``) still parses, with a
-    deprecation warning, for one release."""
+# ``--x`` / ``--no-x`` for every boolean setting.
+BoolFlag = argparse.BooleanOptionalAction
+_BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
 
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        self.nargs = "?"
 
-    def __call__(self, parser, namespace, values, option_string=None):
-        on = not option_string.startswith("--no-")
-        if values is not None:
-            if not on:
-                parser.error(f"{option_string} takes no value")
-            try:
-                on = _bool(values)
-            except argparse.ArgumentTypeError as e:
-                parser.error(f"argument {option_string}: {e}")
-            print(f"warning: {option_string} {values} is deprecated and goes in the next release; use "
-                  f"{option_string if on else '--no-' + option_string[2:]}", file=sys.stderr)
-        setattr(namespace, self.dest, on)
+def accept_old_bool_values(p: argparse.ArgumentParser) -> None:
+    """Let ``p`` still parse the value spelling documented before (``--freeze-bn true|false``, also
+    ``--freeze-bn=false``) for one release: rewritten to ``--freeze-bn`` / ``--no-freeze-bn`` with a deprecation
+    warning before argparse sees it, so ``--help`` shows only the new form."""
+    if getattr(p, "_mlc_old_bools", False):
+        return
+    p._mlc_old_bools = True
+    inner = p.parse_known_args
 
-    def format_usage(self):
-        return " | ".join(self.option_strings)
+    def parse_known_args(args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        flags = {o for a in p._actions if isinstance(a, BoolFlag) for o in a.option_strings
+                 if not o.startswith("--no-")}
+        out, i = [], 0
+        while i < len(args):
+            flag, eq, value = args[i].partition("=")
+            if flag in flags and not eq and i + 1 < len(args) and args[i + 1].strip().lower() in _BOOL_WORDS:
+                value, eq = args[i + 1], "="
+                i += 1
+            if flag in flags and eq:
+                try:
+                    on = _bool(value)
+                except argparse.ArgumentTypeError as e:
+                    p.error(f"argument {flag}: {e}")
+                new = flag if on else "--no-" + flag[2:]
+                print(f"warning: {flag} {value} is deprecated and goes in the next release; use {new}", file=sys.stderr)
+                out.append(new)
+            else:
+                out.append(args[i])
+            i += 1
+        return inner(out, namespace)
+
+    p.parse_known_args = parse_known_args
 
 
 def add_config_arg(p: argparse.ArgumentParser) -> None:
@@ -182,6 +198,7 @@ def _auto_float(text: str):
 
 
 def add_scale_args(p: argparse.ArgumentParser, skip=()) -> None:
+    accept_old_bool_values(p)
     g = p.add_argument_group("Ray cluster (ignored with --local)", RESOURCES)
     for f in dataclasses.fields(ScaleConfig):
         if f.name in skip:
@@ -227,6 +244,7 @@ def _int_list(text: str) -> tuple:
 
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    accept_old_bool_values(p)
     d = SweepConfig()
     g = p.add_argument_group("sweep", "Trials at once: as many as the cluster holds once the autoscaler has added "
                              "every node its node types allow (the nodes up now when no autoscaler config is "

@@ -84,6 +84,8 @@ def test_booleans_take_x_and_no_x_and_the_old_spelling_with_a_warning(capsys):
     assert not hasattr(p.parse_args([]), "freeze_bn")  # not given: the config file or the default decides
     assert p.parse_args(["--compile", "false"]).compile is False
     assert p.parse_args(["--gpu-decode", "true"]).gpu_decode is True
+    assert p.parse_args(["--freeze-bn=false", "--epochs", "2"]).freeze_bn is False
+    assert "[--freeze-bn | --no-freeze-bn]" in " ".join(p.format_usage().split())  # only the new form shown
     assert "--compile false is deprecated" in capsys.readouterr().err
     assert p.parse_args(["--wait-for-autoscaler"]).wait_for_autoscaler is True
     with pytest.raises(SystemExit):
