@@ -231,8 +231,6 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
     if fresh and storage.exists(run_url):
         log(f"--fresh: removing {run_url}")
         storage.remove(run_url, recursive=True)
-    from .replay import write_config
-    write_config(run_url, "train", local=False, train=given.replace(output=output), scale=scale)
     cfg = cfg.replace(output=run_url)
 
     data = prepare_data(cfg, log)  # fails here, before any worker starts, on unreadable tables
@@ -243,6 +241,9 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
         check_resumable(state, cfg, data.vocab, previous)
         log(f"resuming run {scale.name}: {previous} holds epoch {state['epoch']}; "
             f"training continues at epoch {state['epoch'] + 1} of {cfg.epochs}")
+    from .replay import write_config
+    # After the resume check: a refused rerun must not overwrite the run's config.json.
+    write_config(run_url, "train", local=False, train=given.replace(output=output), scale=scale)
 
     per_worker, _ = plan_workers(scale.gpus_per_worker, scale.cpus_per_worker, scale.min_workers,
                                  what=f"run {scale.name}", wait=scale.wait_for_autoscaler,

@@ -122,8 +122,8 @@ class LocalGroup:
     """One process: the first GPU or the CPU; checkpoints in ``<output>/checkpoint``, best model in ``best/``."""
     rank, world = 0, 1
 
-    def __init__(self, out: str):
-        self.out = out
+    def __init__(self, out: str, on_start=None):
+        self.out, self.on_start = out, on_start
         self.ckpt_url, self.best_url = storage.join(out, "checkpoint"), storage.join(out, "best")
         self.tensorboard_url = storage.join(out, "tensorboard")
         self.device = pick_device()
@@ -163,8 +163,8 @@ def fit(cfg: TrainConfig, *, fresh: bool = False, log=print, progress: bool = Tr
         for name in OUTPUTS:
             storage.remove(storage.join(cfg.output, name), recursive=True)
     from .replay import write_config
-    write_config(cfg.output, "train", local=True, train=given)
-    group = LocalGroup(cfg.output)
+    # Written once the resume check has passed: a refused rerun must not overwrite the run's config.json.
+    group = LocalGroup(cfg.output, on_start=lambda: write_config(cfg.output, "train", local=True, train=given))
     result = train_loop(cfg, group, log=log, progress=progress)
     return finish(cfg, cfg.output, result["data"], result["history"], result["bad_images"], device=group.device,
                   precision=result["precision"],
@@ -202,6 +202,8 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
     state, source = group.load_state()
     if state is not None:
         check_resumable(state, cfg, data.vocab, source)
+    if rank0 and getattr(group, "on_start", None):
+        group.on_start()
 
     device = group.device
     # Decided here, in the process that trains, from its own device and CPUs (a Ray driver on a small head

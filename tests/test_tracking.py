@@ -121,3 +121,8 @@ def test_a_local_run_logs_plain_lines_writes_tensorboard_and_a_replayable_config
     from mlc.config import TrainConfig
     args = train_job.get_args_parser().parse_args(["--config", str(out / "config.json"), "--epochs", "3"])
     assert config_from_args(args) == TrainConfig.from_dict(saved["train"]).replace(epochs=3)
+    # A rerun with other settings is refused (exit 8) and leaves the run's config.json as it was.
+    from mlc import errors
+    r = subprocess.run(cmd + ["--lr", "0.05"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == errors.RESUME and "other settings" in r.stderr, r.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["train"]["lr"] == saved["train"]["lr"]
