@@ -24,6 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def own_ports() -> list[str]:
+    """Ports Ray would otherwise take at fixed defaults (the dashboard agent's 52365, the client server's
+    10001): free ones, so two test clusters on one machine (two pytest-xdist workers, or a developer's own
+    Ray beside the suite) do not fight over them. A second agent that cannot bind its port leaves its node
+    without a job agent ("No available agent to submit job")."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--ray-client-server-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}"]
+
+
 def node_ip() -> str:
     """The address Ray gives this node (it resolves 127.0.0.1 to it)."""
     from ray._private.services import get_node_ip_address
@@ -38,7 +48,7 @@ class RayHead:
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                f"--port={self.port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={self.dashboard_port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-               "--disable-usage-stats", "--include-dashboard=true"]
+               "--disable-usage-stats", "--include-dashboard=true", *own_ports()]
         # Ray 2.60 turns token auth on; the head writes the token to ~/.ray/auth_token if there is none.
         # RAY_ADDRESS pins the cluster's own processes to this cluster: Ray Train's placement-group cleaner
         # looks its controller up through the state API, which otherwise picks the newest Ray instance on
@@ -200,7 +210,7 @@ class AutoscalingHead(RayHead):
                f"--port={self.port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={self.dashboard_port}", f"--num-cpus={head.get('CPU', 0)}",
                f"--num-gpus={head.get('GPU', 0)}", f"--autoscaling-config={self.config_path}",
-               "--disable-usage-stats", "--include-dashboard=true"]
+               "--disable-usage-stats", "--include-dashboard=true", *own_ports()]
         self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_ADDRESS=f"{ip}:{self.port}",
                         AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1",
                         MLC_AUTOSCALER_CONFIG=self.config_path)
