@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tqdm.auto import tqdm
 
-from . import storage
+from . import logs, storage
 from .data import DataPaths
 from .images import BadImageError, read_header
 from .labels import LabelVocab
@@ -61,12 +60,13 @@ def check_dataset(paths: DataPaths, *, max_pixels: int = 50_000_000, progress: b
     missing = [i for i in ids if i not in present]
     to_read = [i for i in ids if i in present]
     reasons: dict = {}
-    with tqdm(total=len(to_read), desc="image headers", disable=not progress, unit="img") as bar:
+
+    def reads():
         for k in range(0, len(to_read), CHUNK):
-            for url, data in storage.start_reads([storage.join(paths.images, i) for i in to_read[k:k + CHUNK]],
-                                                 CONCURRENCY):
-                reasons[url] = _header(url, data, max_pixels)
-                bar.update()
+            yield from storage.start_reads([storage.join(paths.images, i) for i in to_read[k:k + CHUNK]], CONCURRENCY)
+    # A bar on a terminal, heartbeat lines in a log file (mlc.logs).
+    for url, data in logs.progress(reads(), desc="image headers", total=len(to_read), enabled=progress, unit="img"):
+        reasons[url] = _header(url, data, max_pixels)
     unreadable = {i: r for i in to_read if (r := reasons[storage.join(paths.images, i)]) is not None}
     report["images_found"] = len(to_read)
     report["missing_images"] = len(missing)

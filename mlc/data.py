@@ -318,6 +318,31 @@ def image_urls(images_root: str, ids) -> list[str]:
     return [storage.join(images_root, i) for i in ids]
 
 
+# Enough rows that a folder holding most of the listed images cannot miss them all by chance, few enough to
+# check in about one round trip (concurrently) before anything starts.
+PREFLIGHT_IMAGES = 32
+
+
+def check_images_found(images: str, urls: list, *, table: str, first: int = PREFLIGHT_IMAGES) -> None:
+    """Fail before any work when the image folder does not exist or holds none of the first ``first``
+    images the table lists (a wrong --images or --data); a few missing images are the bad-image budget's
+    business, later."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .errors import DataError
+    if not urls:
+        return
+    if not storage.isdir(images):
+        raise DataError(f"image folder {storage.safe_url(images)} does not exist; check --data and --images "
+                        "(relative --images are inside --data)")
+    sample = urls[:first]
+    with ThreadPoolExecutor(min(16, len(sample))) as pool:
+        found = sum(pool.map(storage.exists, sample))
+    if not found:
+        raise DataError(f"none of the first {len(sample)} images listed in {storage.safe_url(table)} is in "
+                        f"{storage.safe_url(images)} (e.g. {sample[0].rsplit('/', 1)[-1]}); check --data and --images")
+
+
 def read_tables(paths: DataPaths) -> tuple[pd.DataFrame, pd.DataFrame]:
     train = read_table(paths.train_csv, require=("ImageID", "Labels"))
     test = read_table(paths.test_csv)

@@ -8,7 +8,7 @@ import torch
 from . import storage
 from .checkpoint import load_model_checkpoint, load_predictor
 from .config import TrainConfig
-from .data import DataPaths, ImageTable, image_urls, make_loader
+from .data import DataPaths, ImageTable, check_images_found, image_urls, make_loader
 from .device import available_cpus, pick_device, prepare_device
 from .engine import predict_scores, resolve_loader_workers
 from .errors import UsageError
@@ -79,7 +79,6 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
         raise UsageError(f"{checkpoint}: its config names no dataset root; pass --data")
     paths = DataPaths.resolve(data, images=images if images is not None else cfg.images, test_csv=ids_csv)
     ids = read_ids(paths.test_csv)
-    from .trainer import check_images_found
     check_images_found(paths.images, image_urls(paths.images, ids), table=paths.test_csv)
     storage.check_writable(output)
     from .replay import write_config

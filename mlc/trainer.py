@@ -19,8 +19,8 @@ import torch
 from . import storage
 from .checkpoint import load_training_state, save_model, save_training_state
 from .config import TrainConfig
-from .data import (BadImageBudget, DataPaths, ImageTable, StartedLoader, image_urls, make_loader, read_tables,
-                   split_train_val)
+from .data import (BadImageBudget, DataPaths, ImageTable, StartedLoader, check_images_found, image_urls,
+                   make_loader, read_tables, split_train_val)
 from .demo import with_demo_data
 from .device import available_cpus, pick_device, prepare_device
 from .engine import make_optimizer, predict_scores, resolve_loader_workers, train_one_epoch, warmup_cosine
@@ -75,31 +75,6 @@ def check_weights_found(spec: str) -> None:
         return
     from .model import WeightsError
     raise WeightsError(f"--weights {spec}: not found; give imagenet, none, or a path/URL to a state dict")
-
-
-# Enough rows that a folder holding most of the listed images cannot miss them all by chance, few enough to
-# check in about one round trip (concurrently) before anything starts.
-PREFLIGHT_IMAGES = 32
-
-
-def check_images_found(images: str, urls: list, *, table: str, first: int = PREFLIGHT_IMAGES) -> None:
-    """Fail before any work when the image folder does not exist or holds none of the first ``first``
-    images the table lists (a wrong --images or --data); a few missing images are the bad-image budget's
-    business, later."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .errors import DataError
-    if not urls:
-        return
-    if not storage.isdir(images):
-        raise DataError(f"image folder {storage.safe_url(images)} does not exist; check --data and --images "
-                        "(relative --images are inside --data)")
-    sample = urls[:first]
-    with ThreadPoolExecutor(min(16, len(sample))) as pool:
-        found = sum(pool.map(storage.exists, sample))
-    if not found:
-        raise DataError(f"none of the first {len(sample)} images listed in {storage.safe_url(table)} is in "
-                        f"{storage.safe_url(images)} (e.g. {sample[0].rsplit('/', 1)[-1]}); check --data and --images")
 
 
 @dataclass
