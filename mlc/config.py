@@ -66,7 +66,7 @@ class TrainConfig:
         "dropout where the frozen features enter the trainable part (none at depth 4, where nothing is frozen)")
     # Off: BatchNorm trains where its stage trains; on suits tiny per-GPU batches.
     freeze_bn: bool = _f(False,
-        "keep every BatchNorm layer in eval mode (pretrained running statistics, no batch statistics); true/false")
+        "keep every BatchNorm layer in eval mode (pretrained running statistics, no batch statistics)")
 
     # Optimisation.
     epochs: int = _f(10, "total epochs (a rerun may raise it to train further)")
@@ -92,7 +92,7 @@ class TrainConfig:
     # torch.compile of the training model. Off: measured on the 2-core dev CPU it took 28 s to compile and
     # trained no faster (23.5 vs 24.2 img/s, depth 1, bf16); on GPUs `jobs/bench.py --gpu` measures it.
     compile: bool = _f(False,
-        "torch.compile the training model (true/false); measured not to pay on a 2-core CPU, unmeasured on GPUs, where "
+        "torch.compile the training model; measured not to pay on a 2-core CPU, unmeasured on GPUs, where "
         "jobs/bench.py --gpu measures it")
 
     # Data. The size is ResNet50's ImageNet resolution; the COMP5329 images are <= 320 px.
@@ -107,8 +107,8 @@ class TrainConfig:
     # Decode JPEGs on the GPU (nvJPEG) instead of in the loader workers, for nodes whose CPUs cannot keep up
     # with the GPU (mlc.gpu_decode). Off until measured on a GPU: `jobs/bench.py --gpu` compares the two.
     gpu_decode: bool = _f(False,
-        "decode JPEGs on the GPU (nvJPEG) instead of in the loader workers, for nodes whose CPUs cannot keep up "
-        "(true/false); other formats still decode on the CPU")
+        "decode JPEGs on the GPU (nvJPEG) instead of in the loader workers, for nodes whose CPUs cannot keep up; "
+        "other formats still decode on the CPU")
     max_bad_fraction: float = _f(0.01, "stop when more than this fraction of labelled images is unreadable")
     max_image_pixels: int = _f(50_000_000, "refuse images with more pixels than this (decompression bombs)")
 
