@@ -182,6 +182,12 @@ def threshold_png(curves: Mapping, choice=None) -> bytes:
         if xs and len(xs) == len(ys):
             ax.plot(xs, ys, label=f"{key} (samples F1)")
             drawn = True
+        top1 = (curves.get("global_top1") or {}) if key == "global" else {}
+        if top1.get("values") and len(top1["values"]) == len(top1.get("f1_samples") or []):
+            ax.plot(top1["values"], top1["f1_samples"], label="global, top label always kept (samples F1)")
+            drawn = True
+        if ch and ch.get("strategy") == "global_top1" and key == "global":
+            ch = dict(ch, strategy="global")  # marked on the global panel
         if _finite(per_class):
             chosen = bool(ch and ch.get("strategy") == "per_class")
             ax.axhline(

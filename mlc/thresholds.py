@@ -1,7 +1,9 @@
 """Decision thresholds: scores -> label sets, and the search for the rule with the best samples F1.
 
-Three strategies (:data:`STRATEGIES`): a per-image percentile (the 2020 report's rule), one global
-threshold, or one threshold per class. :func:`select_threshold` scores every candidate on validation
+Four strategies (:data:`STRATEGIES`): a per-image percentile (the 2020 report's rule), one global
+threshold, one global threshold that also keeps each image's top label (every image gets at least one:
+COMP5329's every image has one, and an empty prediction scores F1 0 for its row), or one threshold per
+class. :func:`select_threshold` scores every candidate on validation
 rows and returns a :class:`ThresholdChoice`, which is saved with every model and applied to the test
 set. Conventions as in :mod:`mlc.metrics`.
 """
@@ -28,7 +30,7 @@ __all__ = [
 ]
 
 
-STRATEGIES = ("percentile", "global", "per_class")
+STRATEGIES = ("percentile", "global", "global_top1", "per_class")
 
 # Percentile grid 0, 0.5, ..., 99.5. With 18 classes the cut moves every
 # 100/17 ~ 5.9 points, so a 0.5 step visits every "keep top-k" setting
@@ -66,6 +68,8 @@ def apply_threshold(probs, strategy: str, value) -> np.ndarray:
       keeps everything. Every image keeps at least one class, which suits a
       dataset where every image has at least one label.
     * ``"global"``, value t: keep ``probs >= t``.
+    * ``"global_top1"``, value t: keep ``probs >= t`` and each image's highest score (ties at the top all
+      kept), so every image keeps at least one class.
     * ``"per_class"``, value a list of C thresholds: keep ``probs[:, c] >= t[c]``.
     """
     p = _as_scores(probs)
@@ -76,6 +80,8 @@ def apply_threshold(probs, strategy: str, value) -> np.ndarray:
         return p >= _percentile_cuts(p, [q])[0][:, None]
     if strategy == "global":
         return p >= float(value)
+    if strategy == "global_top1":
+        return _with_top1(p, p >= float(value))
     if strategy == "per_class":
         t = np.asarray(value, dtype=np.float64)
         if t.shape != (p.shape[1],):
@@ -84,6 +90,10 @@ def apply_threshold(probs, strategy: str, value) -> np.ndarray:
             )
         return p >= t[None, :]
     raise ValueError(f"unknown threshold strategy {strategy!r}; expected one of {STRATEGIES}")
+
+
+def _with_top1(p: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    return keep | (p >= p.max(axis=1, keepdims=True))
 
 
 def _never_threshold(col: np.ndarray) -> float:
@@ -201,8 +211,8 @@ def select_threshold(y_true, probs) -> tuple[ThresholdChoice, dict]:
     """Pick the thresholding rule with the best samples F1 on these rows.
 
     Candidates: every percentile in :data:`PERCENTILE_GRID`, every global
-    threshold in :data:`GLOBAL_GRID`, and per-class thresholds from
-    :func:`tune_per_class_thresholds`.
+    threshold in :data:`GLOBAL_GRID` (alone, and with each image's top label
+    kept), and per-class thresholds from :func:`tune_per_class_thresholds`.
 
     Fairness: a percentile or global threshold is one number picked from a
     grid, so its in-sample score is barely optimistic. Per-class tuning fits C
@@ -212,13 +222,15 @@ def select_threshold(y_true, probs) -> tuple[ThresholdChoice, dict]:
     versa) and, if it wins, refitted on all rows for the returned thresholds.
 
     Ties between strategies go to the simpler one (percentile, then global,
-    then per_class): fewer parameters, less to go wrong on the test set.
+    then global_top1, then per_class): fewer parameters, less to go wrong on
+    the test set.
 
     Returns ``(choice, curves)`` with ``curves`` ready for
     :func:`mlc.plots.threshold_png`::
 
         {"percentile": {"values": [...], "f1_samples": [...]},
          "global": {"values": [...], "f1_samples": [...]},
+         "global_top1": {"values": [...], "f1_samples": [...]},
          "per_class": {"f1_samples": cross_fitted, "f1_samples_in_sample": x}}
     """
     yt = _as_binary(y_true, "y_true")
@@ -231,6 +243,8 @@ def select_threshold(y_true, probs) -> tuple[ThresholdChoice, dict]:
 
     glob_vals = np.asarray(GLOBAL_GRID)
     glob_f1 = np.array([_samples_f1(yt, p >= t) for t in glob_vals])
+    top1 = p >= p.max(axis=1, keepdims=True)
+    top1_f1 = np.array([_samples_f1(yt, (p >= t) | top1) for t in glob_vals])
 
     pc_cv = _per_class_crossfit_f1(yt, p)
     pc_t = tune_per_class_thresholds(yt, p)
@@ -238,15 +252,19 @@ def select_threshold(y_true, probs) -> tuple[ThresholdChoice, dict]:
 
     i = _plateau_centre(pct_f1)
     j = _plateau_centre(glob_f1)
+    k = _plateau_centre(top1_f1)
     choice = ThresholdChoice("percentile", float(pct_vals[i]), float(pct_f1[i]))
     if glob_f1[j] > choice.f1 + _TIE_EPS:
         choice = ThresholdChoice("global", float(glob_vals[j]), float(glob_f1[j]))
+    if top1_f1[k] > choice.f1 + _TIE_EPS:
+        choice = ThresholdChoice("global_top1", float(glob_vals[k]), float(top1_f1[k]))
     if pc_cv > choice.f1 + _TIE_EPS:
         choice = ThresholdChoice("per_class", pc_t, float(pc_cv))
 
     curves = {
         "percentile": {"values": pct_vals.tolist(), "f1_samples": pct_f1.tolist()},
         "global": {"values": glob_vals.tolist(), "f1_samples": glob_f1.tolist()},
+        "global_top1": {"values": glob_vals.tolist(), "f1_samples": top1_f1.tolist()},
         "per_class": {"f1_samples": float(pc_cv), "f1_samples_in_sample": float(pc_in)},
     }
     return choice, curves

@@ -141,7 +141,7 @@ def test_the_documented_sweep_runs_from_zero_nodes_resumes_after_its_driver_dies
     assert (table.unfrozen_depth == 0).all() and ((table.lr - 1e-8).abs() < 1e-15).all()
     best = json.loads((sweep / "best_config.json").read_text())
     assert best["f1_samples"] == pytest.approx(table.best_f1_samples.max())
-    assert best["threshold"]["strategy"] in ("percentile", "global", "per_class") and "value" in best["threshold"]
+    assert best["threshold"]["strategy"] in ("percentile", "global", "global_top1", "per_class") and "value" in best["threshold"]
     assert (sweep / "plots" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     # best/ is a checkpoint Ray kept: its epoch folder still exists in the trial's run folder.
     assert (sweep / best["trial"] / f"epoch_{best['epoch']:04d}" / "model.pt").is_file()

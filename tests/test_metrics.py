@@ -399,6 +399,7 @@ def test_select_threshold_curves_shape_and_consistency():
     best = max(
         max(curves["percentile"]["f1_samples"]),
         max(curves["global"]["f1_samples"]),
+        max(curves["global_top1"]["f1_samples"]),
         curves["per_class"]["f1_samples"],
     )
     assert choice.f1 == pytest.approx(best)
@@ -453,3 +454,17 @@ def test_baseline_f1():
         M.baseline_f1([frozenset("z")], y_val, idx)
     with pytest.raises(ValueError, match="empty"):
         M.baseline_f1([], y_val, idx)
+
+
+def test_global_top1_keeps_each_images_best_label_and_wins_where_a_plain_threshold_empties_a_row():
+    p = np.array([[0.9, 0.6], [0.3, 0.1], [0.8, 0.7]])
+    y = np.array([[1, 0], [1, 0], [1, 1]])
+    assert T.apply_threshold(p, "global_top1", 0.65).tolist() == [[True, False], [True, False], [True, True]]
+    assert T.apply_threshold(p, "global", 0.65).tolist() == [[True, False], [False, False], [True, True]]
+    # Ties at the top are all kept, as the percentile rule keeps ties at its cut.
+    assert T.apply_threshold([[0.2, 0.2, 0.1]], "global_top1", 0.5).tolist() == [[True, True, False]]
+    choice, curves = T.select_threshold(y, p)
+    # Percentile keeps a fixed share per image (best 0.889 here), a plain global threshold empties row 2.
+    assert max(curves["global"]["f1_samples"]) < 1.0 and max(curves["percentile"]["f1_samples"]) < 1.0
+    assert choice.strategy == "global_top1" and 0.6 <= choice.value < 0.7 and choice.f1 == pytest.approx(1.0)
+    assert T.ThresholdChoice.from_dict(choice.to_dict()).apply(p).tolist() == y.astype(bool).tolist()
