@@ -1,4 +1,4 @@
-"""Sweep learning rate and unfrozen depth with Ray Tune (ASHA early stopping); each trial is a Ray Train run.
+"""Sweep learning rate, unfrozen depth and (--inputs a,b) what the network reads with Ray Tune (ASHA early stopping); each trial is a Ray Train run.
 
 The threshold (percentile, global, per-class) is chosen per epoch on each trial's validation scores,
 without retraining. At the end, under --output/--name/: results.csv, best_config.json,
@@ -28,8 +28,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 from mlc.cli import (add_config_arg, add_log_args, add_sweep_args, add_train_args, config_from_args,  # noqa: E402
                      run_job, sweep_from_args)
 
-# Swept, or set by the sweep, so not flags here: the search space replaces them.
-NOT_FLAGS = ("lr", "unfrozen_depth", "epochs")
+# Swept, or set by the sweep, so not flags here: the search space replaces them (--inputs is the sweep's,
+# a comma-separated list of choices).
+NOT_FLAGS = ("lr", "unfrozen_depth", "epochs", "inputs")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

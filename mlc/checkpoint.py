@@ -7,9 +7,10 @@ Layout under a run's output:
   It holds tensors and plain data only (dicts, lists, tuples, str, int, float, bool, None) and is read
   with ``torch.load(weights_only=True)``: a file in a shared bucket is data, never code, so whoever can
   write to the bucket cannot run anything on the nodes that resume from it.
-- ``best/model.pt``: the bare state_dict, loadable into plain torchvision;
-  ``best/labels.json``; ``best/meta.json`` (config, threshold, epoch, metrics and
-  the model file's sha256, so a reader can tell the three files belong together).
+- ``best/model.pt``: the bare state_dict, loadable into plain torchvision (``--inputs image``; the caption
+  and fused networks' keys are in :mod:`mlc.fusion`); ``best/labels.json``; ``best/tokenizer.json`` when
+  the network reads captions (:mod:`mlc.tokenizer`); ``best/meta.json`` (config, threshold, epoch, metrics
+  and the model file's sha256, so a reader can tell the files belong together).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from . import storage
 from .config import TrainConfig
 from .labels import LabelVocab
 from .thresholds import ThresholdChoice
+from .tokenizer import Tokenizer
 
 STATE = "state.pt"
+TOKENIZER = "tokenizer.json"
 
 
 class CheckpointError(RuntimeError):
@@ -98,12 +101,19 @@ def load_training_state(url: str) -> dict | None:
 
 
 def save_model(url: str, model_state: dict, vocab: LabelVocab, meta: dict) -> None:
-    """Write ``model.pt`` (bare state_dict), ``labels.json`` and ``meta.json`` under ``url``."""
+    """Write ``model.pt`` (bare state_dict), ``labels.json``, ``tokenizer.json`` (from ``meta["tokenizer"]``,
+    when the network reads captions) and ``meta.json`` under ``url``."""
     if not _all_finite(model_state):
         raise CheckpointError(f"refusing to write {url}: the model has non-finite weights")
     blob = _torch_bytes(model_state)
     storage.write_bytes(storage.join(url, "model.pt"), blob)
     storage.write_text(storage.join(url, "labels.json"), vocab.to_json())
+    meta = dict(meta)
+    tokenizer = meta.pop("tokenizer", None)
+    if tokenizer is not None:
+        text = json.dumps(tokenizer)
+        storage.write_text(storage.join(url, TOKENIZER), text)
+        meta["tokenizer_sha256"] = hashlib.sha256(text.encode()).hexdigest()
     meta = dict(meta, labels=vocab.labels, model_sha256=hashlib.sha256(blob).hexdigest())
     # meta.json goes last: its presence, with a matching hash, marks the folder complete.
     storage.write_text(storage.join(url, "meta.json"), json.dumps(meta, indent=1, default=float))
@@ -124,19 +134,38 @@ def load_model_checkpoint(url: str) -> tuple[dict, LabelVocab, dict]:
             raise CheckpointError(f"{url}: model.pt does not match meta.json (an interrupted write?); "
                                   "use the run's checkpoint/ or retrain")
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        if meta.get("tokenizer_sha256"):
+            text = storage.read_bytes(storage.join(url, TOKENIZER)).decode()
+            if hashlib.sha256(text.encode()).hexdigest() != meta["tokenizer_sha256"]:
+                raise CheckpointError(f"{url}: {TOKENIZER} does not match meta.json; use the run's checkpoint/ "
+                                      "or retrain")
+            meta["tokenizer"] = json.loads(text)
         return state, LabelVocab(meta["labels"]), meta
     st = load_training_state(url)
     if st is None:
         raise CheckpointError(f"{url}: no model here (looked for meta.json + model.pt, best/, and {STATE})")
-    meta = {"config": st["config"], "threshold": st.get("threshold"), "epoch": st["epoch"]}
+    meta = {"config": st["config"], "threshold": st.get("threshold"), "epoch": st["epoch"],
+            "tokenizer": st.get("tokenizer")}
     return st["model"], LabelVocab(st["labels"]), meta
 
 
-def load_predictor(url: str) -> tuple[dict, LabelVocab, TrainConfig, ThresholdChoice]:
-    """What predicting with a checkpoint needs: ``(state_dict, vocab, config, threshold)``; see
-    :func:`load_model_checkpoint` for the folders accepted. A checkpoint saved before its first validation
-    holds no threshold and is refused."""
+def load_predictor(url: str) -> tuple[dict, LabelVocab, TrainConfig, ThresholdChoice, Tokenizer | None]:
+    """What predicting with a checkpoint needs: ``(state_dict, vocab, config, threshold, tokenizer)`` (the
+    tokenizer None for an image-only network); see :func:`load_model_checkpoint` for the folders accepted. A
+    checkpoint saved before its first validation holds no threshold and is refused."""
     state, vocab, meta = load_model_checkpoint(url)
     if meta.get("threshold") is None:
         raise ValueError(f"{url}: holds no threshold (it predates its first validation); use best/")
-    return state, vocab, TrainConfig.from_dict(meta["config"]), ThresholdChoice.from_dict(meta["threshold"])
+    return (state, vocab, TrainConfig.from_dict(meta["config"]), ThresholdChoice.from_dict(meta["threshold"]),
+            tokenizer_of(meta, url))
+
+
+def tokenizer_of(meta: dict, url: str) -> Tokenizer | None:
+    """The caption tokenizer saved with a model (None for an image-only one); refuses a caption network
+    saved without one."""
+    cfg = TrainConfig.from_dict(meta["config"])
+    if cfg.inputs in ("image", "auto"):
+        return None
+    if not meta.get("tokenizer"):
+        raise CheckpointError(f"{url}: a --inputs {cfg.inputs} model saved without its {TOKENIZER}")
+    return Tokenizer.from_dict(meta["tokenizer"], storage.join(url, TOKENIZER))

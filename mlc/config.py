@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from . import cluster
 
 
+# What a network can read (mlc.fusion builds each).
+INPUTS = ("image", "caption", "image+caption")
+
+
 def _f(default, help: str):
     """A field with its ``--help`` text."""
     return dataclasses.field(default=default, metadata={"help": help})
@@ -53,6 +57,13 @@ class TrainConfig:
     images: str | None = _f(None, "image folder, inside --data when relative (e.g. images); default <data>/data")
     train_csv: str | None = _f(None, "labelled table (ImageID,Labels,Caption), a path or URL; default <data>/train.csv")
     test_csv: str | None = _f(None, "table to predict (ImageID[,Caption]), a path or URL; default <data>/test.csv")
+
+    # What the network reads. auto: image+caption when the training table has captions (they are strong
+    # evidence: a caption-only model beats the report's image model on COMP5329), else image.
+    inputs: str = _f("auto",
+        "what the network reads: image (ResNet50), caption (a bag of caption words, bigrams and character trigrams;"
+        " never opens an image), image+caption (both, fused before the head), or auto: image+caption when the "
+        "training table has non-empty captions, else image")
 
     # Model. Depth 1 (layer4 + head) is the report's choice; 4 trains everything, stem included.
     weights: str = _f("imagenet",
@@ -132,6 +143,8 @@ class TrainConfig:
             problems.append(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.image_size < 32:
             problems.append(f"--image-size must be >= 32 (ResNet50 downsamples 32x), got {self.image_size}")
+        if self.inputs not in ("auto", *INPUTS):
+            problems.append(f"--inputs must be auto, {', '.join(INPUTS)}, got {self.inputs}")
         if self.optimizer not in ("adamw", "sgd"):
             problems.append(f"--optimizer must be adamw or sgd, got {self.optimizer}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
@@ -167,6 +180,9 @@ class TrainConfig:
 # download, small images, and the whole network trains (from scratch there is nothing worth freezing).
 DEMO_DEFAULTS = {
     "output": "runs/demo",
+    # The demo shows the image pipeline. Its captions are generated from the labels ("a red disc and a blue
+    # square"), so a caption model scores 1.0 on them and would show nothing (mlc.demo.with_demo_data).
+    "inputs": "image",
     "weights": "none",
     "unfrozen_depth": 4,
     "dropout": 0.0,
@@ -259,6 +275,9 @@ class SweepConfig:
     lr_min: float = _f(1e-4, "lowest peak learning rate (log-uniform range)")
     lr_max: float = _f(1e-2, "highest peak learning rate (equal to --lr-min: a fixed rate)")
     depths: tuple = _f((0, 1, 2, 3, 4), "unfrozen depths to sample from, comma-separated, each 0..4")
+    # auto: as jobs/train.py decides (image+caption when the table has captions); several: a searched choice.
+    inputs: tuple = _f(("auto",), "what the trials' networks read, comma-separated: auto, image, caption, "
+                       "image+caption; more than one makes it a searched choice")
     # 3, as jobs/train.py's: a trial is a Ray Train run and loses Spot nodes like one; a trial that keeps
     # failing still ends as an errored trial and the sweep goes on without it.
     max_failures: int = _f(3, "worker-group restarts per trial from its latest checkpoint (a lost Spot node "
@@ -284,6 +303,12 @@ class SweepConfig:
             problems.append(f"--max-failures must be >= -1 (-1: unlimited), got {self.max_failures}")
         if not 0 < self.lr_min <= self.lr_max:
             problems.append(f"--lr-min and --lr-max must satisfy 0 < min <= max, got {self.lr_min}, {self.lr_max}")
+        if isinstance(self.inputs, str):
+            object.__setattr__(self, "inputs", tuple(x for x in self.inputs.split(",") if x))
+        elif isinstance(self.inputs, list):  # read back from a config.json
+            object.__setattr__(self, "inputs", tuple(self.inputs))
+        if not self.inputs or any(x not in ("auto", *INPUTS) for x in self.inputs):
+            problems.append(f"--inputs must be values among auto, {', '.join(INPUTS)}, got {','.join(self.inputs)}")
         if not self.depths or any(d not in range(5) for d in self.depths):
             problems.append(f"--depths must be values in 0..4, got {list(self.depths)}")
         if not self.name or "/" in self.name:

@@ -82,7 +82,11 @@ class Skipped:
 
 
 class ImageTable(Dataset):
-    """Rows of (image URL, optional multi-hot target). ``__getitem__`` returns ``Skipped`` for a bad image.
+    """Rows of (image URL, optional multi-hot target, optional caption tokens). ``__getitem__`` returns
+    ``(x, y, i, tokens)``, or ``Skipped`` for a bad image.
+
+    ``captions`` (one token-id list per row, :mod:`mlc.tokenizer`) go with each row; ``read_images=False``
+    (``--inputs caption``) never reads an image: ``x`` is None and nothing is fetched.
 
     After ``set_epoch(seed, epoch)`` each row's augmentation draws from its own generator seeded by
     (seed, epoch, row): a row is augmented the same way whichever process, rank or loader worker reads
@@ -91,8 +95,13 @@ class ImageTable(Dataset):
     """
 
     def __init__(self, urls: list[str], targets: np.ndarray | None, transform, max_pixels: int,
-                 gpu_decode: bool = False):
+                 gpu_decode: bool = False, captions: list | None = None, read_images: bool = True):
         self.urls, self.targets, self.transform, self.max_pixels = list(urls), targets, transform, max_pixels
+        if captions is not None and len(captions) != len(self.urls):
+            raise ValueError(f"{len(captions)} captions for {len(self.urls)} rows")
+        if not read_images and captions is None:
+            raise ValueError("a table that reads no images needs captions")
+        self.captions, self.read_images = captions, read_images
         self.epoch_seed: int | None = None
         # --gpu-decode: ship the bytes of plain JPEGs for the device to decode (mlc.gpu_decode).
         self.gpu_decode = gpu_decode
@@ -118,6 +127,8 @@ class ImageTable(Dataset):
         naming the object.
         """
         indices = [int(i) for i in indices]
+        if not self.read_images:
+            return [self._sample(i, None) for i in indices]
         where: dict = {}
         for k, i in enumerate(indices):
             where.setdefault(self.urls[i], []).append(k)
@@ -181,36 +192,47 @@ class ImageTable(Dataset):
         with torch.random.fork_rng(devices=[]):
             if self.epoch_seed is not None:
                 torch.manual_seed((self.epoch_seed + i) % 2**63)
-            return plan_raw(data, url, i, y, self.transform, self.max_pixels)
+            raw = plan_raw(data, url, i, y, self.transform, self.max_pixels)
+        if raw is not None and self.captions is not None:
+            raw.tokens = self.captions[i]
+        return raw
 
     def _sample(self, i: int, img):
-        """``(x, y, i)`` for row ``i``'s decoded image, augmented as in ``__getitem__``."""
+        """``(x, y, i, tokens)`` for row ``i``'s decoded image (None: no image read), augmented as in
+        ``__getitem__``."""
+        tokens = self.captions[i] if self.captions is not None else None
+        y = torch.from_numpy(self.targets[i]) if self.targets is not None else torch.zeros(0)
+        if img is None:
+            return None, y, i, tokens
         if self.epoch_seed is None:
             x = self.transform(img)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((self.epoch_seed + i) % 2**63)
                 x = self.transform(img)
-        y = torch.from_numpy(self.targets[i]) if self.targets is not None else torch.zeros(0)
-        return x, y, i
+        return x, y, i, tokens
 
 
 @dataclass
 class Batch:
-    """Decoded rows (``x`` uint8, ``y``) first, then ``raw`` rows for the device decoder (``--gpu-decode``);
-    ``index`` holds the row numbers of both, in that order."""
+    """Decoded rows (``x`` uint8, or None when no image is read; ``y``; ``tokens``, one id list per row when
+    captions are used) first, then ``raw`` rows for the device decoder (``--gpu-decode``, each with its own
+    ``tokens``); ``index`` holds the row numbers of both, in that order. ``y`` is None when no row is usable."""
     x: torch.Tensor | None
     y: torch.Tensor | None
     index: torch.Tensor
     skipped: list = field(default_factory=list)
     raw: list = field(default_factory=list)
+    tokens: list | None = None
 
     def __len__(self) -> int:
         return len(self.index)
 
     def pin_memory(self):
         if self.x is not None:
-            self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
+            self.x = self.x.pin_memory()
+        if self.y is not None:
+            self.y = self.y.pin_memory()
         for r in self.raw:
             r.data = r.data.pin_memory()
         return self
@@ -224,8 +246,11 @@ def collate(items) -> Batch:
     idx = [it[2] for it in good] + [r.index for r in raw]
     if not good:
         return Batch(None, None, torch.tensor(idx, dtype=torch.long), skipped, raw)
-    xs, ys, _ = zip(*good)
-    return Batch(torch.stack(xs), torch.stack(ys), torch.tensor(idx, dtype=torch.long), skipped, raw)
+    xs, ys = [it[0] for it in good], [it[1] for it in good]
+    tokens = [it[3] if len(it) > 3 else None for it in good]  # (x, y, i) rows carry no caption
+    x = torch.stack(xs) if xs[0] is not None else None
+    return Batch(x, torch.stack(ys), torch.tensor(idx, dtype=torch.long), skipped, raw,
+                 list(tokens) if tokens[0] is not None else None)
 
 
 def _seed_worker(worker_id: int) -> None:

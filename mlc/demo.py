@@ -368,4 +368,8 @@ def with_demo_data(cfg, log=print):
         return cfg
     cfg = cfg.replace(data=make_demo_dataset())
     log(f"no --data given: using the embedded demo dataset at {cfg.data}")
+    if cfg.inputs == "auto":
+        # The demo shows the image pipeline: its captions are generated from the labels ("a red disc"), so a
+        # network that reads them scores 1.0 and shows nothing. --inputs caption|image+caption still can.
+        cfg = cfg.replace(inputs="image")
     return cfg

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from .logs import progress as progress_bar
 from .precision import autocast
-from .transforms import batch_to_device
+from .fusion import head
+from .transforms import batch_to_device, blank_inputs
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -65,15 +66,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, *, epoch: int, 
     for batch in bar:
         if bad_images is not None and batch.skipped:
             bad_images.add(batch.skipped)
-        x, y, index, lost = batch_to_device(batch, device)
+        inputs, y, index, lost = batch_to_device(batch, device)
         if lost and bad_images is not None:
             bad_images.add(lost)
         n = len(index)
         global_rows = sizes[steps] if sizes is not None else len(batch) * world
         if n:
-            blank = x.shape[1:]
+            blank = inputs
             with autocast(device, amp_dtype):
-                logits = model(x)
+                logits = model(*inputs)
             rows = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / y.shape[1]
             loss = rows * (world / max(1, global_rows))
             loss_sum += rows.detach()
@@ -128,15 +129,16 @@ def _zero_loss(model, loader, device, amp_dtype, blank):
     the backward pass still reaches every trainable parameter, so DDP's all-reduces fire as on the other
     ranks.
     """
-    if blank is None:  # no batch seen yet on this rank: the transform's output size
-        side = getattr(getattr(getattr(loader, "dataset", None), "transform", None), "size", None) or 64
-        blank = (3, side, side)
+    # With no batch seen yet on this rank: what the dataset reads, at the transform's output size.
+    dataset = getattr(loader, "dataset", None)
+    side = getattr(getattr(dataset, "transform", None), "size", None) or 64
+    x = blank_inputs(blank, device, images=getattr(dataset, "read_images", True),
+                     captions=getattr(dataset, "captions", None) is not None, side=side)
     was = model.training
     model.eval()
     try:
         with autocast(device, amp_dtype):
-            x = torch.zeros(1, *blank, device=device).contiguous(memory_format=torch.channels_last)
-            return model(x).float().sum() * 0.0
+            return model(*x).float().sum() * 0.0
     finally:
         model.train(was)
 
@@ -180,18 +182,18 @@ def predict_scores(model, loader, device, *, amp_dtype=None, progress: bool = Tr
     start = time.perf_counter()
     bar = progress_bar(loader, desc=desc, enabled=progress)
     for batch in bar:
-        x, y, index, lost = batch_to_device(batch, device)
+        inputs, y, index, lost = batch_to_device(batch, device)
         skipped.extend(batch.skipped + lost)
-        if x is None:
+        if inputs is None:
             continue
         with autocast(device, amp_dtype):
-            logits = model(x).float()
+            logits = model(*inputs).float()
         parts.append(torch.sigmoid(logits))
         where.append(index)
         if y.numel():
             loss_sum += F.binary_cross_entropy_with_logits(logits, y, reduction="sum") / y.shape[1]
-        seen += x.shape[0]
-    num_classes = parts[0].shape[1] if parts else getattr(model, "module", model).fc.out_features
+        seen += len(index)
+    num_classes = parts[0].shape[1] if parts else head(model).out_features
     probs = np.full((n_rows, num_classes), np.nan, dtype=np.float32)
     if parts:
         idx = torch.cat(where).numpy()

@@ -36,6 +36,7 @@ class RawJpeg:
     name: str
     size: int                   # output side
     resize: int                 # eval: the shorter side before the centre crop
+    tokens: list | None = None  # the row's caption token ids (--inputs image+caption)
 
 
 def plan_raw(data: bytes, name: str, index: int, y, transform, max_pixels) -> RawJpeg | None:

@@ -6,24 +6,28 @@ from __future__ import annotations
 import torch
 
 from . import storage
-from .checkpoint import load_model_checkpoint, load_predictor
+from .checkpoint import load_model_checkpoint, load_predictor, tokenizer_of
 from .config import TrainConfig
 from .data import DataPaths, ImageTable, check_images_found, image_urls, make_loader
 from .device import available_cpus, pick_device, prepare_device
 from .engine import predict_scores, resolve_loader_workers
 from .errors import UsageError
-from .labels import LabelVocab
-from .model import build_model, fold_batchnorm
+from .fusion import build, for_scoring, uses_images
 from .precision import NAMES, pick_amp_dtype
 from .submission import write_predictions
-from .table import read_ids
+from .table import read_ids_captions
+from .tokenizer import Tokenizer, encode_rows
 from .transforms import eval_transform
 
 
 def score_ids(model, ids, images_root: str, *, image_size: int, device, amp_dtype, batch_size: int,
-              num_workers: int, max_pixels: int, log=print, progress: bool = True) -> dict:
-    """Scores for every ImageID in order; an unreadable image keeps its row (NaN scores) and is warned about."""
-    ds = ImageTable(image_urls(images_root, ids), None, eval_transform(image_size), max_pixels)
+              num_workers: int, max_pixels: int, log=print, progress: bool = True, captions=None,
+              tokenizer: Tokenizer | None = None, read_images: bool = True) -> dict:
+    """Scores for every ImageID in order; an unreadable image keeps its row (NaN scores) and is warned about.
+    With a ``tokenizer`` each row's caption (``captions``, None for a row without one) goes in too."""
+    tokens = encode_rows(tokenizer, captions, len(ids), log) if tokenizer is not None else None
+    ds = ImageTable(image_urls(images_root, ids), None, eval_transform(image_size), max_pixels, captions=tokens,
+                    read_images=read_images)
     loader = make_loader(ds, batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
     out = predict_scores(model, loader, device, amp_dtype=amp_dtype, progress=progress, desc="predict")
     for s in out["skipped"]:
@@ -32,7 +36,8 @@ def score_ids(model, ids, images_root: str, *, image_size: int, device, amp_dtyp
 
 
 def score_here(state: dict, num_classes: int, cfg, ids, images_root: str, *, batch_size: int,
-               loader_workers: int | None, device=None, log=print, progress: bool = True) -> dict:
+               loader_workers: int | None, device=None, log=print, progress: bool = True, captions=None,
+               tokenizer: Tokenizer | None = None) -> dict:
     """:func:`score_ids` with the model ``cfg`` describes, built from ``state`` on ``device`` (default: this
     process's, :func:`mlc.device.pick_device`), BatchNorm folded, precision and loader workers decided here.
     Adds ``device`` and ``precision`` (its name) to what :func:`score_ids` returns."""
@@ -40,8 +45,9 @@ def score_here(state: dict, num_classes: int, cfg, ids, images_root: str, *, bat
     prepare_device(device)
     amp_dtype = pick_amp_dtype(cfg.amp, device, kind="predict", unfrozen_depth=cfg.unfrozen_depth,
                                image_size=cfg.image_size, log=log)
-    model = fold_batchnorm(build_model(num_classes, cfg.unfrozen_depth, cfg.dropout, weights=state,
-                                       freeze_bn=cfg.freeze_bn))
+    model = for_scoring(build(cfg.inputs, num_classes, num_tokens=tokenizer.size if tokenizer else 0,
+                              unfrozen_depth=cfg.unfrozen_depth, dropout=cfg.dropout, weights=state,
+                              freeze_bn=cfg.freeze_bn))
     model.to(device, memory_format=torch.channels_last)  # as its inputs are: no layout change per call
     cpus = available_cpus()
     workers = resolve_loader_workers(loader_workers, cpus, device)
@@ -50,7 +56,7 @@ def score_here(state: dict, num_classes: int, cfg, ids, images_root: str, *, bat
         f"batches of {batch_size}")
     out = score_ids(model, ids, images_root, image_size=cfg.image_size, device=device, amp_dtype=amp_dtype,
                     batch_size=batch_size, num_workers=workers, max_pixels=cfg.max_image_pixels, log=log,
-                    progress=progress)
+                    progress=progress, captions=captions, tokenizer=tokenizer, read_images=uses_images(cfg.inputs))
     return {**out, "device": device, "precision": NAMES[amp_dtype]}
 
 
@@ -73,13 +79,17 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
         raise TypeError("predict needs output=: the folder for predictions.csv and probabilities.csv")
     if num_workers < 0:
         raise UsageError(f"--num-workers must be >= 0, got {num_workers}")
-    state, vocab, cfg, choice = load_predictor(checkpoint)
+    state, vocab, cfg, choice, tokenizer = load_predictor(checkpoint)
     data = data or cfg.data
     if data is None:
         raise UsageError(f"{checkpoint}: its config names no dataset root; pass --data")
     paths = DataPaths.resolve(data, images=images if images is not None else cfg.images, test_csv=ids_csv)
-    ids = read_ids(paths.test_csv)
-    check_images_found(paths.images, image_urls(paths.images, ids), table=paths.test_csv)
+    ids, captions = read_ids_captions(paths.test_csv)
+    if tokenizer is not None and captions is None:
+        log(f"warning: {paths.test_csv} has no Caption column and {checkpoint} reads captions ({cfg.inputs}): every "
+            "row is predicted " + ("from its image alone" if uses_images(cfg.inputs) else "from the label prior"))
+    if uses_images(cfg.inputs):
+        check_images_found(paths.images, image_urls(paths.images, ids), table=paths.test_csv)
     storage.check_writable(output)
     from .replay import write_config
     # predict_config.json, not config.json: --output may be the training run's own folder, whose config.json
@@ -94,10 +104,12 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
         from .ray_predict import score_distributed  # Ray is imported only on this path
         out = score_distributed(state, ids, paths.images, cfg, len(vocab), num_workers=num_workers,
                                 gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                                batch_size=batch_size, log=log, progress=progress)
+                                batch_size=batch_size, log=log, progress=progress, captions=captions,
+                                tokenizer=tokenizer)
     else:
         out = score_here(state, len(vocab), cfg, ids, paths.images, batch_size=batch_size,
-                         loader_workers=loader_workers, log=log, progress=progress)
+                         loader_workers=loader_workers, log=log, progress=progress, captions=captions,
+                         tokenizer=tokenizer)
     summary = write_predictions(output, ids, out["probs"], out["ok"], vocab, choice)
     summary.update(seconds=out["seconds"], img_per_s=out["img_per_s"])
     log(f"wrote {storage.join(output, 'predictions.csv')} ({summary['rows']} rows, "
@@ -105,17 +117,23 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
     return summary
 
 
-def load_model(checkpoint: str) -> tuple[torch.nn.Module, LabelVocab]:
+def load_model(checkpoint: str, *, with_tokenizer: bool = False):
     """``(model, vocab)`` from a run folder, its ``best/`` or ``checkpoint/``, or a ``best/model.pt`` (its
-    ``labels.json`` and ``meta.json`` are read beside it), read with ``weights_only=True``.
+    ``labels.json``, ``tokenizer.json`` and ``meta.json`` are read beside it), read with ``weights_only=True``;
+    ``(model, vocab, tokenizer)`` with ``with_tokenizer`` (tokenizer None for an image-only network).
 
-    The model is the trained ResNet50 on the CPU in eval mode; ``model(x)`` gives one logit per label of
-    ``vocab`` for ``x`` normalised as :func:`mlc.transforms.to_model_input` does (ImageNet mean and std).
+    The model is on the CPU in eval mode and gives one logit per label of ``vocab``. ``--inputs image``: the
+    trained ResNet50, ``model(x)`` for ``x`` normalised as :func:`mlc.transforms.to_model_input` does (ImageNet
+    mean and std). ``caption``: ``model(ids, offsets)``; ``image+caption``: ``model(x, ids, offsets)``, with
+    ``ids, offsets = mlc.transforms.tokens_to_tensors(tokenizer.encode_many(captions), device)``.
     """
     url = str(checkpoint).rstrip("/")
     if url.rsplit("/", 1)[-1] == "model.pt":
         url = url.rsplit("/", 1)[0] if "/" in url else "."
     state, vocab, meta = load_model_checkpoint(url)
     cfg = TrainConfig.from_dict(meta["config"])
-    model = build_model(len(vocab), cfg.unfrozen_depth, cfg.dropout, weights=state, freeze_bn=cfg.freeze_bn)
-    return model.eval(), vocab
+    tokenizer = tokenizer_of(meta, url)
+    model = build(cfg.inputs, len(vocab),
+                  num_tokens=tokenizer.size if tokenizer else 0, unfrozen_depth=cfg.unfrozen_depth,
+                  dropout=cfg.dropout, weights=state, freeze_bn=cfg.freeze_bn)
+    return (model.eval(), vocab, tokenizer) if with_tokenizer else (model.eval(), vocab)

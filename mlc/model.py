@@ -193,9 +193,11 @@ def build_model(num_classes: int, unfrozen_depth: int = 1, dropout: float = 0.0,
 
 
 def trainable_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv/linear weights only: decaying BatchNorm scales and biases only hurts."""
+    """Weight decay on conv/linear weights only (decaying BatchNorm scales and biases only hurts), and none on
+    a caption embedding (``text.``, mlc.fusion): a word seen in few captions would be pulled to zero between
+    its rare updates."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
+            (decay if p.ndim > 1 and not name.startswith("text.") else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

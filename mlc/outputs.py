@@ -15,9 +15,11 @@ import numpy as np
 import pandas as pd
 
 from . import plots, storage
-from .checkpoint import load_model_checkpoint
+from .checkpoint import load_model_checkpoint, tokenizer_of
+from .config import TrainConfig
 from .metrics import baseline_f1
 from .submission import write_predictions
+from .table import captions_of
 from .thresholds import ThresholdChoice, select_threshold
 
 SCALAR_KEYS = ("f1_samples", "f1_micro", "f1_macro", "precision_samples", "recall_samples",
@@ -50,17 +52,22 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
     best_url = storage.join(out, "best")
     best_state, vocab, best_meta = load_model_checkpoint(best_url)
     choice = ThresholdChoice.from_dict(best_meta["threshold"])
+    # What the network reads, as resolved when it trained (cfg may still say auto).
+    cfg = cfg.replace(inputs=TrainConfig.from_dict(best_meta["config"]).inputs)
+    tokenizer = tokenizer_of(best_meta, best_url)
     ids = data.test_df.ImageID.tolist()
+    captions = captions_of(data.test_df) if tokenizer else None
     amp_name = extra.pop("precision", None)
     if score_test is None:
         scored = score_here(best_state, len(vocab), cfg, ids, data.paths.images, batch_size=cfg.batch_size * 2,
-                            loader_workers=cfg.loader_workers, device=device, log=log, progress=progress)
+                            loader_workers=cfg.loader_workers, device=device, log=log, progress=progress,
+                            captions=captions, tokenizer=tokenizer)
         device = scored["device"]
         amp_name = amp_name or scored["precision"]
     else:
         # Scored on the cluster's workers, which report their own device and precision; this driver
         # never touches a GPU.
-        scored = score_test(best_url, ids)
+        scored = score_test(best_url, ids, captions, tokenizer)
     pred = write_predictions(out, ids, scored["probs"], scored["ok"], vocab, choice)
 
     val = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(best_url, "val_probabilities.csv"))))

@@ -31,10 +31,11 @@ from .checkpoint import load_predictor
 from .config import TrainConfig
 from .data import ImageTable, Skipped, collate, image_urls
 from .device import prepare_device
-from .model import build_model, fold_batchnorm
+from .fusion import build, for_scoring, uses_images
 from .precision import autocast, pick_amp_dtype
 from .submission import write_predictions
-from .transforms import eval_transform, to_model_input
+from .tokenizer import Tokenizer, encode_rows
+from .transforms import eval_transform, to_model_input, tokens_to_tensors
 
 
 # Ray Data 2.60 starts a usage-metrics poller thread in the driver on the first execution; it outlives
@@ -93,8 +94,17 @@ def decode_batch(batch: dict, *, images_root: str, image_size: int, max_pixels: 
         ok[b.index.numpy()] = True
     for s in b.skipped:
         error[s.index] = f"{s.name}\t{s.reason}"
-    return {"pos": np.asarray(batch["pos"], dtype=np.int64), "ImageID": np.array(ids, dtype=object),
-            "image": image, "ok": ok, "error": error}
+    out = {"pos": np.asarray(batch["pos"], dtype=np.int64), "ImageID": np.array(ids, dtype=object),
+           "image": image, "ok": ok, "error": error}
+    if "tokens" in batch:
+        out["tokens"] = batch["tokens"]
+    return out
+
+
+def _no_images(batch: dict) -> dict:
+    """A caption-only network's batch: every row is scored, no image is read."""
+    n = len(batch["pos"])
+    return {**batch, "ok": np.ones(n, dtype=bool), "error": np.array([""] * n, dtype=object)}
 
 
 class Scorer:
@@ -107,13 +117,15 @@ class Scorer:
     """
 
     def __init__(self, *, state_ref, num_classes: int, unfrozen_depth: int, dropout: float, image_size: int,
-                 amp: str, max_pixels: int, images_root: str, decode: bool, torch_threads: int = 1):
+                 amp: str, max_pixels: int, images_root: str, decode: bool, torch_threads: int = 1,
+                 inputs: str = "image", num_tokens: int = 0):
         import ray
         if torch_threads >= 1:
             torch.set_num_threads(torch_threads)
         state = ray.get(state_ref)
-        self.model = fold_batchnorm(build_model(num_classes, unfrozen_depth, dropout, weights=state,
-                                                log=lambda *_: None))
+        self.model = for_scoring(build(inputs, num_classes, num_tokens=num_tokens, unfrozen_depth=unfrozen_depth,
+                                       dropout=dropout, weights=state, log=lambda *_: None))
+        self.images = uses_images(inputs)
         self.device = actor_device()
         prepare_device(self.device)
         self.model.to(self.device, memory_format=torch.channels_last).eval()
@@ -125,16 +137,24 @@ class Scorer:
 
     def __call__(self, batch: dict) -> dict:
         start = time.perf_counter()
-        if self.decode is not None:
+        if not self.images:
+            batch = _no_images(batch)
+        elif self.decode is not None:
             batch = decode_batch(batch, **self.decode)
         ok = np.asarray(batch["ok"], dtype=bool)
         probs = np.full((len(ok), self.num_classes), np.nan, dtype=np.float32)
         if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(batch["image"][ok]))
-            if self.device.type == "cuda":
-                x = x.pin_memory()
+            inputs = ()
+            if self.images:
+                x = torch.from_numpy(np.ascontiguousarray(batch["image"][ok]))
+                if self.device.type == "cuda":
+                    x = x.pin_memory()
+                inputs = (to_model_input(x, self.device),)
+            if "tokens" in batch:
+                rows = [t for t, keep in zip(batch["tokens"], ok) if keep]
+                inputs = inputs + tokens_to_tensors([[int(i) for i in t] for t in rows], self.device)
             with torch.inference_mode(), autocast(self.device, self.amp_dtype):
-                logits = self.model(to_model_input(x, self.device)).float()
+                logits = self.model(*inputs).float()
             probs[ok] = torch.sigmoid(logits).cpu().numpy()
         busy = (time.perf_counter() - start) / max(1, len(ok))  # this batch's time in this actor, per row
         return {"pos": batch["pos"], "ImageID": batch["ImageID"], "probs": probs, "ok": ok, "error": batch["error"],
@@ -144,8 +164,10 @@ class Scorer:
 
 def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_classes: int, *,
                       num_workers: int, gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
-                      batch_size: int = 64, split: bool | None = None, log=print, progress: bool = True) -> dict:
-    """Scores for every ImageID in input order, computed by ``num_workers`` Ray Data actors.
+                      batch_size: int = 64, split: bool | None = None, log=print, progress: bool = True,
+                      captions=None, tokenizer: Tokenizer | None = None) -> dict:
+    """Scores for every ImageID in input order, computed by ``num_workers`` Ray Data actors; with a
+    ``tokenizer`` (a network that reads captions) each row's caption goes with it, tokenized here.
 
     ``split`` (default: when the actors have GPUs) reads and decodes the images in CPU tasks ahead of the
     model actors instead of inside them (see :class:`Scorer`).
@@ -172,6 +194,7 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
         gpus_per_worker = cluster.default_gpus([resources])  # the nodes up now: prediction does not wait
     if split is None:
         split = gpus_per_worker > 0
+    split = split and uses_images(cfg.inputs)
     cpus = 1 if cpus_per_worker is None else cpus_per_worker
     need_cpu, need_gpu = num_workers * cpus, num_workers * gpus_per_worker
     if need_cpu > resources.get("CPU", 0) or need_gpu > resources.get("GPU", 0):
@@ -191,6 +214,8 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
     # block, and a block goes to one actor). The frames are split here: from_pandas(override_num_blocks=...)
     # splits with np.array_split, which hands back bare ndarrays under numpy 2.4 / pandas 3 and fails.
     rows = pd.DataFrame({"pos": np.arange(n, dtype=np.int64), "ImageID": ids})
+    if tokenizer is not None:
+        rows["tokens"] = pd.Series(encode_rows(tokenizer, captions, n, log), dtype=object)
     state_ref = ray.put(state)
     log(f"predicting {n} images on {num_workers} Ray workers ({cpus:g} CPU, {gpus_per_worker:g} GPU "
         f"each, batches of {batch_size}; {'decoding in CPU tasks ahead of them' if split else 'each decodes its rows'})")
@@ -203,7 +228,8 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
         model_kwargs = dict(state_ref=state_ref, num_classes=num_classes, unfrozen_depth=cfg.unfrozen_depth,
                             dropout=cfg.dropout, image_size=cfg.image_size, amp=cfg.amp,
                             max_pixels=cfg.max_image_pixels, images_root=images_root, decode=not split,
-                            torch_threads=max(1, int(cpus)))
+                            torch_threads=max(1, int(cpus)), inputs=cfg.inputs,
+                            num_tokens=tokenizer.size if tokenizer else 0)
         if split:
             # Reading and decoding run as CPU tasks ahead of the model actors; Ray Data streams between them.
             ds = ds.map_batches(decode_batch, fn_kwargs=dict(images_root=images_root, image_size=cfg.image_size,
@@ -257,8 +283,11 @@ def predict_distributed(checkpoint_url: str, ids, images_root: str, output: str,
                         split: bool | None = None, log=print, progress: bool = True) -> dict:
     """Write ``predictions.csv`` and ``probabilities.csv`` under ``output`` for ``ids`` (in their order),
     scored by ``num_workers`` Ray actors; vocabulary, image size and threshold come from the checkpoint."""
-    state, vocab, cfg, choice = load_predictor(checkpoint_url)
+    state, vocab, cfg, choice, tokenizer = load_predictor(checkpoint_url)
     storage.check_writable(output)
+    if tokenizer is not None:
+        raise ValueError(f"{checkpoint_url} reads captions ({cfg.inputs}); predict with mlc.predict or "
+                         "jobs/predict.py, which read them from the table")
     out = score_distributed(state, ids, images_root, cfg, len(vocab), num_workers=num_workers,
                             gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
                             split=split, log=log, progress=progress)

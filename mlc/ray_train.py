@@ -265,15 +265,16 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
     trained = result.return_value or {}
     last_world = int(trained.get("workers") or latest["history"][-1].get("workers") or scale.min_workers)
 
-    def score_test(best_url, ids):
+    def score_test(best_url, ids, captions, tokenizer):
         # On the cluster's workers (their GPUs), not on the driver, which may be a small CPU head node.
         from .checkpoint import load_model_checkpoint
         from .ray_predict import score_distributed
-        state, vocab, _ = load_model_checkpoint(best_url)
+        state, vocab, meta = load_model_checkpoint(best_url)
         # Scoring batches are per actor: the training run's per-worker share of the global batch, twice.
         per_actor = max(1, 2 * -(-cfg.batch_size // last_world))
-        return score_distributed(state, ids, data.paths.images, cfg, len(vocab), num_workers=last_world,
-                                 gpus_per_worker=gpus, batch_size=per_actor, log=log, progress=progress)
+        return score_distributed(state, ids, data.paths.images, TrainConfig.from_dict(meta["config"]), len(vocab),
+                                 num_workers=last_world, gpus_per_worker=gpus, batch_size=per_actor, log=log,
+                                 progress=progress, captions=captions, tokenizer=tokenizer)
 
     return finish(cfg, run_url, data, latest["history"], latest.get("bad_images", {}), t_start=t_start,
                   score_test=score_test, log=log, progress=progress, workers=last_world,

@@ -242,11 +242,22 @@ def submission_csv(image_ids, label_lists) -> str:
     return out.getvalue()
 
 
+def captions_of(df: pd.DataFrame) -> list:
+    """A table's captions, one per row (None for every row of a table without a Caption column)."""
+    return df.Caption.tolist() if "Caption" in df.columns else [None] * len(df)
+
+
 def read_ids(url: str) -> list[str]:
     """The ImageID column of a COMP5329 table or of any RFC 4180 CSV that has one (for prediction lists)."""
+    return read_ids_captions(url)[0]
+
+
+def read_ids_captions(url: str) -> tuple[list[str], list | None]:
+    """The ImageID column and, when the table has one, the Caption column (else None): the rows to predict."""
     url = str(url)
     try:
-        return read_table(url, require=("ImageID",)).ImageID.tolist()
+        df = read_table(url, require=("ImageID",))
+        return df.ImageID.tolist(), (captions_of(df) if "Caption" in df.columns else None)
     except TableError as e:
         if "unexpected header" not in e.problem:
             raise
@@ -257,7 +268,8 @@ def read_ids(url: str) -> list[str]:
     if "ImageID" not in header:
         raise TableError(url, 1, f"no ImageID column in header {','.join(header)!r}")
     col = header.index("ImageID")
-    ids, seen = [], {}
+    cap = header.index("Caption") if "Caption" in header else None
+    ids, captions, seen = [], [], {}
     for line, row in rows[1:]:
         if not row:
             continue
@@ -267,5 +279,6 @@ def read_ids(url: str) -> list[str]:
         if image_id in seen:
             raise TableError(url, line, f"duplicate ImageID {image_id!r} (first on line {seen[image_id]})")
         seen[image_id] = line
+        captions.append(row[cap] if cap is not None and cap < len(row) else None)
         ids.append(image_id)
-    return ids
+    return ids, (captions if cap is not None else None)

@@ -25,12 +25,15 @@ from .demo import with_demo_data
 from .device import available_cpus, pick_device, prepare_device
 from .engine import make_optimizer, predict_scores, resolve_loader_workers, train_one_epoch, warmup_cosine
 from .labels import LabelVocab
-from .model import bare_state_dict, build_model, fold_batchnorm, trainable_parameter_groups
+from .fusion import build, for_scoring, uses_captions, uses_images
+from .model import bare_state_dict, trainable_parameter_groups
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .precision import NAMES, needs_grad_scaler, pick_amp_dtype
 from .runs import latest_epoch_checkpoint
 from .submission import write_predictions
+from .table import captions_of
 from .thresholds import ThresholdChoice, evaluate
+from .tokenizer import Tokenizer, empty_captions
 from .transforms import eval_transform, train_transform
 
 # Everything a local run writes under --output; --fresh removes these first so nothing stale survives.
@@ -44,7 +47,9 @@ class ConfigMismatch(ValueError):
 
 @dataclass
 class RunData:
-    """What every process derives from the config, identically: tables, vocabulary, split, image URLs."""
+    """What every process derives from the config, identically: tables, vocabulary, split, image URLs, what the
+    network reads (``inputs``, resolved from auto) and, when it reads captions, the tokenizer (fitted on the
+    training split's captions) and every labelled row's token ids."""
     paths: DataPaths
     train_df: object
     test_df: object
@@ -53,6 +58,27 @@ class RunData:
     tr: np.ndarray
     va: np.ndarray
     urls: list
+    inputs: str = "image"
+    tokenizer: Tokenizer | None = None
+    tokens: list | None = None
+
+    def use_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Encode with ``tokenizer`` (a resumed run's saved one, whose ids its embedding was trained on)."""
+        if tokenizer != self.tokenizer:
+            self.tokenizer, self.tokens = tokenizer, tokenizer.encode_many(self.train_df.Caption)
+
+
+def resolve_inputs(inputs: str, train_df, table: str) -> str:
+    """``auto`` -> image+caption when the training table has a non-empty caption, else image; a caption network
+    on a table without captions is refused."""
+    has = "Caption" in train_df.columns and empty_captions(train_df.Caption) < len(train_df)
+    if inputs == "auto":
+        return "image+caption" if has else "image"
+    if uses_captions(inputs) and not has:
+        from .errors import DataError
+        raise DataError(f"--inputs {inputs}: {table} has no captions (no Caption column, or every caption empty); "
+                        "use --inputs image")
+    return inputs
 
 
 def prepare_data(cfg: TrainConfig, log=print) -> RunData:
@@ -61,11 +87,22 @@ def prepare_data(cfg: TrainConfig, log=print) -> RunData:
     vocab = LabelVocab.from_label_lists(train_df.Labels)
     Y = vocab.encode(train_df.Labels, context=f"{paths.train_csv}: ")
     tr, va = split_train_val(train_df.ImageID, cfg.val_fraction, cfg.seed)
+    inputs = resolve_inputs(cfg.inputs, train_df, paths.train_csv)
     log(f"data: {len(train_df)} labelled ({len(tr)} train / {len(va)} validation), {len(test_df)} test, "
-        f"{len(vocab)} labels")
+        f"{len(vocab)} labels; the network reads {inputs}{' (auto)' if cfg.inputs == 'auto' else ''}")
     urls = image_urls(paths.images, train_df.ImageID)
-    check_images_found(paths.images, urls, table=paths.train_csv)
-    return RunData(paths, train_df, test_df, vocab, Y, tr, va, urls)
+    if uses_images(inputs):
+        check_images_found(paths.images, urls, table=paths.train_csv)
+    data = RunData(paths, train_df, test_df, vocab, Y, tr, va, urls, inputs)
+    if uses_captions(inputs):
+        captions = captions_of(train_df)
+        data.use_tokenizer(Tokenizer.fit([captions[i] for i in tr]))
+        empty_train, empty_test = empty_captions(captions), empty_captions(captions_of(test_df))
+        log(f"captions: {len(data.tokenizer.vocab)} words; rows without a caption: {empty_train} of {len(train_df)} "
+            f"labelled, {empty_test} of {len(test_df)} test"
+            + (" (predicted from the image alone)" if inputs == "image+caption" and (empty_train or empty_test)
+               else " (predicted from the label prior)" if empty_train or empty_test else ""))
+    return data
 
 
 def check_weights_found(spec: str) -> None:
@@ -174,9 +211,12 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
     rank0 = group.rank == 0
     say = log if rank0 else (lambda *_: None)
     data = prepare_data(cfg, say)
+    cfg = cfg.replace(inputs=data.inputs)  # saved resolved: a checkpoint says what its network reads
     state, source = group.load_state()
     if state is not None:
         check_resumable(state, cfg, data.vocab, source)
+        if state.get("tokenizer"):
+            data.use_tokenizer(Tokenizer.from_dict(state["tokenizer"], source))
     if rank0 and getattr(group, "on_start", None):
         group.on_start()
 
@@ -192,8 +232,9 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
     say(f"device {device}, precision {NAMES[amp_dtype]}{' with loss scaling' if scaler else ''}, "
         f"{loader_workers} loader workers per process ({cpus} CPUs), torch {torch.get_num_threads()} threads")
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
-    model = build_model(len(data.vocab), cfg.unfrozen_depth, cfg.dropout,
-                        weights=state["model"] if state else cfg.weights, log=say, freeze_bn=cfg.freeze_bn)
+    model = build(cfg.inputs, len(data.vocab), num_tokens=data.tokenizer.size if data.tokenizer else 0,
+                  unfrozen_depth=cfg.unfrozen_depth, dropout=cfg.dropout,
+                  weights=state["model"] if state else cfg.weights, log=say, freeze_bn=cfg.freeze_bn)
     model.to(device, memory_format=torch.channels_last)
     bare = model
     model = group.wrap(model)
@@ -225,10 +266,14 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
             say(f"resuming from {source}: epoch {state['epoch']} done, continuing at epoch {start_epoch}")
 
     tr, va, Y = data.tr, data.va, data.Y
-    train_ds = ImageTable([data.urls[i] for i in tr], Y[tr], train_transform(cfg.image_size), cfg.max_image_pixels,
-                          gpu_decode=cfg.gpu_decode)
-    val_ds = ImageTable([data.urls[i] for i in va], Y[va], eval_transform(cfg.image_size), cfg.max_image_pixels,
-                        gpu_decode=cfg.gpu_decode)
+    reads_images = uses_images(cfg.inputs)
+
+    def table(rows, transform):
+        return ImageTable([data.urls[i] for i in rows], Y[rows], transform, cfg.max_image_pixels,
+                          gpu_decode=cfg.gpu_decode, read_images=reads_images,
+                          captions=[data.tokens[i] for i in rows] if data.tokens is not None else None)
+
+    train_ds, val_ds = table(tr, train_transform(cfg.image_size)), table(va, eval_transform(cfg.image_size))
     if cfg.gpu_decode and device.type != "cuda":
         say("warning: --gpu-decode on a CPU device: JPEGs are decoded in the training process, not in parallel")
     budget = BadImageBudget(len(data.train_df), cfg.max_bad_fraction, log=say)
@@ -264,7 +309,7 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         next_loader = train_loader(epoch + 1) if epoch < cfg.epochs else None
         # The bare module scores: ranks hold different numbers of validation batches, and DDP's forward
         # would wait for the others.
-        scored = predict_scores(fold_batchnorm(bare), val_loader, device, amp_dtype=amp_dtype,
+        scored = predict_scores(for_scoring(bare), val_loader, device, amp_dtype=amp_dtype,
                                 progress=progress and rank0, desc=f"epoch {epoch}/{cfg.epochs} validate")
         probs, ok, stats, skipped, val_loss = _gather_epoch(group, scored, stats, budget)
         budget.add(skipped)
@@ -280,9 +325,10 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         state = {"model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "epoch": epoch, "best_f1": best_f1, "history": history, "config": cfg.to_dict(),
                  "labels": data.vocab.labels, "threshold": metrics["threshold"], "bad_images": dict(budget.bad),
-                 "scaler": scaler.state_dict() if scaler is not None else None}
+                 "scaler": scaler.state_dict() if scaler is not None else None,
+                 "tokenizer": data.tokenizer.to_dict() if data.tokenizer else None}
         meta = {"config": cfg.to_dict(), "threshold": metrics["threshold"], "epoch": epoch,
-                "metrics": {k: metrics[k] for k in SCALAR_KEYS}}
+                "metrics": {k: metrics[k] for k in SCALAR_KEYS}, "tokenizer": state["tokenizer"]}
         group.end_epoch(EpochEnd(epoch, state, row, is_best, meta, val_ids, probs, ok, Y[va], data.vocab, cfg))
         say(f"epoch {epoch}/{cfg.epochs}: train loss {stats['train_loss']:.4f} ({stats['train_img_per_s']:.1f} img/s), "
             f"val loss {row['val_loss']:.4f}, F1 samples {metrics['f1_samples']:.4f} micro {metrics['f1_micro']:.4f} "

@@ -81,16 +81,34 @@ def to_model_input(x: torch.Tensor, device: torch.device, channels_last: bool = 
     return (x.float() - mean) * inv_std
 
 
+def tokens_to_tensors(token_lists, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption token-id lists -> ``(ids, offsets)`` for an embedding bag: every row's ids end to end, and where
+    each row starts. An empty list is an empty bag (a zero vector)."""
+    device = torch.device(device)
+    lengths = [len(t) for t in token_lists]
+    ids = torch.tensor([i for t in token_lists for i in t], dtype=torch.long)
+    offsets = torch.zeros(len(lengths), dtype=torch.long)
+    if len(lengths) > 1:
+        offsets[1:] = torch.tensor(lengths[:-1], dtype=torch.long).cumsum(0)
+    nb = device.type == "cuda"
+    return ids.to(device, non_blocking=nb), offsets.to(device, non_blocking=nb)
+
+
 def batch_to_device(batch, device: torch.device) -> tuple:
-    """``(x, y, index, lost)`` of a loader batch on ``device``: normalised float inputs, targets, row
-    indices, and the rows the device decoder could not decode (``--gpu-decode``; mlc.data.Skipped)."""
+    """``(inputs, y, index, lost)`` of a loader batch on ``device``: the model's inputs (``(x,)`` normalised
+    float images, ``(ids, offsets)`` caption tokens, or ``(x, ids, offsets)``; None when no row is usable),
+    targets, row indices, and the rows the device decoder could not decode (``--gpu-decode``;
+    mlc.data.Skipped)."""
     from .data import Skipped
     nb = device.type == "cuda"
-    parts, ys, index, lost = [], [], [], []
-    if batch.x is not None:
-        parts.append(batch.x.to(device, non_blocking=nb))
+    parts, ys, index, lost, tokens = [], [], [], [], []
+    if batch.y is not None:
+        n_good = len(batch.y)
+        if batch.x is not None:
+            parts.append(batch.x.to(device, non_blocking=nb))
         ys.append(batch.y.to(device, non_blocking=nb))
-        index.append(batch.index[: batch.x.shape[0]])
+        index.append(batch.index[:n_good])
+        tokens.extend(batch.tokens or ())
     if batch.raw:
         from .gpu_decode import decode_rows
         images, failed = decode_rows(batch.raw, device)
@@ -100,8 +118,30 @@ def batch_to_device(batch, device: torch.device) -> tuple:
             parts.append(torch.stack([img for _, img in kept]))
             ys.append(torch.stack([r.y for r, _ in kept]).to(device, non_blocking=nb))
             index.append(torch.tensor([r.index for r, _ in kept], dtype=torch.long))
-    if not parts:
+            tokens.extend(r.tokens for r, _ in kept if r.tokens is not None)
+    if not ys:
         return None, None, torch.zeros(0, dtype=torch.long), lost
-    x = torch.cat(parts) if len(parts) > 1 else parts[0]
+    inputs = ()
+    if parts:
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        inputs = (to_model_input(x, device),)
+    if batch.tokens is not None or any(r.tokens is not None for r in batch.raw):
+        inputs = inputs + tokens_to_tensors(tokens, device)
     y = torch.cat(ys) if len(ys) > 1 else ys[0]
-    return to_model_input(x, device), y, torch.cat(index) if len(index) > 1 else index[0], lost
+    return inputs, y, torch.cat(index) if len(index) > 1 else index[0], lost
+
+
+def blank_inputs(like: tuple | None, device: torch.device, *, images: bool = True, captions: bool = False,
+                 side: int = 64) -> tuple:
+    """One blank row shaped as ``like`` (inputs from :func:`batch_to_device`), or, with none seen yet, as
+    ``images``/``captions`` say: a zero image, and an empty caption (an empty bag)."""
+    if like is not None:
+        images, captions = like[0].dim() == 4, like[-1].dim() == 1
+        if images:
+            side = like[0].shape[-1]
+    out = ()
+    if images:
+        out = (torch.zeros(1, 3, side, side, device=device).contiguous(memory_format=torch.channels_last),)
+    if captions:
+        out = out + (torch.zeros(0, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device))
+    return out

@@ -40,7 +40,8 @@ def search_space(sweep: SweepConfig) -> dict:
     from ray import tune
     lr = tune.loguniform(sweep.lr_min, sweep.lr_max) if sweep.lr_min < sweep.lr_max else sweep.lr_min
     depth = tune.choice(list(sweep.depths)) if len(sweep.depths) > 1 else sweep.depths[0]
-    return {"lr": lr, "unfrozen_depth": depth}
+    inputs = tune.choice(list(sweep.inputs)) if len(sweep.inputs) > 1 else sweep.inputs[0]
+    return {"lr": lr, "unfrozen_depth": depth, "inputs": inputs}
 
 
 def plan_resources(sweep: SweepConfig, c: "cluster.Cluster") -> tuple[dict, int]:
@@ -80,7 +81,8 @@ def _trial(config: dict) -> None:
     from .ray_train import build_trainer
 
     base = dict(config["base"])
-    cfg = TrainConfig.from_dict({**base, "lr": config["lr"], "unfrozen_depth": config["unfrozen_depth"]})
+    cfg = TrainConfig.from_dict({**base, "lr": config["lr"], "unfrozen_depth": config["unfrozen_depth"],
+                                 "inputs": config.get("inputs", base.get("inputs", "auto"))})
     trial = ray.tune.get_context().get_trial_id()  # stable across a sweep's restore
     sweep_url = config["sweep_url"]
     run_url = storage.join(sweep_url, trial)
@@ -120,7 +122,10 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
         storage.remove(sweep_url, recursive=True)
     from .replay import write_config
     write_config(sweep_url, "tune", train=given.replace(output=output), sweep=sweep)
-    data = prepare_data(base, log)  # unreadable tables fail here, before any trial starts
+    # Unreadable tables, and inputs the tables cannot serve, fail here, before any trial starts.
+    data = prepare_data(base.replace(inputs=sweep.inputs[0]), log)
+    for other in sorted(set(sweep.inputs[1:]) - {sweep.inputs[0]}):
+        prepare_data(base.replace(inputs=other), lambda *_: None)
     check_weights_found(base.weights)
     per_worker, c = plan_workers(sweep.gpus_per_worker, sweep.cpus_per_worker, sweep.workers_per_trial,
                                  what=f"sweep {sweep.name}", wait=sweep.wait_for_autoscaler,
@@ -129,7 +134,7 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     log(f"sweep {sweep.name}: {sweep.num_samples} trials of {sweep.workers_per_trial} worker(s) x "
         f"{cluster.fmt_resources(per_worker)}, at most {concurrent} at a time, global batch {base.batch_size}, "
         f"up to {sweep.max_epochs} epochs, ASHA grace {sweep.grace_epochs} epoch(s); "
-        f"lr {sweep.lr_min:g}..{sweep.lr_max:g} (log-uniform), depth {list(sweep.depths)}")
+        f"lr {sweep.lr_min:g}..{sweep.lr_max:g} (log-uniform), depth {list(sweep.depths)}, inputs {list(sweep.inputs)}")
 
     # The trial driver only waits on its Ray Train run, whose workers hold the CPUs/GPUs. Tune refuses an
     # empty request, so the driver asks for one byte of memory: no CPU is held by a waiting driver.
@@ -189,6 +194,7 @@ def results_table(grid, sweep: SweepConfig, kept: dict) -> pd.DataFrame:
         status = "error" if r.error else ("completed" if ran >= sweep.max_epochs else "stopped early")
         rows.append({
             "trial": t, "lr": r.config["lr"], "unfrozen_depth": r.config["unfrozen_depth"],
+            "inputs": r.config.get("inputs", "auto"),
             "best_f1_samples": float(best[SCORE]) if best is not None else math.nan,
             "best_map": float(best.get("map", math.nan)) if best is not None else math.nan,
             "best_epoch": best_epoch,
@@ -217,6 +223,7 @@ def summarize(grid, base: TrainConfig, sweep: SweepConfig, sweep_url: str, data,
     publish_best(trial_url, int(top.best_epoch), storage.join(sweep_url, "best"))
     meta = json.loads(storage.read_bytes(storage.join(sweep_url, "best", "meta.json")))
     best = {"trial": top.trial, "lr": float(top.lr), "unfrozen_depth": int(top.unfrozen_depth),
+            "inputs": TrainConfig.from_dict(meta["config"]).inputs,
             "epoch": int(top.best_epoch), "f1_samples": float(top.best_f1_samples), "map": float(top.best_map),
             "threshold": meta["threshold"], "checkpoint": storage.join(sweep_url, "best"),
             "config": meta["config"]}

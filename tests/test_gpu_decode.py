@@ -35,8 +35,8 @@ def test_device_decode_matches_the_cpu_path_for_training_and_evaluation(tmp_path
         a = collate(cpu.__getitems__([0, 1, 2, 3]))
         b = collate(dev.__getitems__([0, 1, 2, 3]))
         assert a.raw == [] and len(b.raw) == 4 and b.x is None  # the bytes travel, not pixels
-        xa, ya, ia, _ = batch_to_device(a, CPU)
-        xb, yb, ib, lost = batch_to_device(b, CPU)
+        (xa,), ya, ia, _ = batch_to_device(a, CPU)
+        (xb,), yb, ib, lost = batch_to_device(b, CPU)
         assert lost == [] and ia.tolist() == ib.tolist() == [0, 1, 2, 3]
         assert torch.equal(ya, yb)
         # The same crop box and flip, drawn from the same per-row seed: only the decoders' and resizers'
@@ -58,7 +58,7 @@ def test_device_decode_skips_a_truncated_jpeg_by_name_and_leaves_other_formats_t
     assert [type(r).__name__ for r in rows[:2]] == ["RawJpeg", "RawJpeg"]  # headers are fine
     assert isinstance(rows[2], tuple) and isinstance(rows[3], tuple)      # decoded here, on the CPU
     b = collate(rows)
-    x, y, index, lost = batch_to_device(b, CPU)
+    (x,), y, index, lost = batch_to_device(b, CPU)
     assert [s.name for s in lost] == [cut] and "truncated" in lost[0].reason
     assert sorted(index.tolist()) == [0, 2, 3] and x.shape == (3, 3, 32, 32)
     assert torch.equal(y[index.tolist().index(0)], torch.tensor([1.0, 0, 0, 0]))
@@ -70,7 +70,7 @@ def test_a_loader_with_gpu_decode_yields_every_row_once(tmp_path):
     seen = []
     for batch in make_loader(ds, 4, shuffle=True, seed=0, epoch=1, num_workers=2, drop_last=False):
         assert isinstance(batch, Batch) and all(isinstance(r, RawJpeg) for r in batch.raw)
-        x, _, index, lost = batch_to_device(batch, CPU)
+        (x,), _, index, lost = batch_to_device(batch, CPU)
         assert x.shape[0] == len(index) and not lost
         seen += index.tolist()
     assert sorted(seen) == list(range(10))

@@ -43,7 +43,8 @@ def make_dataset(root: Path, n_train=36, n_test=8) -> Path:
 
 def cfg_for(data: Path, out: Path, **kw) -> TrainConfig:
     base = dict(data=str(data), output=str(out), weights="none", image_size=32, epochs=2, batch_size=8,
-                unfrozen_depth=1, dropout=0.0, loader_workers=0, val_fraction=0.25, lr=1e-3, amp="off")
+                unfrozen_depth=1, dropout=0.0, loader_workers=0, val_fraction=0.25, lr=1e-3, amp="off",
+                inputs="image")  # the image pipeline; tests/test_captions.py covers the caption networks
     return TrainConfig(**{**base, **kw})
 
 
@@ -67,7 +68,7 @@ def test_local_run_writes_every_output(dataset, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["complete"] is True
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
-    assert metrics["threshold"]["strategy"] in ("percentile", "global", "per_class")
+    assert metrics["threshold"]["strategy"] in ("percentile", "global", "global_top1", "per_class")
     assert metrics["skipped_images"] == 0
     assert 0 <= metrics["best"]["f1_samples"] <= 1 and "baseline_f1_samples" in metrics
 
