@@ -44,11 +44,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def configs(args: argparse.Namespace):
+    """(the trials' base TrainConfig, the SweepConfig). --inputs here is the sweep's list of choices
+    (SweepConfig.inputs), not the training config's one value."""
+    base = config_from_args(argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "inputs"}))
+    return base, sweep_from_args(args)
+
+
 def main(args: argparse.Namespace) -> dict:
     from mlc.logs import say
     from mlc.tune import run_sweep
-    base = config_from_args(args)
-    sweep = sweep_from_args(args)
+    base, sweep = configs(args)
     return run_sweep(base, sweep, fresh=args.fresh, progress=not args.quiet, predict_workers=args.predict_workers,
                      log=say)
 

@@ -28,6 +28,13 @@ __all__ = ["INPUTS", "build", "for_scoring", "head", "uses_captions", "uses_imag
 TEXT_DIM = 128
 
 
+# The caption embedding learns at this multiple of --lr. Each of its rows moves only in the steps whose
+# captions hold its token, from a start near zero. Measured with --inputs caption on the real tables (80/20
+# split, seed 0, validation sample-F1): on 2,008 rows 0.658 at x1 (the label prior is 0.618, the linear
+# baseline 0.786), 0.791 at x3, 0.814 at x10, 0.812 at x30; on all 30,000 rows 0.861, 0.859, 0.858, 0.855.
+TEXT_LR_SCALE = 10.0
+
+
 def uses_images(inputs: str) -> bool:
     return inputs != "caption"
 

@@ -192,12 +192,18 @@ def build_model(num_classes: int, unfrozen_depth: int = 1, dropout: float = 0.0,
     return model
 
 
-def trainable_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def trainable_parameter_groups(model: nn.Module, weight_decay: float, text_lr: float | None = None) -> list[dict]:
     """Weight decay on conv/linear weights only (decaying BatchNorm scales and biases only hurts), and none on
     a caption embedding (``text.``, mlc.fusion): a word seen in few captions would be pulled to zero between
-    its rare updates."""
-    decay, no_decay = [], []
+    its rare updates. ``text_lr``: the caption embedding's own learning rate (see mlc.fusion.TEXT_LR_SCALE)."""
+    decay, no_decay, text = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 and not name.startswith("text.") else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            if name.startswith("text."):
+                text.append(p)
+            else:
+                (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if text:
+        groups.append({"params": text, "weight_decay": 0.0, **({"lr": text_lr} if text_lr else {})})
+    return groups

@@ -18,6 +18,9 @@ SCORE = "f1_samples"
 EPOCH_PREFIX = "epoch_"
 # Copied to best/; meta.json last, so a best/ with meta.json is complete.
 BEST_FILES = ("model.pt", "labels.json", "val_predictions.csv", "val_probabilities.csv", "meta.json")
+# Copied too when the checkpoint has them (a network that reads captions), removed from best/ otherwise:
+# a sweep's best/ may hold an image+caption trial's tokenizer.json before an image-only trial's model.
+OPTIONAL_BEST_FILES = ("tokenizer.json",)
 
 
 def epoch_dir(epoch: int) -> str:
@@ -84,5 +87,10 @@ def publish_best(run_url: str, epoch: int, dst: str) -> None:
     missing = [n for n in BEST_FILES if not storage.exists(storage.join(src, n))]
     if missing:
         raise FileNotFoundError(f"{src}: cannot publish it as best/: {', '.join(missing)} missing")
+    for n in OPTIONAL_BEST_FILES:
+        if storage.exists(storage.join(src, n)):
+            storage.write_bytes(storage.join(dst, n), storage.read_bytes(storage.join(src, n)))
+        elif storage.exists(storage.join(dst, n)):
+            storage.remove(storage.join(dst, n))
     for n in BEST_FILES:
         storage.write_bytes(storage.join(dst, n), storage.read_bytes(storage.join(src, n)))

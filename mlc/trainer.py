@@ -25,7 +25,7 @@ from .demo import with_demo_data
 from .device import available_cpus, pick_device, prepare_device
 from .engine import make_optimizer, predict_scores, resolve_loader_workers, train_one_epoch, warmup_cosine
 from .labels import LabelVocab
-from .fusion import build, for_scoring, uses_captions, uses_images
+from .fusion import TEXT_LR_SCALE, build, for_scoring, uses_captions, uses_images
 from .model import bare_state_dict, trainable_parameter_groups
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .precision import NAMES, needs_grad_scaler, pick_amp_dtype
@@ -185,6 +185,8 @@ def fit(cfg: TrainConfig, *, fresh: bool = False, log=print, progress: bool = Tr
 
 def check_resumable(state: dict, cfg: TrainConfig, vocab: LabelVocab, url: str) -> None:
     saved = TrainConfig.from_dict(state["config"])
+    if saved.inputs == "auto":  # saved before --inputs existed, when every network read images only
+        saved = saved.replace(inputs="image")
     diff = cfg.differences(saved)
     if diff:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -242,7 +244,8 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         # Compiled around DDP, as torch recommends (DDP's buckets become graph breaks); ``bare`` stays the
         # plain module that checkpoints and validation use.
         model = torch.compile(model)
-    optimizer = make_optimizer(trainable_parameter_groups(bare, cfg.weight_decay), cfg.optimizer, cfg.lr,
+    optimizer = make_optimizer(trainable_parameter_groups(bare, cfg.weight_decay, text_lr=cfg.lr * TEXT_LR_SCALE),
+                               cfg.optimizer, cfg.lr,
                                cfg.momentum, device=device)
     # --batch-size is global: the rows of one optimizer step over all ranks. The steps, and so the
     # learning-rate schedule, depend on the data and the batch size only, never on the world size. A set

@@ -72,7 +72,9 @@ def on_a_scale_from_zero_cluster(dataset: str, out: str) -> dict:
                "--name", "sw", "--num-samples", "3", "--max-epochs", "2", "--workers-per-trial", "1",
                "--depths", "0", "--lr-min", "1e-8", "--lr-max", "1e-8", "--weights", "none",
                "--image-size", "32", "--batch-size", "8", "--val-fraction", "0.25", "--loader-workers", "0",
-               "--amp", "off", "--quiet"]
+               "--amp", "off", "--quiet",
+               # What the network reads is a searched choice too (the trials' runs carry the captions).
+               "--inputs", "image,image+caption"]
         sweep = Path(out) / "sweeps" / "sw"
         t0 = time.time()
         with open(Path(out) / "sweep-killed.log", "w") as first:
@@ -139,7 +141,12 @@ def test_the_documented_sweep_runs_from_zero_nodes_resumes_after_its_driver_dies
     assert len(table) == 3 and set(table.status) <= {"completed", "stopped early"}
     assert table.best_f1_samples.notna().all() and (table.epochs_run >= 1).all()
     assert (table.unfrozen_depth == 0).all() and ((table.lr - 1e-8).abs() < 1e-15).all()
+    assert set(table.inputs) <= {"image", "image+caption"}
+    for t in table.itertuples():  # each trial's network read what its row says
+        meta = json.loads((sweep / t.trial / f"epoch_{t.best_epoch:04d}" / "meta.json").read_text())
+        assert meta["config"]["inputs"] == t.inputs
     best = json.loads((sweep / "best_config.json").read_text())
+    assert best["inputs"] == json.loads((sweep / "best" / "meta.json").read_text())["config"]["inputs"]
     assert best["f1_samples"] == pytest.approx(table.best_f1_samples.max())
     assert best["threshold"]["strategy"] in ("percentile", "global", "global_top1", "per_class") and "value" in best["threshold"]
     assert (sweep / "plots" / "sweep.png").read_bytes()[:4] == b"\x89PNG"

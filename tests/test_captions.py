@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,11 +155,15 @@ def test_caption_only_never_opens_an_image_and_predicts_from_its_checkpoint_alon
     mlc.predict(str(out), output=str(tmp_path / "again"), log=again_logs.append, progress=False)
     assert mlc.read_table(str(tmp_path / "again" / "predictions.csv")).Labels.tolist() == first.Labels.tolist()
     assert any("1 of 6 rows to predict have no caption" in m for m in again_logs), again_logs
+    # load_model rebuilds the same function: its scores of the test captions are the written probabilities.
     model, vocab, tok = mlc.load_model(str(out / "best" / "model.pt"), with_tokenizer=True)
-    ids, off = tokens_to_tensors(tok.encode_many(["a red thing", "a blue thing"]), CPU)
+    test = mlc.read_table(str(root / "test.csv"))
+    ids, off = tokens_to_tensors(tok.encode_many(test.Caption), CPU)
     with torch.no_grad():
-        top = model(ids, off).argmax(1).tolist()
-    assert [vocab.labels[i] for i in top] == ["1", "2"]
+        probs = torch.sigmoid(model(ids, off)).numpy()
+    written = pd.read_csv(out / "probabilities.csv")
+    assert written.ImageID.tolist() == test.ImageID.tolist()
+    assert np.allclose(written[vocab.labels].to_numpy(), probs, atol=1e-3)  # bf16 scoring, 6 decimals written
 
 
 def test_image_and_caption_train_resume_and_predict_a_table_without_captions(tmp_path):
@@ -203,8 +208,9 @@ def test_the_inputs_comparison_runs_every_row_on_one_split(tmp_path):
     from mlc.compare import compare, markdown
     root = _dataset(tmp_path / "ds", n=30)
     (root / "data" / "0.jpg").unlink()  # one labelled row without its image: left out of the image rows only
-    table = compare(str(root), str(tmp_path / "cmp"), caption_epochs=2, image_epochs=1, image_size=32,
-                    log=lambda *_: None)
+    # images= relative to the data root, as a user gives it
+    table = compare(str(root), str(tmp_path / "cmp"), images="data", caption_epochs=2, image_epochs=1,
+                    image_size=32, log=lambda *_: None)
     assert table.inputs.tolist() == ["linear baseline (captions)", "caption", "linear baseline (captions)",
                                      "image", "caption", "image+caption"]
     assert table.rows.tolist() == [30, 30, 29, 29, 29, 29]
@@ -213,3 +219,39 @@ def test_the_inputs_comparison_runs_every_row_on_one_split(tmp_path):
     assert (tmp_path / "cmp" / "compare.csv").is_file() and markdown(table).count("\n") == 7
     assert json.loads((tmp_path / "cmp" / "subset_image_caption" / "best" / "meta.json").read_text())[
         "config"]["inputs"] == "image+caption"
+
+
+def test_a_checkpoint_from_before_inputs_resumes_as_the_image_network_it_is():
+    from mlc.labels import LabelVocab
+    from mlc.trainer import ConfigMismatch, check_resumable
+    old = TrainConfig(data="/d").to_dict()
+    old.pop("inputs")  # written by an mlc without --inputs
+    state = {"config": old, "labels": ["1", "2"]}
+    check_resumable(state, TrainConfig(data="/d", inputs="image"), LabelVocab(["1", "2"]), "ckpt")
+    with pytest.raises(ConfigMismatch, match="inputs: 'image' -> 'image\\+caption'"):
+        check_resumable(state, TrainConfig(data="/d", inputs="image+caption"), LabelVocab(["1", "2"]), "ckpt")
+
+
+def test_the_caption_embedding_has_its_own_learning_rate_and_no_weight_decay():
+    from mlc.model import trainable_parameter_groups
+    model = fusion.build("image+caption", 3, num_tokens=40, unfrozen_depth=1)
+    groups = trainable_parameter_groups(model, 0.01, text_lr=0.05)
+    text = groups[-1]
+    assert [p.shape for p in text["params"]] == [model.text.bag.weight.shape]
+    assert text["lr"] == 0.05 and text["weight_decay"] == 0.0
+    assert any(p is model.head.weight for p in groups[0]["params"])  # the head decays, at --lr
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_best_gets_the_tokenizer_of_the_checkpoint_it_publishes_and_loses_a_stale_one(tmp_path):
+    from mlc.runs import BEST_FILES, publish_best
+    for epoch, files in ((1, BEST_FILES + ("tokenizer.json",)), (2, BEST_FILES)):
+        d = tmp_path / "run" / f"epoch_{epoch:04d}"
+        d.mkdir(parents=True)
+        for n in files:
+            (d / n).write_text(f"{n} of epoch {epoch}")
+    best = tmp_path / "run" / "best"
+    publish_best(str(tmp_path / "run"), 1, str(best))
+    assert (best / "tokenizer.json").read_text() == "tokenizer.json of epoch 1"
+    publish_best(str(tmp_path / "run"), 2, str(best))  # e.g. a sweep whose best trial is now image-only
+    assert not (best / "tokenizer.json").exists() and (best / "meta.json").read_text() == "meta.json of epoch 2"

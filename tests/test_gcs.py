@@ -209,6 +209,9 @@ def test_a_run_with_data_and_outputs_in_the_bucket_survives_transient_faults(gcs
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     model, vocab, meta = load_model_checkpoint(out)  # checks model.pt against meta.json's sha256
+    # The demo tables have captions: auto trained image+caption, its tokenizer saved in the bucket beside it.
+    assert meta["config"]["inputs"] == "image+caption" and meta["tokenizer"]["vocab"]
+    assert storage.exists(storage.join(out, "best", "tokenizer.json"))
     pred = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, "predictions.csv"))), dtype=str)
     test = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(gcs_dataset, "test.csv"))), dtype=str)
     assert pred.ImageID.tolist() == test.ImageID.tolist() and summary["test"]["rows"] == len(test)

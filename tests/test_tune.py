@@ -135,3 +135,25 @@ def test_the_summary_uses_the_checkpoints_ray_kept_with_ties_a_best_before_the_l
 def cfg_stub():
     from mlc.config import TrainConfig
     return TrainConfig(data="/nowhere", batch_size=8)
+
+
+def test_inputs_is_a_searched_choice_only_when_given_more_than_one():
+    from ray.tune.search.sample import Categorical
+    from mlc.config import SweepConfig
+    from mlc.tune import search_space
+    space = search_space(SweepConfig(inputs=("caption", "image+caption")))
+    assert isinstance(space["inputs"], Categorical) and space["inputs"].categories == ["caption", "image+caption"]
+    assert search_space(SweepConfig(inputs=("caption",)))["inputs"] == "caption"
+    assert SweepConfig(inputs="image,caption").inputs == ("image", "caption")
+    with pytest.raises(ValueError, match="--inputs must be values among"):
+        SweepConfig(inputs=("text",))
+
+
+def test_the_tune_job_takes_inputs_as_the_sweeps_choices():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import tune as tune_job
+    base, sweep = tune_job.configs(tune_job.get_args_parser().parse_args(["--data", "/d", "--inputs",
+                                                                         "image,image+caption"]))
+    assert sweep.inputs == ("image", "image+caption") and base.inputs == "auto" and base.data == "/d"
