@@ -238,7 +238,8 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
     previous = latest_epoch_checkpoint(run_url)
     if previous is not None:
         state = load_training_state(previous)
-        check_resumable(state, cfg, data.vocab, previous)
+        # Compared as the workers compare it: --inputs auto resolved against the tables, as it was saved.
+        check_resumable(state, cfg.replace(inputs=data.inputs), data.vocab, previous)
         log(f"resuming run {scale.name}: {previous} holds epoch {state['epoch']}; "
             f"training continues at epoch {state['epoch'] + 1} of {cfg.epochs}")
     from .replay import write_config
