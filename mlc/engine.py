@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .logs import progress as progress_bar
 from .precision import autocast
 from .fusion import head
-from .transforms import batch_to_device, blank_inputs
+from .transforms import batch_to_device, blank_inputs, input_shape
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -72,7 +72,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, *, epoch: int, 
         n = len(index)
         global_rows = sizes[steps] if sizes is not None else len(batch) * world
         if n:
-            blank = inputs
+            blank = input_shape(inputs)  # the shape only: holding the tensors would keep a batch alive
             with autocast(device, amp_dtype):
                 logits = model(*inputs)
             rows = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / y.shape[1]

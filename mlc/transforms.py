@@ -131,14 +131,18 @@ def batch_to_device(batch, device: torch.device) -> tuple:
     return inputs, y, torch.cat(index) if len(index) > 1 else index[0], lost
 
 
-def blank_inputs(like: tuple | None, device: torch.device, *, images: bool = True, captions: bool = False,
+def input_shape(inputs: tuple) -> tuple:
+    """``(image side or None, reads captions)`` of inputs from :func:`batch_to_device`."""
+    return (inputs[0].shape[-1] if inputs[0].dim() == 4 else None), inputs[-1].dim() == 1
+
+
+def blank_inputs(shape: tuple | None, device: torch.device, *, images: bool = True, captions: bool = False,
                  side: int = 64) -> tuple:
-    """One blank row shaped as ``like`` (inputs from :func:`batch_to_device`), or, with none seen yet, as
-    ``images``/``captions`` say: a zero image, and an empty caption (an empty bag)."""
-    if like is not None:
-        images, captions = like[0].dim() == 4, like[-1].dim() == 1
-        if images:
-            side = like[0].shape[-1]
+    """One blank row of the ``shape`` :func:`input_shape` gives, or, with none seen yet, as ``images`` and
+    ``captions`` say: a zero image, and an empty caption (an empty bag)."""
+    if shape is not None:
+        images, captions = shape[0] is not None, shape[1]
+        side = shape[0] or side
     out = ()
     if images:
         out = (torch.zeros(1, 3, side, side, device=device).contiguous(memory_format=torch.channels_last),)

@@ -255,3 +255,16 @@ def test_best_gets_the_tokenizer_of_the_checkpoint_it_publishes_and_loses_a_stal
     assert (best / "tokenizer.json").read_text() == "tokenizer.json of epoch 1"
     publish_best(str(tmp_path / "run"), 2, str(best))  # e.g. a sweep whose best trial is now image-only
     assert not (best / "tokenizer.json").exists() and (best / "meta.json").read_text() == "meta.json of epoch 2"
+
+
+def test_the_blank_row_of_an_empty_rank_batch_fits_each_network():
+    """A rank with no usable row steps on one blank row (mlc.engine): its shape must fit what the network reads."""
+    from mlc.transforms import blank_inputs, input_shape
+    caption = fusion.build("caption", 3, num_tokens=20).eval()
+    ids, off = tokens_to_tensors([[1, 2], [3]], CPU)
+    assert input_shape((ids, off)) == (None, True)
+    (b_ids, b_off) = blank_inputs(input_shape((ids, off)), CPU)
+    assert b_ids.numel() == 0 and b_off.tolist() == [0] and caption(b_ids, b_off).shape == (1, 3)
+    x, b_ids, b_off = blank_inputs(None, CPU, images=True, captions=True, side=32)
+    assert x.shape == (1, 3, 32, 32) and input_shape((x, b_ids, b_off)) == (32, True)
+    assert blank_inputs((48, False), CPU)[0].shape == (1, 3, 48, 48) and len(blank_inputs((48, False), CPU)) == 1
