@@ -195,7 +195,7 @@ def build_model(num_classes: int, unfrozen_depth: int = 1, dropout: float = 0.0,
 def trainable_parameter_groups(model: nn.Module, weight_decay: float, text_lr: float | None = None) -> list[dict]:
     """Weight decay on conv/linear weights only (decaying BatchNorm scales and biases only hurts), and none on
     a caption embedding (``text.``, mlc.fusion): a word seen in few captions would be pulled to zero between
-    its rare updates. ``text_lr``: the caption embedding's own learning rate (see mlc.fusion.TEXT_LR_SCALE)."""
+    its rare updates. ``text_lr``: the caption embedding's own learning rate (see mlc.fusion.text_lr_scale)."""
     decay, no_decay, text = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -25,7 +25,7 @@ from .demo import with_demo_data
 from .device import available_cpus, pick_device, prepare_device
 from .engine import make_optimizer, predict_scores, resolve_loader_workers, train_one_epoch, warmup_cosine
 from .labels import LabelVocab
-from .fusion import TEXT_LR_SCALE, build, for_scoring, uses_captions, uses_images
+from .fusion import build, for_scoring, text_lr_scale, uses_captions, uses_images
 from .model import bare_state_dict, trainable_parameter_groups
 from .outputs import SCALAR_KEYS, finish, write_metrics
 from .precision import NAMES, needs_grad_scaler, pick_amp_dtype
@@ -244,15 +244,19 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         # Compiled around DDP, as torch recommends (DDP's buckets become graph breaks); ``bare`` stays the
         # plain module that checkpoints and validation use.
         model = torch.compile(model)
-    optimizer = make_optimizer(trainable_parameter_groups(bare, cfg.weight_decay, text_lr=cfg.lr * TEXT_LR_SCALE),
-                               cfg.optimizer, cfg.lr,
-                               cfg.momentum, device=device)
     # --batch-size is global: the rows of one optimizer step over all ranks. The steps, and so the
     # learning-rate schedule, depend on the data and the batch size only, never on the world size. A set
     # smaller than one batch trains as one batch of everything.
     n_train = len(data.tr)
     drop_last = n_train >= cfg.batch_size
     steps_per_epoch = n_train // cfg.batch_size if drop_last else 1
+    text_lr = None
+    if uses_captions(cfg.inputs):
+        text_lr = cfg.lr * text_lr_scale(steps_per_epoch * cfg.epochs)
+        say(f"caption embedding learning rate {text_lr:.3g} ({text_lr / cfg.lr:.3g} x --lr over "
+            f"{steps_per_epoch * cfg.epochs} steps)")
+    optimizer = make_optimizer(trainable_parameter_groups(bare, cfg.weight_decay, text_lr=text_lr),
+                               cfg.optimizer, cfg.lr, cfg.momentum, device=device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps_per_epoch * cfg.epochs, max(1, int(cfg.warmup_epochs * steps_per_epoch))))
 
