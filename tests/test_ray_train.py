@@ -209,7 +209,11 @@ def _wait_for_checkpoint(run: Path, epoch: int, proc, timeout: float = 240) -> N
     raise AssertionError(f"no checkpoint for epoch {epoch} in {run} after {timeout}s")
 
 
-def test_driver_killed_after_epoch_2_then_the_same_command_continues_at_epoch_3(dataset, tmp_path, ray_head):
+def test_driver_killed_after_epoch_2_then_the_same_command_submitted_as_a_job_continues_at_epoch_3(
+        dataset, tmp_path, ray_head):
+    """The driver of `python jobs/train.py` dies after epoch 2; the same training command, now through the real
+    client (`ray job submit --working-dir . -- python jobs/train.py ...`, token auth on), continues at epoch 3,
+    and its log reads well as `ray job logs` shows it."""
     env = dict(os.environ, RAY_ADDRESS=ray_head.address, RAY_AUTH_MODE="token")
     cmd = _train_cmd(dataset, tmp_path, "killed", epochs=3)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -222,11 +226,31 @@ def test_driver_killed_after_epoch_2_then_the_same_command_continues_at_epoch_3(
             proc.kill()
     assert not (tmp_path / "killed" / "predictions.csv").exists()
     time.sleep(3)  # let Ray notice the driver's death and release the workers' CPUs
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert "training continues at epoch 3 of 3" in r.stdout + r.stderr
-    history = json.loads((tmp_path / "killed" / "metrics.json").read_text())["epochs"]
-    assert [e["epoch"] for e in history] == [1, 2, 3]
+
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_ADDRESS=ray_head.dashboard_url,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    # The client presents the cluster's token: ~/.ray/auth_token, or on a machine that had none the session
+    # token conftest put in the environment, which the head was started with too.
+    assert os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file()
+    # Not --quiet: the job's whole log is checked below.
+    job = ["python"] + [a for a in cmd[1:] if a != "--quiet"]
+    r = subprocess.run(["ray", "job", "submit", "--working-dir", ".", "--"] + job,
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "succeeded" in out.lower(), out[-2000:]
+    assert "training continues at epoch 3 of 3" in out, out[-4000:]
+    # A log that reads in a file: no progress-bar carriage returns, each worker line once with its rank, and a
+    # bounded number of lines per epoch (phase lines and heartbeats, not one per step).
+    assert "\r" not in out
+    for message in ("[rank 0] data: ", "[rank 0] epoch 3/3: train loss", "[rank 0] device "):
+        assert out.count(message) == 1, (message, out[-4000:])  # (the other ranks log warnings only)
+    assert "[rank 0] epoch 2/3" not in out
+    assert sum("[rank " in line for line in out.splitlines()) <= 20, out[-4000:]
+    metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert metrics["complete"] is True and metrics["workers"] == 2
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
+    assert len(pd.read_csv(tmp_path / "killed" / "predictions.csv")) == 8
 
 
 def test_multi_node_run_refuses_node_local_output(tmp_path, monkeypatch):
@@ -267,31 +291,6 @@ def test_scale_flags_are_validated():
     with pytest.raises(ValueError, match="absolute path"):
         absolute_output("/tmp/ray/session_x/runtime_resources/working_dir_files/abc/runs")
     assert absolute_output("gs://b/x") == "gs://b/x"
-
-
-def test_ray_job_submit_runs_the_training_job(dataset, tmp_path, ray_head):
-    """The real client: `ray job submit --working-dir . -- python jobs/train.py ...`, token auth on."""
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_ADDRESS=ray_head.dashboard_url,
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    # The client presents the cluster's token: ~/.ray/auth_token, or on a machine that had none the session
-    # token conftest put in the environment, which the head was started with too.
-    assert os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file()
-    # Not --quiet: the job's whole log, as `ray job logs` shows it, is checked below.
-    train = ["python"] + [a for a in _train_cmd(dataset, tmp_path, "submitted", epochs=1)[1:] if a != "--quiet"]
-    r = subprocess.run(["ray", "job", "submit", "--working-dir", ".", "--"] + train,
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-4000:]
-    assert "succeeded" in out.lower(), out[-2000:]
-    # A log that reads in a file: no progress-bar carriage returns, each worker line once with its rank, and a
-    # bounded number of lines per epoch (phase lines and heartbeats, not one per step).
-    assert "\r" not in out
-    for message in ("[rank 0] data: ", "[rank 0] epoch 1/1: train loss", "[rank 0] device "):
-        assert out.count(message) == 1, (message, out[-4000:])  # (the other ranks log warnings only)
-    assert sum("[rank " in line for line in out.splitlines()) <= 20, out[-4000:]
-    metrics = json.loads((tmp_path / "submitted" / "metrics.json").read_text())
-    assert metrics["complete"] is True and metrics["workers"] == 2
-    assert len(pd.read_csv(tmp_path / "submitted" / "predictions.csv")) == 8
 
 
 def lose_a_node_mid_run(cfg: dict) -> dict:
