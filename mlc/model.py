@@ -78,13 +78,34 @@ class MultiLabelResNet(ResNet):
             return self.fc(torch.flatten(self.avgpool(x), 1))
         return getattr(self, name)(x)
 
+    def _frozen_prefix(self) -> nn.Module:
+        """The frozen stages with every BatchNorm folded into its convolution, for training steps.
+
+        Frozen stages keep BatchNorm in eval mode, so folding is exact (to float rounding), as in
+        :func:`fold_batchnorm`; at unfrozen depth 1 these stages are most of a step's forward compute.
+        Built on first use and rebuilt when any frozen weight changes (loaded, moved, cast): the key is
+        each tensor's storage and version counter. Kept out of the module tree, so state_dict, DDP and the
+        optimizer never see it."""
+        tensors = [t for m in self.frozen_modules() for t in (*m.parameters(), *m.buffers())]
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        cached = self.__dict__.get("_prefix_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, _FoldedPrefix(self, self.first_trainable))
+            object.__setattr__(self, "_prefix_cache", cached)  # not a submodule (see the docstring)
+        return cached[1]
+
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         k = self.first_trainable
         if k > 0:
             # The frozen prefix needs no autograd graph: this saves its activations' memory and time.
             with torch.no_grad():
-                for i in range(k):
-                    x = self._run_stage(i, x)
+                # Only where the frozen stages' BatchNorm is in eval mode (train() puts it there; a module
+                # that was never switched still normalises by batch statistics, which cannot be folded).
+                if self.training and not any(m.training for f in self.frozen_modules() for m in f.modules()):
+                    x = self._frozen_prefix()(x)
+                else:
+                    for i in range(k):
+                        x = self._run_stage(i, x)
             if self.dropout > 0:
                 # Dropout where frozen features enter the trainable part (the report: 0.5 before layer4).
                 x = F.dropout(x, self.dropout, self.training)
@@ -101,26 +122,55 @@ def fold_batchnorm(model: MultiLabelResNet) -> MultiLabelResNet:
     the activations. Measured 1.14x prediction img/s on the 2-core dev CPU (bf16, batch 16). The original
     is left alone: checkpoints keep plain torchvision keys.
     """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     was_training = model.training
     model.eval()
     folded = copy.deepcopy(model).eval()
     model.train(was_training)
-
-    def fold(owner, conv: str, bn: str):
-        setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
-        setattr(owner, bn, nn.Identity())
-
-    fold(folded, "conv1", "bn1")
+    folded.__dict__.pop("_prefix_cache", None)
+    _fold(folded, "conv1", "bn1")
     for stage in (folded.layer1, folded.layer2, folded.layer3, folded.layer4):
-        for block in stage:
-            for i in (1, 2, 3):
-                fold(block, f"conv{i}", f"bn{i}")
-            if block.downsample is not None:
-                block.downsample = nn.Sequential(fuse_conv_bn_eval(block.downsample[0], block.downsample[1]))
+        _fold_blocks(stage)
     # The folded weights are new tensors: back to channels_last, the layout mlc's inputs have.
     return folded.to(memory_format=torch.channels_last)
+
+
+def _fold(owner: nn.Module, conv: str, bn: str) -> None:
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
+    setattr(owner, bn, nn.Identity())
+
+
+def _fold_blocks(stage: nn.Sequential) -> None:
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    for block in stage:
+        for i in (1, 2, 3):
+            _fold(block, f"conv{i}", f"bn{i}")
+        if block.downsample is not None:
+            block.downsample = nn.Sequential(fuse_conv_bn_eval(block.downsample[0], block.downsample[1]))
+
+
+class _FoldedPrefix(nn.Module):
+    """Copies of a model's first ``k`` stages (stem, layer1, ...) with BatchNorm folded, weights frozen."""
+
+    def __init__(self, model: MultiLabelResNet, k: int):
+        super().__init__()
+        stem = nn.Module()
+        stem.conv1, stem.bn1 = copy.deepcopy(model.conv1).eval(), copy.deepcopy(model.bn1).eval()
+        _fold(stem, "conv1", "bn1")
+        self.stem = nn.Sequential(stem.conv1, nn.ReLU(inplace=True), copy.deepcopy(model.maxpool))
+        self.stages = nn.ModuleList()
+        for name in STAGES[1:k]:
+            stage = copy.deepcopy(getattr(model, name)).eval()
+            _fold_blocks(stage)
+            self.stages.append(stage)
+        self.requires_grad_(False).eval()
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
 
 
 def bare_state_dict(model: nn.Module) -> dict:

@@ -127,3 +127,58 @@ def test_folding_batchnorm_into_the_convolutions_keeps_the_function_and_the_chec
         want, got = model(x), folded(x)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert (want - model.fc(torch.zeros(1, 2048))).abs().max() > 1e-2  # the check is not vacuous
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_training_steps_run_the_frozen_stages_folded_with_the_same_result(depth):
+    """In training the frozen stages (BatchNorm in eval mode) run as a folded copy: the same loss and
+    gradients as the plain stages, rebuilt when a frozen weight changes, never in the state_dict."""
+    torch.manual_seed(0)
+    # freeze_bn: a trainable BatchNorm in training mode normalises a batch of 4 by its own statistics, which
+    # magnifies any rounding (a 1e-6 change of the input moved these gradients by 3%); the frozen stages are
+    # in eval mode either way.
+    model = M.build_model(N, unfrozen_depth=depth, dropout=0.0, weights="none", freeze_bn=True)
+    for m in model.modules():  # statistics far from the identity, so a wrong fold shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.3, 2.0)
+    keys = set(model.state_dict())
+    x = torch.randn(4, 3, 64, 64)
+    model.train()
+
+    def loss_and_grads(use_prefix: bool):
+        model.zero_grad()
+        if use_prefix:
+            out = model(x)
+        else:  # the plain stages, as eval-mode scoring runs them
+            with torch.no_grad():
+                h = x
+                for i in range(model.first_trainable):
+                    h = model._run_stage(i, h)
+            for i in range(model.first_trainable, len(M.STAGES)):
+                h = model._run_stage(i, h)
+            out = h
+        loss = out.square().mean()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = loss_and_grads(False)
+    folded_loss, folded = loss_and_grads(True)
+    prefix = model.__dict__["_prefix_cache"][1]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prefix.modules())
+    assert folded_loss == pytest.approx(plain_loss, rel=1e-4)
+    assert plain.keys() == folded.keys() and plain
+    for name in plain:  # float rounding only: within 0.1% of each gradient's largest entry
+        assert (folded[name] - plain[name]).abs().max() <= 1e-3 * plain[name].abs().max(), name
+    assert set(model.state_dict()) == keys and prefix not in list(model.modules())
+
+    model(x)
+    assert model.__dict__["_prefix_cache"][1] is prefix  # reused while the frozen weights stay
+    with torch.no_grad():
+        model.layer1[0].conv1.weight.mul_(2)  # a frozen weight changes (as a load_state_dict would)
+        new = model._frozen_prefix()(x)
+        h = x
+        for i in range(model.first_trainable):
+            h = model._run_stage(i, h)
+    assert model.__dict__["_prefix_cache"][1] is not prefix
+    torch.testing.assert_close(new, h, atol=1e-3, rtol=1e-4)
