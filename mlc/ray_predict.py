@@ -217,8 +217,14 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
     if tokenizer is not None:
         rows["tokens"] = pd.Series(encode_rows(tokenizer, captions, n, log), dtype=object)
     state_ref = ray.put(state)
-    log(f"predicting {n} images on {num_workers} Ray workers ({cpus:g} CPU, {gpus_per_worker:g} GPU "
-        f"each, batches of {batch_size}; {'decoding in CPU tasks ahead of them' if split else 'each decodes its rows'})")
+    # A batch (a block) goes to one actor: actors beyond the number of batches would each start a process and
+    # load the model (onto a GPU of their own) for nothing.
+    batches = -(-n // batch_size)
+    actors = min(num_workers, batches)
+    fewer = f" (of {num_workers} asked: {n} rows are {batches} batch{'es' if batches > 1 else ''})" if actors < num_workers else ""
+    log(f"predicting {n} images on {actors} Ray worker{'s' if actors > 1 else ''}{fewer} ({cpus:g} CPU, "
+        f"{gpus_per_worker:g} GPU each, batches of {batch_size}; "
+        f"{'decoding in CPU tasks ahead of them' if split else 'each decodes its rows'})")
     # A Dataset keeps a copy of the DataContext it was created under: set the progress bars before creating it.
     context = ray.data.DataContext.get_current()
     bars, context.enable_progress_bars = context.enable_progress_bars, progress
@@ -238,7 +244,7 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
                                 udf_modifying_row_count=False)
         scored = ds.map_batches(
             Scorer, fn_constructor_kwargs=model_kwargs,
-            compute=ray.data.ActorPoolStrategy(size=num_workers),
+            compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=batch_size, batch_format="numpy",
             num_cpus=cpus_per_worker,  # None: Ray Data's default, 1
             num_gpus=gpus_per_worker if gpus_per_worker > 0 else None,
@@ -270,7 +276,7 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
     skipped.sort(key=lambda s: s.index)
     for s in skipped:
         log(f"warning: cannot read {s.name} ({s.reason}); its row is written with no labels")
-    log(f"scored {n} images on {len(per_worker)} of {num_workers} Ray workers in {elapsed:.1f}s "
+    log(f"scored {n} images on {len(per_worker)} of {actors} Ray worker{'s' if actors > 1 else ''} in {elapsed:.1f}s "
         f"({n / elapsed:.1f} img/s, actor start-up included); per worker: "
         + ", ".join(f"{per_worker[w]} rows at {per_worker[w] / max(busy[w], 1e-9):.1f} img/s" for w in per_worker))
     return {"probs": probs, "ok": ok, "skipped": skipped, "seconds": elapsed,

@@ -117,6 +117,9 @@ def test_training_starts_on_a_cluster_with_no_worker_node_and_waits_visibly(scal
     log = "\n".join(scaled["train_log"])
     assert "waiting for 2 nodes of type cpu1" in log, log
     assert "planned from the autoscaling config" in log and "up to 2" in log
+    # The 8 test rows are one batch: one prediction actor, not a second one that would load the model for nothing.
+    assert "predicting 8 images on 1 Ray worker (of 2 asked: 8 rows are 1 batch)" in log, log
+    assert "scored 8 images on 1 of 1 Ray worker in" in log, log
     run = scaled["out"] / "train" / "r"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["complete"] is True and metrics["workers"] == 2
