@@ -47,12 +47,17 @@ def max_difference(a: dict, b: dict) -> float:
 
 # Gradients summed in another order (all-reduce) differ in the last bits, and Adam's normalisation
 # magnifies that for parameters whose gradients are near zero: two Ray runs of the same split agree to
-# 1e-4 (the fault test). Against one process with the same global batch the gap is larger since the engine
-# of fd75813 (global batches dealt to ranks, fused optimizers): measured 4.3e-4 after 6 steps, with the
-# epochs' training losses equal to 7e-7 (the same rows in the same steps), while a different batch (the
-# control: batch 4) moves the weights by 9.3e-3.
+# 1e-4 in every entry (the fault test). Against one process with the same global batch (2 ranks x 4 rows
+# against 8 rows in one: other kernels, other rounding) single entries differ by up to 1e-3 after 6 steps
+# (4.3e-4 before the frozen stages ran BatchNorm-folded, 1.0e-3 after), so that comparison is over all
+# weights at once (L2): measured 0.0074, while the control (batch 4, other steps) is 4.07 away.
 ATOL = 1e-4
-ATOL_VS_LOCAL = 1e-3
+L2_VS_LOCAL = 0.05
+
+
+def l2_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return sum(((a[k].float() - b[k].float()) ** 2).sum().item() for k in a if a[k].is_floating_point()) ** 0.5
 
 
 def assert_same_weights(a: dict, b: dict, atol: float = ATOL) -> None:
@@ -98,8 +103,10 @@ def uninterrupted(dataset, tmp_path_factory, ray_head):
 
 def test_two_workers_match_one_process_with_the_same_global_batch(uninterrupted):
     run, local = uninterrupted["run"], uninterrupted["local"]
-    assert_same_weights(weights_of(run / "epoch_0002"), weights_of(local / "checkpoint"), atol=ATOL_VS_LOCAL)
-    assert max_difference(weights_of(run / "epoch_0002"), weights_of(uninterrupted["control"] / "checkpoint")) > 5 * ATOL_VS_LOCAL
+    ray_weights = weights_of(run / "epoch_0002")
+    gap = l2_difference(ray_weights, weights_of(local / "checkpoint"))
+    control = l2_difference(ray_weights, weights_of(uninterrupted["control"] / "checkpoint"))
+    assert gap < L2_VS_LOCAL and control > 20 * L2_VS_LOCAL, (gap, control)
     # Validation is gathered across ranks: the same images, the same metrics as one process.
     ray_hist = load_training_state(str(run / "epoch_0002"))["history"]
     local_hist = load_training_state(str(local / "checkpoint"))["history"]
