@@ -83,16 +83,23 @@ class MultiLabelResNet(ResNet):
 
         Frozen stages keep BatchNorm in eval mode, so folding is exact (to float rounding), as in
         :func:`fold_batchnorm`; at unfrozen depth 1 these stages are most of a step's forward compute.
-        Built on first use and rebuilt when any frozen weight changes (loaded, moved, cast): the key is
-        each tensor's storage and version counter. Kept out of the module tree, so state_dict, DDP and the
-        optimizer never see it."""
-        tensors = [t for m in self.frozen_modules() for t in (*m.parameters(), *m.buffers())]
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
-        cached = self.__dict__.get("_prefix_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, _FoldedPrefix(self, self.first_trainable))
-            object.__setattr__(self, "_prefix_cache", cached)  # not a submodule (see the docstring)
-        return cached[1]
+        Built on first use and dropped whenever the weights are loaded or moved (``load_state_dict``,
+        ``.to()``), so it follows them. Not by a check of each tensor per step: DDP re-broadcasts every
+        buffer in place before each forward (the same values on every rank), which would rebuild it every
+        step. Kept out of the module tree, so state_dict, DDP and the optimizer never see it."""
+        prefix = self.__dict__.get("_prefix_cache")
+        if prefix is None:
+            prefix = _FoldedPrefix(self, self.first_trainable)
+            object.__setattr__(self, "_prefix_cache", prefix)  # not a submodule (see the docstring)
+        return prefix
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_prefix_cache", None)
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_prefix_cache", None)
+        return super()._apply(fn, *args, **kwargs)
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         k = self.first_trainable
@@ -101,7 +108,9 @@ class MultiLabelResNet(ResNet):
             with torch.no_grad():
                 # Only where the frozen stages' BatchNorm is in eval mode (train() puts it there; a module
                 # that was never switched still normalises by batch statistics, which cannot be folded).
-                if self.training and not any(m.training for f in self.frozen_modules() for m in f.modules()):
+                # torch.compile traces the plain stages (it does its own fusing).
+                if (self.training and not torch.compiler.is_compiling()
+                        and not any(m.training for f in self.frozen_modules() for m in f.modules())):
                     x = self._frozen_prefix()(x)
                 else:
                     for i in range(k):
