@@ -25,6 +25,7 @@ import torch
 
 from . import storage
 from .config import TrainConfig
+from .fusion import uses_captions
 from .labels import LabelVocab
 from .thresholds import ThresholdChoice
 from .tokenizer import Tokenizer
@@ -164,7 +165,7 @@ def tokenizer_of(meta: dict, url: str) -> Tokenizer | None:
     """The caption tokenizer saved with a model (None for an image-only one); refuses a caption network
     saved without one."""
     cfg = TrainConfig.from_dict(meta["config"])
-    if cfg.inputs in ("image", "auto"):
+    if not uses_captions(cfg.inputs):  # image, or auto in a model saved before --inputs (image-only then)
         return None
     if not meta.get("tokenizer"):
         raise CheckpointError(f"{url}: a --inputs {cfg.inputs} model saved without its {TOKENIZER}")

@@ -93,6 +93,12 @@ class MultiLabelResNet(ResNet):
             object.__setattr__(self, "_prefix_cache", prefix)  # not a submodule (see the docstring)
         return prefix
 
+    def __getstate__(self):
+        # Copies (fold_batchnorm's deepcopy each validation) and pickles leave the folded stages behind.
+        state = self.__dict__.copy()
+        state.pop("_prefix_cache", None)
+        return state
+
     def _load_from_state_dict(self, *args, **kwargs):
         self.__dict__.pop("_prefix_cache", None)
         return super()._load_from_state_dict(*args, **kwargs)
@@ -135,7 +141,6 @@ def fold_batchnorm(model: MultiLabelResNet) -> MultiLabelResNet:
     model.eval()
     folded = copy.deepcopy(model).eval()
     model.train(was_training)
-    folded.__dict__.pop("_prefix_cache", None)
     _fold(folded, "conv1", "bn1")
     for stage in (folded.layer1, folded.layer2, folded.layer3, folded.layer4):
         _fold_blocks(stage)
@@ -163,10 +168,10 @@ class _FoldedPrefix(nn.Module):
 
     def __init__(self, model: MultiLabelResNet, k: int):
         super().__init__()
-        stem = nn.Module()
-        stem.conv1, stem.bn1 = copy.deepcopy(model.conv1).eval(), copy.deepcopy(model.bn1).eval()
-        _fold(stem, "conv1", "bn1")
-        self.stem = nn.Sequential(stem.conv1, nn.ReLU(inplace=True), copy.deepcopy(model.maxpool))
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+        # (a new convolution; the frozen stem's modules are in eval mode, as _forward_impl checks)
+        self.stem = nn.Sequential(fuse_conv_bn_eval(model.conv1, model.bn1), nn.ReLU(inplace=True),
+                                  copy.deepcopy(model.maxpool))
         self.stages = nn.ModuleList()
         for name in STAGES[1:k]:
             stage = copy.deepcopy(getattr(model, name)).eval()

@@ -250,15 +250,15 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
     n_train = len(data.tr)
     drop_last = n_train >= cfg.batch_size
     steps_per_epoch = n_train // cfg.batch_size if drop_last else 1
+    total_steps = steps_per_epoch * cfg.epochs
     text_lr = None
     if uses_captions(cfg.inputs):
-        text_lr = cfg.lr * text_lr_scale(steps_per_epoch * cfg.epochs)
-        say(f"caption embedding learning rate {text_lr:.3g} ({text_lr / cfg.lr:.3g} x --lr over "
-            f"{steps_per_epoch * cfg.epochs} steps)")
+        text_lr = cfg.lr * text_lr_scale(total_steps)
+        say(f"caption embedding learning rate {text_lr:.3g} ({text_lr / cfg.lr:.3g} x --lr over {total_steps} steps)")
     optimizer = make_optimizer(trainable_parameter_groups(bare, cfg.weight_decay, text_lr=text_lr),
                                cfg.optimizer, cfg.lr, cfg.momentum, device=device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(steps_per_epoch * cfg.epochs, max(1, int(cfg.warmup_epochs * steps_per_epoch))))
+        optimizer, warmup_cosine(total_steps, max(1, int(cfg.warmup_epochs * steps_per_epoch))))
 
     history, best_f1, start_epoch = [], -math.inf, 1
     if state is not None:

@@ -171,6 +171,8 @@ def test_training_steps_run_the_frozen_stages_folded_with_the_same_result(depth)
     for name in plain:  # float rounding only: within 0.1% of each gradient's largest entry
         assert (folded[name] - plain[name]).abs().max() <= 1e-3 * plain[name].abs().max(), name
     assert set(model.state_dict()) == keys and prefix not in list(model.modules())
+    # Copies (the scoring copy each validation makes) do not carry it along.
+    assert "_prefix_cache" not in M.fold_batchnorm(model).__dict__ and model.__dict__["_prefix_cache"] is prefix
 
     model(x)
     assert model.__dict__["_prefix_cache"] is prefix  # reused while the weights stay
