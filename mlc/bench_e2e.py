@@ -181,9 +181,10 @@ class Bench:
         return counted.result()
 
     def scorer(self):
-        """The model as mlc's prediction paths run it: BatchNorm folded into the convolutions."""
+        """The model as mlc's prediction paths run it: BatchNorm folded into the convolutions, weights in the
+        prediction precision."""
         from .model import fold_batchnorm
-        return fold_batchnorm(self.new)
+        return fold_batchnorm(self.new, self.amp["predict"])
 
     # -- model only
     def model_train(self):

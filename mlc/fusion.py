@@ -144,17 +144,18 @@ def _load_whole(model: nn.Module, state: dict) -> None:
                            f"shape {wrong[:3]}, missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
 
 
-def for_scoring(model: nn.Module) -> nn.Module:
-    """A copy to score with: BatchNorm folded into the convolutions of any image branch (see
-    :func:`mlc.model.fold_batchnorm`); the caption model has nothing to fold."""
+def for_scoring(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy to score with under autocast to ``dtype``: BatchNorm folded into the convolutions of any image
+    branch, which runs in ``dtype`` (see :func:`mlc.model.fold_batchnorm`); the caption model has nothing
+    to fold, and stays fp32 (autocast keeps its embedding bag in fp32)."""
     if isinstance(model, MultiLabelResNet):
-        return fold_batchnorm(model)
+        return fold_batchnorm(model, dtype)
     was = model.training
     model.eval()
     out = copy.deepcopy(model).eval()
     model.train(was)
     if isinstance(out, ImageCaptionModel):
-        out.image = fold_batchnorm(out.image)
+        out.image = fold_batchnorm(out.image, dtype)
     return out
 
 

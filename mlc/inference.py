@@ -47,7 +47,7 @@ def score_here(state: dict, num_classes: int, cfg, ids, images_root: str, *, bat
                                image_size=cfg.image_size, log=log)
     model = for_scoring(build(cfg.inputs, num_classes, num_tokens=tokenizer.size if tokenizer else 0,
                               unfrozen_depth=cfg.unfrozen_depth, dropout=cfg.dropout, weights=state,
-                              freeze_bn=cfg.freeze_bn))
+                              freeze_bn=cfg.freeze_bn), amp_dtype)
     model.to(device, memory_format=torch.channels_last)  # as its inputs are: no layout change per call
     cpus = available_cpus()
     workers = resolve_loader_workers(loader_workers, cpus, device)

@@ -129,13 +129,18 @@ class MultiLabelResNet(ResNet):
         return x
 
 
-def fold_batchnorm(model: MultiLabelResNet) -> MultiLabelResNet:
+def fold_batchnorm(model: MultiLabelResNet, dtype: torch.dtype | None = None) -> MultiLabelResNet:
     """A copy for scoring with every BatchNorm folded into the convolution before it (eval mode only).
 
     An eval-mode BatchNorm is a per-channel scale and shift, which the preceding convolution's weights and
     bias can absorb: the network computes the same function (to float rounding) with 53 fewer passes over
     the activations. Measured 1.14x prediction img/s on the 2-core dev CPU (bf16, batch 16). The original
     is left alone: checkpoints keep plain torchvision keys.
+
+    ``dtype``: the autocast precision the copy will run under (bf16, fp16). Its weights are cast to it once
+    here: autocast would cast fp32 weights again on every forward pass (no cache outside autograd), and it
+    runs every convolution and the head in that precision anyway, so the scores are the same bits
+    (1.03x prediction img/s, bf16 on the dev CPU).
     """
     was_training = model.training
     model.eval()
@@ -145,7 +150,7 @@ def fold_batchnorm(model: MultiLabelResNet) -> MultiLabelResNet:
     for stage in (folded.layer1, folded.layer2, folded.layer3, folded.layer4):
         _fold_blocks(stage)
     # The folded weights are new tensors: back to channels_last, the layout mlc's inputs have.
-    return folded.to(memory_format=torch.channels_last)
+    return folded.to(dtype=dtype, memory_format=torch.channels_last)
 
 
 def _fold(owner: nn.Module, conv: str, bn: str) -> None:

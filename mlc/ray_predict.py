@@ -123,14 +123,14 @@ class Scorer:
         if torch_threads >= 1:
             torch.set_num_threads(torch_threads)
         state = ray.get(state_ref)
-        self.model = for_scoring(build(inputs, num_classes, num_tokens=num_tokens, unfrozen_depth=unfrozen_depth,
-                                       dropout=dropout, weights=state, log=lambda *_: None))
         self.images = uses_images(inputs)
         self.device = actor_device()
         prepare_device(self.device)
-        self.model.to(self.device, memory_format=torch.channels_last).eval()
         self.amp_dtype = pick_amp_dtype(amp, self.device, kind="predict", unfrozen_depth=unfrozen_depth,
                                         image_size=image_size)
+        self.model = for_scoring(build(inputs, num_classes, num_tokens=num_tokens, unfrozen_depth=unfrozen_depth,
+                                       dropout=dropout, weights=state, log=lambda *_: None), self.amp_dtype)
+        self.model.to(self.device, memory_format=torch.channels_last).eval()
         self.decode = dict(images_root=images_root, image_size=image_size, max_pixels=max_pixels) if decode else None
         self.num_classes = num_classes
         self.worker = f"{socket.gethostname()}:{os.getpid()}"

@@ -316,7 +316,7 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         next_loader = train_loader(epoch + 1) if epoch < cfg.epochs else None
         # The bare module scores: ranks hold different numbers of validation batches, and DDP's forward
         # would wait for the others.
-        scored = predict_scores(for_scoring(bare), val_loader, device, amp_dtype=amp_dtype,
+        scored = predict_scores(for_scoring(bare, amp_dtype), val_loader, device, amp_dtype=amp_dtype,
                                 progress=progress and rank0, desc=f"epoch {epoch}/{cfg.epochs} validate")
         probs, ok, stats, skipped, val_loss = _gather_epoch(group, scored, stats, budget)
         budget.add(skipped)

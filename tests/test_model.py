@@ -129,6 +129,29 @@ def test_folding_batchnorm_into_the_convolutions_keeps_the_function_and_the_chec
     assert (want - model.fc(torch.zeros(1, 2048))).abs().max() > 1e-2  # the check is not vacuous
 
 
+def test_the_scoring_copy_in_bf16_gives_autocast_s_scores_bit_for_bit():
+    """Weights cast once to the autocast precision score exactly as fp32 weights cast by autocast on every
+    call; the caption branch of a fused model stays fp32."""
+    from mlc.fusion import build, for_scoring
+    from mlc.model import fold_batchnorm
+    torch.manual_seed(0)
+    model = M.build_model(5, unfrozen_depth=1, dropout=0.0, weights="none")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.3, 2.0)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    fp32, low = fold_batchnorm(model), fold_batchnorm(model, torch.bfloat16)
+    assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the original is untouched
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = fp32(x).float(), low(x).float()
+    assert torch.equal(got, want) and want.abs().max() > 1e-2
+    fused = for_scoring(build("image+caption", 5, num_tokens=7, unfrozen_depth=1, weights="none"), torch.bfloat16)
+    assert {p.dtype for p in fused.image.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fused.text.parameters()} | {p.dtype for p in fused.head.parameters()} == {torch.float32}
+
+
 @pytest.mark.parametrize("depth", [1, 3])
 def test_training_steps_run_the_frozen_stages_folded_with_the_same_result(depth):
     """In training the frozen stages (BatchNorm in eval mode) run as a folded copy: the same loss and
