@@ -286,7 +286,8 @@ def test_loader_workers_are_sized_where_the_process_runs():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert engine.resolve_loader_workers(None, 8, gpu) == 7   # one CPU feeds the GPU, the rest decode
     assert engine.resolve_loader_workers(None, 1, gpu) == 1
-    assert engine.resolve_loader_workers(None, 2, cpu) == 1   # the model needs the cores on a CPU
+    assert engine.resolve_loader_workers(None, 2, cpu) == 0   # on 2 cores the model needs both of them
+    assert engine.resolve_loader_workers(None, 8, cpu) == 1
     assert engine.resolve_loader_workers(None, 1, cpu) == 0
     assert engine.resolve_loader_workers(3, 64, gpu) == 3     # an explicit setting wins
 
