@@ -34,6 +34,11 @@ def own_ports() -> list[str]:
             f"--runtime-env-agent-port={free_port()}"]
 
 
+# Ray Train's controller polls its workers every 2 s; each run waits out a poll or two to see its workers
+# start, finish or fail. Polling every 0.5 s shortens every run of the suite without changing what happens.
+FAST_TRAIN_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
 def node_ip() -> str:
     """The address Ray gives this node (it resolves 127.0.0.1 to it)."""
     from ray._private.services import get_node_ip_address
@@ -53,7 +58,7 @@ class RayHead:
         # RAY_ADDRESS pins the cluster's own processes to this cluster: Ray Train's placement-group cleaner
         # looks its controller up through the state API, which otherwise picks the newest Ray instance on
         # the machine, finds no controller there, and removes the live run's placement group.
-        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_ADDRESS=f"{node_ip()}:{self.port}")
+        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_ADDRESS=f"{node_ip()}:{self.port}", **FAST_TRAIN_POLL)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
         self.address = None
@@ -213,7 +218,7 @@ class AutoscalingHead(RayHead):
                "--disable-usage-stats", "--include-dashboard=true", *own_ports()]
         self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_ADDRESS=f"{ip}:{self.port}",
                         AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1",
-                        MLC_AUTOSCALER_CONFIG=self.config_path)
+                        MLC_AUTOSCALER_CONFIG=self.config_path, **FAST_TRAIN_POLL)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
         self.address = None

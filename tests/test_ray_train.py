@@ -308,7 +308,7 @@ def lose_a_node_mid_run(cfg: dict) -> dict:
     from ray.cluster_utils import Cluster
     from mlc.config import TrainConfig
     from mlc.ray_train import fit_distributed
-    from ray_head import free_port, node_ip
+    from ray_head import FAST_TRAIN_POLL, free_port, node_ip
 
     port = free_port()
     # The cluster's processes inherit RAY_ADDRESS: see ray_head.RayHead (another cluster runs beside this one).
@@ -319,6 +319,7 @@ def lose_a_node_mid_run(cfg: dict) -> dict:
     # its 60 s worker-group start timeout before it shrinks. Faster health checks (and a shorter start
     # timeout as a backstop) keep the same sequence of events in a few seconds.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
+    os.environ.update(FAST_TRAIN_POLL)
     fast_death = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500,
                   "health_check_timeout_ms": 1000, "health_check_failure_threshold": 2}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
