@@ -63,7 +63,7 @@ def test_bad_flags_fail_before_ray_starts():
 
 def test_readme_main_command_beats_the_baseline_on_demo_data(tmp_path):
     """The README's first command, on the embedded demo data: it must print a validation F1 at least
-    0.2 above the most-frequent-label-set baseline. About 2-3 minutes on 2 CPU cores."""
+    0.2 above the most-frequent-label-set baseline. About a minute on 2 CPU cores."""
     env = {"MLC_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     r = run("jobs/train.py", "--local", "--output", str(tmp_path / "demo"), "--quiet", timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
