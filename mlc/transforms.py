@@ -55,9 +55,37 @@ def train_transform(size: int) -> ImageTransform:
                            T.RandomHorizontalFlip()], size, draft, random=True)
 
 
+class ResizeCenterCrop:
+    """``Resize(resize)`` then ``CenterCrop(size)`` on a PIL image, as torchvision computes them, in one resize
+    of the crop's box.
+
+    PIL's resize with a ``box`` samples the source at the same points as the resize of the whole image (the
+    box only offsets them, and the filter still reads the pixels around the box), so the result is the same
+    to within one level of rounding, but only the kept size x size pixels are computed: at 224 px, a 224 x 224
+    output instead of 341 x 256 for a 4:3 image. Measured on the 2-core dev CPU, 300 real COMP5329 JPEGs,
+    3 alternating passes: decode and eval transform 0.66-0.70 ms per image against 0.98-1.18 ms for the
+    two steps (1.5x); 3.8% of the values differ, by one level.
+    """
+
+    def __init__(self, resize: int, size: int):
+        self.resize, self.size = resize, size
+
+    def __call__(self, img):
+        from PIL import Image
+        w, h = img.size
+        # torchvision's Resize(int): the shorter side becomes ``resize``, the longer is truncated to an int.
+        nw, nh = (self.resize, int(self.resize * h / w)) if w <= h else (int(self.resize * w / h), self.resize)
+        if min(nw, nh) < self.size:  # CenterCrop would pad: leave that to torchvision
+            return T.CenterCrop(self.size)(T.Resize(self.resize, antialias=True)(img))
+        top, left = int(round((nh - self.size) / 2.0)), int(round((nw - self.size) / 2.0))  # as CenterCrop rounds
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+        return img.resize((self.size, self.size), Image.BILINEAR, box=box)
+
+
 def eval_transform(size: int) -> ImageTransform:
     resize = int(round(size / EVAL_CROP_RATIO))
-    return ImageTransform([T.Resize(resize, antialias=True), T.CenterCrop(size)], size, resize, random=False)
+    return ImageTransform([ResizeCenterCrop(resize, size)], size, resize, random=False)
 
 
 _STATS: dict = {}

@@ -31,15 +31,18 @@ def _photo(w=640, h=480, seed=0) -> Image.Image:
 
 def test_uint8_loader_output_equals_the_float_path_after_normalisation():
     img = _photo()
-    float_path = T.Compose([T.Resize(37, antialias=True), T.CenterCrop(32), T.ToTensor(),
-                            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     u8 = eval_transform(32)(img)
     assert u8.dtype == torch.uint8 and u8.shape == (3, 32, 32)
+    cropped = T.Compose([T.Resize(37, antialias=True), T.CenterCrop(32)])(img)
+    # (the eval transform resizes only the crop's box: torchvision's two steps to within a level of rounding)
+    assert (u8.int() - T.functional.pil_to_tensor(cropped).int()).abs().max() <= 1
+    float_path = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    want = float_path(T.functional.to_pil_image(u8))
     got = to_model_input(u8[None], torch.device("cpu"))
     assert got.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(got[0], float_path(img), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-5)
     # bf16 tolerance: what the model sees under autocast
-    torch.testing.assert_close(got[0].bfloat16().float(), float_path(img), atol=3e-2, rtol=1e-2)
+    torch.testing.assert_close(got[0].bfloat16().float(), want, atol=3e-2, rtol=1e-2)
 
     torch.manual_seed(3)
     a = train_transform(32)(img)
@@ -47,6 +50,21 @@ def test_uint8_loader_output_equals_the_float_path_after_normalisation():
     b = T.Compose([T.RandomResizedCrop(32, scale=(0.35, 1.0), antialias=True), T.RandomHorizontalFlip(),
                    T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
     torch.testing.assert_close(to_model_input(a[None], torch.device("cpu"))[0], b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("w,h", [(640, 480), (480, 640), (300, 300), (1000, 333), (200, 150), (257, 3000)])
+def test_the_eval_resize_of_the_crop_box_matches_resize_then_centre_crop(w, h):
+    from mlc.transforms import ResizeCenterCrop
+    img = _photo(w, h, seed=w + h)
+    for im in (img, img.convert("L")):
+        want = T.functional.pil_to_tensor(T.Compose([T.Resize(256, antialias=True), T.CenterCrop(224)])(im)).int()
+        got = T.functional.pil_to_tensor(ResizeCenterCrop(256, 224)(im)).int()
+        assert got.shape == want.shape and (got - want).abs().max() <= 1, (w, h, im.mode)
+        assert (got != want).float().mean() < 0.1  # rounding, not a shifted crop
+    # A resize smaller than the crop (CenterCrop pads): torchvision's own steps.
+    small = ResizeCenterCrop(20, 32)(img)
+    assert torch.equal(T.functional.pil_to_tensor(small),
+                       T.functional.pil_to_tensor(T.CenterCrop(32)(T.Resize(20, antialias=True)(img))))
 
 
 def test_large_jpegs_decode_at_the_size_needed_and_odd_files_still_decode():
