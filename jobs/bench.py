@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -202,7 +203,7 @@ def main_ray_predict(args: argparse.Namespace) -> dict:
 def main_e2e(args: argparse.Namespace) -> dict:
     import torch
 
-    from mlc.bench_e2e import run
+    from mlc.bench_e2e import paired_ratios, run
     folder = _image_folder(args)
     paths = sorted((str(p) for p in folder.iterdir() if p.is_file()), key=lambda s: (len(s), s))[: args.e2e_images]
     print(f"end to end: {len(paths)} images from {folder}, batch {args.batch_size}, {args.image_size} px, depth 1; "
@@ -218,6 +219,12 @@ def main_e2e(args: argparse.Namespace) -> dict:
     for kind in ("train", "predict"):
         print(f"| {kind} peak memory GB | " + " | ".join(f"{rows[(n, kind)]['peak_gb']:.2f}"
                                                      for n in ("2020", "mlc", "model only")) + " | | |")
+    print("\nthe same ratios pass by pass (each pair ran back to back), and their median:")
+    for kind in ("train", "predict"):
+        for over, fmt in (("2020", "{:.2f}x"), ("model only", "{:.0%}")):
+            r = paired_ratios(out["passes"], kind, over)
+            print(f"  {kind:<8} mlc / {over:<11} " + " ".join(fmt.format(x) for x in r)
+                  + f"  (median {fmt.format(statistics.median(r))})")
     if args.json:
         print(json.dumps({f"{n} {k}": v for (n, k), v in rows.items()}))
     return out

@@ -248,6 +248,7 @@ def run(paths, *, repeats: int = 2, batch_size: int = 16, image_size: int = 224,
             ("model only", "train", bench.model_train), ("2020", "predict", bench.old_predict),
             ("mlc", "predict", bench.new_predict), ("model only", "predict", bench.model_predict)]
     best: dict = {}
+    passes: dict = {}  # (name, kind) -> img/s of each pass, in order: pass k of each pipeline ran side by side
     for rep in range(repeats):
         for name, kind, fn in plan:
             with _PeakRSS() as mem:
@@ -256,6 +257,14 @@ def run(paths, *, repeats: int = 2, batch_size: int = 16, image_size: int = 224,
             log(f"  [{rep + 1}/{repeats}] {kind:<8} {name:<11} {r['img_s']:7.1f} img/s ({n} images in {seconds:.1f} s, "
                 f"peak {r['peak_gb']:.2f} GB)")
             key = (name, kind)
+            passes.setdefault(key, []).append(r["img_s"])
             if key not in best or r["img_s"] > best[key]["img_s"]:
                 best[key] = {**r, "peak_gb": max(r["peak_gb"], best.get(key, {}).get("peak_gb", 0))}
-    return {"rows": best, "amp": {k: str(v) for k, v in bench.amp.items()}, "loader_workers": bench.workers}
+    return {"rows": best, "passes": passes, "amp": {k: str(v) for k, v in bench.amp.items()},
+            "loader_workers": bench.workers}
+
+
+def paired_ratios(passes: dict, kind: str, over: str) -> list[float]:
+    """mlc's img/s over ``over``'s ("2020" or "model only") pass by pass: each pair ran back to back, so a slow
+    spell of a shared machine hits both sides of a ratio, which the best of each column does not promise."""
+    return [a / b for a, b in zip(passes[("mlc", kind)], passes[(over, kind)])]
