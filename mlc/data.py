@@ -306,8 +306,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
     """This rank's loader; order and augmentation depend only on (seed, epoch), so a resumed epoch repeats.
 
     ``batch_size`` is global when ``shuffle`` (training: the rows of one optimizer step over all ranks)
-    and per rank otherwise (scoring). ``persistent`` keeps the worker processes between passes
-    (:class:`EpochLoader` re-plans them each epoch).
+    and per rank otherwise (scoring). ``persistent`` keeps the worker processes between passes.
     """
     if shuffle and hasattr(dataset, "set_epoch"):
         dataset.set_epoch(seed, epoch)

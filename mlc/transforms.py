@@ -79,7 +79,8 @@ class ResizeCenterCrop:
             return T.CenterCrop(self.size)(T.Resize(self.resize, antialias=True)(img))
         top, left = int(round((nh - self.size) / 2.0)), int(round((nw - self.size) / 2.0))  # as CenterCrop rounds
         sx, sy = w / nw, h / nh
-        box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+        # (min: a float rounding step past the edge would make PIL refuse the box)
+        box = (left * sx, top * sy, min(w, (left + self.size) * sx), min(h, (top + self.size) * sy))
         return img.resize((self.size, self.size), Image.BILINEAR, box=box)
 
 

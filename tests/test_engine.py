@@ -61,6 +61,9 @@ def test_the_eval_resize_of_the_crop_box_matches_resize_then_centre_crop(w, h):
         got = T.functional.pil_to_tensor(ResizeCenterCrop(256, 224)(im)).int()
         assert got.shape == want.shape and (got - want).abs().max() <= 1, (w, h, im.mode)
         assert (got != want).float().mean() < 0.1  # rounding, not a shifted crop
+    # A resize to the crop's own size: the box ends exactly at the image's edge.
+    for size in (1, 2, 3, 7, 224):
+        assert ResizeCenterCrop(size, size)(img).size == (size, size)
     # A resize smaller than the crop (CenterCrop pads): torchvision's own steps.
     small = ResizeCenterCrop(20, 32)(img)
     assert torch.equal(T.functional.pil_to_tensor(small),
