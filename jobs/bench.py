@@ -79,12 +79,12 @@ def main_io(args: argparse.Namespace) -> list:
     os.environ.update(GCS_ENV)  # before gcsfs is imported
     import torch
 
-    from mlc import storage
-    from mlc.bench import measure_io
+    from mlc.io import storage
+    from mlc.bench.model import measure_io
 
     folder = Path(args.images) if args.images else repo.parent / "shared" / "data" / "comp5329" / "images"
     if not folder.is_dir():
-        from mlc.demo import make_demo_dataset
+        from mlc.data.demo import make_demo_dataset
         folder = Path(make_demo_dataset()) / "data"
     names = sorted(p.name for p in folder.iterdir() if p.is_file())[: args.io_images]
     if not names:
@@ -139,8 +139,8 @@ def main_io(args: argparse.Namespace) -> list:
 def main(args: argparse.Namespace) -> list:
     import torch
 
-    from mlc.bench import measure
-    from mlc.device import pick_device
+    from mlc.bench.model import measure
+    from mlc.model.device import pick_device
     device = pick_device()
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; image size {args.image_size}, batch {args.batch_size}, {args.steps} timed steps")
@@ -165,7 +165,7 @@ def _image_folder(args) -> Path:
     repo = Path(__file__).resolve().parents[1]
     folder = Path(args.images) if args.images else repo.parent / "shared" / "data" / "comp5329" / "images"
     if not folder.is_dir():
-        from mlc.demo import make_demo_dataset
+        from mlc.data.demo import make_demo_dataset
         folder = Path(make_demo_dataset()) / "data"
     return folder
 
@@ -174,8 +174,8 @@ def main_ray_predict(args: argparse.Namespace) -> dict:
     import ray
 
     from mlc.config import TrainConfig
-    from mlc.model import bare_state_dict, build_model
-    from mlc.ray_predict import score_distributed
+    from mlc.model.resnet import bare_state_dict, build_model
+    from mlc.distributed.predict import score_distributed
     folder = _image_folder(args)
     ids = sorted((p.name for p in folder.iterdir() if p.is_file()), key=lambda s: (len(s), s))[: args.ray_images]
     cfg = TrainConfig(image_size=args.image_size, unfrozen_depth=1, dropout=0.0, amp="auto")
@@ -203,7 +203,7 @@ def main_ray_predict(args: argparse.Namespace) -> dict:
 def main_e2e(args: argparse.Namespace) -> dict:
     import torch
 
-    from mlc.bench_e2e import paired_ratios, run
+    from mlc.bench.e2e import paired_ratios, run
     folder = _image_folder(args)
     paths = sorted((str(p) for p in folder.iterdir() if p.is_file()), key=lambda s: (len(s), s))[: args.e2e_images]
     print(f"end to end: {len(paths)} images from {folder}, batch {args.batch_size}, {args.image_size} px, depth 1; "
@@ -233,7 +233,7 @@ def main_e2e(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     _args = get_args_parser().parse_args()
     if _args.gpu:
-        from mlc.bench_gpu import main as gpu_main
+        from mlc.bench.gpu import main as gpu_main
         gpu_main(_args, _image_folder(_args))
     elif _args.e2e:
         main_e2e(_args)

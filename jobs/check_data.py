@@ -10,9 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mlc.check import check_dataset, format_report  # noqa: E402
+from mlc.data.check import check_dataset, format_report  # noqa: E402
 from mlc.cli import add_log_args, run_job  # noqa: E402
-from mlc.data import DataPaths  # noqa: E402
+from mlc.data.datasets import DataPaths  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     data = args.data
     if data is None:
-        from mlc.demo import make_demo_dataset
+        from mlc.data.demo import make_demo_dataset
         data = make_demo_dataset()
     report = check_dataset(DataPaths.resolve(data, args.images, args.train_csv, args.test_csv),
                            progress=not args.quiet)

@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mlc.cli import add_log_args, run_job  # noqa: E402
-from mlc.scoring import SubmissionError, format_report, json_summary, score_submission  # noqa: E402
+from mlc.eval.scoring import SubmissionError, format_report, json_summary, score_submission  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

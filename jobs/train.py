@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> dict:
     if given_or_file(args, "local", False):
         import mlc
         return mlc.fit(cfg, fresh=args.fresh, progress=not args.quiet, log=say)
-    from mlc.ray_train import fit_distributed
+    from mlc.distributed.train import fit_distributed
     return fit_distributed(cfg, scale_from_args(args), fresh=args.fresh, progress=not args.quiet, log=say)
 
 

@@ -53,7 +53,7 @@ def configs(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> dict:
     from mlc.logs import say
-    from mlc.tune import run_sweep
+    from mlc.distributed.tune import run_sweep
     base, sweep = configs(args)
     return run_sweep(base, sweep, fresh=args.fresh, progress=not args.quiet, predict_workers=args.predict_workers,
                      log=say)

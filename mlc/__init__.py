@@ -12,15 +12,15 @@ The Python API; ``jobs/train.py --local`` and ``jobs/predict.py`` call the same 
 when first used. Every module can also be imported on its own.
 """
 
-from .config import TrainConfig
-from .labels import LabelVocab
-from .table import TableError, read_ids, read_table
+from mlc.config import TrainConfig
+from mlc.data.labels import LabelVocab
+from mlc.data.table import TableError, read_ids, read_table
 
 # name -> (module, attribute): resolved on first use by __getattr__ below.
 _LAZY = {
-    "fit": ("mlc.trainer", "fit"),
-    "predict": ("mlc.inference", "predict_from_checkpoint"),
-    "load_model": ("mlc.inference", "load_model"),
+    "fit": ("mlc.train.local", "fit"),
+    "predict": ("mlc.distributed.predict", "predict"),  # in this process, or on Ray Data with num_workers >= 1
+    "load_model": ("mlc.train.inference", "load_model"),
 }
 
 __all__ = ["fit", "predict", "load_model", "read_table", "read_ids", "TrainConfig", "TableError", "LabelVocab"]

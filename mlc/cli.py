@@ -8,8 +8,8 @@ import argparse
 import dataclasses
 import sys
 
-from .config import DEMO_DEFAULTS, ScaleConfig, SweepConfig, TrainConfig
-from .errors import UsageError
+from mlc.config import DEMO_DEFAULTS, ScaleConfig, SweepConfig, TrainConfig
+from mlc.errors import UsageError
 
 D = TrainConfig()
 
@@ -107,7 +107,7 @@ def config_file(args: argparse.Namespace) -> dict:
     url = getattr(args, "config", None)
     if not url:
         return {}
-    from .replay import load_config
+    from mlc.train.replay import load_config
     return load_config(url)
 
 
@@ -141,7 +141,7 @@ def run_job(main, parser: argparse.ArgumentParser, argv=None) -> None:
     kind's code, its traceback only with --verbose; anything else is a bug and keeps Python's traceback."""
     import traceback
 
-    from . import errors, logs
+    from mlc import errors, logs
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", False)
     logs.setup(logs.VERBOSE if verbose else logs.QUIET if getattr(args, "quiet", False) else logs.NORMAL)

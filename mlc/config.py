@@ -10,10 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from . import cluster
-
-
-# What a network can read (mlc.fusion builds each).
+# What a network can read (mlc.model.fusion builds each).
 INPUTS = ("image", "caption", "image+caption")
 
 
@@ -27,6 +24,22 @@ _GPUS_HELP = ("GPUs per worker: 0 (CPU workers on gloo) or a whole number (NCCL)
               "types have GPUs, else 0")
 _CPUS_HELP = ("CPUs Ray reserves per worker, from which its DataLoader processes are sized; default: 8 per GPU capped "
               "by the GPU node type's CPUs per GPU, 1 for CPU workers")
+# How long a run waits for the autoscaler to add the nodes it needs before it gives up (Spot GPU VMs can
+# take several minutes to be granted and to boot the image).
+DEFAULT_WAIT_S = 1200.0
+
+
+def check_training_gpus(gpus: float | None, flag: str = "--gpus-per-worker") -> None:
+    """Training workers take no GPU, or whole GPUs: two DDP ranks on one GPU make NCCL fail at init
+    ("Duplicate GPU detected")."""
+    if gpus is None:
+        return
+    if gpus < 0 or (gpus > 0 and (gpus < 1 or gpus != int(gpus))):
+        raise ValueError(f"{flag} must be 0 or a whole number >= 1 for training, got {gpus:g}: two training "
+                         "ranks sharing one GPU make NCCL fail at start (duplicate GPU); prediction "
+                         "(jobs/predict.py) accepts fractions")
+
+
 _WAIT_FOR_AUTOSCALER_HELP = ("wait for nodes even when no autoscaler config is readable here (an autoscaler this "
                              "process cannot see, e.g. KubeRay's, will add them); with one readable, waiting is "
                              "automatic")
@@ -36,7 +49,7 @@ def _worker_problems(gpus: float | None, cpus: float | None, wait_timeout: float
     """What is wrong with a Ray worker's resources and the wait for them (training runs and sweeps alike)."""
     problems = []
     try:
-        cluster.check_training_gpus(gpus)
+        check_training_gpus(gpus)
     except ValueError as e:
         problems.append(str(e))
     if cpus is not None and cpus <= 0:
@@ -111,12 +124,12 @@ class TrainConfig:
     val_fraction: float = _f(0.1, "fraction of train.csv held out for validation (a seeded split by ImageID)")
     seed: int = _f(0, "seed of the split, the initialisation, the data order and the augmentations")
     # None: resolved where the training process runs, from the CPUs it may use (Ray's reservation or the
-    # process's CPU affinity), never on the machine that parsed the flags (mlc.engine.resolve_loader_workers).
+    # process's CPU affinity), never on the machine that parsed the flags (mlc.train.engine.resolve_loader_workers).
     loader_workers: int | None = _f(None,
         "DataLoader worker processes per training process; default: chosen where the process runs, from the CPUs it may"
         " use (Ray's reservation per worker, or this process's CPU affinity)")
     # Decode JPEGs on the GPU (nvJPEG) instead of in the loader workers, for nodes whose CPUs cannot keep up
-    # with the GPU (mlc.gpu_decode). Off until measured on a GPU: `jobs/bench.py --gpu` compares the two.
+    # with the GPU (mlc.data.gpu_decode). Off until measured on a GPU: `jobs/bench.py --gpu` compares the two.
     gpu_decode: bool = _f(False,
         "decode JPEGs on the GPU (nvJPEG) instead of in the loader workers, for nodes whose CPUs cannot keep up; "
         "other formats still decode on the CPU")
@@ -181,7 +194,7 @@ class TrainConfig:
 DEMO_DEFAULTS = {
     "output": "runs/demo",
     # The demo shows the image pipeline. Its captions are generated from the labels ("a red disc and a blue
-    # square"), so a caption model scores 1.0 on them and would show nothing (mlc.demo.with_demo_data).
+    # square"), so a caption model scores 1.0 on them and would show nothing (mlc.data.demo.with_demo_data).
     "inputs": "image",
     "weights": "none",
     "unfrozen_depth": 4,
@@ -216,7 +229,7 @@ class ScaleConfig:
     keep_checkpoints: int = _f(2,
         "checkpoints kept by validation F1 in the run folder (Ray Train also always keeps the latest)")
     wait_for_autoscaler: bool = _f(False, _WAIT_FOR_AUTOSCALER_HELP)
-    wait_timeout: float = _f(cluster.DEFAULT_WAIT_S,
+    wait_timeout: float = _f(DEFAULT_WAIT_S,
         "seconds to wait for the autoscaler to add the first workers' nodes before giving up")
     resize_check_s: float = _f(60.0, "elastic groups: seconds between Ray Train's checks for room to grow")
 
@@ -257,7 +270,7 @@ class ScaleConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """A Ray Tune sweep (mlc.tune) over learning rate and unfrozen depth, with ASHA early stopping."""
+    """A Ray Tune sweep (mlc.distributed.tune) over learning rate and unfrozen depth, with ASHA early stopping."""
 
     name: str = _f("sweep",
         "stable sweep name: everything goes under --output/NAME/, and a rerun with the same name resumes")
@@ -284,7 +297,7 @@ class SweepConfig:
                            "included), as jobs/train.py's --max-failures; -1: no limit")
     search_seed: int = _f(0, "seed of the random search")
     wait_for_autoscaler: bool = _f(False, _WAIT_FOR_AUTOSCALER_HELP)
-    wait_timeout: float = _f(cluster.DEFAULT_WAIT_S,
+    wait_timeout: float = _f(DEFAULT_WAIT_S,
         "seconds to wait for the autoscaler to add the first trial's nodes before giving up")
 
     def __post_init__(self):

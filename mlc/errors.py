@@ -5,8 +5,8 @@ fetched, too many unreadable images, ...) ends a job with ``error: <message>`` o
 of its kind, without a traceback (``--verbose`` adds it). Anything not listed here is a bug: Python's
 traceback and exit code 1, as before.
 
-The exception classes live beside the code that raises them (``mlc.table.TableError``,
-``mlc.ray_train.NodeLocalStorageError``, ...); this table names them by module and class name, so reading
+The exception classes live beside the code that raises them (``mlc.data.table.TableError``,
+``mlc.distributed.train.NodeLocalStorageError``, ...); this table names them by module and class name, so reading
 it imports nothing (no torch, no Ray) and a class is matched through its whole MRO (``ObjectNotFound`` is a
 ``StorageError``, and the more specific entry wins because it comes first in the MRO). Failures raised in a
 Ray worker reach the driver wrapped (``WorkerGroupError.worker_failures``, ``RayTaskError.cause``); the
@@ -15,7 +15,7 @@ wrappers are unwrapped so a worker's ``TooManyBadImages`` exits as it would in l
 
 from __future__ import annotations
 
-# Exit codes; documented in docs/jobs.md ("Exit codes"), checked by tests/test_errors.py.
+# Exit codes; documented in docs/flags.md ("Exit codes"), checked by tests/test_errors.py.
 USAGE = 2          # a bad flag or setting (argparse's own code for bad usage)
 DATA = 3           # input data: a missing or malformed table, no images folder, none of the listed images found
 OUTPUT = 4         # storage: the output cannot be written, access denied
@@ -47,20 +47,20 @@ class DataError(MlcError, ValueError):
 KNOWN = {
     "mlc.errors.UsageError": USAGE,
     "mlc.errors.DataError": DATA,
-    "mlc.table.TableError": DATA,
-    "mlc.storage.ObjectNotFound": DATA,      # an input (table, image folder) that is not there
+    "mlc.data.table.TableError": DATA,
+    "mlc.io.storage.ObjectNotFound": DATA,      # an input (table, image folder) that is not there
     "builtins.FileNotFoundError": DATA,
-    "mlc.storage.AccessDenied": OUTPUT,
-    "mlc.storage.StorageError": OUTPUT,
+    "mlc.io.storage.AccessDenied": OUTPUT,
+    "mlc.io.storage.StorageError": OUTPUT,
     "builtins.PermissionError": OUTPUT,
-    "mlc.ray_train.NodeLocalStorageError": OUTPUT,
-    "mlc.model.WeightsError": WEIGHTS,
-    "mlc.checkpoint.CheckpointError": WEIGHTS,
-    "mlc.data.TooManyBadImages": BAD_IMAGES,
-    "mlc.engine.NonFiniteLossError": DIVERGED,
-    "mlc.trainer.ConfigMismatch": RESUME,
-    "mlc.cluster.ClusterError": CLUSTER,
-    "mlc.scoring.SubmissionError": USAGE,
+    "mlc.distributed.train.NodeLocalStorageError": OUTPUT,
+    "mlc.model.resnet.WeightsError": WEIGHTS,
+    "mlc.train.checkpoint.CheckpointError": WEIGHTS,
+    "mlc.data.datasets.TooManyBadImages": BAD_IMAGES,
+    "mlc.train.engine.NonFiniteLossError": DIVERGED,
+    "mlc.train.local.ConfigMismatch": RESUME,
+    "mlc.distributed.cluster.ClusterError": CLUSTER,
+    "mlc.eval.scoring.SubmissionError": USAGE,
 }
 
 # Ray's wrappers of a failure elsewhere: unwrapped to find the cause; alone they mean WORKERS.

@@ -41,14 +41,14 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def real_train(real_data):
     """read_table of the real train.csv, parsed once per session (do not mutate)."""
-    from mlc.table import read_table
+    from mlc.data.table import read_table
     return read_table(str(real_data / "train.csv"))
 
 
 @pytest.fixture(scope="session")
 def real_test(real_data):
     """read_table of the real test.csv, parsed once per session (do not mutate)."""
-    from mlc.table import read_table
+    from mlc.data.table import read_table
     return read_table(str(real_data / "test.csv"))
 
 

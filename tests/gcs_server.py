@@ -523,13 +523,13 @@ class GCS:
 
     def activate(self) -> None:
         """Point this process (and its future children) at the proxy; gcsfs must not be imported yet, or must
-        have been imported with GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (mlc.storage sets that default)."""
+        have been imported with GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (mlc.io.storage sets that default)."""
         self._saved_env = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)
         gcsfs = sys.modules.get("gcsfs")
         if gcsfs is not None and gcsfs.GCSFileSystem.__name__ != "GCSFileSystem":
             raise RuntimeError("gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set; "
-                               "every call would wait on a gRPC probe. Import mlc.storage first.")
+                               "every call would wait on a gRPC probe. Import mlc.io.storage first.")
         import fsspec.config
         self._saved_conf = {p: dict(fsspec.config.conf.get(p, {})) for p in ("gs", "gcs")}
         for p in ("gs", "gcs"):
@@ -585,7 +585,7 @@ class GCS:
 
     def upload(self, local: str | Path, url: str) -> list[str]:
         """Copy a local folder's files (recursively) to ``url``; returns the object URLs written."""
-        from mlc import storage
+        from mlc.io import storage
         local = Path(local)
         done = []
         for p in sorted(local.rglob("*")):

@@ -50,7 +50,7 @@ def on_a_scale_from_zero_cluster(dataset: str, out: str) -> dict:
         result["nodes_at_start"] = sum(1 for n in ray.nodes() if n.get("Alive"))
         result["cpus_at_start"] = ray.cluster_resources().get("CPU", 0)
         from mlc.config import ScaleConfig, TrainConfig
-        from mlc.ray_train import fit_distributed
+        from mlc.distributed.train import fit_distributed
         logs = []
         t0 = time.time()
         cfg = cfg_for(Path(dataset), Path(out) / "train", epochs=1)
@@ -165,7 +165,7 @@ def test_the_documented_sweep_runs_from_zero_nodes_resumes_after_its_driver_dies
     assert pd.read_csv(sweep / "probabilities.csv").ImageID.tolist() == test_ids
 
     # jobs/score.py on the best trial's validation predictions gives the F1 the sweep reported.
-    from mlc.table import read_table
+    from mlc.data.table import read_table
     val = pd.read_csv(sweep / "best" / "val_predictions.csv")
     train = read_table(str(scaled["data"] / "train.csv")).set_index("ImageID")
     truth = scaled["out"] / "val_truth.csv"

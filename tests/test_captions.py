@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import mlc
-from mlc import fusion
+from mlc.model import fusion
 from mlc.config import TrainConfig
 from mlc.errors import DataError
-from mlc.tokenizer import MAX_WORDS, Tokenizer, empty_captions, words
-from mlc.transforms import tokens_to_tensors
+from mlc.data.tokenizer import MAX_WORDS, Tokenizer, empty_captions, words
+from mlc.data.transforms import tokens_to_tensors
 
 CPU = torch.device("cpu")
 
@@ -191,7 +191,7 @@ def test_image_and_caption_train_resume_and_predict_a_table_without_captions(tmp
 
 
 def test_inputs_auto_follows_the_table_and_a_caption_network_needs_captions(tmp_path):
-    from mlc.trainer import resolve_inputs
+    from mlc.train.local import resolve_inputs
     import pandas as pd
     with_caps = pd.DataFrame({"ImageID": ["a", "b"], "Labels": [["1"], ["2"]], "Caption": ["x", ""]})
     empty = with_caps.assign(Caption=["", None])
@@ -207,7 +207,7 @@ def test_inputs_auto_follows_the_table_and_a_caption_network_needs_captions(tmp_
 
 
 def test_the_inputs_comparison_runs_every_row_on_one_split(tmp_path):
-    from mlc.compare import compare, markdown
+    from mlc.train.compare import compare, markdown
     root = _dataset(tmp_path / "ds", n=30)
     (root / "data" / "0.jpg").unlink()  # one labelled row without its image: left out of the image rows only
     # images= relative to the data root, as a user gives it
@@ -224,8 +224,8 @@ def test_the_inputs_comparison_runs_every_row_on_one_split(tmp_path):
 
 
 def test_a_checkpoint_from_before_inputs_resumes_as_the_image_network_it_is():
-    from mlc.labels import LabelVocab
-    from mlc.trainer import ConfigMismatch, check_resumable
+    from mlc.data.labels import LabelVocab
+    from mlc.train.local import ConfigMismatch, check_resumable
     old = TrainConfig(data="/d").to_dict()
     old.pop("inputs")  # written by an mlc without --inputs
     state = {"config": old, "labels": ["1", "2"]}
@@ -235,7 +235,7 @@ def test_a_checkpoint_from_before_inputs_resumes_as_the_image_network_it_is():
 
 
 def test_the_caption_embedding_has_its_own_learning_rate_and_no_weight_decay():
-    from mlc.model import trainable_parameter_groups
+    from mlc.model.resnet import trainable_parameter_groups
     model = fusion.build("image+caption", 3, num_tokens=40, unfrozen_depth=1)
     groups = trainable_parameter_groups(model, 0.01, text_lr=0.05)
     text = groups[-1]
@@ -257,7 +257,7 @@ def test_the_caption_embedding_learning_rate_follows_the_number_of_steps():
 
 
 def test_best_gets_the_tokenizer_of_the_checkpoint_it_publishes_and_loses_a_stale_one(tmp_path):
-    from mlc.runs import BEST_FILES, publish_best
+    from mlc.train.runs import BEST_FILES, publish_best
     for epoch, files in ((1, BEST_FILES + ("tokenizer.json",)), (2, BEST_FILES)):
         d = tmp_path / "run" / f"epoch_{epoch:04d}"
         d.mkdir(parents=True)
@@ -271,8 +271,8 @@ def test_best_gets_the_tokenizer_of_the_checkpoint_it_publishes_and_loses_a_stal
 
 
 def test_the_blank_row_of_an_empty_rank_batch_fits_each_network():
-    """A rank with no usable row steps on one blank row (mlc.engine): its shape must fit what the network reads."""
-    from mlc.transforms import blank_inputs, input_shape
+    """A rank with no usable row steps on one blank row (mlc.train.engine): its shape must fit what the network reads."""
+    from mlc.data.transforms import blank_inputs, input_shape
     caption = fusion.build("caption", 3, num_tokens=20).eval()
     ids, off = tokens_to_tensors([[1, 2], [3]], CPU)
     assert input_shape((ids, off)) == (None, True)

@@ -1,4 +1,4 @@
-"""jobs/check_data.py (mlc.check): the real dataset folder, and small datasets in the real format."""
+"""jobs/check_data.py (mlc.data.check): the real dataset folder, and small datasets in the real format."""
 
 from __future__ import annotations
 

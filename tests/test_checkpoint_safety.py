@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlc.checkpoint import CheckpointError, load_training_state, plain_data, save_training_state
+from mlc.train.checkpoint import CheckpointError, load_training_state, plain_data, save_training_state
 
 
 def _state():

@@ -1,11 +1,11 @@
-"""mlc.cluster without a cluster: node types from configs, per-worker resources, the wait and its deadline."""
+"""mlc.distributed.cluster without a cluster: node types from configs, per-worker resources, the wait and its deadline."""
 
 from __future__ import annotations
 
 import pytest
 
-from mlc import cluster
-from mlc.cluster import Cluster, ClusterError, NodeType
+from mlc.distributed import cluster
+from mlc.distributed.cluster import Cluster, ClusterError, NodeType
 
 pytest.importorskip("ray")
 

@@ -1,4 +1,4 @@
-"""mlc.demo: the synthetic dataset must be deterministic, cached, and in the real files' exact format."""
+"""mlc.data.demo: the synthetic dataset must be deterministic, cached, and in the real files' exact format."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import re
 
 import pytest
 
-from mlc import demo, storage
-from mlc.demo import DEMO_CLASSES, default_demo_root, make_demo_dataset
-from mlc.images import decode_image, read_header
+from mlc.data import demo
+from mlc.io import storage
+from mlc.data.demo import DEMO_CLASSES, default_demo_root, make_demo_dataset
+from mlc.io.images import decode_image, read_header
 
 # Small sizes keep the tests fast; they still contain every quirk.
 SMALL = dict(n_train=60, n_test=20, image_size=48, seed=3)
@@ -19,7 +20,7 @@ SMALL = dict(n_train=60, n_test=20, image_size=48, seed=3)
 # A row of the real format: ImageID, labels (optional: test.csv has none), a
 # quoted caption that may contain quotes and newlines and runs to the end of
 # the line. Non-greedy up to `"` + end-of-line, which is where the real file's
-# closing quote always sits. A stand-in until mlc.table.read_table lands.
+# closing quote always sits. A stand-in until mlc.data.table.read_table lands.
 TRAIN_ROW = re.compile(r'^(\d+\.jpg),([\d ]+),"(.*?)"$', re.M | re.S)
 TEST_ROW = re.compile(r'^(\d+\.jpg),"(.*?)"$', re.M | re.S)
 

@@ -17,10 +17,12 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from mlc import engine, precision
-from mlc.data import Batch, RankBatches, Skipped, collate
-from mlc.images import decode_image
-from mlc.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, to_model_input, train_transform
+from mlc.train import engine
+from mlc.model import precision
+from mlc.data.datasets import Skipped
+from mlc.data.loader import Batch, RankBatches, collate
+from mlc.io.images import decode_image
+from mlc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, to_model_input, train_transform
 
 
 def _photo(w=640, h=480, seed=0) -> Image.Image:
@@ -54,7 +56,7 @@ def test_uint8_loader_output_equals_the_float_path_after_normalisation():
 
 @pytest.mark.parametrize("w,h", [(640, 480), (480, 640), (300, 300), (1000, 333), (200, 150), (257, 3000)])
 def test_the_eval_resize_of_the_crop_box_matches_resize_then_centre_crop(w, h):
-    from mlc.transforms import ResizeCenterCrop
+    from mlc.data.transforms import ResizeCenterCrop
     img = _photo(w, h, seed=w + h)
     for im in (img, img.convert("L")):
         want = T.functional.pil_to_tensor(T.Compose([T.Resize(256, antialias=True), T.CenterCrop(224)])(im)).int()
@@ -314,7 +316,7 @@ def test_loader_workers_are_sized_where_the_process_runs():
 
 
 def test_ray_actors_take_their_device_from_the_gpus_ray_assigned():
-    from mlc import ray_predict
+    from mlc.distributed import predict as ray_predict
     with mock.patch("torch.cuda.is_available", return_value=True), mock.patch("ray.get_gpu_ids", return_value=[]):
         assert ray_predict.actor_device() == torch.device("cpu")  # a 0-GPU actor on a GPU node
     with mock.patch("torch.cuda.is_available", return_value=True), mock.patch("ray.get_gpu_ids", return_value=[3]):

@@ -99,7 +99,7 @@ def test_failures_inside_ray_wrappers_keep_their_kind():
     from ray.exceptions import RayTaskError
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from mlc.data import TooManyBadImages
+    from mlc.data.datasets import TooManyBadImages
     cause = TooManyBadImages("5 of 10 images are unreadable")
     wrapped = WorkerGroupError("rank 0 failed", {1: RuntimeError("collateral"), 0: RayTaskError("f", "tb", cause)})
     code, exc = errors.classify(wrapped)
@@ -120,12 +120,12 @@ def test_a_bug_keeps_its_traceback(tmp_path):
 @pytest.mark.parametrize("code", [errors.USAGE, errors.DATA, errors.OUTPUT, errors.WEIGHTS, errors.BAD_IMAGES,
                                   errors.DIVERGED, errors.RESUME, errors.CLUSTER, errors.WORKERS])
 def test_every_exit_code_is_documented(code):
-    text = (REPO / "docs" / "jobs.md").read_text()
+    text = (REPO / "docs" / "flags.md").read_text()
     assert f"| {code} |" in text
 
 
 def test_ray_runs_check_a_weights_path_before_any_worker_starts(tmp_path):
-    from mlc.trainer import check_weights_found
+    from mlc.train.local import check_weights_found
     check_weights_found("imagenet")  # fetched where the model is built
     (tmp_path / "w.pt").write_bytes(b"x")
     check_weights_found(str(tmp_path / "w.pt"))

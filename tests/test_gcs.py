@@ -15,13 +15,15 @@ import pandas as pd
 import pytest
 import torch
 
-from mlc import storage, trainer
-from mlc.checkpoint import load_model_checkpoint, load_training_state, save_training_state
+from mlc.io import storage
+from mlc.train import local as trainer
+from mlc.train.checkpoint import load_model_checkpoint, load_training_state, save_training_state
 from mlc.config import TrainConfig
-from mlc.data import ImageTable, make_loader
-from mlc.demo import make_demo_dataset
-from mlc.storage import AccessDenied, ObjectNotFound, StorageError
-from mlc.transforms import train_transform
+from mlc.data.datasets import ImageTable
+from mlc.data.loader import make_loader
+from mlc.data.demo import make_demo_dataset
+from mlc.io.storage import AccessDenied, ObjectNotFound, StorageError
+from mlc.data.transforms import train_transform
 
 REPO = Path(__file__).resolve().parents[1]
 BIG = 60 * 2**20  # above gcsfs's 50 MB simple-upload limit: a resumable upload in 50 MB chunks
@@ -217,7 +219,7 @@ def test_a_run_with_data_and_outputs_in_the_bucket_survives_transient_faults(gcs
     assert pred.ImageID.tolist() == test.ImageID.tolist() and summary["test"]["rows"] == len(test)
     assert {"history.png", "threshold.png"} <= set(storage.listdir(storage.join(out, "plots")))
     assert gcs.proxy.max_upstream_seen <= 4
-    from mlc.model import load_weights  # --weights gs://...: a run's best/ folder as the starting point
+    from mlc.model.resnet import load_weights  # --weights gs://...: a run's best/ folder as the starting point
     assert load_weights(storage.join(out, "best")).keys() == model.keys()
 
     # A job in a subprocess inherits the settings: predict from the bucket's checkpoint into the bucket.
@@ -271,7 +273,7 @@ def test_each_process_reads_its_next_batch_ahead(gcs, tmp_path, monkeypatch):
     batch is decoded; the rows are the same as without, and nothing is read twice."""
     import time
 
-    from mlc.data import plan_batches
+    from mlc.data.loader import plan_batches
     monkeypatch.setenv("MLC_BYTE_CACHE", "off")
     root = make_demo_dataset(str(tmp_path / "demo"), n_train=12, n_test=0, image_size=32)
     local = Path(root) / "data"

@@ -7,9 +7,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mlc.data import Batch, ImageTable, collate, make_loader
-from mlc.gpu_decode import RawJpeg
-from mlc.transforms import batch_to_device, eval_transform, train_transform
+from mlc.data.datasets import ImageTable
+
+from mlc.data.loader import Batch, collate, make_loader
+from mlc.data.gpu_decode import RawJpeg
+from mlc.data.transforms import batch_to_device, eval_transform, train_transform
 
 CPU = torch.device("cpu")
 
@@ -78,7 +80,7 @@ def test_a_loader_with_gpu_decode_yields_every_row_once(tmp_path):
 
 def test_the_prepared_gpu_check_runs_through_on_a_cpu_with_tiny_settings(tmp_path):
     """jobs/bench.py --gpu cannot run here; its code path can, so it does not rot while no GPU is at hand."""
-    from mlc.bench_gpu import run
+    from mlc.bench.gpu import run
     paths = [_write(tmp_path, f"{i}.jpg", _photo(96, 80, i)) for i in range(8)]
     lines = []
     rows = run(CPU, paths, batch=2, size=32, steps=1, budget_s=60, workers=0, amp_setting="off",

@@ -1,4 +1,4 @@
-"""mlc.images: every kind of file the real dataset (or a careless copy of it) can hold."""
+"""mlc.io.images: every kind of file the real dataset (or a careless copy of it) can hold."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from mlc import images
-from mlc.data import load_image
-from mlc.images import BadImageError, decode_image, read_header
+from mlc.io import images
+from mlc.data.datasets import load_image
+from mlc.io.images import BadImageError, decode_image, read_header
 
 
 def _encode(im: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -184,7 +184,7 @@ def test_read_header_does_not_decode(files):
 
 
 def test_load_image_through_memory_url():
-    from mlc import storage
+    from mlc.io import storage
 
     url = "memory://mlc-test-images/data/0.jpg"
     storage.write_bytes(url, _encode(Image.new("RGB", (5, 7), (1, 2, 3)), "PNG"))

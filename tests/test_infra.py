@@ -556,7 +556,7 @@ def test_k8s_head_declares_the_worker_groups_node_types():
 
 
 def _shipped_cluster(source: str):
-    from mlc.cluster import Cluster, types_from_config
+    from mlc.distributed.cluster import Cluster, types_from_config
     if source == "gce":
         types = types_from_config(yaml.safe_load(CLUSTER.read_text()))
     else:
@@ -566,7 +566,7 @@ def _shipped_cluster(source: str):
 
 @pytest.mark.parametrize("source", ["gce", "k8s"])
 def test_shipped_train_and_tune_commands_plan_gpu_workers_on_a_cluster_with_no_worker_node(source):
-    from mlc import cluster
+    from mlc.distributed import cluster
     from mlc.cli import scale_from_args, sweep_from_args
     c = _shipped_cluster(source)
     files = DOC_FILES + sorted(K8S.glob("rayjob-*.yaml"))

@@ -82,12 +82,12 @@ def test_readme_main_command_beats_the_baseline_on_demo_data(tmp_path):
 
 
 def test_the_flag_table_in_docs_matches_every_parser():
-    """docs/jobs.md "Flags across jobs": one row per flag, an x under each job that takes it."""
+    """docs/flags.md "Flags across jobs": one row per flag, an x under each job that takes it."""
     import predict as predict_job
     import tune as tune_job
-    text = (REPO / "docs" / "jobs.md").read_text()
+    text = (REPO / "docs" / "flags.md").read_text()
     rows = re.findall(r"^\| `(--[a-z0-9-]+)` \|([^|]*)\|([^|]*)\|([^|]*)\|", text, flags=re.M)
-    assert rows, "no flag table in docs/jobs.md"
+    assert rows, "no flag table in docs/flags.md"
     documented = {job: {flag for flag, *cols in rows if cols[i].strip() == "x"}
                   for i, job in enumerate(("train", "tune", "predict"))}
     for job, module in (("train", train_job), ("tune", tune_job), ("predict", predict_job)):

@@ -1,4 +1,4 @@
-"""mlc.labels.LabelVocab: the real label set, ordering, encode/decode, JSON, and errors."""
+"""mlc.data.labels.LabelVocab: the real label set, ordering, encode/decode, JSON, and errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from mlc.labels import LabelVocab
+from mlc.data.labels import LabelVocab
 
 REAL_LABELS = [str(i) for i in range(1, 20) if i != 12]
 

@@ -1,4 +1,4 @@
-"""mlc.metrics and mlc.thresholds against scikit-learn, hand-computed edge cases and constructed data."""
+"""mlc.eval.metrics and mlc.eval.thresholds against scikit-learn, hand-computed edge cases and constructed data."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import warnings
 import numpy as np
 import pytest
 
-from mlc import metrics as M
-from mlc import thresholds as T
+from mlc.eval import metrics as M
+from mlc.eval import thresholds as T
 
 sk = pytest.importorskip("sklearn.metrics")
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torchvision
 
-from mlc import model as M
+from mlc.model import resnet as M
 
 N = 5
-STAGE_PREFIXES = {  # written out independently of mlc.model's tables
+STAGE_PREFIXES = {  # written out independently of mlc.model.resnet's tables
     0: ("fc.",),
     1: ("layer4.", "fc."),
     2: ("layer3.", "layer4.", "fc."),
@@ -105,7 +105,7 @@ def test_state_dict_bytes_are_weights_only_loadable():
 
 
 def test_folding_batchnorm_into_the_convolutions_keeps_the_function_and_the_checkpoint_keys():
-    from mlc.model import bare_state_dict, build_model, fold_batchnorm
+    from mlc.model.resnet import bare_state_dict, build_model, fold_batchnorm
     torch.manual_seed(0)
     model = build_model(5, unfrozen_depth=2, dropout=0.0, weights="none")
     for m in model.modules():  # statistics far from the identity, so a wrong fold shows
@@ -132,8 +132,8 @@ def test_folding_batchnorm_into_the_convolutions_keeps_the_function_and_the_chec
 def test_the_scoring_copy_in_bf16_gives_autocast_s_scores_bit_for_bit():
     """Weights cast once to the autocast precision score exactly as fp32 weights cast by autocast on every
     call; the caption branch of a fused model stays fp32."""
-    from mlc.fusion import build, for_scoring
-    from mlc.model import fold_batchnorm
+    from mlc.model.fusion import build, for_scoring
+    from mlc.model.resnet import fold_batchnorm
     torch.manual_seed(0)
     model = M.build_model(5, unfrozen_depth=1, dropout=0.0, weights="none")
     for m in model.modules():

@@ -1,4 +1,4 @@
-"""mlc.plots: every function renders a real PNG, including from incomplete inputs."""
+"""mlc.eval.plots: every function renders a real PNG, including from incomplete inputs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from matplotlib._pylab_helpers import Gcf
 
-from mlc import plots, thresholds
+from mlc.eval import plots, thresholds
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LABELS = [str(i) for i in range(1, 19)]

@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
-from mlc.checkpoint import save_model
+from mlc.train.checkpoint import save_model
 from mlc.config import TrainConfig
-from mlc.labels import LabelVocab
-from mlc.thresholds import ThresholdChoice
-from mlc.model import bare_state_dict, build_model
-from mlc.inference import predict_from_checkpoint
-from mlc.table import read_table
+from mlc.data.labels import LabelVocab
+from mlc.eval.thresholds import ThresholdChoice
+from mlc.model.resnet import bare_state_dict, build_model
+from mlc.train.inference import predict_from_checkpoint
+from mlc.data.table import read_table
 
 # Ray 2.60 reads RAY_AUTH_MODE once, when ray is first imported (conftest sets it too, before any test module).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -94,7 +94,7 @@ def predict_on_cluster(address: str, ckpt: str, ids: list, images: str, out: str
     With the GPU layout forced (split=True): CPU tasks decode ahead of the model actors. The job test below
     runs the CPU layout (each actor decodes its own rows)."""
     import ray as ray_
-    from mlc.ray_predict import predict_distributed
+    from mlc.distributed.predict import predict_distributed
     logs = []
     ray_.init(address=address, log_to_driver=False)
     try:

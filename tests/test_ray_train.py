@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlc import trainer
-from mlc.checkpoint import load_model_checkpoint, load_training_state
+from mlc.train import local as trainer
+from mlc.train.checkpoint import load_model_checkpoint, load_training_state
 from mlc.config import ScaleConfig
 from ray_head import IsolatedError, isolated
 from test_trainer import REAL, cfg_for, make_dataset
@@ -78,7 +78,7 @@ def run_distributed(address: str, cfg: dict, scale: dict, fail_at=None, runtime_
     """fit_distributed in this (isolated) process, connected to the cluster at ``address``."""
     import ray as ray_
     from mlc.config import TrainConfig
-    from mlc.ray_train import fit_distributed
+    from mlc.distributed.train import fit_distributed
     hook = fail_once(*fail_at) if fail_at else None
     ray_.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     try:
@@ -163,7 +163,7 @@ def test_a_worker_fault_is_recovered_from_the_last_checkpoint_in_the_bucket(unin
     are all on gs://: the group restarts from epoch 1's checkpoint in the bucket and ends with the weights of
     the uninterrupted run on local disk."""
     import io
-    from mlc import storage
+    from mlc.io import storage
     gcs.upload(dataset, gcs.url("ds"))
     marker = str(tmp_path / "failed")
     # The session's Ray head started before the GCS server: its workers get the gcsfs settings from the job.
@@ -261,7 +261,7 @@ def test_driver_killed_after_epoch_2_then_the_same_command_submitted_as_a_job_co
 
 
 def test_multi_node_run_refuses_node_local_output(tmp_path, monkeypatch):
-    from mlc import ray_train
+    from mlc.distributed import train as ray_train
     ray_train.check_shared_output(str(tmp_path), {"10.0.0.1"})           # one host: fine
     ray_train.check_shared_output("gs://bucket/runs", {"10.0.0.1", "10.0.0.2"})  # shared storage: fine
     with pytest.raises(ray_train.NodeLocalStorageError, match="2 nodes.*gs://"):
@@ -294,7 +294,7 @@ def test_scale_flags_are_validated():
         scale_from_args(p.parse_args(["--gpus-per-worker", "0.5"]))
     with pytest.raises(ValueError, match="--name"):
         ScaleConfig(name="a/b")
-    from mlc.ray_train import absolute_output
+    from mlc.distributed.train import absolute_output
     with pytest.raises(ValueError, match="absolute path"):
         absolute_output("/tmp/ray/session_x/runtime_resources/working_dir_files/abc/runs")
     assert absolute_output("gs://b/x") == "gs://b/x"
@@ -307,7 +307,7 @@ def lose_a_node_mid_run(cfg: dict) -> dict:
     import ray as ray_
     from ray.cluster_utils import Cluster
     from mlc.config import TrainConfig
-    from mlc.ray_train import fit_distributed
+    from mlc.distributed.train import fit_distributed
     from ray_head import FAST_TRAIN_POLL, free_port, node_ip
 
     port = free_port()
@@ -375,7 +375,7 @@ def test_an_elastic_run_that_loses_a_node_finishes_on_fewer_workers(dataset, tmp
     meta = json.loads((best / "meta.json").read_text())
     assert meta["config"]["inputs"] == "image+caption" and json.loads((best / "tokenizer.json").read_text())["vocab"]
     # The run's own test predictions (Ray Data actors) are those of the checkpoint alone, in this process.
-    from mlc.inference import predict_from_checkpoint
+    from mlc.train.inference import predict_from_checkpoint
     predict_from_checkpoint(str(best), output=str(tmp_path / "again"), log=lambda *_: None, progress=False)
     here, there = (pd.read_csv(d / "probabilities.csv") for d in (tmp_path / "again", tmp_path / "nodes"))
     assert here.ImageID.tolist() == there.ImageID.tolist()

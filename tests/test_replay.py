@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mlc import cli, replay
+from mlc import cli
+from mlc.train import replay
 from mlc.config import ScaleConfig, SweepConfig, TrainConfig
 from mlc.errors import UsageError
 

@@ -1,4 +1,4 @@
-"""mlc.scoring.score_submission and jobs/score.py, checked against scikit-learn on the real labels."""
+"""mlc.eval.scoring.score_submission and jobs/score.py, checked against scikit-learn on the real labels."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from mlc.scoring import SubmissionError, score_submission
-from mlc.table import read_table, submission_csv
+from mlc.eval.scoring import SubmissionError, score_submission
+from mlc.data.table import read_table, submission_csv
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""mlc.storage, mlc.fetch and the batched loader path without a server: local and memory:// URLs."""
+"""mlc.io.storage, mlc.io.fetch and the batched loader path without a server: local and memory:// URLs."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from mlc import fetch, storage
-from mlc.data import ImageTable, Skipped, collate
-from mlc.storage import AccessDenied, ObjectNotFound, StorageError
-from mlc.transforms import train_transform
+from mlc.io import fetch, storage
+from mlc.data.datasets import ImageTable, Skipped
+from mlc.data.loader import collate
+from mlc.io.storage import AccessDenied, ObjectNotFound, StorageError
+from mlc.data.transforms import train_transform
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -156,7 +157,7 @@ def test_batched_rows_equal_single_rows(tmp_path):
 
 
 def test_loader_workers_use_the_batched_path(tmp_path):
-    from mlc.data import make_loader
+    from mlc.data.loader import make_loader
     folder, names = _images(tmp_path, n=12)
     ds = ImageTable([str(folder / n) for n in names[:12]], None, train_transform(16), 50_000_000)
     seen = [b for b in make_loader(ds, 4, shuffle=True, seed=0, epoch=1, num_workers=2)]

@@ -1,8 +1,20 @@
-"""The package's shape: no module of mlc/ imports, even lazily inside a function, one that imports it back.
+"""The package's shape: subpackages by concern whose imports point down, Ray in one place, no cycle, no
+module over 400 lines.
 
-A cycle is what makes a newcomer read two modules to understand one, and what turns a moved name into an
-ImportError at a distance; the check reads the source (every Import / ImportFrom node, wherever it sits),
-so it runs nothing and sees the imports that only run on some paths (Ray, the GPU decoder) as well.
+The layers, lowest first (each subpackage's ``__init__`` says the same in words)::
+
+    io            bytes: storage, fetch, images                 imports nothing of mlc
+    data          tables, labels, datasets, transforms, ...     io
+    model, eval   the networks; metrics and thresholds          io, data (never each other)
+    train         the loop, checkpoints, outputs, inference     io, data, model, eval
+    distributed   Ray Train, Tune, Ray Data, the cluster        everything below
+    bench         speed, side by side                           everything below but distributed
+
+``mlc.config``, ``mlc.errors`` and ``mlc.logs`` sit beside io at the bottom (any module may import them; they
+import nothing of mlc); ``mlc.cli`` and the package's ``__init__`` (the API) sit on top.
+
+The checks read the source (every Import / ImportFrom node, wherever it sits, even inside a function), so
+they run nothing and see the imports that only run on some paths (Ray, the GPU decoder) as well.
 """
 
 from __future__ import annotations
@@ -13,14 +25,30 @@ from pathlib import Path
 PACKAGE = "mlc"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
+# Subpackage -> its layer; a module may import a subpackage of a lower layer, or its own.
+LAYERS = {"io": 0, "data": 1, "model": 2, "eval": 2, "train": 3, "distributed": 4, "bench": 4}
+BASE = {"mlc.config", "mlc.errors", "mlc.logs"}  # the bottom floor beside io
+TOP = {"mlc", "mlc.cli"}  # the API and the jobs' command-line helpers
+# Exceptions to "a lower layer", each a decision: bench measures the pieces of a run, never a Ray run.
+FORBIDDEN = {("bench", "distributed")}
+MAX_LINES = 400
 
-def _module_name(path: Path) -> str:
-    return PACKAGE if path.name == "__init__.py" else f"{PACKAGE}.{path.stem}"
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join([PACKAGE] + parts)
 
 
-def imports_of(path: Path, modules: set) -> set:
-    """The modules of the package that ``path`` imports anywhere in its text (relative imports resolved)."""
-    name = _module_name(path)
+def _files(root: Path) -> list:
+    return sorted(root.rglob("*.py"))
+
+
+def imports_of(path: Path, modules: set, root: Path = ROOT, *, external: bool = False) -> set:
+    """The modules of the package that ``path`` imports anywhere in its text (relative imports resolved);
+    with ``external`` the top-level names of everything else it imports (``ray``, ``torch``, ...)."""
+    name = _module_name(path, root)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -38,6 +66,10 @@ def imports_of(path: Path, modules: set) -> set:
         else:
             continue
         for t in targets:
+            if external:
+                if t.split(".")[0] != PACKAGE:
+                    found.add(t.split(".")[0])
+                continue
             while t and t not in modules:
                 t = t.rpartition(".")[0]
             if t and t != name:
@@ -46,11 +78,11 @@ def imports_of(path: Path, modules: set) -> set:
 
 
 def import_graph(root: Path = ROOT) -> dict:
-    files = sorted(root.glob("*.py"))
-    modules = {_module_name(f) for f in files}
-    # The package's __init__ is imported by every ``import mlc.x``; it is a node like the others, so a module
+    files = _files(root)
+    modules = {_module_name(f, root) for f in files}
+    # A package's __init__ is imported by every ``import mlc.x``; it is a node like the others, so a module
     # that the API in __init__ imports must not import ``mlc`` itself.
-    return {_module_name(f): imports_of(f, modules) for f in files}
+    return {_module_name(f, root): imports_of(f, modules, root) for f in files}
 
 
 def find_cycle(graph: dict) -> list | None:
@@ -80,26 +112,85 @@ def find_cycle(graph: dict) -> list | None:
     return None
 
 
+def subpackage(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def wrong_way(graph: dict) -> list:
+    """Every import that runs against the layers, as ``"a -> b (why)"``."""
+    bad = []
+    for a, targets in sorted(graph.items()):
+        for b in sorted(targets):
+            pa, pb = subpackage(a), subpackage(b)
+            if a in TOP or b in BASE or pa is not None and pa == pb:
+                continue
+            if b in TOP:
+                # mlc's __init__ (the API) imports from the layers; only its __version__ may go the other way.
+                if b == "mlc" and a != "mlc.cli":
+                    continue
+                bad.append(f"{a} -> {b} (the API and the cli are on top)")
+            elif a in BASE or pa == "io":
+                bad.append(f"{a} -> {b} ({a} is at the bottom: it imports nothing of mlc)")
+            elif (pa, pb) in FORBIDDEN:
+                bad.append(f"{a} -> {b} ({pa} never imports {pb})")
+            elif LAYERS[pb] >= LAYERS[pa]:
+                bad.append(f"{a} -> {b} ({pb} is not below {pa})")
+    return bad
+
+
+def test_the_tree_is_the_plan():
+    subpackages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
+    assert subpackages == set(LAYERS)
+    top = {p.stem for p in ROOT.glob("*.py")}
+    assert top == {"__init__", "config", "cli", "errors", "logs"}
+    for name in LAYERS:
+        doc = ast.get_docstring(ast.parse((ROOT / name / "__init__.py").read_text())) or ""
+        assert "May import" in doc, f"mlc/{name}/__init__.py does not say what it may import"
+
+
 def test_no_import_cycle_in_mlc():
     graph = import_graph()
-    assert len(graph) > 10 and "mlc.storage" in graph["mlc.fetch"]  # the walk sees the package
+    assert len(graph) > 40 and "mlc.io.storage" in graph["mlc.io.fetch"]  # the walk sees the package
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle in mlc/: " + " -> ".join(cycle)
 
 
-def test_cycle_finder_sees_function_level_and_relative_imports(tmp_path):
+def test_imports_point_down():
+    graph = import_graph()
+    assert "mlc.train.engine" in graph["mlc.train.local"]  # the walk sees nested modules
+    assert wrong_way(graph) == []
+
+
+def test_ray_is_imported_only_in_distributed():
+    files = _files(ROOT)
+    modules = {_module_name(f, ROOT) for f in files}
+    users = {_module_name(f, ROOT) for f in files if "ray" in imports_of(f, modules, external=True)}
+    assert users and all(subpackage(m) == "distributed" for m in users), sorted(users)
+
+
+def test_no_module_over_400_lines():
+    long = {str(f.relative_to(ROOT)): n for f in _files(ROOT) if (n := len(f.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_checks_see_function_level_relative_and_wrong_way_imports(tmp_path):
     pkg = tmp_path / PACKAGE
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("from .b import f\n")
-    (pkg / "b.py").write_text("def f():\n    from . import c\n")
-    (pkg / "c.py").write_text("import mlc.a\n")
-    (pkg / "d.py").write_text("from mlc import c\n")
+    (pkg / "io").mkdir(parents=True)
+    (pkg / "train").mkdir()
+    for f in ("__init__.py", "io/__init__.py", "train/__init__.py"):
+        (pkg / f).write_text("")
+    (pkg / "io" / "a.py").write_text("def f():\n    from ..train import b\n")
+    (pkg / "train" / "b.py").write_text("from . import c\nimport ray\n")
+    (pkg / "train" / "c.py").write_text("from mlc.io.a import f\n")
     graph = import_graph(pkg)
-    assert graph["mlc.b"] == {"mlc.c"} and graph["mlc.d"] == {"mlc.c"}
-    assert find_cycle(graph) == ["mlc.a", "mlc.b", "mlc.c", "mlc.a"]
-    (pkg / "c.py").write_text("import os\n")
-    assert find_cycle(import_graph(pkg)) is None
+    assert graph["mlc.io.a"] == {"mlc.train.b"} and graph["mlc.train.b"] == {"mlc.train.c"}
+    assert find_cycle(graph) == ["mlc.io.a", "mlc.train.b", "mlc.train.c", "mlc.io.a"]
+    assert wrong_way(graph) == ["mlc.io.a -> mlc.train.b (mlc.io.a is at the bottom: it imports nothing of mlc)"]
+    assert "ray" in imports_of(pkg / "train" / "b.py", set(graph), pkg, external=True)
+    (pkg / "io" / "a.py").write_text("import os\n")
+    graph = import_graph(pkg)
+    assert find_cycle(graph) is None and wrong_way(graph) == []
 
 
 def test_every_config_field_carries_its_help():

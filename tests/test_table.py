@@ -1,4 +1,4 @@
-"""mlc.table.read_table against the real COMP5329 files and against malformed copies of their format.
+"""mlc.data.table.read_table against the real COMP5329 files and against malformed copies of their format.
 
 The reference for the real files is plain Python on the raw text, independent of the parser: a record
 starts where a line begins with the next ImageID in sequence, and its caption is the text between the
@@ -14,7 +14,7 @@ import fsspec
 import pytest
 from PIL import Image
 
-from mlc.table import TableError, read_table, submission_csv
+from mlc.data.table import TableError, read_table, submission_csv
 
 N_TRAIN, N_TEST = 30_000, 10_000
 TRAIN_IDS = [f"{i}.jpg" for i in range(N_TRAIN)]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from tensorboardX.proto import event_pb2
 
-from mlc import logs, storage
-from mlc.tracking import Board
+from mlc import logs
+from mlc.io import storage
+from mlc.train.tracking import Board
 from test_errors import FAST, tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,11 +13,11 @@ import torch
 import torchvision
 from PIL import Image
 
-from mlc import engine, trainer
-from mlc.checkpoint import load_training_state
+from mlc.train import engine, local as trainer
+from mlc.train.checkpoint import load_training_state
 from mlc.config import TrainConfig
-from mlc.data import TooManyBadImages
-from mlc.table import read_table
+from mlc.data.datasets import TooManyBadImages
+from mlc.data.table import read_table
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "comp5329"
 pytestmark = pytest.mark.skipif(not (REAL / "images").is_dir(), reason=f"real data not found at {REAL}")

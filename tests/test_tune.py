@@ -9,8 +9,8 @@ import math
 import pandas as pd
 import pytest
 
-from mlc.cluster import Cluster, ClusterError, NodeType
-from mlc.tune import SweepConfig, plan_resources, search_algorithm
+from mlc.distributed.cluster import Cluster, ClusterError, NodeType
+from mlc.distributed.tune import SweepConfig, plan_resources, search_algorithm
 
 pytest.importorskip("ray")
 
@@ -96,7 +96,7 @@ def test_the_summary_uses_the_checkpoints_ray_kept_with_ties_a_best_before_the_l
                                                                                                  monkeypatch):
     """tie: epochs 1 and 2 tie; Ray kept epoch 2 (best and latest), epoch 1 is gone (the crash of issue 11).
     early: best epoch 1, last epoch 3; Ray kept both. broken: errored before any checkpoint."""
-    from mlc import tune
+    from mlc.distributed import tune
     sweep_url = tmp_path / "sw"
     _epoch_folder(sweep_url / "tie", 2, 0.5)
     _epoch_folder(sweep_url / "early", 1, 0.4)
@@ -104,9 +104,9 @@ def test_the_summary_uses_the_checkpoints_ray_kept_with_ties_a_best_before_the_l
     kept = {"tie": [(2, _row(2, 0.5))], "early": [(1, _row(1, 0.4)), (3, _row(3, 0.3))], "broken": []}
     monkeypatch.setattr(tune, "kept_by_trial", lambda grid, url: kept)
     predicted = {}
-    monkeypatch.setattr("mlc.inference.predict_from_checkpoint",
+    monkeypatch.setattr("mlc.distributed.predict.predict",
                         lambda ckpt, *a, **k: predicted.update(ckpt=ckpt, **k) or {"rows": 0})
-    monkeypatch.setattr("mlc.plots.sweep_png", lambda table: b"\x89PNG")
+    monkeypatch.setattr("mlc.eval.plots.sweep_png", lambda table: b"\x89PNG")
     grid = [_FakeResult("tie", [_row(1, 0.5), _row(2, 0.5)], 0.01),
             _FakeResult("early", [_row(1, 0.4), _row(2, 0.35), _row(3, 0.3)], 0.001),
             _FakeResult("broken", [], 0.1, error=RuntimeError("worker died\ntraceback"))]
@@ -140,7 +140,7 @@ def cfg_stub():
 def test_inputs_is_a_searched_choice_only_when_given_more_than_one():
     from ray.tune.search.sample import Categorical
     from mlc.config import SweepConfig
-    from mlc.tune import search_space
+    from mlc.distributed.tune import search_space
     space = search_space(SweepConfig(inputs=("caption", "image+caption")))
     assert isinstance(space["inputs"], Categorical) and space["inputs"].categories == ["caption", "image+caption"]
     assert search_space(SweepConfig(inputs=("caption",)))["inputs"] == "caption"

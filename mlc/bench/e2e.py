@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from mlc.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 class _Style2020(Dataset):
@@ -111,10 +111,10 @@ class Bench:
     """The three pipelines over ``paths``; ``pass_(name, kind)`` runs one timed pass."""
 
     def __init__(self, paths, *, batch_size: int = 16, image_size: int = 224, num_classes: int = 18, log=print):
-        from .engine import make_optimizer, resolve_loader_workers
-        from .model import build_model, trainable_parameter_groups
-        from .precision import NAMES, pick_amp_dtype
-        from .device import available_cpus
+        from mlc.train.engine import make_optimizer, resolve_loader_workers
+        from mlc.model.resnet import build_model, trainable_parameter_groups
+        from mlc.model.precision import NAMES, pick_amp_dtype
+        from mlc.model.device import available_cpus
         self.paths, self.batch_size, self.image_size, self.num_classes = list(paths), batch_size, image_size, num_classes
         self.device = torch.device("cpu")
         self.amp = {k: pick_amp_dtype("auto", self.device, kind=k, unfrozen_depth=1, image_size=image_size, log=log)
@@ -159,15 +159,16 @@ class Bench:
 
     # -- mlc's pipeline
     def _new_loader(self, train: bool):
-        from .data import ImageTable, make_loader
-        from .transforms import eval_transform, train_transform
+        from mlc.data.datasets import ImageTable
+        from mlc.data.loader import make_loader
+        from mlc.data.transforms import eval_transform, train_transform
         tf = train_transform(self.image_size) if train else eval_transform(self.image_size)
         ds = ImageTable(self.paths, self.y if train else None, tf, 50_000_000)
         return make_loader(ds, self.batch_size, shuffle=train, seed=0, epoch=1, num_workers=self.workers,
                            drop_last=train)
 
     def new_train(self):
-        from .engine import train_one_epoch
+        from mlc.train.engine import train_one_epoch
         loader = self._new_loader(True)
         counted = TimedAfterFirst(loader)
         train_one_epoch(self.new, counted, self.new_opt, None, self.device, epoch=1, amp_dtype=self.amp["train"],
@@ -175,7 +176,7 @@ class Bench:
         return counted.result()
 
     def new_predict(self):
-        from .engine import predict_scores
+        from mlc.train.engine import predict_scores
         counted = TimedAfterFirst(self._new_loader(False))
         predict_scores(self.scorer(), counted, self.device, amp_dtype=self.amp["predict"], progress=False)
         return counted.result()
@@ -183,12 +184,12 @@ class Bench:
     def scorer(self):
         """The model as mlc's prediction paths run it: BatchNorm folded into the convolutions, weights in the
         prediction precision."""
-        from .model import fold_batchnorm
+        from mlc.model.resnet import fold_batchnorm
         return fold_batchnorm(self.new, self.amp["predict"])
 
     # -- model only
     def model_train(self):
-        from .precision import autocast
+        from mlc.model.precision import autocast
         x = torch.randn(self.batch_size, 3, self.image_size, self.image_size).contiguous(
             memory_format=torch.channels_last)
         y = torch.from_numpy(self.y[: self.batch_size])
@@ -206,7 +207,7 @@ class Bench:
         return _timed((step(k) for k in range(steps)))
 
     def model_predict(self):
-        from .precision import autocast
+        from mlc.model.precision import autocast
         x = torch.randn(self.batch_size, 3, self.image_size, self.image_size).contiguous(
             memory_format=torch.channels_last)
         steps = -(-len(self.paths) // self.batch_size)

@@ -23,10 +23,10 @@ import time
 import numpy as np
 import torch
 
-from .bench_e2e import TimedAfterFirst
-from .engine import make_optimizer, resolve_loader_workers
-from .model import build_model, trainable_parameter_groups
-from .precision import NAMES, model_step, pick_amp_dtype
+from mlc.bench.e2e import TimedAfterFirst
+from mlc.train.engine import make_optimizer, resolve_loader_workers
+from mlc.model.resnet import build_model, trainable_parameter_groups
+from mlc.model.precision import NAMES, model_step, pick_amp_dtype
 
 
 def _sync(device):
@@ -64,9 +64,10 @@ def model_only(device, *, depth: int, kind: str, compiled: bool, batch: int, siz
 
 def end_to_end(device, paths, *, depth: int, gpu_decode: bool, batch: int, size: int, amp, workers: int) -> dict:
     """Training steps fed by mlc's own loader over ``paths`` (one pass, the first batch untimed)."""
-    from .data import ImageTable, make_loader
-    from .engine import train_one_epoch
-    from .transforms import train_transform
+    from mlc.data.datasets import ImageTable
+    from mlc.data.loader import make_loader
+    from mlc.train.engine import train_one_epoch
+    from mlc.data.transforms import train_transform
     _, bare, opt = _model(depth, device, False)
     y = (np.random.default_rng(0).random((len(paths), 18)) < 0.15).astype(np.float32)
     ds = ImageTable(paths, y, train_transform(size), 50_000_000, gpu_decode=gpu_decode)

@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from .engine import make_optimizer
-from .model import build_model, trainable_parameter_groups
-from .precision import model_step, pick_amp_dtype
+from mlc.train.engine import make_optimizer
+from mlc.model.resnet import build_model, trainable_parameter_groups
+from mlc.model.precision import model_step, pick_amp_dtype
 
 
 def _time(fn, steps: int, warmup: int, sync) -> float:
@@ -57,8 +57,10 @@ def _loader_pass(urls: list, *, image_size: int, batch_size: int, workers: int, 
     """One epoch of the training loader over ``urls`` (decode + augment, no model): images and seconds."""
     import numpy as np
 
-    from .data import ImageTable, make_loader, plan_batches
-    from .transforms import train_transform
+    from mlc.data.datasets import ImageTable
+
+    from mlc.data.loader import make_loader, plan_batches
+    from mlc.data.transforms import train_transform
     ds = ImageTable(urls, np.zeros((len(urls), 1), dtype=np.float32), train_transform(image_size), 50_000_000)
     t = time.perf_counter()
     n = skipped = 0

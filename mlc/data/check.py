@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections import Counter
 
 
-from . import logs, storage
-from .data import DataPaths
-from .images import BadImageError, read_header
-from .labels import LabelVocab
-from .table import TableError, read_table
+from mlc import logs
+from mlc.io import storage
+from mlc.data.datasets import DataPaths
+from mlc.io.images import BadImageError, read_header
+from mlc.data.labels import LabelVocab
+from mlc.data.table import TableError, read_table
 
 # Image headers are tiny reads dominated by latency on object stores: many in flight hide it. Reads go
 # in chunks, so a 40,000-image folder is never in memory at once.

@@ -1,25 +1,25 @@
-"""Datasets and loaders: images read by URL, unreadable ones skipped and named, never silently lost."""
+"""Datasets: the tables' paths, the train/validation split, and images read by URL (unreadable ones skipped
+and named, never silently lost); batches and loaders are in :mod:`mlc.data.loader`."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from . import fetch, storage
-from .images import DEFAULT_MAX_PIXELS, BadImageError, decode_fetched
-from .table import read_table
+from mlc.io import fetch, storage
+from mlc.io.images import DEFAULT_MAX_PIXELS, BadImageError, decode_fetched
+from mlc.data.table import read_table
 
 
 def load_image(url: str, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None,
                draft: int | None = None):
-    """Read one image through :mod:`mlc.fetch` (storage plus the byte cache) and decode it to RGB.
+    """Read one image through :mod:`mlc.io.fetch` (storage plus the byte cache) and decode it to RGB.
 
     A missing file is a :class:`BadImageError` with reason ``"missing"`` (a row in the CSV whose image is
     absent is a data problem like any other bad image). Other storage errors (permissions, network)
@@ -85,7 +85,7 @@ class ImageTable(Dataset):
     """Rows of (image URL, optional multi-hot target, optional caption tokens). ``__getitem__`` returns
     ``(x, y, i, tokens)``, or ``Skipped`` for a bad image.
 
-    ``captions`` (one token-id list per row, :mod:`mlc.tokenizer`) go with each row; ``read_images=False``
+    ``captions`` (one token-id list per row, :mod:`mlc.data.tokenizer`) go with each row; ``read_images=False``
     (``--inputs caption``) never reads an image: ``x`` is None and nothing is fetched.
 
     After ``set_epoch(seed, epoch)`` each row's augmentation draws from its own generator seeded by
@@ -103,7 +103,7 @@ class ImageTable(Dataset):
             raise ValueError("a table that reads no images needs captions")
         self.captions, self.read_images = captions, read_images
         self.epoch_seed: int | None = None
-        # --gpu-decode: ship the bytes of plain JPEGs for the device to decode (mlc.gpu_decode).
+        # --gpu-decode: ship the bytes of plain JPEGs for the device to decode (mlc.data.gpu_decode).
         self.gpu_decode = gpu_decode
 
     def set_epoch(self, seed: int, epoch: int) -> None:
@@ -118,7 +118,7 @@ class ImageTable(Dataset):
     def __getitems__(self, indices):
         """A batch of rows at once; torch's DataLoader calls this with each batch's index list.
 
-        The batch's images are fetched together (:mod:`mlc.fetch`: many requests in flight, remote bytes
+        The batch's images are fetched together (:mod:`mlc.io.fetch`: many requests in flight, remote bytes
         cached on local disk for later epochs) and decoded as they arrive. With a plan (:meth:`set_plan`),
         the reads of the next batch this process will be asked for start before this one is decoded, so the
         network's latency overlaps the decoding. Rows come out exactly as ``[self[i] for i in indices]``:
@@ -184,8 +184,8 @@ class ImageTable(Dataset):
         return state
 
     def _raw(self, i: int, data, url: str):
-        """Row ``i`` for the device decoder, or None when it must be decoded here (see mlc.gpu_decode)."""
-        from .gpu_decode import plan_raw
+        """Row ``i`` for the device decoder, or None when it must be decoded here (see mlc.data.gpu_decode)."""
+        from mlc.data.gpu_decode import plan_raw
         if isinstance(data, BaseException):
             return None  # decode_fetched names the missing object or raises the storage error
         y = torch.from_numpy(self.targets[i]) if self.targets is not None else torch.zeros(0)
@@ -213,131 +213,6 @@ class ImageTable(Dataset):
         return x, y, i, tokens
 
 
-@dataclass
-class Batch:
-    """Decoded rows (``x`` uint8, or None when no image is read; ``y``; ``tokens``, one id list per row when
-    captions are used) first, then ``raw`` rows for the device decoder (``--gpu-decode``, each with its own
-    ``tokens``); ``index`` holds the row numbers of both, in that order. ``y`` is None when no row is usable."""
-    x: torch.Tensor | None
-    y: torch.Tensor | None
-    index: torch.Tensor
-    skipped: list = field(default_factory=list)
-    raw: list = field(default_factory=list)
-    tokens: list | None = None
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def pin_memory(self):
-        if self.x is not None:
-            self.x = self.x.pin_memory()
-        if self.y is not None:
-            self.y = self.y.pin_memory()
-        for r in self.raw:
-            r.data = r.data.pin_memory()
-        return self
-
-
-def collate(items) -> Batch:
-    from .gpu_decode import RawJpeg
-    skipped = [it for it in items if isinstance(it, Skipped)]
-    raw = [it for it in items if isinstance(it, RawJpeg)]
-    good = [it for it in items if not isinstance(it, (Skipped, RawJpeg))]
-    idx = [it[2] for it in good] + [r.index for r in raw]
-    if not good:
-        return Batch(None, None, torch.tensor(idx, dtype=torch.long), skipped, raw)
-    xs, ys = [it[0] for it in good], [it[1] for it in good]
-    tokens = [it[3] if len(it) > 3 else None for it in good]  # (x, y, i) rows carry no caption
-    x = torch.stack(xs) if xs[0] is not None else None
-    return Batch(x, torch.stack(ys), torch.tensor(idx, dtype=torch.long), skipped, raw,
-                 list(tokens) if tokens[0] is not None else None)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # Augmentations draw from torch, numpy and random: seed the last two from torch's per-worker seed.
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
-
-
-class RankBatches(torch.utils.data.Sampler):
-    """This rank's share of every batch of one epoch (a DataLoader ``batch_sampler``).
-
-    Training (``shuffle=True``): a permutation seeded by (seed, epoch) is cut into *global* batches of
-    ``batch_size`` rows (a last partial batch is dropped with ``drop_last``), and each global batch is
-    dealt out round robin: rank r takes its rows r, r + world, ... So the rows of step k, summed over the
-    ranks, are the same whatever the world size; every rank takes the same number of steps (a share is
-    empty when ``batch_size < world``, or unequal by one row when ``world`` does not divide it), and a run
-    resumed on another number of workers continues the same sequence. ``global_sizes[k]`` is step k's
-    row count over all ranks, which the loss is normalised by.
-
-    Evaluation (``shuffle=False``): every row once, dealt out round robin without padding or duplicates
-    (so gathered scores cover the set exactly), then cut into this rank's batches of ``batch_size``.
-    """
-
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
-                 world: int = 1, drop_last: bool = False):
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} outside world size {world}")
-        if shuffle:
-            g = torch.Generator()
-            g.manual_seed(seed * 100_003 + epoch)
-            order = torch.randperm(n, generator=g).tolist()
-            whole = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-            if drop_last and whole and len(whole[-1]) < batch_size:
-                whole.pop()
-            self.batches = [b[rank::world] for b in whole]
-            self.global_sizes = [len(b) for b in whole]
-        else:
-            mine = list(range(n))[rank::world]
-            self.batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-            self.global_sizes = None
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-                num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False,
-                rank: int = 0, world: int = 1, persistent: bool = False) -> DataLoader:
-    """This rank's loader; order and augmentation depend only on (seed, epoch), so a resumed epoch repeats.
-
-    ``batch_size`` is global when ``shuffle`` (training: the rows of one optimizer step over all ranks)
-    and per rank otherwise (scoring). ``persistent`` keeps the worker processes between passes.
-    """
-    if shuffle and hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(seed, epoch)
-    batches = RankBatches(len(dataset), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world=world,
-                          drop_last=drop_last)
-    # Each loader worker starts fetching its next batch while it decodes this one (hides storage latency).
-    plan_batches(dataset, batches, batch_size, drop_last, num_workers)
-    g = torch.Generator()
-    g.manual_seed(seed * 100_003 + epoch)  # seeds the loader workers (numpy/random in _seed_worker)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=pin_memory, worker_init_fn=_seed_worker, generator=g,
-                      persistent_workers=persistent and num_workers > 0,
-                      # Two batches in flight per worker (torch's default) is enough to hide decode jitter.
-                      prefetch_factor=2 if num_workers > 0 else None)
-
-
-class StartedLoader:
-    """A DataLoader whose worker processes start now, so that iterating it later finds batches ready."""
-
-    def __init__(self, loader: DataLoader):
-        self.loader, self.dataset, self.batch_sampler = loader, loader.dataset, loader.batch_sampler
-        self._it = iter(loader)
-
-    def __iter__(self):
-        it, self._it = self._it, None
-        return it if it is not None else iter(self.loader)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-
 def image_urls(images_root: str, ids) -> list[str]:
     return [storage.join(images_root, i) for i in ids]
 
@@ -353,7 +228,7 @@ def check_images_found(images: str, urls: list, *, table: str, first: int = PREF
     business, later."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .errors import DataError
+    from mlc.errors import DataError
     if not urls:
         return
     if not storage.isdir(images):
@@ -397,15 +272,3 @@ class BadImageBudget:
             raise TooManyBadImages(
                 f"{len(self.bad)} of {self.total} images are unreadable (more than --max-bad-fraction "
                 f"{self.max_fraction:g}); first: {names}. Fix or remove them, or raise --max-bad-fraction.")
-
-
-def plan_batches(dataset, sampler, batch_size: int, drop_last: bool, num_workers: int) -> None:
-    """Tell a dataset that reads ahead (:meth:`ImageTable.set_plan`) which batches its DataLoader will ask
-    for: a :class:`RankBatches`' own batches, or those a BatchSampler makes from a plain ``sampler``. Call it
-    in the process that creates the loader, before iterating (workers inherit the plan)."""
-    if hasattr(dataset, "set_plan"):
-        if isinstance(sampler, RankBatches):
-            batches = sampler.batches
-        else:
-            batches = list(torch.utils.data.BatchSampler(sampler, batch_size, drop_last))
-        dataset.set_plan(batches, num_workers)

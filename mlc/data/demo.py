@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mlc import storage
+from mlc.io import storage
 
 # Bumped whenever the generated content changes, so an old cached copy is
 # regenerated rather than silently reused (it is part of the marker and of the
@@ -119,7 +119,7 @@ def _marker_content(n_train: int, n_test: int, image_size: int, seed: int) -> di
     # Everything that determines the output bytes, plus the class table so a
     # person looking at the folder can see what the ids mean.
     return {
-        "generator": "mlc.demo",
+        "generator": "mlc.demo",  # the marker's old name: a cache written before mlc/data/ stays valid
         "version": DEMO_VERSION,
         "n_train": n_train,
         "n_test": n_test,
@@ -154,7 +154,7 @@ def _check_ours(root: str) -> None:
         return
     if names and _OWNER not in names and _MARKER not in names:
         raise FileExistsError(
-            f"{root} already holds files that mlc.demo did not write ({', '.join(names[:5])}...); "
+            f"{root} already holds files that mlc.data.demo did not write ({', '.join(names[:5])}...); "
             "refusing to overwrite them: choose an empty or new folder for the demo dataset"
         )
 

@@ -23,7 +23,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as TF
 
-from .images import open_header
+from mlc.io.images import open_header
 
 
 @dataclass
@@ -42,7 +42,7 @@ class RawJpeg:
 def plan_raw(data: bytes, name: str, index: int, y, transform, max_pixels) -> RawJpeg | None:
     """In a loader worker: the row for the device decoder, or None when the CPU path must decode it.
 
-    Raises :class:`mlc.images.BadImageError` for a file whose header is already unreadable, as the CPU path
+    Raises :class:`mlc.io.images.BadImageError` for a file whose header is already unreadable, as the CPU path
     would.
     """
     im = open_header(data, name, max_pixels)  # header only: format, size, mode, and the decompression-bomb limit

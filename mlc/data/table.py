@@ -22,7 +22,7 @@ import re
 
 import pandas as pd
 
-from . import storage
+from mlc.io import storage
 
 KNOWN_COLUMNS = ("ImageID", "Labels", "Caption")
 # The header forms we accept: train.csv, test.csv, a Kaggle submission, and a bare id list.

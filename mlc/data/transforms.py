@@ -39,7 +39,7 @@ class ImageTransform:
 
     def params(self, height: int, width: int) -> tuple:
         """The random crop box and flip this transform would draw for an image of this size, in the same
-        order from the same generator (mlc.gpu_decode applies them on the device)."""
+        order from the same generator (mlc.data.gpu_decode applies them on the device)."""
         crop = self.pipeline.transforms[0]
         top, left, h, w = T.RandomResizedCrop.get_params(torch.empty(1, height, width), crop.scale, crop.ratio)
         flip = bool(torch.rand(1) < 0.5)
@@ -127,8 +127,8 @@ def batch_to_device(batch, device: torch.device) -> tuple:
     """``(inputs, y, index, lost)`` of a loader batch on ``device``: the model's inputs (``(x,)`` normalised
     float images, ``(ids, offsets)`` caption tokens, or ``(x, ids, offsets)``; None when no row is usable),
     targets, row indices, and the rows the device decoder could not decode (``--gpu-decode``;
-    mlc.data.Skipped)."""
-    from .data import Skipped
+    mlc.data.datasets.Skipped)."""
+    from mlc.data.datasets import Skipped
     nb = device.type == "cuda"
     parts, ys, index, lost, tokens = [], [], [], [], []
     if batch.y is not None:
@@ -139,7 +139,7 @@ def batch_to_device(batch, device: torch.device) -> tuple:
         index.append(batch.index[:n_good])
         tokens.extend(batch.tokens or ())
     if batch.raw:
-        from .gpu_decode import decode_rows
+        from mlc.data.gpu_decode import decode_rows
         images, failed = decode_rows(batch.raw, device)
         lost = [Skipped(r.index, r.name, reason) for r, reason in failed]
         kept = [(r, img) for r, img in zip(batch.raw, images) if img is not None]

@@ -29,9 +29,6 @@ from dataclasses import dataclass
 # --cpus-per-worker auto for GPU workers: this many CPUs per GPU (loader processes decoding JPEGs for one
 # ResNet50 GPU), capped by what the GPU node type has per GPU. CPU workers get 1.
 CPUS_PER_GPU = 8
-# How long a run waits for the autoscaler to add the nodes it needs before it gives up (Spot GPU VMs can
-# take several minutes to be granted and to boot the image).
-DEFAULT_WAIT_S = 1200.0
 
 
 class ClusterError(RuntimeError):
@@ -270,14 +267,3 @@ def fmt_resources(r: dict) -> str:
     shown = {k: v for k, v in r.items() if k in ("CPU", "GPU") or not (k.startswith("node:") or k in (
         "memory", "object_store_memory"))}
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
-
-
-def check_training_gpus(gpus: float | None, flag: str = "--gpus-per-worker") -> None:
-    """Training workers take no GPU, or whole GPUs: two DDP ranks on one GPU make NCCL fail at init
-    ("Duplicate GPU detected")."""
-    if gpus is None:
-        return
-    if gpus < 0 or (gpus > 0 and (gpus < 1 or gpus != int(gpus))):
-        raise ValueError(f"{flag} must be 0 or a whole number >= 1 for training, got {gpus:g}: two training "
-                         "ranks sharing one GPU make NCCL fail at start (duplicate GPU); prediction "
-                         "(jobs/predict.py) accepts fractions")

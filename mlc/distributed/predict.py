@@ -3,7 +3,7 @@
 The driver loads the checkpoint once (label vocabulary, image size, threshold, weights) and puts the
 weights in Ray's object store. The ImageIDs become a Ray Dataset with an explicit ``pos`` column (the
 row's place in the input). With GPU actors, a first ``map_batches`` stage of CPU tasks reads and decodes
-the images (:func:`decode_batch`, through :mod:`mlc.fetch`, so ``gs://`` works) into uint8 arrays and a
+the images (:func:`decode_batch`, through :mod:`mlc.io.fetch`, so ``gs://`` works) into uint8 arrays and a
 second runs :class:`Scorer` on a fixed pool of ``num_workers`` actors that only run the model (built once
 per actor, on the GPU Ray assigned it): Ray Data streams blocks between them, so the GPUs are not idle
 while images decode. With CPU actors each actor decodes its own rows (the stages would compete for the
@@ -26,16 +26,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import cluster, storage
-from .checkpoint import load_predictor
-from .config import TrainConfig
-from .data import ImageTable, Skipped, collate, image_urls
-from .device import prepare_device
-from .fusion import build, for_scoring, uses_images
-from .precision import autocast, pick_amp_dtype
-from .submission import write_predictions
-from .tokenizer import Tokenizer, encode_rows
-from .transforms import eval_transform, to_model_input, tokens_to_tensors
+from mlc.distributed import cluster
+from mlc.io import storage
+from mlc.train.checkpoint import load_predictor
+from mlc.train.inference import predict_from_checkpoint
+from mlc.config import TrainConfig
+from mlc.data.datasets import ImageTable, Skipped, image_urls
+from mlc.data.loader import collate
+from mlc.model.device import prepare_device
+from mlc.model.fusion import build, for_scoring, uses_images
+from mlc.model.precision import autocast, pick_amp_dtype
+from mlc.train.submission import write_predictions
+from mlc.data.tokenizer import Tokenizer, encode_rows
+from mlc.data.transforms import eval_transform, to_model_input, tokens_to_tensors
 
 
 # Ray Data 2.60 starts a usage-metrics poller thread in the driver on the first execution; it outlives
@@ -80,7 +83,7 @@ def actor_device() -> torch.device:
 def decode_batch(batch: dict, *, images_root: str, image_size: int, max_pixels: int) -> dict:
     """The CPU stage: read and decode a batch of rows ``{pos, ImageID}`` into uint8 images (N, 3, S, S).
 
-    Reads go through :meth:`mlc.data.ImageTable.__getitems__` (many requests in flight, the byte cache), the
+    Reads go through :meth:`mlc.data.datasets.ImageTable.__getitems__` (many requests in flight, the byte cache), the
     same path as training. An unreadable image keeps its row, with ``ok`` False and the reason in ``error``.
     """
     ids = [str(i) for i in batch["ImageID"]]
@@ -175,7 +178,7 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
     ``gpus_per_worker`` None means 1 when the cluster has GPUs, else 0. ``cpus_per_worker`` None is Ray Data's
     default of 1 CPU per actor (it warns that giving both CPUs and GPUs explicitly is experimental).
 
-    Returns what :func:`mlc.inference.score_ids` returns: ``probs`` (NaN rows for unreadable images), ``ok``,
+    Returns what :func:`mlc.train.inference.score_ids` returns: ``probs`` (NaN rows for unreadable images), ``ok``,
     ``skipped`` (``Skipped`` records naming each unreadable image), ``seconds`` and ``img_per_s``; plus
     ``workers`` (rows scored per actor).
     """
@@ -281,6 +284,14 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
         + ", ".join(f"{per_worker[w]} rows at {per_worker[w] / max(busy[w], 1e-9):.1f} img/s" for w in per_worker))
     return {"probs": probs, "ok": ok, "skipped": skipped, "seconds": elapsed,
             "img_per_s": n / elapsed if elapsed > 0 else 0.0, "workers": per_worker, "devices": sorted(devices)}
+
+
+def predict(checkpoint: str, data: str | None = None, output: str | None = None, *, num_workers: int = 0,
+            **kwargs) -> dict:
+    """``mlc.predict``: :func:`mlc.train.inference.predict_from_checkpoint`, on ``num_workers`` Ray Data
+    actors when it is >= 1 (:func:`score_distributed`), else in this process. Ray is imported only then."""
+    return predict_from_checkpoint(checkpoint, data, output, num_workers=num_workers,
+                                   scorer=score_distributed if num_workers >= 1 else None, **kwargs)
 
 
 def predict_distributed(checkpoint_url: str, ids, images_root: str, output: str, *, num_workers: int,

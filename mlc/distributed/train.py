@@ -1,7 +1,7 @@
 """Ray Train (the V2 API): the one module that touches Ray Train.
 
 The driver (``fit_distributed``) checks the storage, starts a ``TorchTrainer`` whose workers run
-``mlc.trainer.train_loop`` with ``RayGroup``, then copies the best checkpoint to ``<run>/best`` and
+``mlc.train.local.train_loop`` with ``RayGroup``, then copies the best checkpoint to ``<run>/best`` and
 writes the same outputs as local mode. Each epoch rank 0 reports a checkpoint folder that holds
 local mode's files (``state.pt``, ``model.pt``, ``labels.json``, ``meta.json``, validation
 predictions), so ``jobs/predict.py --checkpoint <run>/epoch_0003`` and ``jobs/train.py --local``
@@ -13,7 +13,7 @@ checkpoint manager's snapshot in the run folder and ``ray.train.get_checkpoint()
 latest checkpoint; a worker failure restarts the worker group from it, up to ``--max-failures``.
 
 Scale-from-zero and Spot: the driver plans from the node types the autoscaler can add
-(:mod:`mlc.cluster`), waits for the first nodes with a deadline, and fails at once when no node type
+(:mod:`mlc.distributed.cluster`), waits for the first nodes with a deadline, and fails at once when no node type
 can ever hold a worker. ``--num-workers MIN-MAX`` makes the group elastic: Ray Train starts with what
 fits (at least MIN), grows as nodes arrive, and after a node is lost restarts from the latest
 checkpoint with the workers that still fit. ``--batch-size`` is global, so the data order and the
@@ -35,17 +35,19 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from . import cluster, storage
-from .checkpoint import load_training_state, save_model, save_training_state
-from .config import ScaleConfig, TrainConfig
-from .demo import with_demo_data
-from .errors import UsageError
-from .logs import verbosity
-from .outputs import SCALAR_KEYS, finish, write_metrics
-from .runs import SCORE, best_of, epoch_dir, epoch_of, latest_epoch_checkpoint, publish_best, ray_storage
-from .submission import write_predictions
-from .thresholds import ThresholdChoice
-from .trainer import EpochEnd, check_resumable, check_weights_found, prepare_data, train_loop
+from mlc.distributed import cluster
+from mlc.io import storage
+from mlc.train.checkpoint import load_training_state, save_model, save_training_state
+from mlc.config import ScaleConfig, TrainConfig
+from mlc.data.demo import with_demo_data
+from mlc.errors import UsageError
+from mlc.logs import verbosity
+from mlc.train.outputs import SCALAR_KEYS, finish, write_metrics
+from mlc.distributed.runs import ray_storage
+from mlc.train.runs import SCORE, best_of, epoch_dir, epoch_of, latest_epoch_checkpoint, publish_best
+from mlc.train.submission import write_predictions
+from mlc.eval.thresholds import ThresholdChoice
+from mlc.train.local import EpochEnd, check_resumable, check_weights_found, prepare_data, train_loop
 
 # Local filesystems that every node of a cluster can mount; other local paths are node-local.
 SHARED_FSTYPES = {"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse.gcsfuse",
@@ -94,7 +96,7 @@ class RayGroup:
         self.run_url, self.cfg = run_url, cfg
         self.tensorboard_url = tensorboard_url or storage.join(run_url, "tensorboard")
         self.device = ray.train.torch.get_device()
-        # The CPUs Ray reserved for this worker: mlc.trainer sizes the DataLoader from them.
+        # The CPUs Ray reserved for this worker: mlc.train.local sizes the DataLoader from them.
         self.cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
         check_shared_output(run_url, {driver_host, ray.util.get_node_ip_address()})
 
@@ -149,7 +151,7 @@ def worker_main(config: dict) -> dict:
     workers trained with, so the driver records them without probing its own hardware.
     """
     cfg = TrainConfig.from_dict(config["cfg"])
-    from .logs import say, setup
+    from mlc.logs import say, setup
     # Lines through the mlc logger, not print: Ray Train patches print in its workers to log through the root
     # logger and also tees it to the redirected stdout, so a printed line reached the driver twice.
     setup(config.get("verbosity", 0), rank=ray.train.get_context().get_world_rank())
@@ -219,7 +221,7 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
     Outputs go under ``<cfg.output>/<scale.name>/``; a rerun with the same name resumes there.
     """
     t_start = time.perf_counter()
-    from .ray_predict import ensure_ray
+    from mlc.distributed.predict import ensure_ray
     ensure_ray(log)  # the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local Ray
     given = cfg  # as the caller gave it: data=None (the demo set) stays None in config.json
     cfg = with_demo_data(cfg, log)
@@ -242,7 +244,7 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
         check_resumable(state, cfg.replace(inputs=data.inputs), data.vocab, previous)
         log(f"resuming run {scale.name}: {previous} holds epoch {state['epoch']}; "
             f"training continues at epoch {state['epoch'] + 1} of {cfg.epochs}")
-    from .replay import write_config
+    from mlc.train.replay import write_config
     # After the resume check: a refused rerun must not overwrite the run's config.json.
     write_config(run_url, "train", local=False, train=given.replace(output=output), scale=scale)
 
@@ -268,8 +270,8 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
 
     def score_test(best_url, ids, captions, tokenizer):
         # On the cluster's workers (their GPUs), not on the driver, which may be a small CPU head node.
-        from .checkpoint import load_model_checkpoint
-        from .ray_predict import score_distributed
+        from mlc.train.checkpoint import load_model_checkpoint
+        from mlc.distributed.predict import score_distributed
         state, vocab, meta = load_model_checkpoint(best_url)
         # Scoring batches are per actor: the training run's per-worker share of the global batch, twice.
         per_actor = max(1, 2 * -(-cfg.batch_size // last_world))

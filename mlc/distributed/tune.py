@@ -1,7 +1,7 @@
 """Ray Tune sweep over learning rate and unfrozen depth; each trial is a Ray Train run (the Train V2 pattern).
 
 A Tune trial is a small driver function that builds a ``TorchTrainer`` running the same worker loop
-as ``jobs/train.py`` (``mlc.ray_train``), with ``TuneReportCallback`` passing each epoch's
+as ``jobs/train.py`` (``mlc.distributed.train``), with ``TuneReportCallback`` passing each epoch's
 validation metrics to Tune, where ASHA stops the weak trials early. Every trial's checkpoints live
 under ``<output>/<name>/<trial>/``.
 
@@ -17,7 +17,7 @@ A trial's best epoch is always one of the checkpoints Ray Train kept for it (rea
 own snapshot), so ties, ordering, early stopping and errors cannot point the summary at a deleted folder.
 Each trial keeps its best checkpoint and its latest (Ray Train never deletes the latest); an interrupted
 sweep's trials resume from their latest. The number of trials at once is planned from the node types the
-autoscaler can add (:mod:`mlc.cluster`) and enforced by the search algorithm itself.
+autoscaler can add (:mod:`mlc.distributed.cluster`) and enforced by the search algorithm itself.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ import math
 import time
 import pandas as pd
 
-from . import cluster, storage
-from .config import SweepConfig, TrainConfig
-from .demo import with_demo_data
-from .runs import SCORE, best_of, kept_checkpoints, publish_best
+from mlc.distributed import cluster
+from mlc.io import storage
+from mlc.config import SweepConfig, TrainConfig
+from mlc.data.demo import with_demo_data
+from mlc.distributed.runs import kept_checkpoints, ray_storage
+from mlc.train.runs import SCORE, best_of, publish_best
 
 METRIC = "f1_samples"
 
@@ -78,7 +80,7 @@ def _trial(config: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .ray_train import build_trainer
+    from mlc.distributed.train import build_trainer
 
     base = dict(config["base"])
     cfg = TrainConfig.from_dict({**base, "lr": config["lr"], "unfrozen_depth": config["unfrozen_depth"],
@@ -102,12 +104,11 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from .ray_train import absolute_output, check_shared_output, plan_workers
-    from .runs import ray_storage
-    from .trainer import check_weights_found, prepare_data
+    from mlc.distributed.train import absolute_output, check_shared_output, plan_workers
+    from mlc.train.local import check_weights_found, prepare_data
 
     t_start = time.perf_counter()
-    from .ray_predict import ensure_ray
+    from mlc.distributed.predict import ensure_ray
     ensure_ray(log)  # the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local Ray
     given = base  # as the caller gave it: data=None (the demo set) stays None in config.json
     base = with_demo_data(base, log)
@@ -120,7 +121,7 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     if fresh and storage.exists(sweep_url):
         log(f"--fresh: removing {sweep_url}")
         storage.remove(sweep_url, recursive=True)
-    from .replay import write_config
+    from mlc.train.replay import write_config
     write_config(sweep_url, "tune", train=given.replace(output=output), sweep=sweep)
     # Unreadable tables, and inputs the tables cannot serve, fail here, before any trial starts.
     data = prepare_data(base.replace(inputs=sweep.inputs[0]), log)
@@ -208,7 +209,7 @@ def results_table(grid, sweep: SweepConfig, kept: dict) -> pd.DataFrame:
 
 def summarize(grid, base: TrainConfig, sweep: SweepConfig, sweep_url: str, data, t_start: float, *, log=print,
               progress: bool = True, predict_workers: int | None = None, gpus_per_worker: float | None = None) -> dict:
-    from . import plots
+    from mlc.eval import plots
 
     table = results_table(grid, sweep, kept_by_trial(grid, sweep_url))
     buf = io.StringIO()
@@ -230,14 +231,13 @@ def summarize(grid, base: TrainConfig, sweep: SweepConfig, sweep_url: str, data,
     storage.write_text(storage.join(sweep_url, "best_config.json"), json.dumps(best, indent=1, default=float))
     storage.write_bytes(storage.join(sweep_url, "plots", "sweep.png"), plots.sweep_png(table))
 
-    from .inference import predict_from_checkpoint
+    from mlc.distributed.predict import predict
     workers = predict_workers if predict_workers is not None else sweep.workers_per_trial
     # Prediction's batch is per actor: twice a training worker's share of the global batch.
     per_actor = max(1, 2 * -(-base.batch_size // sweep.workers_per_trial))
-    pred = predict_from_checkpoint(storage.join(sweep_url, "best"), base.data, sweep_url,
-                                   ids_csv=base.test_csv, images=base.images, batch_size=per_actor,
-                                   num_workers=max(1, workers), gpus_per_worker=gpus_per_worker, log=log,
-                                   progress=progress)
+    pred = predict(storage.join(sweep_url, "best"), base.data, sweep_url,
+                   ids_csv=base.test_csv, images=base.images, batch_size=per_actor,
+                   num_workers=max(1, workers), gpus_per_worker=gpus_per_worker, log=log, progress=progress)
     log(f"best trial {top.trial}: lr {top.lr:.3g}, depth {int(top.unfrozen_depth)}, epoch {int(top.best_epoch)}, "
         f"validation F1 {top.best_f1_samples:.4f}, threshold {meta['threshold']['strategy']}; "
         f"wrote results.csv, best_config.json, best/, plots/sweep.png, predictions.csv under {sweep_url} "

@@ -2,11 +2,11 @@
 
 Why numpy and not scikit-learn: the training workers and the Kaggle submission
 step must not need scikit-learn at runtime, and some of this (the threshold
-grids of :mod:`mlc.thresholds`, per-class tuning on 30,000 rows) has to be
+grids of :mod:`mlc.eval.thresholds`, per-class tuning on 30,000 rows) has to be
 vectorised to stay cheap. The tests check every number against scikit-learn to
 1e-6, so the definitions below *are* scikit-learn's.
 
-Conventions for every function (here and in :mod:`mlc.thresholds`):
+Conventions for every function (here and in :mod:`mlc.eval.thresholds`):
 
 * ``y_true`` and ``y_pred`` are (N, C) arrays of 0/1 (bool or int), one row per
   image and one column per class.

@@ -1,7 +1,7 @@
 """PNG plots of a run: training curves, per-class scores, threshold search, PR curves.
 
 Every function returns PNG bytes and writes nothing: the caller decides where
-they go (local disk, a bucket via :mod:`mlc.storage`, a Ray artifact).
+they go (local disk, a bucket via :mod:`mlc.io.storage`, a Ray artifact).
 
 Figures are built with :class:`matplotlib.figure.Figure` and the Agg canvas
 directly instead of ``pyplot``: that needs no display, never switches the
@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mlc import metrics, thresholds
+from mlc.eval import metrics, thresholds
 
 __all__ = ["history_png", "per_class_f1_png", "threshold_png", "pr_curves_png"]
 
@@ -163,9 +163,9 @@ def threshold_png(curves: Mapping, choice=None) -> bytes:
     """Samples F1 against the per-image percentile (left) and the global threshold (right).
 
     ``curves`` is the second value returned by
-    :func:`mlc.thresholds.select_threshold`; the cross-fitted per-class F1 is
+    :func:`mlc.eval.thresholds.select_threshold`; the cross-fitted per-class F1 is
     drawn on both panels as a horizontal line for comparison. ``choice`` (a
-    :class:`~mlc.thresholds.ThresholdChoice` or its dict) marks the selected point,
+    :class:`~mlc.eval.thresholds.ThresholdChoice` or its dict) marks the selected point,
     or labels the line when per-class thresholds won.
     """
     ch = _choice_dict(choice)

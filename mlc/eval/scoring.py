@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .labels import LabelVocab
-from .metrics import prf
-from .table import TableError, read_table
+from mlc.data.labels import LabelVocab
+from mlc.eval.metrics import prf
+from mlc.data.table import TableError, read_table
 
 
 class SubmissionError(ValueError):

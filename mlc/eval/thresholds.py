@@ -5,7 +5,7 @@ threshold, one global threshold that also keeps each image's top label (every im
 COMP5329's every image has one, and an empty prediction scores F1 0 for its row), or one threshold per
 class. :func:`select_threshold` scores every candidate on validation
 rows and returns a :class:`ThresholdChoice`, which is saved with every model and applied to the test
-set. Conventions as in :mod:`mlc.metrics`.
+set. Conventions as in :mod:`mlc.eval.metrics`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .metrics import (_as_binary, _as_scores, _ranked_counts, _same_shape, _samples_f1, mean_average_precision,
+from mlc.eval.metrics import (_as_binary, _as_scores, _ranked_counts, _same_shape, _samples_f1, mean_average_precision,
                       prf)
 
 __all__ = [
@@ -226,7 +226,7 @@ def select_threshold(y_true, probs) -> tuple[ThresholdChoice, dict]:
     the test set.
 
     Returns ``(choice, curves)`` with ``curves`` ready for
-    :func:`mlc.plots.threshold_png`::
+    :func:`mlc.eval.plots.threshold_png`::
 
         {"percentile": {"values": [...], "f1_samples": [...]},
          "global": {"values": [...], "f1_samples": [...]},

@@ -1,4 +1,4 @@
-"""Many small objects, fast: the byte cache and read-ahead on top of :func:`mlc.storage.start_reads`.
+"""Many small objects, fast: the byte cache and read-ahead on top of :func:`mlc.io.storage.start_reads`.
 
 The COMP5329 images are 40,000 objects of about 12 KB. Read one at a time from GCS at ~50 ms per request
 an epoch would spend over 30 minutes waiting; starting a whole batch's reads at once (:func:`start`: up to
@@ -27,7 +27,7 @@ import hashlib
 import os
 import tempfile
 
-from . import storage
+from mlc.io import storage
 
 _UNCACHED_PROTOCOLS = ("memory://", "file://", "local://")
 

@@ -236,7 +236,7 @@ async def _cat_limited(fs, path: str, sem: asyncio.Semaphore) -> bytes:
 
 def start_reads(urls: Iterable[str], concurrency: int = DEFAULT_CONCURRENCY) -> PendingReads:
     """Start reading every URL now (up to ``concurrency`` requests in flight per filesystem; each URL once);
-    see :class:`PendingReads`. The one batch read: :func:`read_many`, :mod:`mlc.fetch` and the dataset
+    see :class:`PendingReads`. The one batch read: :func:`read_many`, :mod:`mlc.io.fetch` and the dataset
     check all go through it."""
     return PendingReads(list(dict.fromkeys(str(u) for u in urls)), concurrency)
 

@@ -1,7 +1,7 @@
 """Where a process computes when nobody assigned it a device: the first GPU, else the CPU, and its CPUs.
 
 A Ray worker takes its device from what Ray assigned it instead (``ray.train.torch.get_device()`` in
-training, :func:`mlc.ray_predict.actor_device` in prediction), never from this rule.
+training, :func:`mlc.distributed.predict.actor_device` in prediction), never from this rule.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """The networks for each ``--inputs``: the image ResNet50 alone, a caption encoder alone, or both fused.
 
-* ``image``: :class:`mlc.model.MultiLabelResNet`, a plain torchvision ResNet50 (``best/model.pt`` loads into
+* ``image``: :class:`mlc.model.resnet.MultiLabelResNet`, a plain torchvision ResNet50 (``best/model.pt`` loads into
   ``torchvision.models.resnet50(num_classes=N)``).
-* ``caption``: :class:`CaptionModel`, an embedding bag over the caption's tokens (:mod:`mlc.tokenizer`) and a
+* ``caption``: :class:`CaptionModel`, an embedding bag over the caption's tokens (:mod:`mlc.data.tokenizer`) and a
   linear head. It never touches an image.
 * ``image+caption``: :class:`ImageCaptionModel`, the ResNet50's 2048 pooled features and the caption's
   embedding concatenated before one linear head (late fusion: each branch keeps its own inputs' scale).
 
-Every network is called as ``model(*inputs)`` with the inputs :func:`mlc.transforms.batch_to_device` gives for
+Every network is called as ``model(*inputs)`` with the inputs :func:`mlc.data.transforms.batch_to_device` gives for
 its kind: ``(images,)``, ``(token_ids, offsets)`` or ``(images, token_ids, offsets)``. State dict keys:
 ``image.*`` (torchvision names under a prefix, no ``fc``), ``text.bag.weight``, ``head.weight``/``head.bias``.
 """
@@ -19,8 +19,8 @@ import copy
 import torch
 from torch import nn
 
-from .config import INPUTS
-from .model import MultiLabelResNet, WeightsError, build_model, fold_batchnorm, load_weights
+from mlc.config import INPUTS
+from mlc.model.resnet import MultiLabelResNet, WeightsError, build_model, fold_batchnorm, load_weights
 
 __all__ = ["INPUTS", "build", "for_scoring", "head", "uses_captions", "uses_images"]
 # 128 dimensions: measured on the real captions, 64 scored 0.848 and 128 0.849 (sample-F1); the head sees
@@ -146,7 +146,7 @@ def _load_whole(model: nn.Module, state: dict) -> None:
 
 def for_scoring(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """A copy to score with under autocast to ``dtype``: BatchNorm folded into the convolutions of any image
-    branch, which runs in ``dtype`` (see :func:`mlc.model.fold_batchnorm`); the caption model has nothing
+    branch, which runs in ``dtype`` (see :func:`mlc.model.resnet.fold_batchnorm`); the caption model has nothing
     to fold, and stays fp32 (autocast keeps its embedding bag in fp32)."""
     if isinstance(model, MultiLabelResNet):
         return fold_batchnorm(model, dtype)

@@ -64,8 +64,8 @@ def autocast(device: torch.device, amp_dtype):
 
 def model_step(model, optimizer, x, y, device, amp_dtype, *, train: bool) -> None:
     """One training step (or one forward pass) of ``model`` on a batch already in memory: what the CPU probe
-    below and the benchmarks (mlc.bench, mlc.bench_gpu) time, without a loader. (It lives here, not in
-    mlc.engine, because engine computes under :func:`autocast` and this module must not import it back.)"""
+    below and the benchmarks (mlc.bench.model, mlc.bench.gpu) time, without a loader. (It lives here, not in
+    mlc.train.engine, because engine computes under :func:`autocast` and this module must not import it back.)"""
     if train:
         model.train()
         with autocast(device, amp_dtype):
@@ -147,7 +147,7 @@ def time_cpu_steps(kind: str, unfrozen_depth: int, image_size: int, *, batch_siz
     warm-up step of each, and each keeps its fastest step: other work on a shared machine only ever slows
     a step down, so the minimum is the figure it disturbs least, and alternating exposes both to the
     same spells."""
-    from .model import build_model, trainable_parameter_groups
+    from mlc.model.resnet import build_model, trainable_parameter_groups
     device = torch.device("cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models import ResNet50_Weights
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from . import storage
+from mlc.io import storage
 
 # Stages in forward order. unfrozen_depth D trains the last D residual stages and the head;
 # D=4 trains every stage and the stem too (a full fine-tune, or training from scratch).
@@ -263,8 +263,8 @@ def build_model(num_classes: int, unfrozen_depth: int = 1, dropout: float = 0.0,
 
 def trainable_parameter_groups(model: nn.Module, weight_decay: float, text_lr: float | None = None) -> list[dict]:
     """Weight decay on conv/linear weights only (decaying BatchNorm scales and biases only hurts), and none on
-    a caption embedding (``text.``, mlc.fusion): a word seen in few captions would be pulled to zero between
-    its rare updates. ``text_lr``: the caption embedding's own learning rate (see mlc.fusion.text_lr_scale)."""
+    a caption embedding (``text.``, mlc.model.fusion): a word seen in few captions would be pulled to zero between
+    its rare updates. ``text_lr``: the caption embedding's own learning rate (see mlc.model.fusion.text_lr_scale)."""
     decay, no_decay, text = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

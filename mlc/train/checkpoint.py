@@ -8,8 +8,8 @@ Layout under a run's output:
   with ``torch.load(weights_only=True)``: a file in a shared bucket is data, never code, so whoever can
   write to the bucket cannot run anything on the nodes that resume from it.
 - ``best/model.pt``: the bare state_dict, loadable into plain torchvision (``--inputs image``; the caption
-  and fused networks' keys are in :mod:`mlc.fusion`); ``best/labels.json``; ``best/tokenizer.json`` when
-  the network reads captions (:mod:`mlc.tokenizer`); ``best/meta.json`` (config, threshold, epoch, metrics
+  and fused networks' keys are in :mod:`mlc.model.fusion`); ``best/labels.json``; ``best/tokenizer.json`` when
+  the network reads captions (:mod:`mlc.data.tokenizer`); ``best/meta.json`` (config, threshold, epoch, metrics
   and the model file's sha256, so a reader can tell the files belong together).
 """
 
@@ -23,12 +23,12 @@ import pickle
 import numpy as np
 import torch
 
-from . import storage
-from .config import TrainConfig
-from .fusion import uses_captions
-from .labels import LabelVocab
-from .thresholds import ThresholdChoice
-from .tokenizer import Tokenizer
+from mlc.io import storage
+from mlc.config import TrainConfig
+from mlc.model.fusion import uses_captions
+from mlc.data.labels import LabelVocab
+from mlc.eval.thresholds import ThresholdChoice
+from mlc.data.tokenizer import Tokenizer
 
 STATE = "state.pt"
 TOKENIZER = "tokenizer.json"

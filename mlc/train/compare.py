@@ -16,19 +16,19 @@ import time
 
 import pandas as pd
 
-from . import storage
-from .config import TrainConfig
-from .data import DataPaths, split_train_val
-from .labels import LabelVocab
-from .table import read_table
-from .thresholds import evaluate
+from mlc.io import storage
+from mlc.config import TrainConfig
+from mlc.data.datasets import DataPaths, split_train_val
+from mlc.data.labels import LabelVocab
+from mlc.data.table import read_table
+from mlc.eval.thresholds import evaluate
 
 COLUMNS = ("rows", "inputs", "f1_samples", "f1_micro", "f1_macro", "map", "threshold", "seconds")
 
 
 def linear_baseline(df: pd.DataFrame, val_fraction: float, seed: int, c: float = 10.0) -> dict:
     """TF-IDF (word 1-2-grams, sublinear tf) + one-vs-rest logistic regression on the training split's
-    captions, scored on the validation split by :func:`mlc.thresholds.evaluate`. ``c``: measured on the real
+    captions, scored on the validation split by :func:`mlc.eval.thresholds.evaluate`. ``c``: measured on the real
     train.csv, 10 scored above 1 and 4."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -55,7 +55,7 @@ def _row(rows: int, inputs: str, m: dict, seconds: float) -> dict:
 
 
 def _fit(cfg: TrainConfig, rows: int, log) -> dict:
-    from . import fit
+    from mlc.train.local import fit
     summary = fit(cfg, fresh=True, log=log, progress=False)
     return _row(rows, cfg.inputs, {**summary["best"], "threshold": summary["threshold"]}, summary["seconds"])
 

@@ -11,10 +11,10 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .logs import progress as progress_bar
-from .precision import autocast
-from .fusion import head
-from .transforms import batch_to_device, blank_inputs, input_shape
+from mlc.logs import progress as progress_bar
+from mlc.model.precision import autocast
+from mlc.model.fusion import head
+from mlc.data.transforms import batch_to_device, blank_inputs, input_shape
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -33,7 +33,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, *, epoch: int, 
     """Train for one pass over ``loader``; returns mean loss, image count and throughput.
 
     **Every rank takes every step.** The loader yields this rank's share of each global batch
-    (:class:`mlc.data.RankBatches`); a share may be empty, or every image of it unreadable. Such a rank
+    (:class:`mlc.data.loader.RankBatches`); a share may be empty, or every image of it unreadable. Such a rank
     still runs a forward and backward pass (on one blank image, in eval mode so no BatchNorm statistic
     moves, with zero loss), so its gradient all-reduce pairs with the other ranks' and DDP never
     desynchronises; the zero gradient adds nothing to the average.

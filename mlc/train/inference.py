@@ -1,23 +1,24 @@
 """Inference: scores for a list of ImageIDs in this process, and predictions from a checkpoint alone (in this
-process, or on Ray Data actors through :mod:`mlc.ray_predict`); ``mlc.predict`` and jobs/predict.py call it."""
+process, or on Ray Data actors through :mod:`mlc.distributed.predict`); ``mlc.predict`` and jobs/predict.py call it."""
 
 from __future__ import annotations
 
 import torch
 
-from . import storage
-from .checkpoint import load_model_checkpoint, load_predictor, tokenizer_of
-from .config import TrainConfig
-from .data import DataPaths, ImageTable, check_images_found, image_urls, make_loader
-from .device import available_cpus, pick_device, prepare_device
-from .engine import predict_scores, resolve_loader_workers
-from .errors import UsageError
-from .fusion import build, for_scoring, uses_images
-from .precision import NAMES, pick_amp_dtype
-from .submission import write_predictions
-from .table import read_ids_captions
-from .tokenizer import Tokenizer, encode_rows
-from .transforms import eval_transform
+from mlc.io import storage
+from mlc.train.checkpoint import load_model_checkpoint, load_predictor, tokenizer_of
+from mlc.config import TrainConfig
+from mlc.data.datasets import DataPaths, ImageTable, check_images_found, image_urls
+from mlc.data.loader import make_loader
+from mlc.model.device import available_cpus, pick_device, prepare_device
+from mlc.train.engine import predict_scores, resolve_loader_workers
+from mlc.errors import UsageError
+from mlc.model.fusion import build, for_scoring, uses_images
+from mlc.model.precision import NAMES, pick_amp_dtype
+from mlc.train.submission import write_predictions
+from mlc.data.table import read_ids_captions
+from mlc.data.tokenizer import Tokenizer, encode_rows
+from mlc.data.transforms import eval_transform
 
 
 def score_ids(model, ids, images_root: str, *, image_size: int, device, amp_dtype, batch_size: int,
@@ -39,7 +40,7 @@ def score_here(state: dict, num_classes: int, cfg, ids, images_root: str, *, bat
                loader_workers: int | None, device=None, log=print, progress: bool = True, captions=None,
                tokenizer: Tokenizer | None = None) -> dict:
     """:func:`score_ids` with the model ``cfg`` describes, built from ``state`` on ``device`` (default: this
-    process's, :func:`mlc.device.pick_device`), BatchNorm folded, precision and loader workers decided here.
+    process's, :func:`mlc.model.device.pick_device`), BatchNorm folded, precision and loader workers decided here.
     Adds ``device`` and ``precision`` (its name) to what :func:`score_ids` returns."""
     device = device or pick_device()
     prepare_device(device)
@@ -64,13 +65,15 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
                             ids_csv: str | None = None,
                             images: str | None = None, batch_size: int = 64, num_workers: int = 0,
                             loader_workers: int | None = None, gpus_per_worker: float | None = None,
-                            cpus_per_worker: float | None = None, log=print, progress: bool = True) -> dict:
+                            cpus_per_worker: float | None = None, log=print, progress: bool = True,
+                            scorer=None) -> dict:
     """Predict test.csv (or any table with an ImageID column) with label vocabulary, image size and
     threshold taken from the checkpoint alone.
 
     ``num_workers`` 0 scores in this process (``loader_workers`` DataLoader processes read the images);
-    ``num_workers`` N >= 1 spreads the rows over N Ray Data actors on the cluster in RAY_ADDRESS (or a
-    local Ray), each with ``gpus_per_worker`` GPUs (default: 1 when the cluster has GPUs, else 0).
+    ``num_workers`` N >= 1 hands them to ``scorer`` (called as :func:`mlc.distributed.predict.score_distributed`
+    is: N Ray Data actors on the cluster in RAY_ADDRESS, or a local Ray, each with ``gpus_per_worker`` GPUs,
+    default 1 when the cluster has GPUs, else 0); :func:`mlc.distributed.predict.predict` passes that one.
     Without ``images`` the image folder is the one the checkpoint was trained with, resolved against
     ``data`` (default: the checkpoint's dataset root). Returns the summary: rows, unreadable ImageIDs, rows
     with no label, seconds, images per second.
@@ -79,6 +82,9 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
         raise TypeError("predict needs output=: the folder for predictions.csv and probabilities.csv")
     if num_workers < 0:
         raise UsageError(f"--num-workers must be >= 0, got {num_workers}")
+    if num_workers >= 1 and scorer is None:
+        raise TypeError("num_workers >= 1 scores on Ray: call mlc.predict (mlc.distributed.predict.predict), "
+                        "which passes the Ray Data scorer")
     state, vocab, cfg, choice, tokenizer = load_predictor(checkpoint)
     data = data or cfg.data
     if data is None:
@@ -91,7 +97,7 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
     if uses_images(cfg.inputs):
         check_images_found(paths.images, image_urls(paths.images, ids), table=paths.test_csv)
     storage.check_writable(output)
-    from .replay import write_config
+    from mlc.train.replay import write_config
     # predict_config.json, not config.json: --output may be the training run's own folder, whose config.json
     # replays the training.
     write_config(output, "predict", name="predict_config.json", predict={
@@ -101,8 +107,7 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
     log(f"predicting {len(ids)} images from {paths.test_csv} (images in {paths.images}) with {checkpoint} "
         f"({len(vocab)} labels, {cfg.image_size}px, threshold {choice.strategy})")
     if num_workers >= 1:
-        from .ray_predict import score_distributed  # Ray is imported only on this path
-        out = score_distributed(state, ids, paths.images, cfg, len(vocab), num_workers=num_workers,
+        out = scorer(state, ids, paths.images, cfg, len(vocab), num_workers=num_workers,
                                 gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                                 batch_size=batch_size, log=log, progress=progress, captions=captions,
                                 tokenizer=tokenizer)
@@ -123,9 +128,9 @@ def load_model(checkpoint: str, *, with_tokenizer: bool = False):
     ``(model, vocab, tokenizer)`` with ``with_tokenizer`` (tokenizer None for an image-only network).
 
     The model is on the CPU in eval mode and gives one logit per label of ``vocab``. ``--inputs image``: the
-    trained ResNet50, ``model(x)`` for ``x`` normalised as :func:`mlc.transforms.to_model_input` does (ImageNet
+    trained ResNet50, ``model(x)`` for ``x`` normalised as :func:`mlc.data.transforms.to_model_input` does (ImageNet
     mean and std). ``caption``: ``model(ids, offsets)``; ``image+caption``: ``model(x, ids, offsets)``, with
-    ``ids, offsets = mlc.transforms.tokens_to_tensors(tokenizer.encode_many(captions), device)``.
+    ``ids, offsets = mlc.data.transforms.tokens_to_tensors(tokenizer.encode_many(captions), device)``.
     """
     url = str(checkpoint).rstrip("/")
     if url.rsplit("/", 1)[-1] == "model.pt":

@@ -3,7 +3,7 @@
 ``train_loop`` runs in every training process. What differs between one process and a Ray worker
 group is behind a small ``group`` object: its rank and world size, the device, how the model is
 wrapped (DDP), how objects are gathered across ranks, where the resume state comes from, and
-where each epoch's checkpoint goes. ``LocalGroup`` is the one-process group; ``mlc.ray_train``
+where each epoch's checkpoint goes. ``LocalGroup`` is the one-process group; ``mlc.distributed.train``
 has the Ray one.
 """
 
@@ -16,25 +16,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import storage
-from .checkpoint import load_training_state, save_model, save_training_state
-from .config import TrainConfig
-from .data import (BadImageBudget, DataPaths, ImageTable, StartedLoader, check_images_found, image_urls,
-                   make_loader, read_tables, split_train_val)
-from .demo import with_demo_data
-from .device import available_cpus, pick_device, prepare_device
-from .engine import make_optimizer, predict_scores, resolve_loader_workers, train_one_epoch, warmup_cosine
-from .labels import LabelVocab
-from .fusion import build, for_scoring, text_lr_scale, uses_captions, uses_images
-from .model import bare_state_dict, trainable_parameter_groups
-from .outputs import SCALAR_KEYS, finish, write_metrics
-from .precision import NAMES, needs_grad_scaler, pick_amp_dtype
-from .runs import latest_epoch_checkpoint
-from .submission import write_predictions
-from .table import captions_of
-from .thresholds import ThresholdChoice, evaluate
-from .tokenizer import Tokenizer, empty_captions
-from .transforms import eval_transform, train_transform
+from mlc.io import storage
+from mlc.train.checkpoint import load_training_state, save_model, save_training_state
+from mlc.config import TrainConfig
+from mlc.data.datasets import (BadImageBudget, DataPaths, ImageTable, check_images_found, image_urls, read_tables, split_train_val)
+from mlc.data.loader import StartedLoader, make_loader
+from mlc.data.demo import with_demo_data
+from mlc.model.device import available_cpus, pick_device, prepare_device
+from mlc.train.engine import make_optimizer, predict_scores, resolve_loader_workers, train_one_epoch, warmup_cosine
+from mlc.data.labels import LabelVocab
+from mlc.model.fusion import build, for_scoring, text_lr_scale, uses_captions, uses_images
+from mlc.model.resnet import bare_state_dict, trainable_parameter_groups
+from mlc.train.outputs import SCALAR_KEYS, finish, write_metrics
+from mlc.model.precision import NAMES, needs_grad_scaler, pick_amp_dtype
+from mlc.train.runs import latest_epoch_checkpoint
+from mlc.train.submission import write_predictions
+from mlc.data.table import captions_of
+from mlc.eval.thresholds import ThresholdChoice, evaluate
+from mlc.data.tokenizer import Tokenizer, empty_captions
+from mlc.data.transforms import eval_transform, train_transform
 
 # Everything a local run writes under --output; --fresh removes these first so nothing stale survives.
 OUTPUTS = ("checkpoint", "best", "metrics.json", "predictions.csv", "probabilities.csv", "plots", "config.json",
@@ -75,7 +75,7 @@ def resolve_inputs(inputs: str, train_df, table: str) -> str:
     if inputs == "auto":
         return "image+caption" if has else "image"
     if uses_captions(inputs) and not has:
-        from .errors import DataError
+        from mlc.errors import DataError
         raise DataError(f"--inputs {inputs}: {table} has no captions (no Caption column, or every caption empty); "
                         "use --inputs image")
     return inputs
@@ -110,7 +110,7 @@ def check_weights_found(spec: str) -> None:
     retried --max-failures times first). imagenet is fetched where the model is built, by torchvision."""
     if spec in ("imagenet", "none") or storage.exists(spec):
         return
-    from .model import WeightsError
+    from mlc.model.resnet import WeightsError
     raise WeightsError(f"--weights {spec}: not found; give imagenet, none, or a path/URL to a state dict")
 
 
@@ -174,7 +174,7 @@ def fit(cfg: TrainConfig, *, fresh: bool = False, log=print, progress: bool = Tr
     if fresh:
         for name in OUTPUTS:
             storage.remove(storage.join(cfg.output, name), recursive=True)
-    from .replay import write_config
+    from mlc.train.replay import write_config
     # Written once the resume check has passed: a refused rerun must not overwrite the run's config.json.
     group = LocalGroup(cfg.output, on_start=lambda: write_config(cfg.output, "train", local=True, train=given))
     result = train_loop(cfg, group, log=log, progress=progress)
@@ -299,7 +299,7 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
     next_loader = train_loader(start_epoch) if start_epoch <= cfg.epochs else None
     board = None
     if rank0 and start_epoch <= cfg.epochs:
-        from .tracking import Board
+        from mlc.train.tracking import Board
         board = Board(group.tensorboard_url, log=say)
     for epoch in range(start_epoch, cfg.epochs + 1):
         _seed_epoch(cfg.seed, epoch, group.rank)
@@ -383,5 +383,5 @@ def _gather_epoch(group, scored: dict, stats: dict, budget: BadImageBudget):
 
 
 def _as_skipped(bad: dict) -> list:
-    from .data import Skipped
+    from mlc.data.datasets import Skipped
     return [Skipped(-1, name, reason) for name, reason in bad.items()]

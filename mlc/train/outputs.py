@@ -14,13 +14,14 @@ import time
 import numpy as np
 import pandas as pd
 
-from . import plots, storage
-from .checkpoint import load_model_checkpoint, tokenizer_of
-from .config import TrainConfig
-from .metrics import baseline_f1
-from .submission import write_predictions
-from .table import captions_of
-from .thresholds import ThresholdChoice, select_threshold
+from mlc.eval import plots
+from mlc.io import storage
+from mlc.train.checkpoint import load_model_checkpoint, tokenizer_of
+from mlc.config import TrainConfig
+from mlc.eval.metrics import baseline_f1
+from mlc.train.submission import write_predictions
+from mlc.data.table import captions_of
+from mlc.eval.thresholds import ThresholdChoice, select_threshold
 
 SCALAR_KEYS = ("f1_samples", "f1_micro", "f1_macro", "precision_samples", "recall_samples",
                "precision_micro", "recall_micro", "precision_macro", "recall_macro", "map")
@@ -46,7 +47,7 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
     ``score_test(best_url, ids) -> {"probs", "ok"}`` scores the test images; by default they are
     scored in this process on ``device``.
     """
-    from .inference import score_here
+    from mlc.train.inference import score_here
 
     t_start = time.perf_counter() if t_start is None else t_start
     best_url = storage.join(out, "best")

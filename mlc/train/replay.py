@@ -20,8 +20,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from . import storage
-from .errors import UsageError
+from mlc.io import storage
+from mlc.errors import UsageError
 
 NAME = "config.json"
 
@@ -51,7 +51,7 @@ def _plain(obj):
 
 
 def record(job: str, **sections) -> dict:
-    from . import __version__
+    from mlc import __version__
     return {"job": job, "mlc_version": __version__, "git_commit": git_commit(),
             "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **{k: _plain(v) for k, v in sections.items() if v is not None}}

@@ -1,4 +1,5 @@
-"""A Ray Train run folder: where epochs, best/ and Ray's own bookkeeping live, and how best/ is published.
+"""A run folder: where epochs, best/ and Ray's own bookkeeping live, and how best/ is published (what Ray
+Train itself kept is read in :mod:`mlc.distributed.runs`).
 
 ``<run>/`` holds one ``epoch_NNNN/`` per checkpoint Ray Train kept (each a complete local-mode folder:
 ``state.pt``, ``model.pt``, ``labels.json``, ``meta.json``, validation predictions), Ray Train's
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from . import storage
+from mlc.io import storage
 
 # The metric that orders checkpoints: the same validation F1 that picks local mode's best/.
 SCORE = "f1_samples"
@@ -42,14 +43,6 @@ def latest_epoch_checkpoint(run_url: str) -> str | None:
     return None
 
 
-def ray_storage(url: str):
-    """``(storage_path, storage_filesystem)`` for Ray's RunConfig: the filesystem mlc uses, for gs:// too."""
-    if storage.is_local(url):
-        return os.path.abspath(url), None
-    fs, path = storage.pyarrow_filesystem(url)
-    return path, fs
-
-
 def best_of(kept: list) -> tuple[int, dict]:
     """``(epoch, metrics)`` of the best of ``kept`` ((epoch, metrics) pairs): the highest validation F1,
     the earliest epoch among equals (as local mode keeps it). Only checkpoints that exist are offered."""
@@ -58,27 +51,6 @@ def best_of(kept: list) -> tuple[int, dict]:
         raise LookupError("no kept checkpoint has a validation score")
     best = max(scored, key=lambda t: (t[0], t[1]))
     return best[2], best[3]
-
-
-def kept_checkpoints(run_url: str) -> list:
-    """``(epoch, metrics)`` for every checkpoint Ray Train kept in the run folder, from its own snapshot
-    (``ray.train.Result.from_path``): never a checkpoint it has deleted."""
-    from ray.train import Result
-    path, fs = ray_storage(run_url)
-    result = Result.from_path(path, storage_filesystem=fs)
-    out = []
-    for ckpt, metrics in result.best_checkpoints or []:
-        out.append((epoch_of(ckpt.path), dict(metrics)))
-    return sorted(out, key=lambda t: t[0])
-
-
-def best_kept(run_url: str) -> tuple[int, dict]:
-    """The best checkpoint Ray Train kept in ``run_url``: ``(epoch, metrics)``."""
-    kept = kept_checkpoints(run_url)
-    try:
-        return best_of(kept)
-    except LookupError:
-        raise LookupError(f"{run_url}: Ray Train kept no scored checkpoint there") from None
 
 
 def publish_best(run_url: str, epoch: int, dst: str) -> None:

@@ -11,10 +11,10 @@ import io
 import numpy as np
 import pandas as pd
 
-from . import storage
-from .labels import LabelVocab
-from .table import submission_csv
-from .thresholds import ThresholdChoice
+from mlc.io import storage
+from mlc.data.labels import LabelVocab
+from mlc.data.table import submission_csv
+from mlc.eval.thresholds import ThresholdChoice
 
 
 def write_predictions(output: str, ids, probs: np.ndarray, ok: np.ndarray, vocab: LabelVocab,

@@ -4,7 +4,7 @@ Written by rank 0 under ``<run>/tensorboard/`` (a sweep's trials under ``<sweep>
 so ``tensorboard --logdir <sweep>/tensorboard`` shows them side by side). The writer is tensorboardX, which
 Ray already depends on; its own remote-filesystem support covers S3 and HDFS, not fsspec URLs, so for a
 ``gs://`` (or any non-local) run the events go to a local temporary folder and every file is copied through
-:mod:`mlc.storage` at each epoch's end. A resumed run adds a new event file beside the old ones (TensorBoard
+:mod:`mlc.io.storage` at each epoch's end. A resumed run adds a new event file beside the old ones (TensorBoard
 reads them all). TensorBoard itself is not a dependency: view the events with ``pip install tensorboard``.
 
 Tracking never stops a run: a writer that cannot be created or an upload that fails is a warning.
@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 
-from . import storage
+from mlc.io import storage
 
 # The history row's keys, by TensorBoard tag: grouped so each panel compares like with like.
 SCALARS = {
@@ -29,7 +29,7 @@ SCALARS = {
 
 
 class Board:
-    """One run's TensorBoard events at ``url`` (local path or any URL :mod:`mlc.storage` writes)."""
+    """One run's TensorBoard events at ``url`` (local path or any URL :mod:`mlc.io.storage` writes)."""
 
     def __init__(self, url: str, log=print):
         self.url, self.log, self.writer, self.tmp = url, log, None, None

@@ -1,0 +1,150 @@
+"""Batches and loaders: rows collated into a :class:`Batch`, each rank's share of every global batch
+(:class:`RankBatches`), and the DataLoader that reads ahead for them."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mlc.data.datasets import Skipped
+
+
+@dataclass
+class Batch:
+    """Decoded rows (``x`` uint8, or None when no image is read; ``y``; ``tokens``, one id list per row when
+    captions are used) first, then ``raw`` rows for the device decoder (``--gpu-decode``, each with its own
+    ``tokens``); ``index`` holds the row numbers of both, in that order. ``y`` is None when no row is usable."""
+    x: torch.Tensor | None
+    y: torch.Tensor | None
+    index: torch.Tensor
+    skipped: list = field(default_factory=list)
+    raw: list = field(default_factory=list)
+    tokens: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def pin_memory(self):
+        if self.x is not None:
+            self.x = self.x.pin_memory()
+        if self.y is not None:
+            self.y = self.y.pin_memory()
+        for r in self.raw:
+            r.data = r.data.pin_memory()
+        return self
+
+
+def collate(items) -> Batch:
+    from mlc.data.gpu_decode import RawJpeg
+    skipped = [it for it in items if isinstance(it, Skipped)]
+    raw = [it for it in items if isinstance(it, RawJpeg)]
+    good = [it for it in items if not isinstance(it, (Skipped, RawJpeg))]
+    idx = [it[2] for it in good] + [r.index for r in raw]
+    if not good:
+        return Batch(None, None, torch.tensor(idx, dtype=torch.long), skipped, raw)
+    xs, ys = [it[0] for it in good], [it[1] for it in good]
+    tokens = [it[3] if len(it) > 3 else None for it in good]  # (x, y, i) rows carry no caption
+    x = torch.stack(xs) if xs[0] is not None else None
+    return Batch(x, torch.stack(ys), torch.tensor(idx, dtype=torch.long), skipped, raw,
+                 list(tokens) if tokens[0] is not None else None)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Augmentations draw from torch, numpy and random: seed the last two from torch's per-worker seed.
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+class RankBatches(torch.utils.data.Sampler):
+    """This rank's share of every batch of one epoch (a DataLoader ``batch_sampler``).
+
+    Training (``shuffle=True``): a permutation seeded by (seed, epoch) is cut into *global* batches of
+    ``batch_size`` rows (a last partial batch is dropped with ``drop_last``), and each global batch is
+    dealt out round robin: rank r takes its rows r, r + world, ... So the rows of step k, summed over the
+    ranks, are the same whatever the world size; every rank takes the same number of steps (a share is
+    empty when ``batch_size < world``, or unequal by one row when ``world`` does not divide it), and a run
+    resumed on another number of workers continues the same sequence. ``global_sizes[k]`` is step k's
+    row count over all ranks, which the loss is normalised by.
+
+    Evaluation (``shuffle=False``): every row once, dealt out round robin without padding or duplicates
+    (so gathered scores cover the set exactly), then cut into this rank's batches of ``batch_size``.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
+                 world: int = 1, drop_last: bool = False):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world size {world}")
+        if shuffle:
+            g = torch.Generator()
+            g.manual_seed(seed * 100_003 + epoch)
+            order = torch.randperm(n, generator=g).tolist()
+            whole = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+            if drop_last and whole and len(whole[-1]) < batch_size:
+                whole.pop()
+            self.batches = [b[rank::world] for b in whole]
+            self.global_sizes = [len(b) for b in whole]
+        else:
+            mine = list(range(n))[rank::world]
+            self.batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+            self.global_sizes = None
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+                num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False,
+                rank: int = 0, world: int = 1, persistent: bool = False) -> DataLoader:
+    """This rank's loader; order and augmentation depend only on (seed, epoch), so a resumed epoch repeats.
+
+    ``batch_size`` is global when ``shuffle`` (training: the rows of one optimizer step over all ranks)
+    and per rank otherwise (scoring). ``persistent`` keeps the worker processes between passes.
+    """
+    if shuffle and hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(seed, epoch)
+    batches = RankBatches(len(dataset), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world=world,
+                          drop_last=drop_last)
+    # Each loader worker starts fetching its next batch while it decodes this one (hides storage latency).
+    plan_batches(dataset, batches, batch_size, drop_last, num_workers)
+    g = torch.Generator()
+    g.manual_seed(seed * 100_003 + epoch)  # seeds the loader workers (numpy/random in _seed_worker)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, worker_init_fn=_seed_worker, generator=g,
+                      persistent_workers=persistent and num_workers > 0,
+                      # Two batches in flight per worker (torch's default) is enough to hide decode jitter.
+                      prefetch_factor=2 if num_workers > 0 else None)
+
+
+class StartedLoader:
+    """A DataLoader whose worker processes start now, so that iterating it later finds batches ready."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.dataset, self.batch_sampler = loader, loader.dataset, loader.batch_sampler
+        self._it = iter(loader)
+
+    def __iter__(self):
+        it, self._it = self._it, None
+        return it if it is not None else iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def plan_batches(dataset, sampler, batch_size: int, drop_last: bool, num_workers: int) -> None:
+    """Tell a dataset that reads ahead (:meth:`ImageTable.set_plan`) which batches its DataLoader will ask
+    for: a :class:`RankBatches`' own batches, or those a BatchSampler makes from a plain ``sampler``. Call it
+    in the process that creates the loader, before iterating (workers inherit the plan)."""
+    if hasattr(dataset, "set_plan"):
+        if isinstance(sampler, RankBatches):
+            batches = sampler.batches
+        else:
+            batches = list(torch.utils.data.BatchSampler(sampler, batch_size, drop_last))
+        dataset.set_plan(batches, num_workers)

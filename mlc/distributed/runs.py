@@ -1,0 +1,31 @@
+"""What Ray Train kept in a run folder (its own checkpoint snapshot), and the storage Ray writes it through.
+
+The folder's layout and best/ are in :mod:`mlc.train.runs`; this module reads Ray's side of it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mlc.io import storage
+from mlc.train.runs import epoch_of
+
+
+def ray_storage(url: str):
+    """``(storage_path, storage_filesystem)`` for Ray's RunConfig: the filesystem mlc uses, for gs:// too."""
+    if storage.is_local(url):
+        return os.path.abspath(url), None
+    fs, path = storage.pyarrow_filesystem(url)
+    return path, fs
+
+
+def kept_checkpoints(run_url: str) -> list:
+    """``(epoch, metrics)`` for every checkpoint Ray Train kept in the run folder, from its own snapshot
+    (``ray.train.Result.from_path``): never a checkpoint it has deleted."""
+    from ray.train import Result
+    path, fs = ray_storage(run_url)
+    result = Result.from_path(path, storage_filesystem=fs)
+    out = []
+    for ckpt, metrics in result.best_checkpoints or []:
+        out.append((epoch_of(ckpt.path), dict(metrics)))
+    return sorted(out, key=lambda t: t[0])
