@@ -34,8 +34,9 @@ def add_train_args(p: argparse.ArgumentParser, skip=()) -> None:
         g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, choices=choices,
                        help=f"{f.metadata['help']} ({shown})")
     accept_old_bool_values(p)
-    p.add_argument("--fresh", action="store_true", help="ignore and remove an existing checkpoint in --output and "
-                   "start over (default: resume from it)")
+    p.add_argument("--fresh", action="store_true", help="start over: the previous run in --output is replaced once "
+                   "every check before training has passed (tables, images, flags, weights), never before "
+                   "(default: resume from its checkpoint)")
 
 
 def _bool(text: str) -> bool:

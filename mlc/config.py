@@ -8,6 +8,7 @@ is. A TrainConfig is saved with every model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 # What a network can read (mlc.model.fusion builds each).
@@ -43,6 +44,19 @@ def check_training_gpus(gpus: float | None, flag: str = "--gpus-per-worker") -> 
 _WAIT_FOR_AUTOSCALER_HELP = ("wait for nodes even when no autoscaler config is readable here (an autoscaler this "
                              "process cannot see, e.g. KubeRay's, will add them); with one readable, waiting is "
                              "automatic")
+
+
+def _non_finite(cfg) -> list:
+    """Every float setting that is NaN or infinite: ``float("nan") <= 0`` is False, so a range check alone lets
+    ``--lr nan`` through to fail deep in torch (or ``--lr inf`` to train a whole epoch of NaNs)."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        values = getattr(cfg, f.name)
+        for v in values if isinstance(values, tuple) else (values,):
+            if isinstance(v, float) and not math.isfinite(v):
+                out.append(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+                break
+    return out
 
 
 def _worker_problems(gpus: float | None, cpus: float | None, wait_timeout: float) -> list:
@@ -141,7 +155,7 @@ class TrainConfig:
                          "gpu_decode")
 
     def __post_init__(self):
-        problems = []
+        problems = _non_finite(self)
         if not 0 <= self.unfrozen_depth <= 4:
             problems.append(f"--unfrozen-depth must be 0..4, got {self.unfrozen_depth}")
         if not 0 <= self.dropout < 1:
@@ -152,6 +166,16 @@ class TrainConfig:
             problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.lr <= 0:
             problems.append(f"--lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            problems.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.warmup_epochs < 0:
+            problems.append(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if self.clip_grad < 0:
+            problems.append(f"--clip-grad must be >= 0 (0: no clipping), got {self.clip_grad}")
+        if self.max_image_pixels < 1:
+            problems.append(f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
         if not 0 < self.val_fraction < 1:
             problems.append(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.image_size < 32:
@@ -246,7 +270,7 @@ class ScaleConfig:
         return self.min_workers != self.max_workers
 
     def __post_init__(self):
-        problems = _worker_problems(self.gpus_per_worker, self.cpus_per_worker, self.wait_timeout)
+        problems = _non_finite(self) + _worker_problems(self.gpus_per_worker, self.cpus_per_worker, self.wait_timeout)
         n = self.num_workers
         if isinstance(n, list):
             object.__setattr__(self, "num_workers", n := tuple(n))
@@ -301,7 +325,7 @@ class SweepConfig:
         "seconds to wait for the autoscaler to add the first trial's nodes before giving up")
 
     def __post_init__(self):
-        problems = _worker_problems(self.gpus_per_worker, self.cpus_per_worker, self.wait_timeout)
+        problems = _non_finite(self) + _worker_problems(self.gpus_per_worker, self.cpus_per_worker, self.wait_timeout)
         if self.num_samples < 1:
             problems.append(f"--num-samples must be >= 1, got {self.num_samples}")
         if self.workers_per_trial < 1:

@@ -125,7 +125,7 @@ def test_every_exit_code_is_documented(code):
 
 
 def test_ray_runs_check_a_weights_path_before_any_worker_starts(tmp_path):
-    from mlc.train.local import check_weights_found
+    from mlc.model.resnet import check_weights_found
     check_weights_found("imagenet")  # fetched where the model is built
     (tmp_path / "w.pt").write_bytes(b"x")
     check_weights_found(str(tmp_path / "w.pt"))

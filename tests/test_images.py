@@ -123,10 +123,22 @@ def test_garbage(files):
         read_header(open(files["garbage.jpg"], "rb").read(), "garbage.jpg")
 
 
-def test_html_page_saved_as_jpg_shows_its_start():
+@pytest.mark.parametrize("data,what", [
+    (b"<html><body>403 Forbidden</body></html>", "HTML page"),
+    (b"  <!DOCTYPE html><html>secret</html>", "HTML page"),
+    (b"root:x:0:0:root:/root:/bin/bash\n", "plain text"),
+    (b"%PDF-1.7 secret", "PDF"),
+    (b"PK\x03\x04secret", "ZIP"),
+    (b'{"token": "secret"}', "JSON or other text"),
+    (bytes(range(256)) * 4, "binary data"),
+])
+def test_a_file_that_is_no_image_is_described_never_shown(data, what):
+    """The reason says what the file looks like; its bytes never reach a message (the file may be anything)."""
     with pytest.raises(BadImageError) as e:
-        decode_image(b"<html><body>403 Forbidden</body></html>", "x.jpg")
-    assert "<html>" in e.value.reason
+        decode_image(data, "x.jpg")
+    assert what in e.value.reason and e.value.kind == "not_image"
+    for shown in ("secret", "root:x", "403", "\\x", "b'"):
+        assert shown not in str(e.value)
 
 
 def test_empty_file(files):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from mlc.train import local as trainer
 from mlc.train.checkpoint import load_model_checkpoint, load_training_state
@@ -95,9 +96,17 @@ def uninterrupted(dataset, tmp_path_factory, ray_head):
     summary = isolated(run_distributed, ray_head.address, cfg_for(dataset, tmp, batch_size=8, **SPLIT_INVARIANT).to_dict(),
                        {"num_workers": 2, "name": "straight", "max_failures": 0})
     local = tmp / "local"
-    trainer.fit(cfg_for(dataset, local, batch_size=8, **SPLIT_INVARIANT), log=lambda *_: None, progress=False)
     control = tmp / "control"  # one process with batch 4: what the workers would do without DDP
-    trainer.fit(cfg_for(dataset, control, batch_size=4, **SPLIT_INVARIANT), log=lambda *_: None, progress=False)
+    # Like with like: each Ray worker reserves 1 CPU, and Ray runs it with 1 intra-op thread (OMP_NUM_THREADS=1);
+    # a CPU's kernels may round differently with another thread count (an Intel Xeon's did: L2 gap 0.13 with 2
+    # threads here against 1 in the workers, the same run inside the bound with 1), so the local runs use 1 too.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.fit(cfg_for(dataset, local, batch_size=8, **SPLIT_INVARIANT), log=lambda *_: None, progress=False)
+        trainer.fit(cfg_for(dataset, control, batch_size=4, **SPLIT_INVARIANT), log=lambda *_: None, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return {"run": tmp / "straight", "local": local, "control": control, "summary": summary}
 
 

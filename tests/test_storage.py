@@ -69,8 +69,15 @@ def test_local_write_leaves_no_temporary_files(tmp_path):
 
 
 def test_check_writable_local(tmp_path):
+    (tmp_path / "there").mkdir()
+    storage.check_writable(str(tmp_path / "there"))
+    assert os.listdir(tmp_path / "there") == []  # the probe is gone
+    # Folders the check had to create are removed again: a run that fails before writing leaves none behind.
     storage.check_writable(str(tmp_path / "new" / "run"))
-    assert os.listdir(tmp_path / "new" / "run") == []  # the probe is gone
+    assert os.listdir(tmp_path) == ["there"]
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(StorageError, match=r"a-file is a file, not a folder"):
+        storage.check_writable(str(tmp_path / "a-file"))
     (tmp_path / "file").write_text("x")
     with pytest.raises(StorageError, match=r"output location .*file/run is not writable.*Nothing was trained"):
         storage.check_writable(str(tmp_path / "file" / "run"))

@@ -234,9 +234,9 @@ def _write(tmp_path, text: str | bytes, name: str = "table.csv"):
     return p
 
 
-def _assert_error(p, line: int | None, *fragments: str, require=None) -> TableError:
+def _assert_error(p, line: int | None, *fragments: str, require=None, labelled=True) -> TableError:
     with pytest.raises(TableError) as ei:
-        read_table(str(p), require=require)
+        read_table(str(p), require=require, labelled=labelled)
     e = ei.value
     msg = str(e)
     assert isinstance(e, ValueError)
@@ -332,9 +332,56 @@ def test_duplicate_in_submission(tmp_path):
 
 
 def test_submission_may_have_empty_labels(tmp_path):
-    """Only a training table (with captions) requires labels; an empty prediction is allowed."""
+    """A submission's empty Labels (an image predicted with none) are allowed; a table that trains, or is the
+    truth, needs a label on every row, whatever its other columns (one rule: ImageID,Labels as well)."""
     t = read_table(str(_write(tmp_path, "ImageID,Labels\n0.jpg,\n1.jpg,2 3\n")))
     assert list(t.Labels) == [[], ["2", "3"]]
+    for text in ("ImageID,Labels\n0.jpg,\n1.jpg,2 3\n", "ImageID,Labels,Caption\n0.jpg,,a\n1.jpg,2 3,b\n"):
+        _assert_error(_write(tmp_path, text), 2, "empty Labels", "0.jpg", "at least one label")
+    # Every row empty: the same error at the first row, not an empty label vocabulary later.
+    _assert_error(_write(tmp_path, "ImageID,Labels\n0.jpg,\n1.jpg,\n"), 2, "empty Labels")
+    _assert_error(_write(tmp_path, "ImageID,Caption\n0.jpg,a\n"), 1, "lacks required column", "Labels")
+
+
+@pytest.mark.parametrize("image_id,problem", [
+    ("../../../../../etc/shadow", "'..' would leave the image folder"),
+    ("sub/../../x.jpg", "'..'"),
+    ("/etc/hostname", "absolute path"),
+    ("\\\\server\\share\\x.jpg", "absolute path"),
+    ("C:\\x.jpg", "absolute path"),
+    ("gs://other-bucket/x.jpg", "a URL"),
+    ("file:///etc/passwd", "a URL"),
+])
+@pytest.mark.parametrize("dialect", ["rfc", "comp5329", "ids_only"])
+def test_an_image_id_that_would_leave_the_image_folder_is_refused_with_its_line(tmp_path, image_id, problem,
+                                                                                 dialect):
+    from mlc.data.table import read_ids
+    if dialect == "ids_only":  # any CSV with an ImageID column (jobs/predict.py --ids)
+        p = _write(tmp_path, f"Other,ImageID\nx,0.jpg\ny,{image_id}\n")
+        with pytest.raises(TableError) as ei:
+            read_ids(str(p))
+    else:
+        caption = '"a ""quoted"" word"' if dialect == "rfc" else '"a "quoted" word"'
+        p = _write(tmp_path, f"ImageID,Labels,Caption\n0.jpg,1,{caption}\n{image_id},2,{caption}\n")
+        with pytest.raises(TableError) as ei:
+            read_table(str(p))
+    assert ei.value.line == 3 and problem in str(ei.value) and "inside the image folder" in str(ei.value)
+
+
+def test_ids_inside_subfolders_are_fine(tmp_path):
+    t = read_table(str(_write(tmp_path, "ImageID,Labels\ntrain/0.jpg,1\n./1.jpg,2\nx..y.jpg,3\n")))
+    assert list(t.ImageID) == ["train/0.jpg", "./1.jpg", "x..y.jpg"]
+
+
+def test_a_file_that_is_no_table_is_not_shown_in_the_error(tmp_path):
+    """A flag pointing at the wrong file (or a secret) gets a description, never the file's first line."""
+    p = _write(tmp_path, "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/:/usr/sbin/nologin\n")
+    for read in (read_table, lambda u: __import__("mlc.data.table", fromlist=["read_ids"]).read_ids(u)):
+        with pytest.raises(TableError) as ei:
+            read(str(p))
+        assert "root:x" not in str(ei.value) and "bash" not in str(ei.value)
+    e = _assert_error(_write(tmp_path, "ImageId,Labels,Caption\n0.jpg,1,a\n"), 1, "header ImageId,Labels,Caption")
+    assert "expected one of" in str(e)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
-
 
 from mlc import logs
 from mlc.io import storage
@@ -31,13 +31,30 @@ def _header(url: str, data, max_pixels: int):
         return e.reason
 
 
+def _symlinks(images: str, ids: list) -> dict:
+    """``{ImageID: where it points}`` for the images of a local folder that are symbolic links. A link its
+    owner put in the folder is read like any image; the report says where each leads, so a link to a file
+    outside the folder is seen rather than followed blindly."""
+    if not storage.is_local(images):
+        return {}
+    _, root = storage.filesystem(images)
+    out = {}
+    for i in ids:
+        path = os.path.join(root, i)
+        if os.path.islink(path):
+            real = os.path.realpath(path)
+            inside = os.path.commonpath([real, os.path.realpath(root)]) == os.path.realpath(root)
+            out[i] = real + ("" if inside else " (outside the image folder)")
+    return out
+
+
 def check_dataset(paths: DataPaths, *, max_pixels: int = 50_000_000, progress: bool = True) -> dict:
     """A report dict; ``problems`` lists everything wrong (empty when the dataset is usable as is)."""
     report: dict = {"train_csv": paths.train_csv, "test_csv": paths.test_csv, "images": paths.images, "problems": []}
     tables = {}
     for name, url, req in (("train", paths.train_csv, ("ImageID", "Labels")), ("test", paths.test_csv, ("ImageID",))):
         try:
-            tables[name] = read_table(url, require=req)
+            tables[name] = read_table(url, require=req, labelled=name == "train")
             report[f"{name}_rows"] = len(tables[name])
         except (TableError, FileNotFoundError) as e:
             report["problems"].append(str(e))
@@ -69,6 +86,7 @@ def check_dataset(paths: DataPaths, *, max_pixels: int = 50_000_000, progress: b
     for url, data in logs.progress(reads(), desc="image headers", total=len(to_read), enabled=progress, unit="img"):
         reasons[url] = _header(url, data, max_pixels)
     unreadable = {i: r for i in to_read if (r := reasons[storage.join(paths.images, i)]) is not None}
+    report["symlinks"] = _symlinks(paths.images, to_read)
     report["images_found"] = len(to_read)
     report["missing_images"] = len(missing)
     report["missing_examples"] = missing[:20]
@@ -91,6 +109,10 @@ def format_report(r: dict) -> str:
     if "images_found" in r:
         lines.append(f"images: {r['images_found']} found, {r['missing_images']} missing, "
                      f"{len(r['unreadable_images'])} unreadable ({r['images']})")
+    if r.get("symlinks"):
+        links = list(r["symlinks"].items())
+        lines.append(f"symbolic links: {len(links)} images are links, read where they point: "
+                     + ", ".join(f"{k} -> {v}" for k, v in links[:10]) + (", ..." if len(links) > 10 else ""))
     lines.append("problems:" if r["problems"] else "no problems found")
     lines += [f"  - {p}" for p in r["problems"]]
     return "\n".join(lines)

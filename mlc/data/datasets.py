@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from mlc.io import fetch, storage
 from mlc.io.images import DEFAULT_MAX_PIXELS, BadImageError, decode_fetched
-from mlc.data.table import read_table
+from mlc.data.table import id_problem, read_table
 
 
 def load_image(url: str, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None,
@@ -214,7 +214,16 @@ class ImageTable(Dataset):
 
 
 def image_urls(images_root: str, ids) -> list[str]:
-    return [storage.join(images_root, i) for i in ids]
+    """Each ImageID joined onto the image folder. The tables refuse ids that would leave it (absolute, URL,
+    ``..``: :func:`mlc.data.table.id_problem`); ids given here some other way (the API) meet the same rule."""
+    urls = []
+    for i in ids:
+        if (problem := id_problem(i)) is not None:
+            from mlc.errors import DataError
+            raise DataError(f"ImageID {i[:80]!r} cannot name an image in {storage.safe_url(images_root)}: {problem}; "
+                            "ImageIDs are file names inside the image folder")
+        urls.append(storage.join(images_root, i))
+    return urls
 
 
 # Enough rows that a folder holding most of the listed images cannot miss them all by chance, few enough to
@@ -243,7 +252,7 @@ def check_images_found(images: str, urls: list, *, table: str, first: int = PREF
 
 
 def read_tables(paths: DataPaths) -> tuple[pd.DataFrame, pd.DataFrame]:
-    train = read_table(paths.train_csv, require=("ImageID", "Labels"))
+    train = read_table(paths.train_csv, require=("ImageID", "Labels"), labelled=True)
     test = read_table(paths.test_csv)
     return train, test
 

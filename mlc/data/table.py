@@ -150,13 +150,51 @@ def _find_close(text: str, open_pos: int) -> tuple[int | None, int, int | None]:
     return best.start(), best.end(), None
 
 
-def read_table(url: str, *, require: tuple[str, ...] | None = None) -> pd.DataFrame:
+# A column name as tables write them; anything else in a header line is not shown (the "table" may be any
+# file a flag pointed at, and a message must never print a file's content).
+_COLUMN_NAME = re.compile(r"^[A-Za-z][\w .-]{0,39}$")
+
+
+def _describe_header(names: list) -> str:
+    shown = [n for n in names if _COLUMN_NAME.match(n)]
+    if names and len(shown) == len(names):
+        return f"header {','.join(names)}"
+    return f"a first line of {len(names)} comma-separated field(s) that are not column names"
+
+
+def id_problem(image_id: str) -> str | None:
+    """Why ``image_id`` cannot name a file inside the image folder, or None.
+
+    An ImageID is a file name relative to the image folder (``123.jpg``, ``train/123.jpg``). A table often
+    comes from elsewhere, so it must not be able to make a job read (train on, predict, print) a file the
+    user never put in that folder: absolute paths, URLs and ``..`` are refused, wherever they appear."""
+    if any(ord(c) < 32 for c in image_id):
+        return "it holds a control character"
+    if image_id.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:[\\/]", image_id):
+        return "it is an absolute path"
+    if re.match(r"^[A-Za-z][\w+.-]*:", image_id):
+        return "it is a URL"
+    if ".." in re.split(r"[\\/]", image_id):
+        return "'..' would leave the image folder"
+    return None
+
+
+def _id_error(url: str, line: int | None, image_id: str, problem: str) -> "TableError":
+    shown = image_id if len(image_id) <= 80 else image_id[:77] + "..."
+    return TableError(url, line, f"ImageID {shown!r} cannot name an image: {problem}. ImageIDs are file names "
+                      "inside the image folder (--images); fix the table")
+
+
+def read_table(url: str, *, require: tuple[str, ...] | None = None, labelled: bool = False) -> pd.DataFrame:
     """Read a COMP5329 table (train.csv, test.csv, a submission) from any URL.
 
     Returns a DataFrame with ``ImageID`` (str), ``Labels`` (list of label
     strings in file order) where the file has labels, and ``Caption`` (str,
     exactly as written) where it has captions, in file order. ``require``
-    names columns the caller needs (e.g. ``("ImageID", "Labels")``).
+    names columns the caller needs (e.g. ``("ImageID", "Labels")``). ``labelled``: the table trains or is
+    the truth, so every row needs a Labels column with at least one label (one rule whatever the other
+    columns; a submission's empty Labels, an image predicted with none, stay valid).
+    Every ImageID must name a file inside the image folder (:func:`id_problem`).
     """
     url = str(url)
     try:
@@ -174,8 +212,10 @@ def read_table(url: str, *, require: tuple[str, ...] | None = None) -> pd.DataFr
         header.pop()
         trailing_empty = True
     if tuple(header) not in SCHEMAS:
-        raise TableError(url, 1, f"unexpected header {text[:header_end][:120]!r}; expected one of "
+        raise TableError(url, 1, f"unexpected header: {_describe_header(header)}; expected one of "
                          + "; ".join(",".join(s) for s in SCHEMAS))
+    if labelled and "Labels" not in (require or ()):
+        require = tuple(require or ()) + ("Labels",)
     missing = [c for c in (require or ()) if c not in header]
     if missing:
         raise TableError(url, 1, f"header {','.join(header)} lacks required column(s) {', '.join(missing)}")
@@ -199,10 +239,10 @@ def read_table(url: str, *, require: tuple[str, ...] | None = None) -> pd.DataFr
         body = header_end + (2 if text.startswith("\r\n", header_end) else 1)
         records = _parse_comp5329(url, text, ncols, body)
 
-    return _to_frame(url, header, records)
+    return _to_frame(url, header, records, labelled)
 
 
-def _to_frame(url: str, header: list[str], records: list) -> pd.DataFrame:
+def _to_frame(url: str, header: list[str], records: list, labelled: bool = False) -> pd.DataFrame:
     seen: dict[str, int] = {}
     ids, labels, captions = [], [], []
     has_labels, has_caption = "Labels" in header, "Caption" in header
@@ -212,6 +252,8 @@ def _to_frame(url: str, header: list[str], records: list) -> pd.DataFrame:
         image_id = row[0].strip()
         if not image_id:
             raise TableError(url, line, "record without ImageID; every row must start with the image's file name")
+        if (problem := id_problem(image_id)) is not None:
+            raise _id_error(url, line, image_id, problem)
         if image_id in seen:
             raise TableError(url, line, f"duplicate ImageID {image_id!r} (first on line {seen[image_id]}); "
                              "each image must appear once")
@@ -219,8 +261,9 @@ def _to_frame(url: str, header: list[str], records: list) -> pd.DataFrame:
         ids.append(image_id)
         if has_labels:
             labs = row[li].split()
-            if not labs and has_caption:
-                raise TableError(url, line, f"empty Labels field for {image_id}; a training image needs at least one label")
+            if not labs and labelled:
+                raise TableError(url, line, f"empty Labels field for {image_id}; a training image needs at least "
+                                 "one label (remove the row, or label it)")
             labels.append(labs)
         if has_caption:
             captions.append(row[ci])
@@ -266,7 +309,7 @@ def read_ids_captions(url: str) -> tuple[list[str], list | None]:
         raise TableError(url, None, "not a valid CSV file; quote fields that hold commas or quotes")
     header = [h.strip() for h in rows[0][1]] if rows else []
     if "ImageID" not in header:
-        raise TableError(url, 1, f"no ImageID column in header {','.join(header)!r}")
+        raise TableError(url, 1, f"no ImageID column in {_describe_header(header)}")
     col = header.index("ImageID")
     cap = header.index("Caption") if "Caption" in header else None
     ids, captions, seen = [], [], {}
@@ -276,6 +319,8 @@ def read_ids_captions(url: str) -> tuple[list[str], list | None]:
         image_id = row[col].strip() if col < len(row) else ""
         if not image_id:
             raise TableError(url, line, "record without ImageID")
+        if (problem := id_problem(image_id)) is not None:
+            raise _id_error(url, line, image_id, problem)
         if image_id in seen:
             raise TableError(url, line, f"duplicate ImageID {image_id!r} (first on line {seen[image_id]})")
         seen[image_id] = line

@@ -37,6 +37,7 @@ from ray.train.torch import TorchTrainer
 
 from mlc.distributed import cluster
 from mlc.io import storage
+from mlc.io.lock import LOCK_NAME, hold
 from mlc.train.checkpoint import load_training_state, save_model, save_training_state
 from mlc.config import ScaleConfig, TrainConfig
 from mlc.data.demo import with_demo_data
@@ -47,7 +48,8 @@ from mlc.distributed.runs import ray_storage
 from mlc.train.runs import SCORE, best_of, epoch_dir, epoch_of, latest_epoch_checkpoint, publish_best
 from mlc.train.submission import write_predictions
 from mlc.eval.thresholds import ThresholdChoice
-from mlc.train.local import EpochEnd, check_resumable, check_weights_found, prepare_data, train_loop
+from mlc.model.resnet import check_weights_found
+from mlc.train.local import EpochEnd, check_resumable, prepare_data, train_loop
 
 # Local filesystems that every node of a cluster can mount; other local paths are node-local.
 SHARED_FSTYPES = {"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse.gcsfuse",
@@ -230,27 +232,41 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
     hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
     check_shared_output(run_url, hosts | {ray.util.get_node_ip_address()})
     storage.check_writable(run_url)
-    if fresh and storage.exists(run_url):
-        log(f"--fresh: removing {run_url}")
-        storage.remove(run_url, recursive=True)
-    cfg = cfg.replace(output=run_url)
+    # The driver is the run's one writer of the folder (a second submit of the same --name finds the lock).
+    with hold(run_url, what=f"Ray Train run {scale.name}", log=log):
+        return _fit_held(cfg.replace(output=run_url), given, scale, output, run_url, fresh=fresh, log=log,
+                         progress=progress, on_step=on_step, t_start=t_start)
 
+
+def replace_run(run_url: str, log) -> None:
+    """--fresh, once every check has passed: remove the previous run (Ray's records too), not the lock."""
+    old = [n for n in storage.listdir(run_url) if n != LOCK_NAME] if storage.isdir(run_url) else []
+    if old:
+        log(f"--fresh: replacing the previous run in {run_url} ({', '.join(old[:6])}{', ...' if len(old) > 6 else ''})")
+    for name in old:
+        storage.remove(storage.join(run_url, name), recursive=True)
+
+
+def _fit_held(cfg: TrainConfig, given: TrainConfig, scale: ScaleConfig, output: str, run_url: str, *, fresh: bool,
+              log, progress: bool, on_step, t_start: float) -> dict:
     data = prepare_data(cfg, log)  # fails here, before any worker starts, on unreadable tables
     check_weights_found(cfg.weights)
-    previous = latest_epoch_checkpoint(run_url)
+    previous = None if fresh else latest_epoch_checkpoint(run_url)
     if previous is not None:
         state = load_training_state(previous)
         # Compared as the workers compare it: --inputs auto resolved against the tables, as it was saved.
         check_resumable(state, cfg.replace(inputs=data.inputs), data.vocab, previous)
         log(f"resuming run {scale.name}: {previous} holds epoch {state['epoch']}; "
             f"training continues at epoch {state['epoch'] + 1} of {cfg.epochs}")
-    from mlc.train.replay import write_config
-    # After the resume check: a refused rerun must not overwrite the run's config.json.
-    write_config(run_url, "train", local=False, train=given.replace(output=output), scale=scale)
 
     per_worker, _ = plan_workers(scale.gpus_per_worker, scale.cpus_per_worker, scale.min_workers,
                                  what=f"run {scale.name}", wait=scale.wait_for_autoscaler,
                                  timeout_s=scale.wait_timeout, log=log)
+    from mlc.train.replay import write_config
+    if fresh:
+        replace_run(run_url, log)
+    if previous is None:  # a resume rewrites config.json only once it has succeeded (at the end)
+        write_config(run_url, "train", local=False, train=given.replace(output=output), scale=scale)
     gpus = per_worker.get("GPU", 0.0)
     workers = f"{scale.min_workers}..{scale.max_workers} (elastic)" if scale.elastic else str(scale.num_workers)
     log(f"Ray Train: {workers} workers x {cluster.fmt_resources(per_worker)} "
@@ -279,10 +295,13 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
                                  num_workers=last_world, gpus_per_worker=gpus, batch_size=per_actor, log=log,
                                  progress=progress, captions=captions, tokenizer=tokenizer)
 
-    return finish(cfg, run_url, data, latest["history"], latest.get("bad_images", {}), t_start=t_start,
-                  score_test=score_test, log=log, progress=progress, workers=last_world,
-                  device=trained.get("device"), precision=trained.get("precision"),
-                  driver=socket.gethostname())
+    summary = finish(cfg, run_url, data, latest["history"], latest.get("bad_images", {}), t_start=t_start,
+                     score_test=score_test, log=log, progress=progress, workers=last_world,
+                     device=trained.get("device"), precision=trained.get("precision"),
+                     driver=socket.gethostname())
+    if previous is not None:
+        write_config(run_url, "train", local=False, train=given.replace(output=output), scale=scale)
+    return summary
 
 
 def _best_epoch(result) -> int:

@@ -30,6 +30,7 @@ import pandas as pd
 
 from mlc.distributed import cluster
 from mlc.io import storage
+from mlc.io.lock import hold
 from mlc.config import SweepConfig, TrainConfig
 from mlc.data.demo import with_demo_data
 from mlc.distributed.runs import kept_checkpoints, ray_storage
@@ -101,11 +102,8 @@ def _trial(config: dict) -> None:
 def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log=print, progress: bool = True,
               predict_workers: int | None = None) -> dict:
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
-    from mlc.distributed.train import absolute_output, check_shared_output, plan_workers
-    from mlc.train.local import check_weights_found, prepare_data
+    from mlc.distributed.train import absolute_output, check_shared_output
 
     t_start = time.perf_counter()
     from mlc.distributed.predict import ensure_ray
@@ -118,11 +116,21 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
     check_shared_output(sweep_url, hosts | {ray.util.get_node_ip_address()})
     storage.check_writable(sweep_url)
-    if fresh and storage.exists(sweep_url):
-        log(f"--fresh: removing {sweep_url}")
-        storage.remove(sweep_url, recursive=True)
+    with hold(sweep_url, what=f"sweep {sweep.name}", log=log):
+        return _sweep_held(base, given, sweep, output, sweep_url, fresh=fresh, log=log, progress=progress,
+                           predict_workers=predict_workers, t_start=t_start)
+
+
+def _sweep_held(base: TrainConfig, given: TrainConfig, sweep: SweepConfig, output: str, sweep_url: str, *,
+                fresh: bool, log, progress: bool, predict_workers: int | None, t_start: float) -> dict:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from mlc.distributed.train import plan_workers, replace_run
+    from mlc.model.resnet import check_weights_found
+    from mlc.train.local import prepare_data
     from mlc.train.replay import write_config
-    write_config(sweep_url, "tune", train=given.replace(output=output), sweep=sweep)
     # Unreadable tables, and inputs the tables cannot serve, fail here, before any trial starts.
     data = prepare_data(base.replace(inputs=sweep.inputs[0]), log)
     for other in sorted(set(sweep.inputs[1:]) - {sweep.inputs[0]}):
@@ -132,6 +140,8 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
                                  what=f"sweep {sweep.name}", wait=sweep.wait_for_autoscaler,
                                  timeout_s=sweep.wait_timeout, log=log)
     per_worker, concurrent = plan_resources(sweep, c)
+    if fresh:  # every check has passed: only now is the previous sweep replaced
+        replace_run(sweep_url, log)
     log(f"sweep {sweep.name}: {sweep.num_samples} trials of {sweep.workers_per_trial} worker(s) x "
         f"{cluster.fmt_resources(per_worker)}, at most {concurrent} at a time, global batch {base.batch_size}, "
         f"up to {sweep.max_epochs} epochs, ASHA grace {sweep.grace_epochs} epoch(s); "
@@ -142,11 +152,13 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     trainable = tune.with_resources(_trial, {"memory": 1})
     storage_path, fs = ray_storage(output)
     experiment = f"{storage_path}/{sweep.name}"
-    if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+    resuming = tune.Tuner.can_restore(experiment, storage_filesystem=fs)
+    if resuming:  # a resumed sweep rewrites config.json once it has succeeded (below)
         log(f"resuming sweep {sweep.name} from {sweep_url}: finished trials are kept, unfinished ones continue")
         tuner = tune.Tuner.restore(experiment, trainable=trainable, storage_filesystem=fs,
                                    resume_unfinished=True, resume_errored=True)
     else:
+        write_config(sweep_url, "tune", train=given.replace(output=output), sweep=sweep)
         tuner = tune.Tuner(
             trainable,
             param_space={**search_space(sweep), "base": base.to_dict(), "sweep_url": sweep_url,
@@ -160,8 +172,11 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
                                       verbose=1 if progress else 0),
         )
     grid = tuner.fit()
-    return summarize(grid, base, sweep, sweep_url, data, t_start, log=log, progress=progress,
-                     predict_workers=predict_workers, gpus_per_worker=per_worker.get("GPU", 0.0))
+    out = summarize(grid, base, sweep, sweep_url, data, t_start, log=log, progress=progress,
+                    predict_workers=predict_workers, gpus_per_worker=per_worker.get("GPU", 0.0))
+    if resuming:
+        write_config(sweep_url, "tune", train=given.replace(output=output), sweep=sweep)
+    return out
 
 
 def trial_id(r) -> str:

@@ -28,7 +28,7 @@ def score_submission(predictions: str, truth: str) -> dict:
     """
     try:
         pred = read_table(predictions, require=("ImageID", "Labels"))
-        true = read_table(truth, require=("ImageID", "Labels"))
+        true = read_table(truth, require=("ImageID", "Labels"), labelled=True)
     except TableError as e:
         raise SubmissionError(str(e)) from e
     true_ids, pred_ids = set(true.ImageID), set(pred.ImageID)

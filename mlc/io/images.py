@@ -74,6 +74,33 @@ class BadImageError(ValueError):
         return (type(self), (self.name, self.reason, self.kind))
 
 
+# Signatures of what a file named like an image often is instead (a failed download, a mislabelled upload).
+_SIGNATURES = ((b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "gzip data"),
+               (b"\x7fELF", "an executable"), (b"{", "JSON or other text"), (b"[", "JSON or other text"))
+
+
+def looks_like(data: bytes) -> str:
+    """What ``data`` appears to be, in words, for a message that must not show the bytes themselves."""
+    head = data[:512].lstrip()
+    lower = head.lower()
+    if lower.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in lower:
+        return "looks like an HTML page, e.g. an error page saved under an image's name"
+    if lower.startswith(b"<?xml") or lower.startswith(b"<"):
+        return "looks like XML or HTML text"
+    for sig, what in _SIGNATURES:
+        if head.startswith(sig):
+            return f"looks like {what}"
+    try:
+        text = data[:4096].decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < 4000:  # not a multi-byte character cut at the end of the sample
+            return "binary data of an unrecognised format"
+        text = data[:e.start].decode("utf-8")
+    if all(c.isprintable() or c in "\r\n\t" for c in text):
+        return "looks like plain text"
+    return "binary data of an unrecognised format"
+
+
 def _open(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
     """Parse only the header (``Image.open`` is lazy) and apply the size limit.
 
@@ -86,9 +113,9 @@ def _open(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        # PIL's own message only repeats the BytesIO repr; the first bytes are
-        # what tells a person that the ".jpg" is really an HTML error page.
-        raise BadImageError(name, f"not an image (unrecognised format; starts with {data[:16]!r})", "not_image") from None
+        # PIL's own message only repeats the BytesIO repr. What the file looks like tells a person that the
+        # ".jpg" is really an HTML error page; its bytes are never shown (it may be any file at all).
+        raise BadImageError(name, f"not an image ({looks_like(data)})", "not_image") from None
     except Image.DecompressionBombError as e:
         # PIL's hard limit (2 * MAX_IMAGE_PIXELS), hit before our own check can run.
         raise BadImageError(name, f"decompression bomb ({e})", "too_large") from None

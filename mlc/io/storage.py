@@ -156,20 +156,20 @@ def _named(url: str, e: BaseException, action: str) -> BaseException:
     return StorageError(f"{shown}: could not {action} it ({detail}){retried}")
 
 
-def exists(url: str) -> bool:
+def _ask(url: str, question: str) -> bool:
     fs, path = filesystem(url)
     try:
-        return fs.exists(path)
+        return getattr(fs, question)(path)
     except Exception as e:  # noqa: BLE001 - fsspec's exists() swallows most errors; what is left names nothing
         raise _named(url, e, "check for") from e
 
 
+def exists(url: str) -> bool:
+    return _ask(url, "exists")
+
+
 def isdir(url: str) -> bool:
-    fs, path = filesystem(url)
-    try:
-        return fs.isdir(path)
-    except Exception as e:  # noqa: BLE001
-        raise _named(url, e, "check for") from e
+    return _ask(url, "isdir")
 
 
 def read_bytes(url: str) -> bytes:
@@ -246,6 +246,18 @@ def read_many(urls: Iterable[str], concurrency: int = DEFAULT_CONCURRENCY) -> di
     return dict(start_reads(urls, concurrency))
 
 
+def umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (``os.umask`` can only be read by
+    setting it, which would briefly change it for every other thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, ValueError, StopIteration):
+        old = os.umask(0o022)
+        os.umask(old)
+        return old
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Write a whole object so that a reader never sees it half written.
 
@@ -267,6 +279,8 @@ def write_bytes(url: str, data: bytes) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            # mkstemp makes the file 0600; the output gets the mode a plain open() would give it.
+            os.chmod(tmp, 0o666 & ~umask())
             os.replace(tmp, path)
         except BaseException as e:
             if os.path.exists(tmp):
@@ -328,11 +342,23 @@ def check_writable(url: str) -> None:
     checkpoint every epoch, which on GCS needs delete permission as well as create) and deletes it.
     """
     probe = join(url, f".mlc-write-probe-{uuid.uuid4().hex}")
+    created = None
     try:
+        if is_local(url):
+            folder = os.path.abspath(filesystem(url)[1])
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                raise StorageError(f"{folder} is a file, not a folder")
+            # The top folder this check creates, removed again below: a run that fails before writing
+            # anything leaves no empty folder behind (its outputs create the folder when they are written).
+            created = None if os.path.exists(folder) else folder
+            while created and not os.path.exists(os.path.dirname(created)):
+                created = os.path.dirname(created)
         write_bytes(probe, b"mlc write probe\n")
         write_bytes(probe, b"mlc write probe, overwritten\n")
         fs, path = filesystem(probe)
         fs.rm(path)
+        if created:
+            _remove_empty_folders(folder, created)
     except Exception as e:  # noqa: BLE001 - any failure means "not writable"; re-raised with context
         reason = str(e) if isinstance(e, StorageError) else f"{type(e).__name__}: {_first_line(e)}"
         hint = ("the bucket must exist and the credentials need storage.objects.create, .delete and .get on "
@@ -340,6 +366,18 @@ def check_writable(url: str) -> None:
             "choose a folder this user can create files in"
         raise StorageError(f"output location {safe_url(url)} is not writable: {reason}. Nothing was trained; "
                            f"{hint}, or choose another --output.") from e
+
+
+def _remove_empty_folders(folder: str, top: str) -> None:
+    """Remove ``folder`` and its parents up to ``top`` while they are empty."""
+    while True:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+        if folder == top:
+            return
+        folder = os.path.dirname(folder)
 
 
 def pyarrow_filesystem(url: str):
@@ -357,5 +395,5 @@ def pyarrow_filesystem(url: str):
 __all__ = [
     "StorageError", "ObjectNotFound", "AccessDenied", "filesystem", "is_local", "join", "exists", "isdir",
     "read_bytes", "read_many", "start_reads", "PendingReads", "write_bytes", "write_text", "writer", "remove",
-    "listdir", "check_writable", "pyarrow_filesystem", "safe_url", "fsspec", "DEFAULT_CONCURRENCY",
+    "listdir", "check_writable", "pyarrow_filesystem", "safe_url", "fsspec", "DEFAULT_CONCURRENCY", "umask",
 ]

@@ -212,6 +212,14 @@ def strip_prefixes(state: dict) -> dict:
     return out
 
 
+def check_weights_found(spec: str) -> None:
+    """A --weights path or URL that is not there fails before any Ray worker starts (a worker's failure would be
+    retried --max-failures times first). imagenet is fetched where the model is built, by torchvision."""
+    if spec in ("imagenet", "none") or storage.exists(spec):
+        return
+    raise WeightsError(f"--weights {spec}: not found; give imagenet, none, or a path/URL to a state dict")
+
+
 def load_weights(spec: str) -> dict | None:
     """The initial weights: ``imagenet``, ``none`` or a path/URL to a state dict."""
     if spec == "none":

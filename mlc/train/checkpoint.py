@@ -120,12 +120,21 @@ def save_model(url: str, model_state: dict, vocab: LabelVocab, meta: dict) -> No
     storage.write_text(storage.join(url, "meta.json"), json.dumps(meta, indent=1, default=float))
 
 
+def model_folder(url: str) -> str:
+    """The folder a checkpoint argument names: itself, or the folder of a file in it (``best/model.pt``)."""
+    url = str(url).rstrip("/")
+    if url.rsplit("/", 1)[-1] in ("model.pt", "meta.json", "labels.json", TOKENIZER, STATE):
+        return url.rsplit("/", 1)[0] if "/" in url else "."
+    return url
+
+
 def load_model_checkpoint(url: str) -> tuple[dict, LabelVocab, dict]:
     """Load ``(state_dict, vocab, meta)`` from a model folder, a training checkpoint folder, or a run's output.
 
-    Accepts ``<run>/best``, ``<run>`` (uses its ``best/``), or ``<run>/checkpoint``.
+    Accepts ``<run>/best``, ``<run>`` (uses its ``best/``), or ``<run>/checkpoint``, or a file in one of them
+    (``best/model.pt``: its folder).
     """
-    url = str(url).rstrip("/")
+    url = model_folder(url)
     if storage.exists(storage.join(url, "best", "meta.json")):
         url = storage.join(url, "best")
     if storage.exists(storage.join(url, "meta.json")) and storage.exists(storage.join(url, "model.pt")):
@@ -154,6 +163,7 @@ def load_predictor(url: str) -> tuple[dict, LabelVocab, TrainConfig, ThresholdCh
     """What predicting with a checkpoint needs: ``(state_dict, vocab, config, threshold, tokenizer)`` (the
     tokenizer None for an image-only network); see :func:`load_model_checkpoint` for the folders accepted. A
     checkpoint saved before its first validation holds no threshold and is refused."""
+    url = model_folder(url)
     state, vocab, meta = load_model_checkpoint(url)
     if meta.get("threshold") is None:
         raise ValueError(f"{url}: holds no threshold (it predates its first validation); use best/")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mlc.io import storage
+from mlc.io.lock import hold
 from mlc.train.checkpoint import load_training_state, save_model, save_training_state
 from mlc.config import TrainConfig
 from mlc.data.datasets import (BadImageBudget, DataPaths, ImageTable, check_images_found, image_urls, read_tables, split_train_val)
@@ -105,15 +106,6 @@ def prepare_data(cfg: TrainConfig, log=print) -> RunData:
     return data
 
 
-def check_weights_found(spec: str) -> None:
-    """A --weights path or URL that is not there fails before any Ray worker starts (a worker's failure would be
-    retried --max-failures times first). imagenet is fetched where the model is built, by torchvision."""
-    if spec in ("imagenet", "none") or storage.exists(spec):
-        return
-    from mlc.model.resnet import WeightsError
-    raise WeightsError(f"--weights {spec}: not found; give imagenet, none, or a path/URL to a state dict")
-
-
 @dataclass
 class EpochEnd:
     """One finished epoch, as every rank sees it (the gathered validation scores included)."""
@@ -134,8 +126,8 @@ class LocalGroup:
     """One process: the first GPU or the CPU; checkpoints in ``<output>/checkpoint``, best model in ``best/``."""
     rank, world = 0, 1
 
-    def __init__(self, out: str, on_start=None):
-        self.out, self.on_start = out, on_start
+    def __init__(self, out: str, on_start=None, fresh: bool = False):
+        self.out, self.on_start, self.fresh = out, on_start, fresh
         self.ckpt_url, self.best_url = storage.join(out, "checkpoint"), storage.join(out, "best")
         self.tensorboard_url = storage.join(out, "tensorboard")
         self.device = pick_device()
@@ -147,6 +139,8 @@ class LocalGroup:
         return [obj]
 
     def load_state(self) -> tuple[dict | None, str]:
+        if self.fresh:  # the old run is replaced once every check has passed (on_start), never read
+            return None, self.ckpt_url
         state = load_training_state(self.ckpt_url)
         if state is not None:
             return state, self.ckpt_url
@@ -171,16 +165,29 @@ def fit(cfg: TrainConfig, *, fresh: bool = False, log=print, progress: bool = Tr
     given = cfg  # as the caller gave it: data=None (the demo set) stays None in config.json
     cfg = with_demo_data(cfg, log)
     storage.check_writable(cfg.output)
-    if fresh:
-        for name in OUTPUTS:
-            storage.remove(storage.join(cfg.output, name), recursive=True)
     from mlc.train.replay import write_config
-    # Written once the resume check has passed: a refused rerun must not overwrite the run's config.json.
-    group = LocalGroup(cfg.output, on_start=lambda: write_config(cfg.output, "train", local=True, train=given))
-    result = train_loop(cfg, group, log=log, progress=progress)
-    return finish(cfg, cfg.output, result["data"], result["history"], result["bad_images"], device=group.device,
-                  precision=result["precision"],
-                  t_start=t_start, log=log, progress=progress)
+
+    def start(resuming: bool) -> None:
+        # Called once every check that can run before training has passed (tables, images found, the resume
+        # check, the weights): only now does --fresh replace the previous run.
+        if fresh:
+            old = [n for n in OUTPUTS if storage.exists(storage.join(cfg.output, n))]
+            if old:
+                log(f"--fresh: replacing the previous run in {cfg.output} ({', '.join(old)})")
+            for name in old:
+                storage.remove(storage.join(cfg.output, name), recursive=True)
+        if not resuming:  # a resume rewrites config.json only once it has succeeded (below)
+            write_config(cfg.output, "train", local=True, train=given)
+
+    with hold(cfg.output, what="a training run", log=log):
+        group = LocalGroup(cfg.output, on_start=start, fresh=fresh)
+        result = train_loop(cfg, group, log=log, progress=progress)
+        summary = finish(cfg, cfg.output, result["data"], result["history"], result["bad_images"],
+                         device=group.device, precision=result["precision"], t_start=t_start, log=log,
+                         progress=progress)
+        if result["resumed"]:
+            write_config(cfg.output, "train", local=True, train=given)
+        return summary
 
 
 def check_resumable(state: dict, cfg: TrainConfig, vocab: LabelVocab, url: str) -> None:
@@ -215,12 +222,11 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
     data = prepare_data(cfg, say)
     cfg = cfg.replace(inputs=data.inputs)  # saved resolved: a checkpoint says what its network reads
     state, source = group.load_state()
+    resumed = state is not None
     if state is not None:
         check_resumable(state, cfg, data.vocab, source)
         if state.get("tokenizer"):
             data.use_tokenizer(Tokenizer.from_dict(state["tokenizer"], source))
-    if rank0 and getattr(group, "on_start", None):
-        group.on_start()
 
     device = group.device
     # Decided here, in the process that trains, from its own device and CPUs (a Ray driver on a small head
@@ -238,6 +244,8 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
                   unfrozen_depth=cfg.unfrozen_depth, dropout=cfg.dropout,
                   weights=state["model"] if state else cfg.weights, log=say, freeze_bn=cfg.freeze_bn)
     model.to(device, memory_format=torch.channels_last)
+    if rank0 and getattr(group, "on_start", None):
+        group.on_start(resumed)  # the weights loaded too: every check before training has passed
     bare = model
     model = group.wrap(model)
     if cfg.compile:
@@ -347,7 +355,7 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         board.per_class(data.vocab.labels, best["f1_per_class"], best.get("ap_per_class"), best["epoch"])
         board.close()
     return {"history": history, "data": data, "bad_images": dict(budget.bad), "device": device,
-            "precision": NAMES[amp_dtype]}
+            "precision": NAMES[amp_dtype], "resumed": resumed}
 
 
 def process_cpus(group) -> int:
