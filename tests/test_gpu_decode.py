@@ -91,3 +91,33 @@ def test_the_prepared_gpu_check_runs_through_on_a_cpu_with_tiny_settings(tmp_pat
         assert by[item]["img_s"] > 0, by[item]
     assert all("skipped" in r for k, r in by.items() if "compiled" in k)  # no time left for a compile
     assert any(line.startswith("| end to end, depth 4, GPU decode |") for line in lines)
+
+
+def test_device_decode_does_not_race_with_the_callers_stream(tmp_path):
+    """The upstream race (pytorch/vision#9606), reproduced: tensors freed while kernels still read them on the
+    current stream, then a decode. The decoded images must equal the CPU decoder's and the kernels' results
+    must be what they are without a decode in between. Needs a GPU; skipped without one."""
+    import pytest
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: the race is between CUDA streams")
+    from mlc.data.gpu_decode import decode_rows
+    dev = torch.device("cuda", 0)
+    urls = [_write(tmp_path, f"{i}.jpg", _photo(320, 240, i)) for i in range(16)]
+    raw = [RawJpeg(torch.frombuffer(bytearray(open(u, "rb").read()), dtype=torch.uint8), None,
+                   torch.zeros(1), i, u, 64, 73) for i, u in enumerate(urls)]
+    want, _ = decode_rows(raw, CPU)
+    torch.manual_seed(0)
+    a = torch.randn(4096, 4096, device=dev)
+    expected = (a @ a).sum().item()
+    for _ in range(20):
+        x = torch.randn(4096, 4096, device=dev)
+        y = x @ x  # queued; reads x
+        total = y.sum()
+        del x  # x's block goes back to the allocator while the matmul may still read it
+        got, failed = decode_rows(raw, dev)
+        assert failed == []
+        for g, w in zip(got, want):
+            assert (g.cpu().int() - w.int()).abs().max() <= 3  # nvJPEG and libjpeg differ by a level or two
+        assert torch.isfinite(total).item()
+        check = (a @ a).sum().item()
+        assert check == pytest.approx(expected, rel=1e-5)  # a tensor the decode must not overwrite

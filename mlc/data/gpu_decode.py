@@ -71,6 +71,15 @@ def decode_rows(raw: list, device: torch.device) -> tuple[list, list]:
     is lost.
     """
     datas = [r.data for r in raw]
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        # torchvision's CUDA decode_jpeg allocates its outputs on the caller's stream, then writes them from a
+        # stream of its own that does not wait for the caller's (pytorch/vision#9606): the caching allocator
+        # may hand it blocks that kernels still queued on the caller's stream read (NaN losses and overwritten
+        # tensors on an H200). Nothing may be queued when it decodes, and its writes must be done before the
+        # caller's kernels read the images: a synchronisation on each side. Correctness first; the flag is off
+        # by default (jobs/bench.py --gpu measures what it costs).
+        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec, which is not (yet) a
         # dependency; one warning per batch would flood the log.
@@ -84,6 +93,8 @@ def decode_rows(raw: list, device: torch.device) -> tuple[list, list]:
                     images.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
                 except RuntimeError as e:
                     images.append(e)
+    if on_cuda:
+        torch.cuda.synchronize(device)
     out, failed = [], []
     for r, img in zip(raw, images):
         if isinstance(img, Exception):
