@@ -12,6 +12,9 @@ CPU against decoded on the GPU.
 With --ray-predict: Ray Data prediction with decoding inside the model actors against decoding in CPU
 tasks ahead of them (the layout GPU actors get), on this machine's CPUs.
 
+With --serve: requests/s and p50/p99 latency of jobs/serve.py's app on a local Ray, batching requests against
+scoring each alone, the same concurrent clients on both in alternating passes.
+
 With --io: loader img/s (decode + augment, no model) over the same images read from local disk, from a
 GCS API server (gcp-storage-emulator, from the dev extra) directly, and through a proxy that adds
 --latency-ms to every request, with a cold and a warm byte cache; ratios to local disk."""
@@ -49,6 +52,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                          "in CPU tasks ahead of them (the GPU layout), on the CPU")
     rp.add_argument("--ray-images", type=int, default=400, help="images to score (default: %(default)s)")
     rp.add_argument("--ray-actors", type=int, default=1, help="model actors (default: %(default)s)")
+    sv = p.add_argument_group("serving (--serve)")
+    sv.add_argument("--serve", action="store_true", help="Ray Serve: batched requests against one per forward pass")
+    sv.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients (default: %(default)s)")
+    sv.add_argument("--requests", type=int, default=8, help="requests per client per pass (default: %(default)s)")
+    sv.add_argument("--passes", type=int, default=3, help="alternating passes per app, median kept (default: %(default)s)")
     io = p.add_argument_group("loader I/O (--io)")
     io.add_argument("--io", action="store_true", help="measure loader I/O instead of model compute")
     io.add_argument("--images", default=None,
@@ -200,6 +208,45 @@ def main_ray_predict(args: argparse.Namespace) -> dict:
     return out
 
 
+def main_serve(args: argparse.Namespace) -> dict:
+    import socket
+    import tempfile
+
+    import ray
+
+    from mlc.config import TrainConfig
+    from mlc.data.labels import LabelVocab
+    from mlc.distributed.serve_bench import measure
+    from mlc.eval.thresholds import ThresholdChoice
+    from mlc.model.resnet import bare_state_dict, build_model
+    from mlc.train.checkpoint import save_model
+    folder = _image_folder(args)
+    images = [p.read_bytes() for p in sorted(folder.iterdir())[:64] if p.is_file()]
+    ckpt = tempfile.mkdtemp(prefix="mlc-serve-bench-")
+    cfg = TrainConfig(image_size=args.image_size, unfrozen_depth=1, dropout=0.0, amp="auto", output=ckpt)
+    save_model(f"{ckpt}/best", bare_state_dict(build_model(18, 1, 0.0, weights="none")),
+               LabelVocab([str(i) for i in range(1, 19)]),
+               {"config": cfg.to_dict(), "threshold": ThresholdChoice("global", 0.5).to_dict(), "epoch": 1})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    print(f"serving: {len(images)} images from {folder}, {args.image_size} px, {args.clients} clients x "
+          f"{args.requests} requests per pass, 1 replica (1 CPU) per app, {os.cpu_count()} CPUs", flush=True)
+    try:
+        out = measure(ckpt, images, port=port, clients=args.clients, per_client=args.requests, passes=args.passes,
+                      max_batch=args.batch_size)
+    finally:
+        ray.shutdown()
+    print(f"\nmedian of {args.passes} alternating passes\n\n| app | req/s | p50 ms | p99 ms |\n|---|---|---|---|")
+    for name, r in out.items():
+        print(f"| {name} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")
+    (a, ra), (b, rb) = out.items()
+    print(f"\n{a} / {b}: {ra['rps'] / rb['rps']:.2f}x req/s, p50 {ra['p50_ms'] / rb['p50_ms']:.2f}x")
+    return out
+
+
 def main_e2e(args: argparse.Namespace) -> dict:
     import torch
 
@@ -239,6 +286,8 @@ if __name__ == "__main__":
         main_e2e(_args)
     elif _args.ray_predict:
         main_ray_predict(_args)
+    elif _args.serve:
+        main_serve(_args)
     elif _args.io:
         main_io(_args)
     else:

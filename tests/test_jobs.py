@@ -22,7 +22,7 @@ def run(*args, timeout=120, **kw):
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw)
 
 
-@pytest.mark.parametrize("job", ["train", "tune", "predict", "score", "check_data", "bench"])
+@pytest.mark.parametrize("job", sorted(p.stem for p in (REPO / "jobs").glob("*.py")))
 def test_every_job_has_a_help_that_shows_defaults(job):
     r = run(f"jobs/{job}.py", "--help")
     assert r.returncode == 0, r.stderr

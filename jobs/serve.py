@@ -1,0 +1,100 @@
+"""Serve a trained model over HTTP on Ray Serve: POST an image, get its labels and every label's score.
+
+--checkpoint takes a run folder (its best/), a sweep folder (its best/), a best/ or epoch_NNNN/ folder, local
+or gs://. On a cluster (RAY_ADDRESS set, e.g. under `ray job submit`) the app is deployed and the job ends;
+Serve keeps it running (`serve shutdown` or `serve status` with the Ray CLI). Without RAY_ADDRESS a local Ray
+is started and the job serves until Ctrl-C.
+
+Routes: POST /predict (the image as the body, or a multipart form with 'image' and optionally 'caption');
+GET /labels; GET /healthz. Replicas batch concurrent requests (--max-batch-size, --batch-wait-ms) and take
+whole GPUs when the cluster has them (--gpus-per-replica); with --max-replicas above --min-replicas Serve
+scales the replicas with the queue.
+
+examples:
+  python jobs/serve.py --checkpoint runs/demo                 # http://127.0.0.1:8000/predict, until Ctrl-C
+  curl -s --data-binary @image.jpg http://127.0.0.1:8000/predict
+  ray job submit --working-dir . -- python jobs/serve.py --checkpoint gs://b/sweeps/s1 --host 0.0.0.0 \\
+      --min-replicas 1 --max-replicas 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# Ray 2.60 clusters use token auth; a client presents its token only in token mode, read once at import.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+from mlc.cli import add_log_args, run_job  # noqa: E402
+from mlc.errors import UsageError  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run or sweep folder, best/ or epoch_NNNN/, local or gs://")
+    # Loopback by default: a service on every interface is a decision its user makes (--host 0.0.0.0).
+    p.add_argument("--host", default="127.0.0.1", help="address Serve's HTTP proxy listens on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port of Serve's HTTP proxy (default: %(default)s)")
+    p.add_argument("--route-prefix", default="/", help="path the app's routes sit under (default: %(default)s)")
+    p.add_argument("--name", default="mlc", help="Serve application name; deploying again updates it (default: %(default)s)")
+    p.add_argument("--min-replicas", type=int, default=1, help="replicas kept running (default: %(default)s)")
+    p.add_argument("--max-replicas", type=int, default=None,
+                   help="replicas at most; above --min-replicas Serve scales with the queue (default: --min-replicas)")
+    p.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="GPUs per replica; default: 1 when the cluster's node types have GPUs, else 0")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0,
+                   help="CPUs per replica, which decode the requests' images (default: %(default)s)")
+    # 16 images of 224 px fill a GPU's forward pass well; a request waits at most 10 ms for others to join it.
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests scored in one forward pass, at most "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for others to fill "
+                   "its batch (default: %(default)s)")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body accepted, MB "
+                   "(default: %(default)s)")
+    add_log_args(p)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from mlc.distributed import cluster, serve
+    from mlc.distributed.predict import ensure_ray
+    from mlc.logs import say
+    from mlc.train.checkpoint import load_predictor
+
+    max_replicas = args.max_replicas if args.max_replicas is not None else args.min_replicas
+    problems = []
+    if args.min_replicas < 1 or max_replicas < args.min_replicas:
+        problems.append(f"--min-replicas/--max-replicas must satisfy 1 <= min <= max, got {args.min_replicas}, "
+                        f"{max_replicas}")
+    if args.max_batch_size < 1 or args.batch_wait_ms < 0 or args.max_body_mb <= 0 or args.cpus_per_replica <= 0:
+        problems.append("--max-batch-size >= 1, --batch-wait-ms >= 0, --max-body-mb > 0 and --cpus-per-replica > 0")
+    if args.gpus_per_replica is not None and args.gpus_per_replica < 0:
+        problems.append(f"--gpus-per-replica must be >= 0, got {args.gpus_per_replica}")
+    if problems:
+        raise UsageError("; ".join(problems))
+    load_predictor(args.checkpoint)  # an unusable checkpoint fails here, not in every replica
+    started_here = not os.environ.get("RAY_ADDRESS")
+    ensure_ray(say)
+    gpus = args.gpus_per_replica
+    if gpus is None:
+        c = cluster.describe()
+        gpus = cluster.default_gpus(c.shapes())
+    url = serve.run(args.checkpoint, host=args.host, port=args.port, route_prefix=args.route_prefix, name=args.name,
+                    min_replicas=args.min_replicas, max_replicas=max_replicas, gpus=gpus,
+                    cpus=args.cpus_per_replica, max_batch_size=args.max_batch_size,
+                    batch_wait_s=args.batch_wait_ms / 1000, max_body=int(args.max_body_mb * 2**20), log=say)
+    say(f"routes: {serve.describe(url)}")
+    say(f"try: curl -s --data-binary @IMAGE.jpg {url}/predict")
+    if started_here:  # this process's Ray ends with it: serve until interrupted
+        import time
+        say("serving until Ctrl-C (the local Ray started here ends with this process)")
+        while True:
+            time.sleep(3600)
+    return 0
+
+
+if __name__ == "__main__":
+    run_job(main, get_args_parser())

@@ -1,0 +1,106 @@
+"""A trained model as a file that scores images without mlc: TorchScript (plain torch) or ONNX (onnxruntime).
+
+The exported graph takes what any image library gives: uint8 RGB images, ``(N, 3, S, S)``, already resized
+and centre-cropped as ``model.json`` says (the shorter side to ``resize``, then the centre ``size`` square),
+and returns each label's probability ``(N, C)``; the ImageNet normalisation and the sigmoid are inside. Beside
+it, ``model.json`` holds the label list, the run's threshold (strategy and value) with the rule that applies
+it, the preprocessing and the checkpoint's identity (its sha256), so a deployment without mlc predicts what
+jobs/predict.py predicts. Image-only networks (``--inputs image``): a caption network needs mlc's tokenizer,
+so it is served with jobs/serve.py instead.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import torch
+from torch import nn
+
+from mlc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from mlc.errors import UsageError
+from mlc.io import storage
+from mlc.model.fusion import build
+from mlc.train.checkpoint import load_model_checkpoint, load_predictor, model_folder
+
+FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
+
+# How each threshold strategy turns one image's probabilities p (one per label) into its labels (mirrors
+# mlc.eval.thresholds.apply_threshold, which the export test checks against).
+RULES = {
+    "percentile": "keep the labels whose probability is >= numpy.percentile(p, value) (linear interpolation); "
+                  "ties at the cut are all kept",
+    "global": "keep the labels whose probability is >= value",
+    "global_top1": "keep the labels whose probability is >= value, and the label(s) with the highest probability",
+    "per_class": "keep label i when its probability is >= value[i]",
+}
+
+
+class Exported(nn.Module):
+    """uint8 images (N, 3, S, S) -> probabilities (N, C): normalisation, the network and the sigmoid."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("inv_std", 1.0 / (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model((images.float() - self.mean) * self.inv_std))
+
+
+def export(checkpoint: str, output: str, fmt: str, log=print) -> dict:
+    """Write ``<output>/model.torchscript.pt`` or ``<output>/model.onnx`` and ``<output>/model.json``."""
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    folder = model_folder(checkpoint)
+    state, vocab, cfg, choice, tokenizer = load_predictor(folder)
+    if tokenizer is not None:
+        raise UsageError(f"{checkpoint} reads captions ({cfg.inputs}), which need mlc's tokenizer: serve it with "
+                         "jobs/serve.py; export takes --inputs image networks")
+    _, _, meta = load_model_checkpoint(folder)
+    storage.check_writable(output)
+    model = build(cfg.inputs, len(vocab), unfrozen_depth=cfg.unfrozen_depth, dropout=cfg.dropout, weights=state,
+                  freeze_bn=cfg.freeze_bn, log=lambda *_: None).eval()
+    wrapped = Exported(model).eval()
+    size = cfg.image_size
+    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch >= 2.10 marks TorchScript deprecated in favour of torch.export; TorchScript is what every torch a
+        # user may run (2.4 on) loads with torch.jit.load, so it stays the plain-torch format here.
+        warnings.simplefilter("ignore", FutureWarning)
+        if fmt == "torchscript":
+            torch.jit.save(torch.jit.trace(wrapped, example), buf)
+        else:
+            _onnx(wrapped, example, buf)
+    name = FORMATS[fmt]
+    storage.write_bytes(storage.join(output, name), buf.getvalue())
+    described = {
+        "format": fmt, "file": name,
+        "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, size, size], "channels": "RGB",
+                  "preprocess": {"resize": eval_transform(size).draft, "size": size,
+                                 "how": "resize the shorter side to `resize` (bilinear), then crop the centre "
+                                        "`size` x `size` square"}},
+        "output": {"name": "probabilities", "shape": ["N", len(vocab)], "labels": "the `labels` list, in order"},
+        "labels": vocab.labels,
+        "threshold": {**choice.to_dict(), "rule": RULES[choice.strategy]},
+        "checkpoint": {"source": checkpoint, "epoch": meta.get("epoch"), "sha256": meta.get("model_sha256")},
+    }
+    storage.write_text(storage.join(output, "model.json"), json.dumps(described, indent=1))
+    log(f"wrote {storage.join(output, name)} and model.json ({len(vocab)} labels, {size}px, threshold "
+        f"{choice.strategy})")
+    return described
+
+
+def _onnx(wrapped: nn.Module, example: torch.Tensor, buf: io.BytesIO) -> None:
+    try:
+        import onnx  # noqa: F401 - torch's exporter needs it; say so instead of failing deep inside torch
+    except ImportError:
+        raise UsageError("--format onnx needs the onnx package: pip install -e '.[export]'") from None
+    # The TorchScript-based exporter: one pass over a traced graph, no extra dependency beyond onnx, and a batch
+    # dimension that stays dynamic.
+    torch.onnx.export(wrapped, (example,), buf, input_names=["images"], output_names=["probabilities"],
+                      dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=17,
+                      dynamo=False)
