@@ -298,3 +298,17 @@ def test_a_caption_travels_with_its_image_and_scores_as_predict_does(model, tmp_
         parse_body(b"--b\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nx\r\n--b--\r\n",
                    "multipart/form-data; boundary=b", "")
     assert e.value.status == 400 and "unexpected form field" in e.value.message
+
+
+def test_the_deployment_asks_serve_for_what_the_flags_say():
+    """Replica resources, a fixed count or autoscaling between min and max (Serve validates these when the
+    deployment is built: a wrong key would otherwise surface only on a cluster)."""
+    pytest.importorskip("ray")
+    from mlc.distributed.serve import deployment
+    d = deployment("/nowhere", min_replicas=1, max_replicas=3, gpus=1.0, cpus=2.0, max_batch_size=8)._bound_deployment
+    auto = d._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 8)
+    assert d.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 1.0}
+    assert d._deployment_config.max_ongoing_requests == 16  # a batch being scored and the next one forming
+    fixed = deployment("/nowhere", min_replicas=2, max_replicas=2)._bound_deployment._deployment_config
+    assert fixed.autoscaling_config is None and fixed.num_replicas == 2
