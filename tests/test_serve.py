@@ -177,14 +177,17 @@ def test_a_killed_replica_is_replaced_and_the_endpoint_keeps_answering(model, se
         " if 'SERVE_REPLICA' in a['name'] and 'Classifier' in a['name']]\n"
         "assert len(names) == 2, names\n"
         "ray.kill(ray.get_actor(names[0], namespace='serve'), no_restart=True)\nprint(names[0])\n")).strip()
-    answered = 0
+    statuses = []
     deadline = time.time() + 60
-    while answered < 10 and time.time() < deadline:
-        status, answer = _request(port, "POST", "/predict", _image(model, answered % 4))
+    while statuses.count(200) < 10 and time.time() < deadline:
+        i = len(statuses) % 4
+        status, answer = _request(port, "POST", "/predict", _image(model, i))
+        statuses.append(status)
         if status == 200:
-            _check_answer(model, answered % 4, answer)
-            answered += 1
-    assert answered == 10
+            _check_answer(model, i, answer)
+    print("statuses after the kill:", statuses)
+    # The other replica answers; at most a request or two reach the dead one before the router knows.
+    assert statuses.count(200) == 10 and len(statuses) <= 12, statuses
     # Serve starts a replica in the dead one's place.
     replaced = _serve_ctl(served["address"], (
         "import time\nfor _ in range(120):\n"

@@ -75,26 +75,20 @@ def json_safe(obj):
     return obj
 
 
-def _identity(checkpoint: str, meta: dict) -> dict:
-    return {"checkpoint": checkpoint, "epoch": meta.get("epoch"), "sha256": meta.get("model_sha256"),
-            "inputs": meta.get("config", {}).get("inputs", "image")}
-
-
 class Classifier:
     """One Serve replica: the model built once, requests decoded here and scored in batches."""
 
-    def __init__(self, checkpoint: str, *, max_batch_size: int = DEFAULT_BATCH,
-                 batch_wait_s: float = DEFAULT_BATCH_WAIT_S, max_body: int = DEFAULT_MAX_BODY):
+    def __init__(self, checkpoint: str, *, max_body: int = DEFAULT_MAX_BODY):
         from mlc.data.transforms import eval_transform
         from mlc.distributed.predict import actor_device
         from mlc.model.device import prepare_device
         from mlc.model.fusion import build, for_scoring, uses_images
         from mlc.model.precision import pick_amp_dtype
-        from mlc.train.checkpoint import load_model_checkpoint, load_predictor
+        from mlc.train.checkpoint import load_predictor
 
-        state, self.vocab, self.cfg, self.choice, self.tokenizer = load_predictor(checkpoint)
-        _, _, meta = load_model_checkpoint(checkpoint)
-        self.identity = _identity(checkpoint, meta)
+        state, self.vocab, self.cfg, self.choice, self.tokenizer, meta = load_predictor(checkpoint, with_meta=True)
+        self.identity = {"checkpoint": checkpoint, "epoch": meta.get("epoch"), "sha256": meta.get("model_sha256"),
+                         "inputs": self.cfg.inputs}
         self.reads_images = uses_images(self.cfg.inputs)
         self.transform = eval_transform(self.cfg.image_size)
         self.device = actor_device()
@@ -142,6 +136,9 @@ class Classifier:
         return torch.sigmoid(logits).cpu().numpy()
 
     async def _score(self, rows: list) -> list:
+        """``(probabilities, batch size)`` per row. The Serve replica wraps it in ``serve.batch`` (under this
+        same name, which is how ``serve.batch`` finds ``self``): :meth:`handle` then passes one row and gets
+        its own result back, while rows of concurrent requests share one forward pass."""
         # In a thread: the replica's event loop keeps taking requests, and the next batch forms meanwhile.
         probs = await asyncio.to_thread(self._forward, rows)
         return [(p, len(rows)) for p in probs]
@@ -203,7 +200,7 @@ def deployment(checkpoint: str, *, min_replicas: int = 1, max_replicas: int = 1,
     dep = serve.deployment(Replica, name="Classifier", ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
                            # room for a batch being scored and the next one forming
                            max_ongoing_requests=2 * max_batch_size, **scaling)
-    return dep.bind(checkpoint, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, max_body=max_body)
+    return dep.bind(checkpoint, max_body=max_body)
 
 
 def run(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/", name: str = "mlc",

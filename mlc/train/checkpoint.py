@@ -159,16 +159,18 @@ def load_model_checkpoint(url: str) -> tuple[dict, LabelVocab, dict]:
     return st["model"], LabelVocab(st["labels"]), meta
 
 
-def load_predictor(url: str) -> tuple[dict, LabelVocab, TrainConfig, ThresholdChoice, Tokenizer | None]:
+def load_predictor(url: str, *, with_meta: bool = False) -> tuple:
     """What predicting with a checkpoint needs: ``(state_dict, vocab, config, threshold, tokenizer)`` (the
-    tokenizer None for an image-only network); see :func:`load_model_checkpoint` for the folders accepted. A
-    checkpoint saved before its first validation holds no threshold and is refused."""
+    tokenizer None for an image-only network), and ``meta`` (epoch, sha256, ...) last with ``with_meta``; see
+    :func:`load_model_checkpoint` for the folders accepted. A checkpoint saved before its first validation
+    holds no threshold and is refused."""
     url = model_folder(url)
     state, vocab, meta = load_model_checkpoint(url)
     if meta.get("threshold") is None:
         raise ValueError(f"{url}: holds no threshold (it predates its first validation); use best/")
-    return (state, vocab, TrainConfig.from_dict(meta["config"]), ThresholdChoice.from_dict(meta["threshold"]),
-            tokenizer_of(meta, url))
+    out = (state, vocab, TrainConfig.from_dict(meta["config"]), ThresholdChoice.from_dict(meta["threshold"]),
+           tokenizer_of(meta, url))
+    return out + (meta,) if with_meta else out
 
 
 def tokenizer_of(meta: dict, url: str) -> Tokenizer | None:

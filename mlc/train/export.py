@@ -22,7 +22,7 @@ from mlc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from mlc.errors import UsageError
 from mlc.io import storage
 from mlc.model.fusion import build
-from mlc.train.checkpoint import load_model_checkpoint, load_predictor, model_folder
+from mlc.train.checkpoint import load_predictor, model_folder
 
 FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
 
@@ -55,11 +55,10 @@ def export(checkpoint: str, output: str, fmt: str, log=print) -> dict:
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     folder = model_folder(checkpoint)
-    state, vocab, cfg, choice, tokenizer = load_predictor(folder)
+    state, vocab, cfg, choice, tokenizer, meta = load_predictor(folder, with_meta=True)
     if tokenizer is not None:
         raise UsageError(f"{checkpoint} reads captions ({cfg.inputs}), which need mlc's tokenizer: serve it with "
                          "jobs/serve.py; export takes --inputs image networks")
-    _, _, meta = load_model_checkpoint(folder)
     storage.check_writable(output)
     model = build(cfg.inputs, len(vocab), unfrozen_depth=cfg.unfrozen_depth, dropout=cfg.dropout, weights=state,
                   freeze_bn=cfg.freeze_bn, log=lambda *_: None).eval()

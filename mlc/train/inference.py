@@ -99,34 +99,25 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
         check_images_found(paths.images, image_urls(paths.images, ids), table=paths.test_csv)
     storage.check_writable(output)
     with hold(output, what="a prediction", log=log):
-        return _predict_held(state, vocab, cfg, choice, tokenizer, ids, captions, paths, checkpoint, output, log=log,
-                             progress=progress, scorer=scorer, predict_config={
+        log(f"predicting {len(ids)} images from {paths.test_csv} (images in {paths.images}) with {checkpoint} "
+            f"({len(vocab)} labels, {cfg.image_size}px, threshold {choice.strategy})")
+        if num_workers >= 1:
+            out = scorer(state, ids, paths.images, cfg, len(vocab), num_workers=num_workers,
+                         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
+                         log=log, progress=progress, captions=captions, tokenizer=tokenizer)
+        else:
+            out = score_here(state, len(vocab), cfg, ids, paths.images, batch_size=batch_size,
+                             loader_workers=loader_workers, log=log, progress=progress, captions=captions,
+                             tokenizer=tokenizer)
+        summary = write_predictions(output, ids, out["probs"], out["ok"], vocab, choice)
+        summary.update(seconds=out["seconds"], img_per_s=out["img_per_s"])
+        from mlc.train.replay import write_config
+        # predict_config.json, not config.json: --output may be the training run's own folder, whose config.json
+        # replays the training. Written last: a prediction that fails leaves the previous one's files as they were.
+        write_config(output, "predict", name="predict_config.json", predict={
             "checkpoint": checkpoint, "data": data, "output": output, "ids": ids_csv, "images": images,
             "batch_size": batch_size, "num_workers": num_workers, "gpus_per_worker": gpus_per_worker,
             "cpus_per_worker": cpus_per_worker, "loader_workers": loader_workers, "local": num_workers == 0})
-
-
-def _predict_held(state, vocab, cfg, choice, tokenizer, ids, captions, paths, checkpoint, output, *, log, progress,
-                  scorer, predict_config: dict) -> dict:
-    num_workers, batch_size = predict_config["num_workers"], predict_config["batch_size"]
-    gpus_per_worker, cpus_per_worker = predict_config["gpus_per_worker"], predict_config["cpus_per_worker"]
-    loader_workers = predict_config["loader_workers"]
-    log(f"predicting {len(ids)} images from {paths.test_csv} (images in {paths.images}) with {checkpoint} "
-        f"({len(vocab)} labels, {cfg.image_size}px, threshold {choice.strategy})")
-    if num_workers >= 1:
-        out = scorer(state, ids, paths.images, cfg, len(vocab), num_workers=num_workers,
-                     gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
-                     log=log, progress=progress, captions=captions, tokenizer=tokenizer)
-    else:
-        out = score_here(state, len(vocab), cfg, ids, paths.images, batch_size=batch_size,
-                         loader_workers=loader_workers, log=log, progress=progress, captions=captions,
-                         tokenizer=tokenizer)
-    summary = write_predictions(output, ids, out["probs"], out["ok"], vocab, choice)
-    summary.update(seconds=out["seconds"], img_per_s=out["img_per_s"])
-    from mlc.train.replay import write_config
-    # predict_config.json, not config.json: --output may be the training run's own folder, whose config.json
-    # replays the training. Written last: a prediction that fails leaves the previous one's files as they were.
-    write_config(output, "predict", name="predict_config.json", predict=predict_config)
     log(f"wrote {storage.join(output, 'predictions.csv')} ({summary['rows']} rows, "
         f"{len(summary['unreadable'])} unreadable images)")
     return summary
