@@ -18,12 +18,13 @@ def add_train_args(p: argparse.ArgumentParser, skip=()) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
-        if f.name in ("optimizer", "amp"):
-            choices = {"optimizer": ["adamw", "sgd"], "amp": ["auto", "bf16", "fp16", "off"]}[f.name]
-        else:
-            choices = None
+        choices = {"optimizer": ["adamw", "sgd"], "amp": ["auto", "bf16", "fp16", "off"],
+                   "store": ["auto", "memory", "disk", "off"], "compile": ["auto", "on", "off"]}.get(f.name)
         default = getattr(D, f.name)
-        kind = type(default) if default is not None else (_auto_int if f.name == "loader_workers" else str)
+        kind = type(default) if default is not None else \
+            {"loader_workers": _auto_int, "store_budget": _auto_float}.get(f.name, str)
+        if f.name == "compile":
+            kind = _compile_value
         shown = f"default: {default if default is not None else 'auto'}" + (f"; demo: {DEMO_DEFAULTS[f.name]}" if f.name in DEMO_DEFAULTS else "")
         # SUPPRESS: only flags the user gave reach the namespace, so a --config file and the demo defaults can
         # fill the rest.
@@ -32,7 +33,11 @@ def add_train_args(p: argparse.ArgumentParser, skip=()) -> None:
                            help=f"{f.metadata['help']} ({shown})")
             continue
         g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, choices=choices,
-                       help=f"{f.metadata['help']} ({shown})")
+                       help=f"{f.metadata['help']} ({shown})", **({"nargs": "?", "const": "on"} if f.name == "compile"
+                                                                 else {}))
+        if f.name == "compile":  # --compile alone and --no-compile, as when it was a switch
+            g.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                           default=argparse.SUPPRESS, help="the same as --compile off")
     accept_old_bool_values(p)
     p.add_argument("--fresh", action="store_true", help="start over: the previous run in --output is replaced once "
                    "every check before training has passed (tables, images, flags, weights), never before "
@@ -55,6 +60,17 @@ def _auto_int(text: str):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
+
+
+def _compile_value(text: str) -> str:
+    """auto, on or off; the switch's old value spellings (true/false, yes/no, 1/0) still mean on and off."""
+    t = text.strip().lower()
+    if t in ("auto", "on", "off"):
+        return t
+    try:
+        return "on" if _bool(t) else "off"
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}") from None
 
 
 # ``--x`` / ``--no-x`` for every boolean setting.

@@ -127,11 +127,12 @@ class TrainConfig:
     amp: str = _f("auto",
         "mixed precision: auto (GPU: bf16 on sm80+, fp16 with loss scaling below; CPU: bf16 or fp32, whichever a short "
         "timed probe finds faster, cached per machine), bf16, fp16, or off")
-    # torch.compile of the training model. Off: measured on the 2-core dev CPU it took 28 s to compile and
-    # trained no faster (23.5 vs 24.2 img/s, depth 1, bf16); on GPUs `jobs/bench.py --gpu` measures it.
-    compile: bool = _f(False,
-        "torch.compile the training model; measured not to pay on a 2-core CPU, unmeasured on GPUs, where "
-        "jobs/bench.py --gpu measures it")
+    # torch.compile of the training model. auto: compiled on a GPU when the planned run is long enough to pay
+    # the compile back (mlc.model.compiling, from compile times and speed-ups measured on an H200); never on a
+    # CPU, where it was measured not to pay (2-core dev CPU: 28 s to compile, 23.5 vs 24.2 img/s, depth 1).
+    compile: str = _f("auto",
+        "torch.compile the training model: auto (on a GPU when the planned images are enough to pay back the "
+        "compile time; off on CPUs, where it was measured not to pay), on, or off")
 
     # Data. The size is ResNet50's ImageNet resolution; the COMP5329 images are <= 320 px.
     image_size: int = _f(224, "training crop and evaluation centre-crop size in pixels")
@@ -147,12 +148,21 @@ class TrainConfig:
     gpu_decode: bool = _f(False,
         "decode JPEGs on the GPU (nvJPEG) instead of in the loader workers, for nodes whose CPUs cannot keep up; "
         "other formats still decode on the CPU")
+    # The decode-once store (mlc.data.store): auto keeps decoded images in memory when they fit half of what
+    # the node has free, else on local disk when half its free space holds them, else streams as without it.
+    store: str = _f("auto",
+        "keep every training image decoded, once per node, for later epochs, validation and sweep trials: auto "
+        "(memory if it fits --store-budget, else local disk ($MLC_STORE_DIR) if it fits half its free space, else "
+        "off), memory, disk, or off (read and decode every epoch)")
+    store_budget: float | None = _f(None,
+        "GiB of memory the decoded-image store may take on a node; default auto: half of what is free when the "
+        "run starts")
     max_bad_fraction: float = _f(0.01, "stop when more than this fraction of labelled images is unreadable")
     max_image_pixels: int = _f(50_000_000, "refuse images with more pixels than this (decompression bombs)")
 
     # Settings that may change between a run and its resume without invalidating the checkpoint.
     RESUMABLE_CHANGES = ("epochs", "loader_workers", "output", "data", "images", "train_csv", "test_csv", "compile",
-                         "gpu_decode")
+                         "gpu_decode", "store", "store_budget")
 
     def __post_init__(self):
         problems = _non_finite(self)
@@ -186,6 +196,12 @@ class TrainConfig:
             problems.append(f"--optimizer must be adamw or sgd, got {self.optimizer}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             problems.append(f"--amp must be auto, bf16, fp16 or off, got {self.amp}")
+        if self.compile not in ("auto", "on", "off"):
+            problems.append(f"--compile must be auto, on or off, got {self.compile}")
+        if self.store not in ("auto", "memory", "disk", "off"):
+            problems.append(f"--store must be auto, memory, disk or off, got {self.store}")
+        if self.store_budget is not None and self.store_budget < 0:
+            problems.append(f"--store-budget must be >= 0 GiB, got {self.store_budget}")
         if self.loader_workers is not None and self.loader_workers < 0:
             problems.append(f"--loader-workers must be >= 0, got {self.loader_workers}")
         if not 0 <= self.max_bad_fraction <= 1:
@@ -202,6 +218,8 @@ class TrainConfig:
         d = dict(d)
         if "num_workers" in d:  # checkpoints written before the DataLoader setting was renamed
             d.setdefault("loader_workers", d.pop("num_workers"))
+        if isinstance(d.get("compile"), bool):  # written when --compile was on/off only
+            d["compile"] = "on" if d["compile"] else "off"
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def replace(self, **changes) -> "TrainConfig":

@@ -3,7 +3,10 @@ crops, skips what it cannot decode by name, and leaves non-JPEG files to the CPU
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -11,7 +14,8 @@ from mlc.data.datasets import ImageTable
 
 from mlc.data.loader import Batch, collate, make_loader
 from mlc.data.gpu_decode import RawJpeg
-from mlc.data.transforms import batch_to_device, eval_transform, train_transform
+from mlc.data.loader import batch_to_device
+from mlc.data.transforms import eval_transform, train_transform
 
 CPU = torch.device("cpu")
 
@@ -78,19 +82,40 @@ def test_a_loader_with_gpu_decode_yields_every_row_once(tmp_path):
     assert sorted(seen) == list(range(10))
 
 
-def test_the_prepared_gpu_check_runs_through_on_a_cpu_with_tiny_settings(tmp_path):
+def test_the_prepared_gpu_check_runs_through_on_a_cpu_with_tiny_settings(tmp_path, monkeypatch):
     """jobs/bench.py --gpu cannot run here; its code path can, so it does not rot while no GPU is at hand."""
     from mlc.bench.gpu import run
+    monkeypatch.setenv("MLC_STORE_MEMORY_DIR", str(tmp_path / "store"))
     paths = [_write(tmp_path, f"{i}.jpg", _photo(96, 80, i)) for i in range(8)]
     lines = []
-    rows = run(CPU, paths, batch=2, size=32, steps=1, budget_s=60, workers=0, amp_setting="off",
+    rows = run(CPU, paths, batch=2, size=32, steps=1, budget_s=80, workers=0, amp_setting="off",
                log=lines.append)
     by = {r["item"]: r for r in rows}
-    for item in ("train depth 4", "train depth 1", "predict", "end to end, depth 4, CPU decode",
-                 "end to end, depth 4, GPU decode"):
-        assert by[item]["img_s"] > 0, by[item]
+    for d in (1, 4):
+        for item in (f"depth {d}: model alone", f"depth {d}: end to end, CPU decode", f"depth {d}: end to end, store",
+                     f"depth {d}: end to end, --gpu-decode"):
+            assert by[item]["img_s"] > 0, by[item]
+        assert by[f"depth {d}: end to end, store"]["first_epoch_s"] > 0
+    assert by["predict: end to end, CPU decode"]["img_s"] > 0
     assert all("skipped" in r for k, r in by.items() if "compiled" in k)  # no time left for a compile
-    assert any(line.startswith("| end to end, depth 4, GPU decode |") for line in lines)
+    assert any(line.startswith("| depth 4: end to end, store |") and "of the model alone" in line
+               and "first epoch" in line for line in lines)
+    assert os.listdir(tmp_path / "store") == []  # the store is gone with the check
+
+
+def test_the_gpu_check_fails_after_its_table_when_a_row_fails(tmp_path, monkeypatch):
+    """A non-finite loss in any row is reported in the table, and then the check fails (exits non-zero)."""
+    import mlc.bench.gpu as gpu
+    from mlc.train.engine import NonFiniteLossError
+
+    def bad(*a, **k):
+        raise NonFiniteLossError("epoch 2 step 2: the loss or its gradient is not finite")
+    monkeypatch.setattr(gpu, "end_to_end", bad)
+    lines = []
+    with pytest.raises(RuntimeError, match="NonFiniteLossError"):
+        gpu.run(CPU, [], batch=2, size=32, steps=1, budget_s=120, workers=0, amp_setting="off", depths=(1,),
+                log=lines.append)
+    assert any(line.startswith("| depth 1: end to end, --gpu-decode | - |") for line in lines)
 
 
 def test_device_decode_does_not_race_with_the_callers_stream(tmp_path):

@@ -204,15 +204,23 @@ def test_bad_images_are_skipped_named_counted_and_limited(tmp_path):
         trainer.fit(cfg_for(root, tmp_path / "strict", epochs=1), log=lambda *_: None, progress=False)
 
 
-def test_non_finite_loss_stops_without_a_checkpoint(dataset, tmp_path, monkeypatch):
-    real = trainer.train_transform
+@pytest.mark.parametrize("store", ["off", "auto"])
+def test_non_finite_loss_stops_without_a_checkpoint(dataset, tmp_path, monkeypatch, store):
+    import mlc.data.loader as loader
+    import mlc.train.feed as feed
+    if store == "off":  # NaN images from the CPU transform
+        real = feed.train_transform
 
-    def poisoned(size):
-        t = real(size)
-        return lambda img: t(img) * float("nan")
-    monkeypatch.setattr(trainer, "train_transform", poisoned)
+        def poisoned(size):
+            t = real(size)
+            t.pipeline = (lambda f: lambda img: f(img) * float("nan"))(t.pipeline)
+            return t
+        monkeypatch.setattr(feed, "train_transform", poisoned)
+    else:  # NaN images from the device crop of stored slots
+        real_crop = loader.crop_batch
+        monkeypatch.setattr(loader, "crop_batch", lambda *a, **k: real_crop(*a, **k) * float("nan"))
     out = tmp_path / "run"
     with pytest.raises(engine.NonFiniteLossError, match="epoch 1"):
-        trainer.fit(cfg_for(dataset, out), log=lambda *_: None, progress=False)
+        trainer.fit(cfg_for(dataset, out, store=store), log=lambda *_: None, progress=False)
     assert not (out / "checkpoint" / "state.pt").exists()
     assert not (out / "best").exists()

@@ -103,6 +103,8 @@ class ImageTable(Dataset):
             raise ValueError("a table that reads no images needs captions")
         self.captions, self.read_images = captions, read_images
         self.epoch_seed: int | None = None
+        # The decode-once store (mlc.data.store) and each row's slot in it; None: decode on every read.
+        self.store, self.slots = None, None
         # --gpu-decode: ship the bytes of plain JPEGs for the device to decode (mlc.data.gpu_decode).
         self.gpu_decode = gpu_decode
 
@@ -129,6 +131,8 @@ class ImageTable(Dataset):
         indices = [int(i) for i in indices]
         if not self.read_images:
             return [self._sample(i, None) for i in indices]
+        if self.store is not None:
+            return self._stored(indices)
         where: dict = {}
         for k, i in enumerate(indices):
             where.setdefault(self.urls[i], []).append(k)
@@ -148,6 +152,54 @@ class ImageTable(Dataset):
                         self._sample(i, decode_fetched(data, url, self.max_pixels, draft))
                 except BadImageError as e:
                     out[k] = Skipped(i, url, e.reason)
+        return out
+
+    def use_store(self, store, slots) -> None:
+        """Read images through the decode-once ``store`` (:mod:`mlc.data.store`); row i is its slot ``slots[i]``."""
+        if len(slots) != len(self.urls):
+            raise ValueError(f"{len(slots)} store slots for {len(self.urls)} rows")
+        self.store, self.slots = store, np.asarray(slots, dtype=np.int64)
+
+    def fully_stored(self) -> bool:
+        """Whether every row is in the store (or known unreadable): reading needs no decoding at all."""
+        return self.store is not None and self.store.count(self.slots) == len(self.slots)
+
+    def _stored(self, indices):
+        """Rows through the store: those not there yet are fetched, decoded, fitted into their slots and stored
+        (the first pass); then every row's pixels come from its slot with its crop box (``geometry``), for the
+        device to cut out (:func:`mlc.data.augment.crop_batch`). Rows are ``(slot, y, i, tokens, geometry)``."""
+        from mlc.data.augment import fit_to_slot, row_geometry
+        from mlc.data.store import BAD, EMPTY
+        st = self.store
+        slots = self.slots[indices]
+        where: dict = {}
+        for k in np.flatnonzero(st.state[slots] == EMPTY):
+            where.setdefault(self.urls[indices[k]], []).append(int(k))
+        if where:
+            pending = self._take_read_ahead(indices) or fetch.start(where)
+            self._start_read_ahead(indices)
+            for url, data in pending:
+                for k in where.get(url, ()):
+                    try:
+                        img = decode_fetched(data, url, self.max_pixels, draft=st.side)
+                    except BadImageError as e:
+                        st.put_bad(int(slots[k]), e.reason)
+                        continue
+                    st.put(int(slots[k]), fit_to_slot(img, st.side), (img.size[1], img.size[0]))
+        else:
+            self._start_read_ahead(indices)
+        state = st.state[slots]
+        good = np.flatnonzero(state != BAD)
+        pixels, meta = torch.from_numpy(st.pixels[slots[good]]), st.meta[slots[good]]
+        out: list = [None] * len(indices)
+        for k in np.flatnonzero(state == BAD):
+            out[k] = Skipped(indices[k], self.urls[indices[k]], st.reason(int(slots[k])))
+        for j, k in enumerate(good):
+            i = indices[k]
+            seed = (self.epoch_seed + i) % 2**63 if self.epoch_seed is not None else None
+            geometry = torch.tensor(row_geometry(self.transform, meta[j], seed), dtype=torch.float32)
+            x, y, i, tokens = self._sample(i, None)
+            out[k] = (pixels[j], y, i, tokens, geometry)
         return out
 
     def set_plan(self, batches, num_workers: int) -> None:
@@ -176,6 +228,11 @@ class ImageTable(Dataset):
         if pos is None or pos + self._plan_step >= len(self._plan):
             return
         nxt = self._plan[pos + self._plan_step]
+        if self.store is not None:  # only what the store does not have yet
+            from mlc.data.store import EMPTY
+            nxt = [i for i in nxt if self.store.state[self.slots[i]] == EMPTY]
+            if not nxt:
+                return
         self._ahead = (os.getpid(), tuple(nxt), fetch.start(dict.fromkeys(self.urls[i] for i in nxt)))
 
     def __getstate__(self):

@@ -1,9 +1,11 @@
-"""Batches and loaders: rows collated into a :class:`Batch`, each rank's share of every global batch
+"""Batches and loaders: rows collated into a :class:`Batch` and moved to the device (:func:`batch_to_device`), each rank's share of every global batch
 (:class:`RankBatches`), and the DataLoader that reads ahead for them."""
 
 from __future__ import annotations
 
+import queue
 import random
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mlc.data.datasets import Skipped
+from mlc.data.transforms import crop_batch, to_model_input, tokens_to_tensors
 
 
 @dataclass
@@ -24,6 +27,9 @@ class Batch:
     skipped: list = field(default_factory=list)
     raw: list = field(default_factory=list)
     tokens: list | None = None
+    # Rows from the decode-once store: ``x`` holds whole slots (B, side, side, 3) and this each row's crop box,
+    # flip and output size (mlc.data.augment.row_geometry), applied on the device.
+    geometry: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -33,9 +39,49 @@ class Batch:
             self.x = self.x.pin_memory()
         if self.y is not None:
             self.y = self.y.pin_memory()
+        if self.geometry is not None:
+            self.geometry = self.geometry.pin_memory()
         for r in self.raw:
             r.data = r.data.pin_memory()
         return self
+
+
+def batch_to_device(batch, device: torch.device) -> tuple:
+    """``(inputs, y, index, lost)`` of a loader batch on ``device``: the model's inputs (``(x,)`` normalised
+    float images, ``(ids, offsets)`` caption tokens, or ``(x, ids, offsets)``; None when no row is usable),
+    targets, row indices, and the rows the device decoder could not decode (``--gpu-decode``;
+    mlc.data.datasets.Skipped)."""
+    nb = device.type == "cuda"
+    parts, ys, index, lost, tokens = [], [], [], [], []
+    if batch.y is not None:
+        n_good = len(batch.y)
+        if batch.x is not None and batch.geometry is None:
+            parts.append(batch.x.to(device, non_blocking=nb))
+        ys.append(batch.y.to(device, non_blocking=nb))
+        index.append(batch.index[:n_good])
+        tokens.extend(batch.tokens or ())
+    if batch.raw:
+        from mlc.data.gpu_decode import decode_rows
+        images, failed = decode_rows(batch.raw, device)
+        lost = [Skipped(r.index, r.name, reason) for r, reason in failed]
+        kept = [(r, img) for r, img in zip(batch.raw, images) if img is not None]
+        if kept:
+            parts.append(torch.stack([img for _, img in kept]))
+            ys.append(torch.stack([r.y for r, _ in kept]).to(device, non_blocking=nb))
+            index.append(torch.tensor([r.index for r, _ in kept], dtype=torch.long))
+            tokens.extend(r.tokens for r, _ in kept if r.tokens is not None)
+    if not ys:
+        return None, None, torch.zeros(0, dtype=torch.long), lost
+    inputs = ()
+    if batch.geometry is not None:  # slots of the decode-once store: cut, resize and flip on the device
+        inputs = (crop_batch(batch.x, batch.geometry, device),)
+    elif parts:
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        inputs = (to_model_input(x, device),)
+    if batch.tokens is not None or any(r.tokens is not None for r in batch.raw):
+        inputs = inputs + tokens_to_tensors(tokens, device)
+    y = torch.cat(ys) if len(ys) > 1 else ys[0]
+    return inputs, y, torch.cat(index) if len(index) > 1 else index[0], lost
 
 
 def collate(items) -> Batch:
@@ -49,8 +95,9 @@ def collate(items) -> Batch:
     xs, ys = [it[0] for it in good], [it[1] for it in good]
     tokens = [it[3] if len(it) > 3 else None for it in good]  # (x, y, i) rows carry no caption
     x = torch.stack(xs) if xs[0] is not None else None
+    geometry = torch.stack([it[4] for it in good]) if len(good[0]) > 4 else None
     return Batch(x, torch.stack(ys), torch.tensor(idx, dtype=torch.long), skipped, raw,
-                 list(tokens) if tokens[0] is not None else None)
+                 list(tokens) if tokens[0] is not None else None, geometry)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -113,6 +160,10 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
     batches = RankBatches(len(dataset), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world=world,
                           drop_last=drop_last)
     # Each loader worker starts fetching its next batch while it decodes this one (hides storage latency).
+    if getattr(dataset, "fully_stored", lambda: False)():
+        # Every row is decoded already: copying slots needs no worker processes (no start-up, no pickling
+        # of 300 KB rows between processes), only a thread that reads ahead.
+        return ThreadLoader(dataset, batches, pin_memory=pin_memory)
     plan_batches(dataset, batches, batch_size, drop_last, num_workers)
     g = torch.Generator()
     g.manual_seed(seed * 100_003 + epoch)  # seeds the loader workers (numpy/random in _seed_worker)
@@ -148,3 +199,54 @@ def plan_batches(dataset, sampler, batch_size: int, drop_last: bool, num_workers
         else:
             batches = list(torch.utils.data.BatchSampler(sampler, batch_size, drop_last))
         dataset.set_plan(batches, num_workers)
+
+
+class ThreadLoader:
+    """Batches made by one thread of this process, ``depth`` ahead: for a dataset whose rows are only copied
+    (the decode-once store), where loader processes would cost more than they save. Copies of memory-mapped
+    slots and the pinning release the GIL, so they overlap the training step."""
+
+    _END = object()
+
+    def __init__(self, dataset, batch_sampler, *, pin_memory: bool = False, depth: int = 3):
+        self.dataset, self.batch_sampler, self.pin, self.depth = dataset, batch_sampler, pin_memory, depth
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        q: queue.Queue = queue.Queue(self.depth)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work():
+            try:
+                for indices in self.batch_sampler:
+                    batch = collate(self.dataset.__getitems__(list(indices)))
+                    if not put(batch.pin_memory() if self.pin else batch):
+                        return
+                put(self._END)
+            except BaseException as e:  # noqa: BLE001 - raised in the consuming thread, which owns the run
+                put(e)
+
+        thread = threading.Thread(target=work, name="mlc-store-loader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is self._END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()

@@ -37,13 +37,38 @@ class ImageTransform:
     def __call__(self, img):
         return self.pipeline(img)
 
-    def params(self, height: int, width: int) -> tuple:
-        """The random crop box and flip this transform would draw for an image of this size, in the same
-        order from the same generator (mlc.data.gpu_decode applies them on the device)."""
+    def params(self, height: int, width: int, generator: torch.Generator | None = None) -> tuple:
+        """The random crop box and flip this transform would draw for an image of this size: the same draws in
+        the same order as the pipeline's RandomResizedCrop and flip, from ``generator`` (default: torch's
+        global one, as the pipeline uses). mlc.data.gpu_decode and mlc.data.augment apply them on the device;
+        a private generator lets a thread draw them without touching the global one."""
         crop = self.pipeline.transforms[0]
-        top, left, h, w = T.RandomResizedCrop.get_params(torch.empty(1, height, width), crop.scale, crop.ratio)
-        flip = bool(torch.rand(1) < 0.5)
-        return top, left, h, w, flip
+        return (*random_resized_crop_params(height, width, crop.scale, crop.ratio, generator),
+                bool(torch.rand(1, generator=generator) < 0.5))
+
+
+def random_resized_crop_params(height: int, width: int, scale, ratio, generator=None) -> tuple:
+    """``T.RandomResizedCrop.get_params`` with an optional generator: the same draws, so the same box from the
+    same seed (tests/test_store.py checks it against torchvision's)."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
+            j = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
+            return i, j, h, w
+    in_ratio = float(width) / float(height)  # fallback to a centre crop, as torchvision does
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def train_transform(size: int) -> ImageTransform:
@@ -92,22 +117,47 @@ def eval_transform(size: int) -> ImageTransform:
 _STATS: dict = {}
 
 
+def _stats(device: torch.device) -> tuple:
+    """The ImageNet mean and 1/std in uint8 units, (1, 3, 1, 1) on ``device``, made once per device."""
+    key = (device.type, device.index)
+    if key not in _STATS:
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
+        _STATS[key] = (mean, inv_std)
+    return _STATS[key]
+
+
 def to_model_input(x: torch.Tensor, device: torch.device, channels_last: bool = True) -> torch.Tensor:
     """A uint8 NCHW batch (as the loader ships it) -> normalised float32 on ``device``, channels_last.
 
     The copy is non-blocking from pinned memory on CUDA; the arithmetic runs on the device, where it is
     a few microseconds per batch, instead of in every loader worker.
     """
-    key = (device.type, device.index)
-    if key not in _STATS:
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
-        _STATS[key] = (mean, inv_std)
-    mean, inv_std = _STATS[key]
+    mean, inv_std = _stats(device)
     x = x.to(device, non_blocking=device.type == "cuda")
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return (x.float() - mean) * inv_std
+
+
+def crop_batch(x: torch.Tensor, geometry: torch.Tensor, device: torch.device, channels_last: bool = True):
+    """Stored slots (B, side, side, 3) uint8 and their :func:`mlc.data.augment.row_geometry` rows (B, 6) -> the model's
+    normalised float32 input (B, 3, size, size) on ``device``."""
+    from torchvision.ops import roi_align
+    nb = device.type == "cuda"
+    x = x.to(device, non_blocking=nb).permute(0, 3, 1, 2).float()
+    g = geometry.to(device, non_blocking=nb)
+    size = int(geometry[0, 5])
+    boxes = torch.cat([torch.arange(len(g), device=device, dtype=g.dtype).unsqueeze(1), g[:, :4]], dim=1)
+    # aligned: pixel centres at +0.5, as PIL and torchvision's resize place them. sampling_ratio -1: as many
+    # samples per output pixel as the box is larger than the output (averaged: no aliasing when shrinking).
+    out = roi_align(x, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    flip = g[:, 4] > 0.5
+    out = torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out)
+    mean, inv_std = _stats(device)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return (out - mean) * inv_std
 
 
 def tokens_to_tensors(token_lists, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,43 +171,6 @@ def tokens_to_tensors(token_lists, device: torch.device) -> tuple[torch.Tensor, 
         offsets[1:] = torch.tensor(lengths[:-1], dtype=torch.long).cumsum(0)
     nb = device.type == "cuda"
     return ids.to(device, non_blocking=nb), offsets.to(device, non_blocking=nb)
-
-
-def batch_to_device(batch, device: torch.device) -> tuple:
-    """``(inputs, y, index, lost)`` of a loader batch on ``device``: the model's inputs (``(x,)`` normalised
-    float images, ``(ids, offsets)`` caption tokens, or ``(x, ids, offsets)``; None when no row is usable),
-    targets, row indices, and the rows the device decoder could not decode (``--gpu-decode``;
-    mlc.data.datasets.Skipped)."""
-    from mlc.data.datasets import Skipped
-    nb = device.type == "cuda"
-    parts, ys, index, lost, tokens = [], [], [], [], []
-    if batch.y is not None:
-        n_good = len(batch.y)
-        if batch.x is not None:
-            parts.append(batch.x.to(device, non_blocking=nb))
-        ys.append(batch.y.to(device, non_blocking=nb))
-        index.append(batch.index[:n_good])
-        tokens.extend(batch.tokens or ())
-    if batch.raw:
-        from mlc.data.gpu_decode import decode_rows
-        images, failed = decode_rows(batch.raw, device)
-        lost = [Skipped(r.index, r.name, reason) for r, reason in failed]
-        kept = [(r, img) for r, img in zip(batch.raw, images) if img is not None]
-        if kept:
-            parts.append(torch.stack([img for _, img in kept]))
-            ys.append(torch.stack([r.y for r, _ in kept]).to(device, non_blocking=nb))
-            index.append(torch.tensor([r.index for r, _ in kept], dtype=torch.long))
-            tokens.extend(r.tokens for r, _ in kept if r.tokens is not None)
-    if not ys:
-        return None, None, torch.zeros(0, dtype=torch.long), lost
-    inputs = ()
-    if parts:
-        x = torch.cat(parts) if len(parts) > 1 else parts[0]
-        inputs = (to_model_input(x, device),)
-    if batch.tokens is not None or any(r.tokens is not None for r in batch.raw):
-        inputs = inputs + tokens_to_tensors(tokens, device)
-    y = torch.cat(ys) if len(ys) > 1 else ys[0]
-    return inputs, y, torch.cat(index) if len(index) > 1 else index[0], lost
 
 
 def input_shape(inputs: tuple) -> tuple:

@@ -116,7 +116,9 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
     check_shared_output(sweep_url, hosts | {ray.util.get_node_ip_address()})
     storage.check_writable(sweep_url)
-    with hold(sweep_url, what=f"sweep {sweep.name}", log=log):
+    from mlc.data.store import Keep
+    # Keep: trials that run one after another on this node share one decode-once store, removed at the end.
+    with hold(sweep_url, what=f"sweep {sweep.name}", log=log), Keep():
         return _sweep_held(base, given, sweep, output, sweep_url, fresh=fresh, log=log, progress=progress,
                            predict_workers=predict_workers, t_start=t_start)
 

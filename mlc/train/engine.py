@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from mlc.logs import progress as progress_bar
 from mlc.model.precision import autocast
 from mlc.model.fusion import head
-from mlc.data.transforms import batch_to_device, blank_inputs, input_shape
+from mlc.data.loader import batch_to_device
+from mlc.data.transforms import blank_inputs, input_shape
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -166,8 +167,11 @@ def _check_finite(bad_steps, first_bad, recent: dict, epoch: int, loader) -> Non
 
 @torch.inference_mode()
 def predict_scores(model, loader, device, *, amp_dtype=None, progress: bool = True, desc: str = "score",
-                   n_rows: int | None = None) -> dict:
+                   n_rows: int | None = None, pad_to: int | None = None) -> dict:
     """Sigmoid scores for every row the loader yields.
+
+    ``pad_to``: a smaller batch (the last) is padded with blank rows to this many, whose scores are dropped:
+    with cuDNN timing its algorithms per input shape, one more shape costs a round of timing every conv.
 
     Returns ``probs`` (n_rows, C) with NaN rows for images that could not be read, ``ok`` (bool mask of
     scored rows), ``loss`` (mean BCE over scored rows with targets) and the ``skipped`` list. Scores stay
@@ -187,7 +191,7 @@ def predict_scores(model, loader, device, *, amp_dtype=None, progress: bool = Tr
         if inputs is None:
             continue
         with autocast(device, amp_dtype):
-            logits = model(*inputs).float()
+            logits = model(*pad_rows(inputs, pad_to)).float()[:len(index)]
         parts.append(torch.sigmoid(logits))
         where.append(index)
         if y.numel():
@@ -203,6 +207,22 @@ def predict_scores(model, loader, device, *, amp_dtype=None, progress: bool = Tr
     has_targets = getattr(loader.dataset, "targets", None) is not None
     return {"probs": probs, "ok": ok, "loss": float(loss_sum.item()) / seen if seen and has_targets else math.nan,
             "skipped": skipped, "seconds": elapsed, "img_per_s": seen / elapsed if elapsed > 0 else 0.0}
+
+
+def pad_rows(inputs: tuple, n: int | None) -> tuple:
+    """Model inputs (:func:`mlc.data.transforms.batch_to_device`) with blank rows appended up to ``n`` rows: zero
+    images, empty caption bags."""
+    rows = len(inputs[1]) if inputs[0].dim() == 1 else len(inputs[0])  # (ids, offsets) or (x, ...)
+    if n is None or rows >= n:
+        return inputs
+    out = list(inputs)
+    if inputs[0].dim() == 4:
+        x = inputs[0]
+        out[0] = torch.cat([x, x.new_zeros((n - rows, *x.shape[1:]))]).contiguous(memory_format=torch.channels_last)
+    if inputs[-1].dim() == 1 and len(inputs) >= 2 and inputs[-2].dim() == 1:  # caption bags: (ids, offsets) last
+        ids, offsets = inputs[-2], inputs[-1]
+        out[-1] = torch.cat([offsets, offsets.new_full((n - rows,), len(ids))])
+    return tuple(out)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):

@@ -20,7 +20,7 @@ from mlc.io import storage
 from mlc.io.lock import hold
 from mlc.train.checkpoint import load_training_state, save_model, save_training_state
 from mlc.config import TrainConfig
-from mlc.data.datasets import (BadImageBudget, DataPaths, ImageTable, check_images_found, image_urls, read_tables, split_train_val)
+from mlc.data.datasets import BadImageBudget
 from mlc.data.loader import StartedLoader, make_loader
 from mlc.data.demo import with_demo_data
 from mlc.model.device import available_cpus, pick_device, prepare_device
@@ -32,10 +32,10 @@ from mlc.train.outputs import SCALAR_KEYS, finish, write_metrics
 from mlc.model.precision import NAMES, needs_grad_scaler, pick_amp_dtype
 from mlc.train.runs import latest_epoch_checkpoint
 from mlc.train.submission import write_predictions
-from mlc.data.table import captions_of
 from mlc.eval.thresholds import ThresholdChoice, evaluate
-from mlc.data.tokenizer import Tokenizer, empty_captions
-from mlc.data.transforms import eval_transform, train_transform
+from mlc.data.tokenizer import Tokenizer
+from mlc.model.compiling import decide as decide_compile
+from mlc.train.feed import RunData, prepare_data, resolve_inputs, run_tables  # noqa: F401 - the API's names
 
 # Everything a local run writes under --output; --fresh removes these first so nothing stale survives.
 OUTPUTS = ("checkpoint", "best", "metrics.json", "predictions.csv", "probabilities.csv", "plots", "config.json",
@@ -44,66 +44,6 @@ OUTPUTS = ("checkpoint", "best", "metrics.json", "predictions.csv", "probabiliti
 
 class ConfigMismatch(ValueError):
     pass
-
-
-@dataclass
-class RunData:
-    """What every process derives from the config, identically: tables, vocabulary, split, image URLs, what the
-    network reads (``inputs``, resolved from auto) and, when it reads captions, the tokenizer (fitted on the
-    training split's captions) and every labelled row's token ids."""
-    paths: DataPaths
-    train_df: object
-    test_df: object
-    vocab: LabelVocab
-    Y: np.ndarray
-    tr: np.ndarray
-    va: np.ndarray
-    urls: list
-    inputs: str = "image"
-    tokenizer: Tokenizer | None = None
-    tokens: list | None = None
-
-    def use_tokenizer(self, tokenizer: Tokenizer) -> None:
-        """Encode with ``tokenizer`` (a resumed run's saved one, whose ids its embedding was trained on)."""
-        if tokenizer != self.tokenizer:
-            self.tokenizer, self.tokens = tokenizer, tokenizer.encode_many(self.train_df.Caption)
-
-
-def resolve_inputs(inputs: str, train_df, table: str) -> str:
-    """``auto`` -> image+caption when the training table has a non-empty caption, else image; a caption network
-    on a table without captions is refused."""
-    has = "Caption" in train_df.columns and empty_captions(train_df.Caption) < len(train_df)
-    if inputs == "auto":
-        return "image+caption" if has else "image"
-    if uses_captions(inputs) and not has:
-        from mlc.errors import DataError
-        raise DataError(f"--inputs {inputs}: {table} has no captions (no Caption column, or every caption empty); "
-                        "use --inputs image")
-    return inputs
-
-
-def prepare_data(cfg: TrainConfig, log=print) -> RunData:
-    paths = DataPaths.resolve(cfg.data, cfg.images, cfg.train_csv, cfg.test_csv)
-    train_df, test_df = read_tables(paths)
-    vocab = LabelVocab.from_label_lists(train_df.Labels)
-    Y = vocab.encode(train_df.Labels, context=f"{paths.train_csv}: ")
-    tr, va = split_train_val(train_df.ImageID, cfg.val_fraction, cfg.seed)
-    inputs = resolve_inputs(cfg.inputs, train_df, paths.train_csv)
-    log(f"data: {len(train_df)} labelled ({len(tr)} train / {len(va)} validation), {len(test_df)} test, "
-        f"{len(vocab)} labels; the network reads {inputs}{' (auto)' if cfg.inputs == 'auto' else ''}")
-    urls = image_urls(paths.images, train_df.ImageID)
-    if uses_images(inputs):
-        check_images_found(paths.images, urls, table=paths.train_csv)
-    data = RunData(paths, train_df, test_df, vocab, Y, tr, va, urls, inputs)
-    if uses_captions(inputs):
-        captions = captions_of(train_df)
-        data.use_tokenizer(Tokenizer.fit([captions[i] for i in tr]))
-        empty_train, empty_test = empty_captions(captions), empty_captions(captions_of(test_df))
-        log(f"captions: {len(data.tokenizer.vocab)} words; rows without a caption: {empty_train} of {len(train_df)} "
-            f"labelled, {empty_test} of {len(test_df)} test"
-            + (" (predicted from the image alone)" if inputs == "image+caption" and (empty_train or empty_test)
-               else " (predicted from the label prior)" if empty_train or empty_test else ""))
-    return data
 
 
 @dataclass
@@ -248,7 +188,10 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         group.on_start(resumed)  # the weights loaded too: every check before training has passed
     bare = model
     model = group.wrap(model)
-    if cfg.compile:
+    compiled, why = decide_compile(cfg.compile, device.type, len(data.tr) * max(0, cfg.epochs - _first_epoch(state) + 1),
+                                   cfg.unfrozen_depth)
+    say(why)
+    if compiled:
         # Compiled around DDP, as torch recommends (DDP's buckets become graph breaks); ``bare`` stays the
         # plain module that checkpoints and validation use.
         model = torch.compile(model)
@@ -280,15 +223,25 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         else:
             say(f"resuming from {source}: epoch {state['epoch']} done, continuing at epoch {start_epoch}")
 
-    tr, va, Y = data.tr, data.va, data.Y
-    reads_images = uses_images(cfg.inputs)
+    train_ds, val_ds, store = run_tables(cfg, data, device, uses_images(cfg.inputs), log=say)
+    try:
+        return _epochs(cfg, group, data, state, model, bare, optimizer, scheduler, scaler, amp_dtype, train_ds,
+                       val_ds, loader_workers, history, best_f1, start_epoch, resumed, say, progress, on_step)
+    finally:
+        if store is not None:
+            store.close()
 
-    def table(rows, transform):
-        return ImageTable([data.urls[i] for i in rows], Y[rows], transform, cfg.max_image_pixels,
-                          gpu_decode=cfg.gpu_decode, read_images=reads_images,
-                          captions=[data.tokens[i] for i in rows] if data.tokens is not None else None)
 
-    train_ds, val_ds = table(tr, train_transform(cfg.image_size)), table(va, eval_transform(cfg.image_size))
+def _first_epoch(state: dict | None) -> int:
+    return state["epoch"] + 1 if state is not None else 1
+
+
+def _epochs(cfg, group, data, state, model, bare, optimizer, scheduler, scaler, amp_dtype, train_ds, val_ds,
+            loader_workers, history, best_f1, start_epoch, resumed, say, progress, on_step) -> dict:
+    """The epochs of :func:`train_loop`, from ``start_epoch``."""
+    rank0, device, tr, va, Y = group.rank == 0, group.device, data.tr, data.va, data.Y
+    n_train = len(tr)
+    drop_last = n_train >= cfg.batch_size
     if cfg.gpu_decode and device.type != "cuda":
         say("warning: --gpu-decode on a CPU device: JPEGs are decoded in the training process, not in parallel")
     budget = BadImageBudget(len(data.train_df), cfg.max_bad_fraction, log=say)
@@ -302,8 +255,9 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
                                          num_workers=loader_workers, pin_memory=pin, drop_last=drop_last,
                                          rank=group.rank, world=group.world))
 
-    # Scoring batches are per rank (memory only): twice the training share, as no gradients are kept.
-    val_batch = max(1, 2 * math.ceil(cfg.batch_size / group.world))
+    # Scoring batches are each rank's training share: the shapes cuDNN has already timed its algorithms for,
+    # not a second set to time in the first epoch (predict_scores pads the last one to it on a GPU).
+    val_batch = max(1, math.ceil(cfg.batch_size / group.world))
     next_loader = train_loader(start_epoch) if start_epoch <= cfg.epochs else None
     board = None
     if rank0 and start_epoch <= cfg.epochs:
@@ -325,7 +279,8 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         # The bare module scores: ranks hold different numbers of validation batches, and DDP's forward
         # would wait for the others.
         scored = predict_scores(for_scoring(bare, amp_dtype), val_loader, device, amp_dtype=amp_dtype,
-                                progress=progress and rank0, desc=f"epoch {epoch}/{cfg.epochs} validate")
+                                progress=progress and rank0, desc=f"epoch {epoch}/{cfg.epochs} validate",
+                                pad_to=val_batch if device.type == "cuda" else None)
         probs, ok, stats, skipped, val_loss = _gather_epoch(group, scored, stats, budget)
         budget.add(skipped)
         metrics = evaluate(Y[va][ok], probs[ok])

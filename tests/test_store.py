@@ -1,0 +1,259 @@
+"""The decode-once image store: its files and their sharing and removal, its key, where it goes, the device-side
+crops against the CPU transforms, and the tables read through it."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+
+from mlc.data import placement, store as st
+from mlc.data.augment import fit_to_slot, row_geometry, slot_side
+from mlc.data.datasets import ImageTable
+from mlc.data.loader import ThreadLoader, make_loader
+from mlc.data.transforms import (crop_batch, eval_transform, random_resized_crop_params, to_model_input,
+                                 train_transform)
+from mlc.io import identity
+from mlc.io.images import decode_image
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "comp5329" / "images"
+
+
+@pytest.fixture
+def roots(tmp_path, monkeypatch):
+    mem, disk = tmp_path / "mem", tmp_path / "disk"
+    monkeypatch.setenv("MLC_STORE_MEMORY_DIR", str(mem))
+    monkeypatch.setenv("MLC_STORE_DIR", str(disk))
+    return mem, disk
+
+
+def _real(n):
+    if not REAL.is_dir():
+        pytest.skip("../shared/data is not beside this clone")
+    return sorted(REAL.glob("*.jpg"))[:n]
+
+
+def test_crop_params_with_a_generator_are_torchvisions():
+    for s in range(400):
+        h, w = [(240, 320), (25, 36), (320, 90), (8, 300)][s % 4]
+        torch.manual_seed(s)
+        a = T.RandomResizedCrop.get_params(torch.empty(1, h, w), (0.35, 1.0), (3 / 4, 4 / 3))
+        g = torch.Generator()
+        g.manual_seed(s)
+        assert tuple(a) == random_resized_crop_params(h, w, (0.35, 1.0), (3 / 4, 4 / 3), g)
+
+
+def test_slot_side_holds_the_eval_resize_and_whole_comp5329_images():
+    assert slot_side(224) == 320 and slot_side(64) == 96
+    assert all(slot_side(s) >= s / 0.875 and slot_side(s) % 16 == 0 for s in range(32, 600, 7))
+
+
+@pytest.mark.parametrize("kind", ["eval", "train"])
+def test_device_crops_match_the_cpu_transforms_on_real_images(kind):
+    """Each row's box, drawn from the same seed, cut from the stored slot on the device, equals the CPU path's
+    PIL crop and resize to within rounding (mean under one grey level of 255)."""
+    tf = eval_transform(224) if kind == "eval" else train_transform(224)
+    side = slot_side(224)
+    means, refs, outs = [], [], []
+    for k, f in enumerate(_real(60)):
+        data = f.read_bytes()
+        seed = 1000 + k
+        img = decode_image(data, f.name, draft=tf.draft)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            ref = to_model_input(tf(img)[None], torch.device("cpu"), channels_last=False)
+        arr = fit_to_slot(decode_image(data, f.name, draft=side), side)
+        slot = np.zeros((side, side, 3), np.uint8)
+        h, w = arr.shape[:2]
+        slot[:h, :w], slot[:h, w:] = arr, arr[:, -1:]
+        slot[h:] = slot[h - 1:h]
+        geo = row_geometry(tf, (h, w, img.size[1], img.size[0]), seed)
+        out = crop_batch(torch.from_numpy(slot)[None], torch.tensor([geo]), torch.device("cpu"), channels_last=False)
+        levels = ((out - ref) * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255).abs()
+        means.append(levels.mean().item())
+        refs.append(ref)
+        outs.append(out)
+    assert np.mean(means) < 0.6 and max(means) < 2.0, (np.mean(means), max(means))
+    assert out.shape == (1, 3, 224, 224)
+    if kind == "train":  # the flips are the same rows' flips: mirrored crops would differ by tens of levels
+        assert any(row_geometry(tf, (240, 320, 240, 320), 1000 + k)[4] for k in range(60))
+
+
+def test_store_rows_write_read_and_edge_fill(roots):
+    mem, _ = roots
+    s = st.open_store(str(mem), "k1", 3, 16)
+    try:
+        assert s.count() == 0
+        px = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+        s.put(1, px, (50, 70))
+        s.put_bad(2, "corrupt image (broken data stream)")
+        assert s.count() == 2 and list(s.state) == [st.EMPTY, st.STORED, st.BAD]
+        assert (s.pixels[1, :5, :7] == px).all() and (s.pixels[1, :5, 7:] == px[:, -1:]).all()
+        assert (s.pixels[1, 5:] == s.pixels[1, 4]).all()
+        assert list(s.meta[1]) == [5, 7, 50, 70] and s.reason(2) == "corrupt image (broken data stream)"
+    finally:
+        s.close()
+    assert not (mem / "k1").exists()  # the last user removed it
+
+
+def _open_and_fill(root, key, i, q):
+    s = st.open_store(root, key, 8, 8)
+    s.put(i, np.full((8, 8, 3), i, np.uint8), (8, 8))
+    q.put(s.folder)
+    time.sleep(1.0)  # everybody opens before anybody closes
+    s.close()
+
+
+def test_processes_racing_share_one_store_and_the_last_removes_it(roots):
+    mem, _ = roots
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ps = [ctx.Process(target=_open_and_fill, args=(str(mem), "race", i, q)) for i in range(4)]
+    holder = st.open_store(str(mem), "race", 8, 8)  # open across the race: sees every process's rows
+    for p in ps:
+        p.start()
+    folders = {q.get(timeout=60) for _ in ps}
+    for p in ps:
+        p.join(60)
+    assert folders == {str(mem / "race")}
+    assert holder.count() == 4 and all((holder.pixels[i] == i).all() for i in range(4))
+    assert (mem / "race").exists()  # this process still uses it
+    holder.close()
+    assert not (mem / "race").exists()
+    assert [n for n in os.listdir(mem) if n.startswith(".new-")] == []
+
+
+def test_keep_holds_stores_between_users_and_sweeps_after(roots):
+    mem, disk = roots
+    with st.Keep():
+        st.open_store(str(mem), "kept", 2, 8).close()
+        assert (mem / "kept").exists()  # a later trial on this node reuses it
+    assert not (mem / "kept").exists()
+
+
+def test_a_killed_user_leaves_a_store_the_next_run_removes(roots):
+    mem, _ = roots
+    code = ("import sys, time; from mlc.data import store; store.open_store(sys.argv[1], 'orphan', 2, 8); "
+            "print('open', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(mem)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "open"
+    assert st.sweep(str(mem)) == []  # in use: never removed
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert (mem / "orphan").exists()
+    assert st.sweep(str(mem)) == ["orphan"] and not (mem / "orphan").exists()
+
+
+def test_the_key_changes_with_any_image_the_order_and_the_size(tmp_path):
+    for name in "abc":
+        (tmp_path / f"{name}.jpg").write_bytes(b"x" * 10)
+    urls = [str(tmp_path / f"{n}.jpg") for n in "abc"]
+    k = identity.digest(urls, 1, 96)
+    assert identity.digest(urls, 1, 96) == k
+    assert identity.digest(urls[::-1], 1, 96) != k
+    assert identity.digest(urls, 1, 320) != k
+    os.utime(urls[1], ns=(1, 1))  # rewritten (mtime changes)
+    k2 = identity.digest(urls, 1, 96)
+    assert k2 != k
+    (tmp_path / "c.jpg").write_bytes(b"y" * 10)  # same size, new content
+    assert identity.digest(urls, 1, 96) != k2
+    os.remove(urls[0])
+    assert identity.stamps(urls)[0] is None
+
+
+def test_where_the_store_goes(roots, monkeypatch):
+    mem, disk = roots
+    n, side = 100, 96
+    need = st.nbytes(n, side)
+    root, msg = placement.choose("auto", None, n, side, "k")
+    assert root == str(mem) and "in memory" in msg
+    root, msg = placement.choose("auto", need / 2 / 2**30, n, side, "k")  # over the memory budget: local disk
+    assert root == str(disk) and "local disk" in msg and "memory budget" in msg
+    monkeypatch.setattr(placement, "free_bytes", lambda r: need)  # half the disk is not enough: stream
+    root, msg = placement.choose("auto", 0.0, n, side, "k")
+    assert root is None and "streaming" in msg and "--store-budget" in msg
+    with pytest.raises(ValueError, match="--store memory"):
+        placement.choose("memory", 0.0, n, side, "k")
+    assert placement.choose("off", None, n, side, "k")[0] is None
+    s = st.open_store(str(disk), "k", n, side)  # already made by another process: used wherever it is
+    try:
+        root, msg = placement.choose("auto", 0.0, n, side, "k")
+        assert root == str(disk) and "already using it" in msg
+    finally:
+        s.close()
+
+
+def _table(paths, transform, tmp_path):
+    y = np.eye(3, dtype=np.float32)[np.arange(len(paths)) % 3]
+    return ImageTable([str(p) for p in paths], y, transform, 50_000_000)
+
+
+def test_a_table_reads_the_same_rows_while_filling_and_from_the_store(roots, tmp_path):
+    paths = _real(24)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"<html>not an image</html>")
+    paths = paths + [bad]
+    tf = train_transform(64)
+    ds = _table(paths, tf, tmp_path)
+    store = placement.open_for_run([str(p) for p in paths], 64, "auto", None, lambda *_: None)
+    try:
+        ds.use_store(store, np.arange(len(paths)))
+        ds.set_epoch(0, 1)
+        first = ds.__getitems__(list(range(len(paths))))
+        assert store.count() == len(paths) and ds.fully_stored()
+        again = ds.__getitems__(list(range(len(paths))))
+        for a, b in zip(first[:-1], again[:-1]):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[4], b[4]) and a[2] == b[2]
+        assert first[-1].name == again[-1].name == str(bad) and first[-1].reason == again[-1].reason
+        assert "HTML" in again[-1].reason or "html" in again[-1].reason.lower()
+        ds.set_epoch(0, 2)  # another epoch draws other crops from the same pixels
+        third = ds.__getitems__([0])
+        assert torch.equal(third[0][0], first[0][0]) and not torch.equal(third[0][4], first[0][4])
+        # A complete store is read by a thread, not loader processes, and gives the DataLoader's batches.
+        loader = make_loader(ds, 8, shuffle=True, seed=0, epoch=3, num_workers=2)
+        assert isinstance(loader, ThreadLoader)
+        by_thread = list(loader)
+        ds.store = None  # compare with the same rows read through a DataLoader of the store's dataset
+        ds.use_store(store, np.arange(len(paths)))
+        ds.fully_stored = lambda: False
+        by_workers = list(make_loader(ds, 8, shuffle=True, seed=0, epoch=3, num_workers=2))
+        assert len(by_thread) == len(by_workers) == 4  # 25 rows in batches of 8
+        for a, b in zip(by_thread, by_workers):
+            assert torch.equal(a.x, b.x) and torch.equal(a.geometry, b.geometry) and torch.equal(a.index, b.index)
+            assert [s.name for s in a.skipped] == [s.name for s in b.skipped]
+    finally:
+        store.close()
+
+
+def test_loader_processes_fill_the_shared_store(roots):
+    paths = _real(12)
+    ds = _table(paths, eval_transform(64), None)
+    store = placement.open_for_run([str(p) for p in paths], 64, "auto", None, lambda *_: None)
+    try:
+        ds.use_store(store, np.arange(len(paths)))
+        batches = list(make_loader(ds, 4, shuffle=False, num_workers=2))
+        assert sum(len(b) for b in batches) == 12 and store.count() == 12  # written by the worker processes
+        x = crop_batch(batches[0].x, batches[0].geometry, torch.device("cpu"))
+        assert x.shape == (4, 3, 64, 64) and torch.isfinite(x).all()
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_crops_on_cuda_equal_the_cpu_crops():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8, 96, 96, 3), dtype=torch.uint8, generator=g)
+    geo = torch.tensor([[3, 5, 80, 90, float(i % 2), 64] for i in range(8)], dtype=torch.float32)
+    cpu = crop_batch(x, geo, torch.device("cpu"))
+    gpu = crop_batch(x.pin_memory(), geo.pin_memory(), torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert torch.allclose(cpu, gpu.cpu(), atol=1e-3)
