@@ -105,30 +105,34 @@ def test_store_rows_write_read_and_edge_fill(roots):
     assert not (mem / "k1").exists()  # the last user removed it
 
 
-def _open_and_fill(root, key, i, q):
-    s = st.open_store(root, key, 8, 8)
+def _open_and_fill(urls, i, q):
+    # Each process derives the key itself, as each Ray Train worker does: the same table, the same store.
+    s = placement.open_for_run(urls, 32, "memory", None, lambda *_: None)
     s.put(i, np.full((8, 8, 3), i, np.uint8), (8, 8))
     q.put(s.folder)
     time.sleep(1.0)  # everybody opens before anybody closes
     s.close()
 
 
-def test_processes_racing_share_one_store_and_the_last_removes_it(roots):
+def test_processes_racing_share_one_store_and_the_last_removes_it(roots, tmp_path):
     mem, _ = roots
+    urls = []
+    for i in range(8):
+        (tmp_path / f"{i}.jpg").write_bytes(b"x" * (i + 1))
+        urls.append(str(tmp_path / f"{i}.jpg"))
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    ps = [ctx.Process(target=_open_and_fill, args=(str(mem), "race", i, q)) for i in range(4)]
-    holder = st.open_store(str(mem), "race", 8, 8)  # open across the race: sees every process's rows
+    ps = [ctx.Process(target=_open_and_fill, args=(urls, i, q)) for i in range(4)]
+    holder = placement.open_for_run(urls, 32, "memory", None, lambda *_: None)  # sees every process's rows
     for p in ps:
         p.start()
     folders = {q.get(timeout=60) for _ in ps}
     for p in ps:
         p.join(60)
-    assert folders == {str(mem / "race")}
-    assert holder.count() == 4 and all((holder.pixels[i] == i).all() for i in range(4))
-    assert (mem / "race").exists()  # this process still uses it
+    assert folders == {holder.folder} and os.listdir(mem) == [os.path.basename(holder.folder)]
+    assert holder.count() == 4 and all((holder.pixels[i, :8, :8] == i).all() for i in range(4))
     holder.close()
-    assert not (mem / "race").exists()
+    assert os.listdir(mem) == []  # the last user removed it
     assert [n for n in os.listdir(mem) if n.startswith(".new-")] == []
 
 
@@ -257,3 +261,25 @@ def test_device_crops_on_cuda_equal_the_cpu_crops():
     gpu = crop_batch(x.pin_memory(), geo.pin_memory(), torch.device("cuda"))
     torch.cuda.synchronize()
     assert torch.allclose(cpu, gpu.cpu(), atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_from_the_store_on_cuda_is_finite_and_matches_the_cpu_inputs(roots):
+    """The GPU path end to end: pinned slots copied without blocking, cut on the device while the previous
+    step still runs; every batch's device input equals the CPU's crop of the same rows."""
+    from mlc.data.loader import batch_to_device
+    paths = _real(48)
+    ds = _table(paths, train_transform(64), None)
+    store = placement.open_for_run([str(p) for p in paths], 64, "auto", None, lambda *_: None)
+    try:
+        ds.use_store(store, np.arange(len(paths)))
+        list(make_loader(ds, 16, shuffle=True, seed=0, epoch=1, num_workers=2, pin_memory=True))  # fill
+        cuda, cpu = torch.device("cuda"), torch.device("cpu")
+        busy = torch.randn(4096, 4096, device=cuda)
+        for batch in make_loader(ds, 16, shuffle=True, seed=0, epoch=2, pin_memory=True):
+            busy = busy @ busy / 4096  # queued work on the stream while the batch arrives
+            (x,), _, index, _ = batch_to_device(batch, cuda)
+            (ref,), _, _, _ = batch_to_device(batch, cpu)
+            assert torch.isfinite(x).all() and torch.allclose(x.cpu(), ref, atol=1e-3)
+    finally:
+        store.close()

@@ -111,6 +111,13 @@ class ImageStore:
     def reason(self, i: int) -> str:
         return bytes(self.reasons[i]).rstrip(b"\0").decode("utf-8", "replace")
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
     def close(self) -> None:
         """Stop using the store; the last process to stop removes it (unless a sweep keeps it)."""
         fd, self._fd = self._fd, None

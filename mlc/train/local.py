@@ -9,6 +9,7 @@ has the Ray one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -223,94 +224,86 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         else:
             say(f"resuming from {source}: epoch {state['epoch']} done, continuing at epoch {start_epoch}")
 
+    va, Y = data.va, data.Y
     train_ds, val_ds, store = run_tables(cfg, data, device, uses_images(cfg.inputs), log=say)
-    try:
-        return _epochs(cfg, group, data, state, model, bare, optimizer, scheduler, scaler, amp_dtype, train_ds,
-                       val_ds, loader_workers, history, best_f1, start_epoch, resumed, say, progress, on_step)
-    finally:
-        if store is not None:
-            store.close()
+    # The store is closed however training ends; the last process on the node to close it removes it.
+    with store if store is not None else contextlib.nullcontext():
+        if cfg.gpu_decode and device.type != "cuda":
+            say("warning: --gpu-decode on a CPU device: JPEGs are decoded in the training process, not in "
+                "parallel")
+        budget = BadImageBudget(len(data.train_df), cfg.max_bad_fraction, log=say)
+        if state is not None:
+            budget.bad.update(state.get("bad_images", {}))
+        pin = device.type == "cuda"
+        val_ids = data.train_df.ImageID.values[va]
+
+        def train_loader(epoch):
+            return StartedLoader(make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                                             num_workers=loader_workers, pin_memory=pin, drop_last=drop_last,
+                                             rank=group.rank, world=group.world))
+
+        # Scoring batches are each rank's training share: the shapes cuDNN has already timed its algorithms
+        # for, not a second set to time in the first epoch (predict_scores pads the last one to it on a GPU).
+        val_batch = max(1, math.ceil(cfg.batch_size / group.world))
+        next_loader = train_loader(start_epoch) if start_epoch <= cfg.epochs else None
+        board = None
+        if rank0 and start_epoch <= cfg.epochs:
+            from mlc.train.tracking import Board
+            board = Board(group.tensorboard_url, log=say)
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            _seed_epoch(cfg.seed, epoch, group.rank)
+            loader = next_loader
+            # The validation loader's workers start now and have their first batches ready when training ends,
+            # and the next epoch's start during validation: the device never waits for a loader to start.
+            val_loader = StartedLoader(make_loader(val_ds, val_batch, shuffle=False, num_workers=loader_workers,
+                                                   pin_memory=pin, rank=group.rank, world=group.world))
+            lr = optimizer.param_groups[0]["lr"]
+            stats = train_one_epoch(model, loader, optimizer, scheduler, device, epoch=epoch, amp_dtype=amp_dtype,
+                                    clip_grad=cfg.clip_grad, bad_images=budget, progress=progress and rank0,
+                                    desc=f"epoch {epoch}/{cfg.epochs} train", on_step=on_step, world=group.world,
+                                    scaler=scaler)
+            next_loader = train_loader(epoch + 1) if epoch < cfg.epochs else None
+            # The bare module scores: ranks hold different numbers of validation batches, and DDP's forward
+            # would wait for the others.
+            scored = predict_scores(for_scoring(bare, amp_dtype), val_loader, device, amp_dtype=amp_dtype,
+                                    progress=progress and rank0, desc=f"epoch {epoch}/{cfg.epochs} validate",
+                                    pad_to=val_batch if device.type == "cuda" else None)
+            probs, ok, stats, skipped, val_loss = _gather_epoch(group, scored, stats, budget)
+            budget.add(skipped)
+            metrics = evaluate(Y[va][ok], probs[ok])
+            row = {"epoch": epoch, "lr": lr, **stats, "val_loss": val_loss, "val_images": int(ok.sum()),
+                   "val_img_per_s": scored["img_per_s"] * group.world, **{k: metrics[k] for k in SCALAR_KEYS},
+                   "threshold": metrics["threshold"], "f1_per_class": metrics["f1_per_class"],
+                   "ap_per_class": metrics["ap_per_class"], "skipped_images": len(budget.bad), "workers": group.world}
+            history.append(row)
+            is_best = metrics["f1_samples"] > best_f1
+            best_f1 = max(best_f1, metrics["f1_samples"])
+            weights = bare_state_dict(bare)
+            state = {"model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "epoch": epoch, "best_f1": best_f1, "history": history, "config": cfg.to_dict(),
+                     "labels": data.vocab.labels, "threshold": metrics["threshold"], "bad_images": dict(budget.bad),
+                     "scaler": scaler.state_dict() if scaler is not None else None,
+                     "tokenizer": data.tokenizer.to_dict() if data.tokenizer else None}
+            meta = {"config": cfg.to_dict(), "threshold": metrics["threshold"], "epoch": epoch,
+                    "metrics": {k: metrics[k] for k in SCALAR_KEYS}, "tokenizer": state["tokenizer"]}
+            group.end_epoch(EpochEnd(epoch, state, row, is_best, meta, val_ids, probs, ok, Y[va], data.vocab, cfg))
+            say(f"epoch {epoch}/{cfg.epochs}: train loss {stats['train_loss']:.4f} "
+                f"({stats['train_img_per_s']:.1f} img/s), val loss {row['val_loss']:.4f}, "
+                f"F1 samples {metrics['f1_samples']:.4f} micro {metrics['f1_micro']:.4f} "
+                f"macro {metrics['f1_macro']:.4f}, mAP {metrics['map']:.4f} [{metrics['threshold']['strategy']}]")
+            if board is not None:
+                board.epoch(row)
+        if board is not None:
+            best = max(history, key=lambda r: r["f1_samples"])
+            board.per_class(data.vocab.labels, best["f1_per_class"], best.get("ap_per_class"), best["epoch"])
+            board.close()
+        return {"history": history, "data": data, "bad_images": dict(budget.bad), "device": device,
+                "precision": NAMES[amp_dtype], "resumed": resumed}
+
 
 
 def _first_epoch(state: dict | None) -> int:
     return state["epoch"] + 1 if state is not None else 1
-
-
-def _epochs(cfg, group, data, state, model, bare, optimizer, scheduler, scaler, amp_dtype, train_ds, val_ds,
-            loader_workers, history, best_f1, start_epoch, resumed, say, progress, on_step) -> dict:
-    """The epochs of :func:`train_loop`, from ``start_epoch``."""
-    rank0, device, tr, va, Y = group.rank == 0, group.device, data.tr, data.va, data.Y
-    n_train = len(tr)
-    drop_last = n_train >= cfg.batch_size
-    if cfg.gpu_decode and device.type != "cuda":
-        say("warning: --gpu-decode on a CPU device: JPEGs are decoded in the training process, not in parallel")
-    budget = BadImageBudget(len(data.train_df), cfg.max_bad_fraction, log=say)
-    if state is not None:
-        budget.bad.update(state.get("bad_images", {}))
-    pin = device.type == "cuda"
-    val_ids = data.train_df.ImageID.values[va]
-
-    def train_loader(epoch):
-        return StartedLoader(make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                         num_workers=loader_workers, pin_memory=pin, drop_last=drop_last,
-                                         rank=group.rank, world=group.world))
-
-    # Scoring batches are each rank's training share: the shapes cuDNN has already timed its algorithms for,
-    # not a second set to time in the first epoch (predict_scores pads the last one to it on a GPU).
-    val_batch = max(1, math.ceil(cfg.batch_size / group.world))
-    next_loader = train_loader(start_epoch) if start_epoch <= cfg.epochs else None
-    board = None
-    if rank0 and start_epoch <= cfg.epochs:
-        from mlc.train.tracking import Board
-        board = Board(group.tensorboard_url, log=say)
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        _seed_epoch(cfg.seed, epoch, group.rank)
-        loader = next_loader
-        # The validation loader's workers start now and have their first batches ready when training ends,
-        # and the next epoch's start during validation: the device never waits for a loader to start.
-        val_loader = StartedLoader(make_loader(val_ds, val_batch, shuffle=False, num_workers=loader_workers,
-                                               pin_memory=pin, rank=group.rank, world=group.world))
-        lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(model, loader, optimizer, scheduler, device, epoch=epoch, amp_dtype=amp_dtype,
-                                clip_grad=cfg.clip_grad, bad_images=budget, progress=progress and rank0,
-                                desc=f"epoch {epoch}/{cfg.epochs} train", on_step=on_step, world=group.world,
-                                scaler=scaler)
-        next_loader = train_loader(epoch + 1) if epoch < cfg.epochs else None
-        # The bare module scores: ranks hold different numbers of validation batches, and DDP's forward
-        # would wait for the others.
-        scored = predict_scores(for_scoring(bare, amp_dtype), val_loader, device, amp_dtype=amp_dtype,
-                                progress=progress and rank0, desc=f"epoch {epoch}/{cfg.epochs} validate",
-                                pad_to=val_batch if device.type == "cuda" else None)
-        probs, ok, stats, skipped, val_loss = _gather_epoch(group, scored, stats, budget)
-        budget.add(skipped)
-        metrics = evaluate(Y[va][ok], probs[ok])
-        row = {"epoch": epoch, "lr": lr, **stats, "val_loss": val_loss, "val_images": int(ok.sum()),
-               "val_img_per_s": scored["img_per_s"] * group.world, **{k: metrics[k] for k in SCALAR_KEYS},
-               "threshold": metrics["threshold"], "f1_per_class": metrics["f1_per_class"],
-               "ap_per_class": metrics["ap_per_class"], "skipped_images": len(budget.bad), "workers": group.world}
-        history.append(row)
-        is_best = metrics["f1_samples"] > best_f1
-        best_f1 = max(best_f1, metrics["f1_samples"])
-        weights = bare_state_dict(bare)
-        state = {"model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "epoch": epoch, "best_f1": best_f1, "history": history, "config": cfg.to_dict(),
-                 "labels": data.vocab.labels, "threshold": metrics["threshold"], "bad_images": dict(budget.bad),
-                 "scaler": scaler.state_dict() if scaler is not None else None,
-                 "tokenizer": data.tokenizer.to_dict() if data.tokenizer else None}
-        meta = {"config": cfg.to_dict(), "threshold": metrics["threshold"], "epoch": epoch,
-                "metrics": {k: metrics[k] for k in SCALAR_KEYS}, "tokenizer": state["tokenizer"]}
-        group.end_epoch(EpochEnd(epoch, state, row, is_best, meta, val_ids, probs, ok, Y[va], data.vocab, cfg))
-        say(f"epoch {epoch}/{cfg.epochs}: train loss {stats['train_loss']:.4f} ({stats['train_img_per_s']:.1f} img/s), "
-            f"val loss {row['val_loss']:.4f}, F1 samples {metrics['f1_samples']:.4f} micro {metrics['f1_micro']:.4f} "
-            f"macro {metrics['f1_macro']:.4f}, mAP {metrics['map']:.4f} [{metrics['threshold']['strategy']}]")
-        if board is not None:
-            board.epoch(row)
-    if board is not None:
-        best = max(history, key=lambda r: r["f1_samples"])
-        board.per_class(data.vocab.labels, best["f1_per_class"], best.get("ap_per_class"), best["epoch"])
-        board.close()
-    return {"history": history, "data": data, "bad_images": dict(budget.bad), "device": device,
-            "precision": NAMES[amp_dtype], "resumed": resumed}
 
 
 def process_cpus(group) -> int:
