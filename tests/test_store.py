@@ -17,7 +17,7 @@ import torch
 import torchvision.transforms as T
 
 from mlc.data import placement, store as st
-from mlc.data.augment import fit_to_slot, row_geometry, slot_side
+from mlc.data.augment import fit_to_slot, geometry, random_boxes, slot_side
 from mlc.data.datasets import ImageTable
 from mlc.data.loader import ThreadLoader, make_loader
 from mlc.data.transforms import (crop_batch, eval_transform, random_resized_crop_params, to_model_input,
@@ -76,16 +76,47 @@ def test_device_crops_match_the_cpu_transforms_on_real_images(kind):
         h, w = arr.shape[:2]
         slot[:h, :w], slot[:h, w:] = arr, arr[:, -1:]
         slot[h:] = slot[h - 1:h]
-        geo = row_geometry(tf, (h, w, img.size[1], img.size[0]), seed)
-        out = crop_batch(torch.from_numpy(slot)[None], torch.tensor([geo]), torch.device("cpu"), channels_last=False)
+        meta = (h, w, img.size[1], img.size[0])
+        if kind == "eval":
+            geo = geometry(tf, [meta], None)
+        else:  # the CPU path's own draws for this row, as a box on the stored pixels
+            g = torch.Generator()
+            g.manual_seed(seed)
+            top, left, ch, cw, flip = tf.params(img.size[1], img.size[0], g)
+            sx, sy = w / img.size[0], h / img.size[1]
+            geo = np.array([[left * sx, top * sy, (left + cw) * sx, (top + ch) * sy, float(flip), 224.0]], np.float32)
+        out = crop_batch(torch.from_numpy(slot)[None], torch.from_numpy(geo), torch.device("cpu"), channels_last=False)
         levels = ((out - ref) * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255).abs()
         means.append(levels.mean().item())
         refs.append(ref)
         outs.append(out)
     assert np.mean(means) < 0.6 and max(means) < 2.0, (np.mean(means), max(means))
     assert out.shape == (1, 3, 224, 224)
-    if kind == "train":  # the flips are the same rows' flips: mirrored crops would differ by tens of levels
-        assert any(row_geometry(tf, (240, 320, 240, 320), 1000 + k)[4] for k in range(60))
+
+
+def test_batch_boxes_follow_torchvisions_distribution_and_depend_on_the_row_seed_alone():
+    """The store path draws each row's crop and flip from its seed with a vectorised sampler, not torch's
+    generator: same distribution as RandomResizedCrop + RandomHorizontalFlip, inside the image, and the same
+    box for a row whichever batch (rank, thread) it is drawn in."""
+    n, scale, ratio = 20_000, (0.35, 1.0), (3 / 4, 4 / 3)
+    for h, w in ((240, 320), (320, 90), (25, 36)):
+        H, W = np.full(n, h), np.full(n, w)
+        left, top, cw, ch, flip = random_boxes(H, W, np.arange(n, dtype=np.uint64) * 7919, scale, ratio)
+        assert (left >= 0).all() and (top >= 0).all() and (left + cw <= w).all() and (top + ch <= h).all()
+        assert (cw >= 1).all() and (ch >= 1).all() and abs(flip.mean() - 0.5) < 0.02
+        ref = []
+        for s in range(4000):
+            torch.manual_seed(s)
+            i, j, rh, rw = T.RandomResizedCrop.get_params(torch.empty(1, h, w), scale, ratio)
+            ref.append((rh * rw / (h * w), rw / rh, j / max(1, w - rw) if w > rw else 0.5))
+        ref = np.array(ref)
+        ours = np.stack([ch * cw / (h * w), cw / ch, np.where(w > cw, left / np.maximum(1, w - cw), 0.5)], 1)
+        for q in (0.1, 0.25, 0.5, 0.75, 0.9):  # area share, aspect and horizontal position, quantile by quantile
+            assert np.allclose(np.quantile(ours, q, axis=0), np.quantile(ref, q, axis=0), atol=0.03, rtol=0.03), q
+    seeds = np.array([5, 6, 7, 8], dtype=np.uint64)
+    a = random_boxes(np.full(4, 240), np.full(4, 320), seeds, scale, ratio)
+    b = random_boxes(np.full(2, 240), np.full(2, 320), seeds[2:], scale, ratio)
+    assert all(np.array_equal(x[2:], y) for x, y in zip(a, b))  # row 7's box does not depend on its neighbours
 
 
 def test_store_rows_write_read_and_edge_fill(roots):

@@ -224,3 +224,25 @@ def test_non_finite_loss_stops_without_a_checkpoint(dataset, tmp_path, monkeypat
         trainer.fit(cfg_for(dataset, out, store=store), log=lambda *_: None, progress=False)
     assert not (out / "checkpoint" / "state.pt").exists()
     assert not (out / "best").exists()
+
+
+def test_the_image_store_is_chosen_said_and_removed(dataset, tmp_path, monkeypatch):
+    """--store auto: in memory when it fits the budget, on local disk when it does not, streaming when neither
+    holds it; the log says which and why, and no store is left behind after the run."""
+    from mlc.data import placement
+    mem, disk = tmp_path / "store-mem", tmp_path / "store-disk"
+    monkeypatch.setenv("MLC_STORE_MEMORY_DIR", str(mem))
+    monkeypatch.setenv("MLC_STORE_DIR", str(disk))
+    said = {}
+    for name, kw in (("memory", {}), ("disk", {"store_budget": 0.0})):
+        logs = []
+        trainer.fit(cfg_for(dataset, tmp_path / name, epochs=1, **kw), log=logs.append, progress=False)
+        said[name] = [line for line in logs if line.startswith("image store:")]
+    assert len(said["memory"]) == 1 and "in memory" in said["memory"][0] and "first epoch only" in said["memory"][0]
+    assert "on local disk" in said["disk"][0] and "memory budget 0 MiB" in said["disk"][0]
+    monkeypatch.setattr(placement, "free_bytes", lambda root: 0)
+    logs = []
+    trainer.fit(cfg_for(dataset, tmp_path / "stream", epochs=1, store_budget=0.0), log=logs.append, progress=False)
+    assert any("do not fit" in line and "streaming" in line for line in logs)
+    for root in (mem, disk):
+        assert not root.exists() or [n for n in os.listdir(root) if not n.startswith(".")] == []

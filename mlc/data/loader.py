@@ -28,7 +28,7 @@ class Batch:
     raw: list = field(default_factory=list)
     tokens: list | None = None
     # Rows from the decode-once store: ``x`` holds whole slots (B, side, side, 3) and this each row's crop box,
-    # flip and output size (mlc.data.augment.row_geometry), applied on the device.
+    # flip and output size (mlc.data.augment.geometry), applied on the device.
     geometry: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -230,8 +230,7 @@ class ThreadLoader:
         def work():
             try:
                 for indices in self.batch_sampler:
-                    batch = collate(self.dataset.__getitems__(list(indices)))
-                    if not put(batch.pin_memory() if self.pin else batch):
+                    if not put(self.dataset.stored_batch(indices, pin_memory=self.pin)):
                         return
                 put(self._END)
             except BaseException as e:  # noqa: BLE001 - raised in the consuming thread, which owns the run

@@ -88,6 +88,21 @@ class ImageStore:
         s = self.state if rows is None else self.state[rows]
         return int(np.count_nonzero(s))
 
+    def copy_rows(self, slots, out: np.ndarray) -> None:
+        """Copy the slots ``slots`` into ``out`` (len(slots), side, side, 3), several threads at once: numpy
+        releases the GIL while it copies, and one thread cannot use a node's memory bandwidth."""
+        n = len(slots)
+        parts = min(_COPY_THREADS, max(1, n // 16))
+        bounds = [n * k // parts for k in range(parts + 1)]
+
+        def copy(k):
+            for j in range(bounds[k], bounds[k + 1]):
+                out[j] = self.pixels[slots[j]]
+        if parts == 1:
+            copy(0)
+            return
+        list(_pool().map(copy, range(parts)))
+
     def put(self, i: int, pixels: np.ndarray, original: tuple[int, int]) -> None:
         """Store row ``i``: ``pixels`` (h, w, 3) uint8 with h, w <= side, from an image of ``original`` (h, w).
 
@@ -127,6 +142,19 @@ class ImageStore:
             _remove_if_unused(self.folder, fd)
         finally:
             os.close(fd)
+
+
+# Threads copying slots into a batch (a few saturate a node's memory bandwidth).
+_COPY_THREADS = min(4, os.cpu_count() or 1)
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="mlc-store-copy")
+    return _POOL
 
 
 def _locked(fd: int, mode: int) -> bool:

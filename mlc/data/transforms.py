@@ -141,7 +141,7 @@ def to_model_input(x: torch.Tensor, device: torch.device, channels_last: bool = 
 
 
 def crop_batch(x: torch.Tensor, geometry: torch.Tensor, device: torch.device, channels_last: bool = True):
-    """Stored slots (B, side, side, 3) uint8 and their :func:`mlc.data.augment.row_geometry` rows (B, 6) -> the model's
+    """Stored slots (B, side, side, 3) uint8 and their :func:`mlc.data.augment.geometry` rows (B, 6) -> the model's
     normalised float32 input (B, 3, size, size) on ``device``."""
     from torchvision.ops import roi_align
     nb = device.type == "cuda"
