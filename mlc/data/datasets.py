@@ -160,9 +160,9 @@ class ImageTable(Dataset):
             raise ValueError(f"{len(slots)} store slots for {len(self.urls)} rows")
         self.store, self.slots = store, np.asarray(slots, dtype=np.int64)
 
-    def fully_stored(self) -> bool:
-        """Whether every row is in the store (or known unreadable): reading needs no decoding at all."""
-        return self.store is not None and self.store.count(self.slots) == len(self.slots)
+    def to_decode(self) -> int | None:
+        """Rows not yet in the store (None without a store): what reading this table would still decode."""
+        return None if self.store is None else len(self.slots) - self.store.count(self.slots)
 
     def _stored(self, indices):
         """Rows through the store: those not there yet are fetched, decoded, fitted into their slots and stored
@@ -208,15 +208,18 @@ class ImageTable(Dataset):
         return None if self.epoch_seed is None else [(self.epoch_seed + i) % 2**63 for i in rows]
 
     def stored_batch(self, indices, pin_memory: bool = False):
-        """The :class:`mlc.data.loader.Batch` of ``indices`` when every row is in the store: the slots copied
-        straight into one (pinned) tensor by a few threads, no per-row tensors to stack. Equal to collating
-        ``__getitems__(indices)``."""
+        """The :class:`mlc.data.loader.Batch` of ``indices``, equal to collating ``__getitems__(indices)``: when every
+        row is in the store, the slots copied straight into one (pinned) tensor by a few threads, with no
+        per-row tensors to stack."""
         from mlc.data.augment import geometry
-        from mlc.data.loader import Batch
-        from mlc.data.store import BAD
+        from mlc.data.loader import Batch, collate
+        from mlc.data.store import BAD, EMPTY
         st = self.store
         indices = [int(i) for i in indices]
         state = st.state[self.slots[indices]]
+        if (state == EMPTY).any():  # a row the first epoch left out (its last partial batch): decode it now
+            batch = collate(self._stored(indices))
+            return batch.pin_memory() if pin_memory else batch
         good = [i for i, s in zip(indices, state) if s != BAD]
         skipped = [Skipped(i, self.urls[i], st.reason(int(self.slots[i]))) for i, s in zip(indices, state) if s == BAD]
         index = torch.tensor(good, dtype=torch.long)  # as collate: the usable rows (skipped ones are named)
