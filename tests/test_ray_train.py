@@ -259,7 +259,8 @@ def test_driver_killed_after_epoch_2_then_the_same_command_submitted_as_a_job_co
     # A log that reads in a file: no progress-bar carriage returns, each worker line once with its rank, and a
     # bounded number of lines per epoch (phase lines and heartbeats, not one per step).
     assert "\r" not in out
-    for message in ("[rank 0] data: ", "[rank 0] epoch 3/3: train loss", "[rank 0] device "):
+    for message in ("[rank 0] data: ", "[rank 0] epoch 3/3: train loss", "[rank 0] device ",
+                    "[rank 0] image store: "):
         assert out.count(message) == 1, (message, out[-4000:])  # (the other ranks log warnings only)
     assert "[rank 0] epoch 2/3" not in out
     assert sum("[rank " in line for line in out.splitlines()) <= 20, out[-4000:]

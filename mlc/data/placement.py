@@ -104,11 +104,10 @@ def open_for_run(urls: list, image_size: int, mode: str, budget: float | None, l
     side = slot_side(image_size)
     key = identity.digest(list(urls), VERSION, side)[:32] if mode != "off" else ""
     root, message = choose(mode, budget, len(urls), side, key)
-    log(message)
     if root is None:
+        log(message)
         return None
     store = open_store(root, key, len(urls), side)
     done = store.count()
-    if done:
-        log(f"image store: {done} of {len(urls)} images already decoded by an earlier process on this node")
+    log(message + (f"; {done} of {len(urls)} images already decoded by an earlier process on this node" if done else ""))
     return store
