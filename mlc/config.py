@@ -143,11 +143,12 @@ class TrainConfig:
     loader_workers: int | None = _f(None,
         "DataLoader worker processes per training process; default: chosen where the process runs, from the CPUs it may"
         " use (Ray's reservation per worker, or this process's CPU affinity)")
-    # Decode JPEGs on the GPU (nvJPEG) instead of in the loader workers, for nodes whose CPUs cannot keep up
-    # with the GPU (mlc.data.gpu_decode). Off until measured on a GPU: `jobs/bench.py --gpu` compares the two.
+    # Decode JPEGs on the GPU (nvJPEG) instead of in the loader workers (mlc.data.gpu_decode). Off: on an H200 it
+    # was slower than the CPUs (issue 23), and it bypasses the decode-once store; `jobs/bench.py --gpu` re-measures.
     gpu_decode: bool = _f(False,
-        "decode JPEGs on the GPU (nvJPEG) instead of in the loader workers, for nodes whose CPUs cannot keep up; "
-        "other formats still decode on the CPU")
+        "decode JPEGs on the GPU (nvJPEG) every epoch instead of once into the image store; measured slower than "
+        "CPU decoding on an H200 and kept only to be measured again (jobs/bench.py --gpu); other formats still "
+        "decode on the CPU")
     # The decode-once store (mlc.data.store): auto keeps decoded images in memory when they fit half of what
     # the node has free, else on local disk when half its free space holds them, else streams as without it.
     store: str = _f("auto",

@@ -2,11 +2,11 @@
 (:mod:`mlc.data.store`).
 
 A stored image keeps its aspect ratio: it is shrunk (never enlarged) until both sides fit the slot, whose side
-is :func:`slot_side`. Each row's crop box is drawn from the same distribution as the CPU path's ``RandomResizedCrop``
-and flip, on the image's original size, from the row's own seed (so any rank or thread draws the same box
-for it), vectorised over the batch; it is scaled onto the stored pixels; evaluation's box is the centre crop of ``Resize(size / 0.875)``. The device then
-cuts and resizes every box of the batch in one ``roi_align`` call, flips and normalises
-(:func:`mlc.data.transforms.crop_batch`).
+is :func:`slot_side`. Each row's crop box is drawn from the same distribution as the CPU path's
+``RandomResizedCrop`` and flip, on the image's original size, from the row's own seed (so any rank or thread
+draws the same box for it), vectorised over the batch, and scaled onto the stored pixels; evaluation's box is
+the centre crop of ``Resize(size / 0.875)``. The device then cuts and resizes every box of the batch in one
+``roi_align`` call, flips and normalises (:func:`mlc.data.transforms.crop_batch`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def _uniforms(seeds: np.ndarray, n: int) -> np.ndarray:
     """``n`` uniform draws in [0, 1) per row, a function of the row's seed alone: the first ``n`` outputs of
     splitmix64 seeded with it, for every row at once (no generator object, no lock, no per-row Python)."""
     with np.errstate(over="ignore"):
-        x = seeds.astype(np.uint64)[:, None] + np.arange(1, n + 1, dtype=np.uint64)[None] * np.uint64(0x9E3779B97F4A7C15)
+        golden = np.uint64(0x9E3779B97F4A7C15)
+        x = seeds.astype(np.uint64)[:, None] + np.arange(1, n + 1, dtype=np.uint64)[None] * golden
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x = x ^ (x >> np.uint64(31))

@@ -132,7 +132,7 @@ class ImageTable(Dataset):
         if not self.read_images:
             return [self._sample(i, None) for i in indices]
         if self.store is not None:
-            return self._stored(indices)
+            return self.stored_rows(indices)
         where: dict = {}
         for k, i in enumerate(indices):
             where.setdefault(self.urls[i], []).append(k)
@@ -164,7 +164,7 @@ class ImageTable(Dataset):
         """Rows not yet in the store (None without a store): what reading this table would still decode."""
         return None if self.store is None else len(self.slots) - self.store.count(self.slots)
 
-    def _stored(self, indices):
+    def stored_rows(self, indices):
         """Rows through the store: those not there yet are fetched, decoded, fitted into their slots and stored
         (the first pass); then every row's pixels come from its slot with its crop box (``geometry``), for the
         device to cut out (:func:`mlc.data.augment.crop_batch`). Rows are ``(slot, y, i, tokens, geometry)``."""
@@ -197,44 +197,15 @@ class ImageTable(Dataset):
         for k in np.flatnonzero(state == BAD):
             out[k] = Skipped(indices[k], self.urls[indices[k]], st.reason(int(slots[k])))
         rows = [indices[k] for k in good]
-        boxes = torch.from_numpy(geometry(self.transform, meta, self._seeds(rows)))
+        boxes = torch.from_numpy(geometry(self.transform, meta, self.seeds(rows)))
         for j, k in enumerate(good):
             _, y, i, tokens = self._sample(indices[k], None)
             out[k] = (pixels[j], y, i, tokens, boxes[j])
         return out
 
-    def _seeds(self, rows):
+    def seeds(self, rows):
         """Each row's augmentation seed this epoch (the CPU path's), None before :meth:`set_epoch`."""
         return None if self.epoch_seed is None else [(self.epoch_seed + i) % 2**63 for i in rows]
-
-    def stored_batch(self, indices, pin_memory: bool = False):
-        """The :class:`mlc.data.loader.Batch` of ``indices``, equal to collating ``__getitems__(indices)``: when every
-        row is in the store, the slots copied straight into one (pinned) tensor by a few threads, with no
-        per-row tensors to stack."""
-        from mlc.data.augment import geometry
-        from mlc.data.loader import Batch, collate
-        from mlc.data.store import BAD, EMPTY
-        st = self.store
-        indices = [int(i) for i in indices]
-        state = st.state[self.slots[indices]]
-        if (state == EMPTY).any():  # a row the first epoch left out (its last partial batch): decode it now
-            batch = collate(self._stored(indices))
-            return batch.pin_memory() if pin_memory else batch
-        good = [i for i, s in zip(indices, state) if s != BAD]
-        skipped = [Skipped(i, self.urls[i], st.reason(int(self.slots[i]))) for i, s in zip(indices, state) if s == BAD]
-        index = torch.tensor(good, dtype=torch.long)  # as collate: the usable rows (skipped ones are named)
-        if not good:
-            return Batch(None, None, index, skipped)
-        slots = self.slots[good]
-        x = torch.empty((len(good), st.side, st.side, 3), dtype=torch.uint8, pin_memory=pin_memory)
-        st.copy_rows(slots, x.numpy())
-        meta = st.meta[slots]
-        boxes = torch.from_numpy(geometry(self.transform, meta, self._seeds(good)))
-        y = torch.from_numpy(self.targets[good]) if self.targets is not None else torch.zeros(len(good), 0)
-        tokens = [self.captions[i] for i in good] if self.captions is not None else None
-        if pin_memory:
-            y, boxes = y.pin_memory(), boxes.pin_memory()
-        return Batch(x, y, index, skipped, [], tokens, boxes)
 
     def set_plan(self, batches, num_workers: int) -> None:
         """The batches the next pass will ask for, in order, and the loader's worker count.

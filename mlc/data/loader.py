@@ -1,5 +1,6 @@
-"""Batches and loaders: rows collated into a :class:`Batch` and moved to the device (:func:`batch_to_device`), each rank's share of every global batch
-(:class:`RankBatches`), and the DataLoader that reads ahead for them."""
+"""Batches and loaders: rows collated into a :class:`Batch` and moved to the device (:func:`batch_to_device`),
+each rank's share of every global batch (:class:`RankBatches`), the DataLoader that reads ahead for them, and
+the thread that reads a decode-once store (:class:`ThreadLoader`)."""
 
 from __future__ import annotations
 
@@ -203,6 +204,35 @@ def plan_batches(dataset, sampler, batch_size: int, drop_last: bool, num_workers
         dataset.set_plan(batches, num_workers)
 
 
+def stored_batch(table, indices, pin_memory: bool = False) -> "Batch":
+    """The :class:`Batch` of a store-backed table's rows ``indices``, equal to collating ``table[indices]``: when
+    every row is in the store, the slots are copied straight into one (pinned) tensor by a few threads, with no
+    per-row tensors to stack."""
+    from mlc.data.augment import geometry
+    from mlc.data.store import BAD, EMPTY
+    st = table.store
+    indices = [int(i) for i in indices]
+    state = st.state[table.slots[indices]]
+    if (state == EMPTY).any():  # a row the first epoch left out (its last partial batch): decode it now
+        batch = collate(table.stored_rows(indices))
+        return batch.pin_memory() if pin_memory else batch
+    good = [i for i, s in zip(indices, state) if s != BAD]
+    skipped = [Skipped(i, table.urls[i], st.reason(int(table.slots[i]))) for i, s in zip(indices, state) if s == BAD]
+    index = torch.tensor(good, dtype=torch.long)  # as collate: the usable rows (skipped ones are named)
+    if not good:
+        return Batch(None, None, index, skipped)
+    slots = table.slots[good]
+    x = torch.empty((len(good), st.side, st.side, 3), dtype=torch.uint8, pin_memory=pin_memory)
+    st.copy_rows(slots, x.numpy())
+    meta = st.meta[slots]
+    boxes = torch.from_numpy(geometry(table.transform, meta, table.seeds(good)))
+    y = torch.from_numpy(table.targets[good]) if table.targets is not None else torch.zeros(len(good), 0)
+    tokens = [table.captions[i] for i in good] if table.captions is not None else None
+    if pin_memory:
+        y, boxes = y.pin_memory(), boxes.pin_memory()
+    return Batch(x, y, index, skipped, [], tokens, boxes)
+
+
 class ThreadLoader:
     """Batches made by one thread of this process, ``depth`` ahead: for a dataset whose rows are only copied
     (the decode-once store), where loader processes would cost more than they save. Copies of memory-mapped
@@ -232,7 +262,7 @@ class ThreadLoader:
         def work():
             try:
                 for indices in self.batch_sampler:
-                    if not put(self.dataset.stored_batch(indices, pin_memory=self.pin)):
+                    if not put(stored_batch(self.dataset, indices, pin_memory=self.pin)):
                         return
                 put(self._END)
             except BaseException as e:  # noqa: BLE001 - raised in the consuming thread, which owns the run

@@ -109,5 +109,7 @@ def open_for_run(urls: list, image_size: int, mode: str, budget: float | None, l
         return None
     store = open_store(root, key, len(urls), side)
     done = store.count()
-    log(message + (f"; {done} of {len(urls)} images already decoded by an earlier process on this node" if done else ""))
+    if done:
+        message += f"; {done} of {len(urls)} images already decoded by an earlier process on this node"
+    log(message)
     return store

@@ -1,5 +1,6 @@
-"""The data of one training run: tables, vocabulary, split and tokenizer (:func:`prepare_data`), and its training and validation tables, read through the decode-once store
-(:mod:`mlc.data.store`) when the node has room for it, else streamed (read and decoded every epoch)."""
+"""The data of one training run: tables, vocabulary, split and tokenizer (:func:`prepare_data`), and its training
+and validation tables, read through the decode-once store (:mod:`mlc.data.store`) when the node has room for
+it, else streamed (read and decoded every epoch)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,10 @@ def run_tables(cfg, data, device, reads_images: bool, log=print):
                           gpu_decode=cfg.gpu_decode, read_images=reads_images,
                           captions=[data.tokens[i] for i in rows] if data.tokens is not None else None)
 
+    if cfg.gpu_decode:
+        log("warning: --gpu-decode decodes every image again every epoch (no decode-once store) and was measured "
+            "slower than decoding on the CPUs on an H200 (2,996 against 5,500 img/s at depth 1, docs/measurements.md); "
+            "it stays for jobs/bench.py --gpu to measure again and goes if that confirms it")
     train_ds, val_ds = table(data.tr, train_transform(cfg.image_size)), table(data.va, eval_transform(cfg.image_size))
     store = open_for_run(data.urls, cfg.image_size, cfg.store, cfg.store_budget, log,
                          reason_off=store_off_reason(cfg, device, reads_images))
