@@ -19,7 +19,8 @@ PAYBACK = 2.0
 
 
 def decide(setting: str, device_type: str, planned_images: int, unfrozen_depth: int) -> tuple[bool, str]:
-    """``(compile, why)`` for ``--compile setting`` on a run that still trains ``planned_images`` images."""
+    """``(compile, why)`` for ``--compile setting`` on a process that still trains ``planned_images`` images (its
+    share of the run: every DDP rank compiles its own copy)."""
     if setting in ("on", "off"):
         return setting == "on", f"--compile {setting}"
     if device_type != "cuda":

@@ -189,8 +189,9 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
         group.on_start(resumed)  # the weights loaded too: every check before training has passed
     bare = model
     model = group.wrap(model)
-    compiled, why = decide_compile(cfg.compile, device.type, len(data.tr) * max(0, cfg.epochs - _first_epoch(state) + 1),
-                                   cfg.unfrozen_depth)
+    # Each rank compiles its own copy and trains its share of the images: the share is what pays the compile back.
+    planned = len(data.tr) * max(0, cfg.epochs - _first_epoch(state) + 1) // group.world
+    compiled, why = decide_compile(cfg.compile, device.type, planned, cfg.unfrozen_depth)
     say(why)
     if compiled:
         # Compiled around DDP, as torch recommends (DDP's buckets become graph breaks); ``bare`` stays the
