@@ -19,12 +19,10 @@ def add_train_args(p: argparse.ArgumentParser, skip=()) -> None:
         if f.name in skip:
             continue
         choices = {"optimizer": ["adamw", "sgd"], "amp": ["auto", "bf16", "fp16", "off"],
-                   "store": ["auto", "memory", "disk", "off"], "compile": ["auto", "on", "off"]}.get(f.name)
+                   "store": ["auto", "memory", "disk", "off"]}.get(f.name)
         default = getattr(D, f.name)
         kind = type(default) if default is not None else \
             {"loader_workers": _auto_int, "store_budget": _auto_float}.get(f.name, str)
-        if f.name == "compile":
-            kind = _compile_value
         shown = f"default: {default if default is not None else 'auto'}" + (f"; demo: {DEMO_DEFAULTS[f.name]}" if f.name in DEMO_DEFAULTS else "")
         # SUPPRESS: only flags the user gave reach the namespace, so a --config file and the demo defaults can
         # fill the rest.
@@ -32,12 +30,12 @@ def add_train_args(p: argparse.ArgumentParser, skip=()) -> None:
             g.add_argument("--" + f.name.replace("_", "-"), action=BoolFlag, default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} ({shown})")
             continue
-        g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, choices=choices,
-                       help=f"{f.metadata['help']} ({shown})", **({"nargs": "?", "const": "on"} if f.name == "compile"
-                                                                 else {}))
         if f.name == "compile":  # --compile alone and --no-compile, as when it was a switch
-            g.add_argument("--no-compile", dest="compile", action="store_const", const="off",
-                           default=argparse.SUPPRESS, help="the same as --compile off")
+            g.add_argument("--compile", "--no-compile", action=CompileFlag, default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']}; --compile alone is on, --no-compile off ({shown})")
+            continue
+        g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, choices=choices,
+                       help=f"{f.metadata['help']} ({shown})")
     accept_old_bool_values(p)
     p.add_argument("--fresh", action="store_true", help="start over: the previous run in --output is replaced once "
                    "every check before training has passed (tables, images, flags, weights), never before "
@@ -71,6 +69,25 @@ def _compile_value(text: str) -> str:
         return "on" if _bool(t) else "off"
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}") from None
+
+
+class CompileFlag(argparse.Action):
+    """``--compile [auto|on|off]`` (alone: on) and ``--no-compile`` (off): the setting was a switch before it had
+    auto, and both spellings keep working."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", metavar="auto|on|off", **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if option_string == "--no-compile":
+            if value is not None:
+                parser.error(f"argument --no-compile: takes no value, got {value!r}")
+            setattr(namespace, self.dest, "off")
+            return
+        try:
+            setattr(namespace, self.dest, "on" if value is None else _compile_value(value))
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"argument --compile: {e}")
 
 
 # ``--x`` / ``--no-x`` for every boolean setting.

@@ -29,7 +29,12 @@ pytestmark = pytest.mark.skipif(not (REAL / "images").is_dir(), reason=f"real da
 REPO = Path(__file__).resolve().parents[1]
 
 # Frozen BatchNorm and no dropout: a step's result does not depend on how its batch is split.
-SPLIT_INVARIANT = dict(freeze_bn=True, dropout=0.0, unfrozen_depth=1, epochs=2, clip_grad=1.0)
+# store off: these runs compare weights across world sizes within a bound measured on the streaming path. Through
+# the decode-once store every row's input is the same bytes at any world size (tests/test_store.py), and with
+# SGD the 2-worker and 1-process weights agree to 5e-8, but AdamW's first steps divide near-zero gradients by
+# their own size, which turned the conv sums' rounding at batch 4 vs 8 into a 0.19 gap by epoch 2 (measured).
+# The job-level Ray tests below run with the store (their default).
+SPLIT_INVARIANT = dict(freeze_bn=True, dropout=0.0, unfrozen_depth=1, epochs=2, clip_grad=1.0, store="off")
 
 
 @pytest.fixture(scope="module")

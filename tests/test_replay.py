@@ -84,6 +84,9 @@ def test_booleans_take_x_and_no_x_and_the_old_spelling_with_a_warning(capsys):
     assert p.parse_args(["--no-freeze-bn"]).freeze_bn is False
     assert not hasattr(p.parse_args([]), "freeze_bn")  # not given: the config file or the default decides
     assert p.parse_args(["--compile", "false"]).compile == "off"  # the switch's old spelling, still accepted
+    assert p.parse_args(["--compile", "--epochs", "2"]).compile == "on"
+    assert p.parse_args(["--no-compile"]).compile == "off"
+    assert p.parse_args(["--compile", "auto"]).compile == "auto" and not hasattr(p.parse_args([]), "compile")
     assert p.parse_args(["--gpu-decode", "true"]).gpu_decode is True
     assert p.parse_args(["--freeze-bn=false", "--epochs", "2"]).freeze_bn is False
     assert "[--freeze-bn | --no-freeze-bn]" in " ".join(p.format_usage().split())  # only the new form shown

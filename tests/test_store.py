@@ -317,3 +317,37 @@ def test_training_from_the_store_on_cuda_is_finite_and_matches_the_cpu_inputs(ro
             assert torch.isfinite(x).all() and torch.allclose(x.cpu(), ref, atol=1e-3)
     finally:
         store.close()
+
+
+def test_each_rows_input_is_the_same_at_any_world_size_and_rank(roots, tmp_path):
+    """DDP's premise through the store: a row gets the same crop, flip and pixels whether one process reads it or
+    one of two ranks does, in the epoch that fills the store (loader) and after it (thread), with the other
+    rank's process having decoded it."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_trainer import cfg_for, make_dataset
+    from mlc.data.loader import batch_to_device
+    from mlc.train.feed import prepare_data, run_tables
+    cfg = cfg_for(make_dataset(tmp_path / "ds"), tmp_path / "out", batch_size=8)
+    data = prepare_data(cfg, lambda *_: None)
+
+    def rows(world):
+        tr, _, store = run_tables(cfg, data, torch.device("cpu"), True, log=lambda *_: None)
+        out, kinds = {}, []
+        try:
+            for epoch in (1, 2):
+                for rank in range(world):
+                    loader = make_loader(tr, 8, shuffle=True, seed=0, epoch=epoch, drop_last=True, rank=rank,
+                                         world=world)
+                    kinds.append(type(loader).__name__)
+                    for b in loader:
+                        (x,), y, index, _ = batch_to_device(b, torch.device("cpu"))
+                        out.update({(epoch, i): (x[k], y[k]) for k, i in enumerate(index.tolist())})
+        finally:
+            store.close()
+        return out, kinds
+    one, kinds1 = rows(1)
+    two, kinds2 = rows(2)
+    assert one.keys() == two.keys() and len(one) == 48
+    assert all(torch.equal(one[k][0], two[k][0]) and torch.equal(one[k][1], two[k][1]) for k in one)
+    assert kinds1 == ["DataLoader", "ThreadLoader"] and kinds2 == ["DataLoader"] * 2 + ["ThreadLoader"] * 2
