@@ -332,7 +332,7 @@ def test_each_rows_input_is_the_same_at_any_world_size_and_rank(roots, tmp_path)
     data = prepare_data(cfg, lambda *_: None)
 
     def rows(world):
-        tr, _, store = run_tables(cfg, data, torch.device("cpu"), True, log=lambda *_: None)
+        tr, _, store = run_tables(cfg, data, True, log=lambda *_: None)
         out, kinds = {}, []
         try:
             for epoch in (1, 2):

@@ -160,13 +160,13 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
         dataset.set_epoch(seed, epoch)
     batches = RankBatches(len(dataset), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world=world,
                           drop_last=drop_last)
-    # Each loader worker starts fetching its next batch while it decodes this one (hides storage latency).
     left = getattr(dataset, "to_decode", lambda: None)()
     if left is not None and left <= batch_size:
         # (Nearly) every row is decoded already: copying slots needs no worker processes (no start-up, no
         # pickling of 300 KB rows between processes), only a thread that reads ahead. The rows the first
         # epoch's dropped last batch left out, at most a batch, are decoded by that thread.
         return ThreadLoader(dataset, batches, pin_memory=pin_memory)
+    # Each loader worker starts fetching its next batch while it decodes this one (hides storage latency).
     plan_batches(dataset, batches, batch_size, drop_last, num_workers)
     g = torch.Generator()
     g.manual_seed(seed * 100_003 + epoch)  # seeds the loader workers (numpy/random in _seed_worker)

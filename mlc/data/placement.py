@@ -88,10 +88,6 @@ def choose(mode: str, budget: float | None, n: int, side: int, key: str) -> tupl
                   "(a larger local disk) would let them be decoded once")
 
 
-# What --store and --store-budget accept.
-MODES = ("auto", "memory", "disk", "off")
-
-
 def open_for_run(urls: list, image_size: int, mode: str, budget: float | None, log=print, *, reason_off=None):
     """The store of a run's labelled images (every row of the table, so training and validation share it),
     opened or created; None when the run streams. ``reason_off``: why the store cannot be used this run."""

@@ -78,7 +78,7 @@ def prepare_data(cfg: TrainConfig, log=print) -> RunData:
     return data
 
 
-def store_off_reason(cfg, device, reads_images: bool) -> str | None:
+def store_off_reason(cfg, reads_images: bool) -> str | None:
     """Why this run cannot use the store, or None."""
     if not reads_images:
         return "the network reads no images"
@@ -87,7 +87,7 @@ def store_off_reason(cfg, device, reads_images: bool) -> str | None:
     return None
 
 
-def run_tables(cfg, data, device, reads_images: bool, log=print):
+def run_tables(cfg, data, reads_images: bool, log=print):
     """``(train, validation, store)``: the run's two tables, both reading through one store of every labelled
     row when there is one (``store`` None: streaming). The caller closes the store when training ends."""
     Y = data.Y
@@ -103,7 +103,7 @@ def run_tables(cfg, data, device, reads_images: bool, log=print):
             "it stays for jobs/bench.py --gpu to measure again and goes if that confirms it")
     train_ds, val_ds = table(data.tr, train_transform(cfg.image_size)), table(data.va, eval_transform(cfg.image_size))
     store = open_for_run(data.urls, cfg.image_size, cfg.store, cfg.store_budget, log,
-                         reason_off=store_off_reason(cfg, device, reads_images))
+                         reason_off=store_off_reason(cfg, reads_images))
     if store is not None:
         train_ds.use_store(store, data.tr)
         val_ds.use_store(store, data.va)

@@ -226,7 +226,7 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
             say(f"resuming from {source}: epoch {state['epoch']} done, continuing at epoch {start_epoch}")
 
     va, Y = data.va, data.Y
-    train_ds, val_ds, store = run_tables(cfg, data, device, uses_images(cfg.inputs), log=say)
+    train_ds, val_ds, store = run_tables(cfg, data, uses_images(cfg.inputs), log=say)
     # The store is closed however training ends; the last process on the node to close it removes it.
     with store if store is not None else contextlib.nullcontext():
         if cfg.gpu_decode and device.type != "cuda":
