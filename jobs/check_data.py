@@ -21,6 +21,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="image folder, relative to --data unless absolute (default: data)")
     p.add_argument("--train-csv", default=None, help="default: <data>/train.csv")
     p.add_argument("--test-csv", default=None, help="default: <data>/test.csv")
+    p.add_argument("--require-labels", action="store_true",
+                   help="report a training row with an empty Labels field as a problem, as jobs/train.py "
+                        "--require-labels refuses it (default: such rows are images with none of the labels)")
     p.add_argument("--json", action="store_true", help="also print the report as one JSON object on the last line")
     add_log_args(p)
     return p
@@ -32,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
         from mlc.data.demo import make_demo_dataset
         data = make_demo_dataset()
     report = check_dataset(DataPaths.resolve(data, args.images, args.train_csv, args.test_csv),
-                           progress=not args.quiet)
+                           progress=not args.quiet, require_labels=args.require_labels)
     print(format_report(report))
     if args.json:
         print(json.dumps(report))

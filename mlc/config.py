@@ -158,12 +158,17 @@ class TrainConfig:
     store_budget: float | None = _f(None,
         "GiB of memory the decoded-image store may take on a node; default auto: half of what is free when the "
         "run starts")
+    # Off: an empty Labels cell is an image with none of the labels, which real multi-label data has (COCO ~1%,
+    # mostly negatives in defect or moderation sets); dropping such rows teaches the model to over-predict.
+    require_labels: bool = _f(False,
+        "refuse a training row whose Labels field is empty, naming its line (default: such a row is an image "
+        "with none of the labels, trained on as an all-negative example)")
     max_bad_fraction: float = _f(0.01, "stop when more than this fraction of labelled images is unreadable")
     max_image_pixels: int = _f(50_000_000, "refuse images with more pixels than this (decompression bombs)")
 
     # Settings that may change between a run and its resume without invalidating the checkpoint.
     RESUMABLE_CHANGES = ("epochs", "loader_workers", "output", "data", "images", "train_csv", "test_csv", "compile",
-                         "gpu_decode", "store", "store_budget")
+                         "gpu_decode", "store", "store_budget", "require_labels")
 
     def __post_init__(self):
         problems = _non_finite(self)

@@ -17,13 +17,21 @@ sk = pytest.importorskip("sklearn.metrics")
 TOL = 1e-6
 
 
-def _sk_prf(yt, yp, zd=0.0):
-    """All prf() keys computed by scikit-learn."""
+def _sk_prf(yt, yp, zd=M.ZERO_DIVISION):
+    """All prf() keys computed by scikit-learn: the macro averages over the labels with a positive in ``yt``
+    (``labels=``), NaN when there is none."""
     out = {}
+    present = [int(c) for c in np.flatnonzero(np.asarray(yt).sum(axis=0) > 0)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for avg in ("micro", "macro", "samples"):
             kw = dict(average=avg, zero_division=zd)
+            if avg == "macro" and not present:
+                for k in ("precision", "recall", "f1"):
+                    out[f"{k}_macro"] = math.nan
+                continue
+            if avg == "macro":
+                kw["labels"] = present
             out[f"precision_{avg}"] = sk.precision_score(yt, yp, **kw)
             out[f"recall_{avg}"] = sk.recall_score(yt, yp, **kw)
             out[f"f1_{avg}"] = sk.f1_score(yt, yp, **kw)
@@ -69,29 +77,45 @@ def test_prf_matches_sklearn_on_random_cases():
         _assert_prf_equal(M.prf(yt, yp), _sk_prf(yt, yp))
 
 
-def test_prf_matches_sklearn_with_zero_division_one_and_bool_input():
+def test_prf_matches_sklearn_with_zero_division_zero_and_bool_input():
     rng = np.random.default_rng(99)
     for _ in range(30):
         yt, yp = _random_case(rng)
-        _assert_prf_equal(M.prf(yt.astype(bool), yp.astype(bool), zero_division=1.0), _sk_prf(yt, yp, 1.0))
+        _assert_prf_equal(M.prf(yt.astype(bool), yp.astype(bool), zero_division=0.0), _sk_prf(yt, yp, 0.0))
+
+
+def test_the_rule_for_empty_label_sets_is_sklearns_zero_division_one():
+    """The one rule mlc scores with: an image with no true and no predicted label scores 1, checked against
+    scikit-learn with an explicit zero_division=1, on tables where many rows are empty on either side."""
+    assert M.ZERO_DIVISION == 1.0
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        yt, yp = _random_case(rng)
+        yt[rng.random(len(yt)) < 0.3] = 0   # images of none of the labels
+        yp[rng.random(len(yp)) < 0.3] = 0   # images predicted with none
+        ours = M.prf(yt, yp)
+        _assert_prf_equal(ours, _sk_prf(yt, yp, 1.0))
+        assert ours["f1_samples"] == pytest.approx(sk.f1_score(yt, yp, average="samples", zero_division=1))
+        assert M.samples_f1(yt, yp) == pytest.approx(ours["f1_samples"])
 
 
 def test_prf_image_without_prediction():
     yt = [[1, 0, 0], [0, 1, 0]]
     yp = [[1, 0, 0], [0, 0, 0]]
     r = M.prf(yt, yp)
-    # row 2: P = 0/0 -> 0, R = 0, F1 = 0
-    assert r["precision_samples"] == pytest.approx(0.5)
+    # row 2: P = 0/0 -> 1 (nothing predicted wrongly), R = 0, F1 = 0
+    assert r["precision_samples"] == pytest.approx(1.0)
     assert r["recall_samples"] == pytest.approx(0.5)
     assert r["f1_samples"] == pytest.approx(0.5)
     # micro: tp 1, predicted 1, true 2
     assert r["precision_micro"] == pytest.approx(1.0)
     assert r["recall_micro"] == pytest.approx(0.5)
     assert r["f1_micro"] == pytest.approx(2 / 3)
-    # macro over all 3 classes; class 2 is absent and never predicted -> 0
-    assert r["f1_per_class"] == pytest.approx([1.0, 0.0, 0.0])
-    assert r["f1_macro"] == pytest.approx(1 / 3)
-    assert r["precision_macro"] == pytest.approx(1 / 3)
+    # macro over the 2 classes with a positive; class 2 is absent from the truth and left out
+    assert r["f1_per_class"] == pytest.approx([1.0, 0.0, 1.0])
+    assert r["labels_without_positives"] == [2]
+    assert r["f1_macro"] == pytest.approx(1 / 2)
+    assert r["precision_macro"] == pytest.approx(1.0)  # class 1: nothing predicted, 0/0 -> 1
     assert r["support_per_class"] == [1, 1, 0]
     _assert_prf_equal(r, _sk_prf(np.array(yt), np.array(yp)))
 
@@ -100,18 +124,27 @@ def test_prf_image_without_true_label():
     yt = [[0, 0], [1, 0]]
     yp = [[1, 0], [1, 0]]
     r = M.prf(yt, yp)
-    # row 1: tp 0, predicted 1, true 0 -> P 0, R 0/0 -> 0, F1 0
+    # row 1: tp 0, predicted 1, true 0 -> P 0, R 0/0 -> 1, F1 0
     assert r["f1_samples"] == pytest.approx(0.5)
-    assert r["recall_samples"] == pytest.approx(0.5)
+    assert r["recall_samples"] == pytest.approx(1.0)
     assert r["precision_samples"] == pytest.approx(0.5)
     _assert_prf_equal(r, _sk_prf(np.array(yt), np.array(yp)))
 
 
-def test_prf_image_with_neither_true_nor_predicted_gets_zero_division():
+def test_prf_image_with_neither_true_nor_predicted_scores_one():
     yt = [[0, 0], [1, 0]]
     yp = [[0, 0], [1, 0]]
-    assert M.prf(yt, yp)["f1_samples"] == pytest.approx(0.5)
-    assert M.prf(yt, yp, zero_division=1.0)["f1_samples"] == pytest.approx(1.0)
+    assert M.prf(yt, yp)["f1_samples"] == pytest.approx(1.0)
+    assert M.prf(yt, yp, zero_division=0.0)["f1_samples"] == pytest.approx(0.5)
+
+
+def test_prf_every_row_empty_leaves_macro_undefined():
+    yt = np.zeros((3, 2), dtype=int)
+    yp = np.array([[0, 0], [0, 1], [0, 0]])
+    r = M.prf(yt, yp)
+    assert r["f1_samples"] == pytest.approx(2 / 3)  # the false positive costs its image
+    assert r["f1_micro"] == pytest.approx(0.0)      # 0 tp over 1 prediction
+    assert math.isnan(r["f1_macro"]) and r["labels_without_positives"] == [0, 1]
 
 
 def test_prf_class_absent_from_truth_but_predicted():
@@ -119,9 +152,10 @@ def test_prf_class_absent_from_truth_but_predicted():
     yp = [[1, 1], [1, 0]]
     r = M.prf(yt, yp)
     assert r["precision_per_class"] == pytest.approx([1.0, 0.0])
-    assert r["recall_per_class"] == pytest.approx([1.0, 0.0])  # 0/0 -> 0
+    assert r["recall_per_class"] == pytest.approx([1.0, 1.0])  # 0/0 -> 1
     assert r["f1_per_class"] == pytest.approx([1.0, 0.0])
-    assert r["f1_macro"] == pytest.approx(0.5)
+    assert r["f1_macro"] == pytest.approx(1.0)  # class 1 has no positive: left out of macro...
+    assert r["f1_micro"] == pytest.approx(2 * 2 / (2 * 2 + 1))  # ...its false positive still counts here
     assert r["f1_samples"] == pytest.approx((2 / 3 + 1) / 2)
     assert r["support_per_class"] == [2, 0]
     _assert_prf_equal(r, _sk_prf(np.array(yt), np.array(yp)))
@@ -134,7 +168,7 @@ def test_prf_single_image():
     for k in ("precision", "recall", "f1"):
         assert r[f"{k}_samples"] == pytest.approx(0.5)
         assert r[f"{k}_micro"] == pytest.approx(0.5)
-    assert r["f1_macro"] == pytest.approx(1 / 3)
+    assert r["f1_macro"] == pytest.approx(1 / 2)  # classes 0 (F1 1) and 1 (F1 0); class 2 has no positive
     _assert_prf_equal(r, _sk_prf(np.array(yt), np.array(yp)))
 
 
@@ -468,3 +502,28 @@ def test_global_top1_keeps_each_images_best_label_and_wins_where_a_plain_thresho
     assert max(curves["global"]["f1_samples"]) < 1.0 and max(curves["percentile"]["f1_samples"]) < 1.0
     assert choice.strategy == "global_top1" and 0.6 <= choice.value < 0.7 and choice.f1 == pytest.approx(1.0)
     assert T.ThresholdChoice.from_dict(choice.to_dict()).apply(p).tolist() == y.astype(bool).tolist()
+
+
+def test_select_predicts_nothing_for_images_of_none_of_the_labels():
+    """A validation split where a fifth of the images show none of the labels (the model scores them low):
+    a rule that can answer "nothing" wins, and answers it exactly for those images; the rules that force a
+    label (percentile, global_top1) stay candidates but lose on the score, one point per such image."""
+    rng = np.random.default_rng(31)
+    n, c = 300, 18
+    y = _labels_with_varying_counts(rng, n, c)
+    y[rng.random(n) < 0.2] = False
+    none = ~y.any(axis=1)
+    assert 40 < none.sum() < 90
+    p = np.where(y, rng.uniform(0.55, 1.0, (n, c)), rng.uniform(0.0, 0.45, (n, c)))
+    choice, curves = T.select_threshold(y, p)
+    assert choice.strategy == "global" and choice.f1 == pytest.approx(1.0)
+    predicted = choice.apply(p)
+    assert not predicted[none].any() and (predicted == y).all()
+    # Forcing a label costs every empty image its whole F1 of 1.
+    forced_best = 1.0 - none.mean()
+    assert max(curves["global_top1"]["f1_samples"]) == pytest.approx(forced_best)
+    assert max(curves["percentile"]["f1_samples"]) <= forced_best + 1e-12
+    # Per-class thresholds, the other rule that may predict nothing, get the empty images right too.
+    per_class = T.apply_threshold(p, "per_class", T.tune_per_class_thresholds(y, p))
+    assert not per_class[none].any()
+    assert M.prf(y, predicted)["f1_samples"] == pytest.approx(1.0)

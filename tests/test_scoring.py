@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -63,15 +64,16 @@ def _write_submission(path, ids, preds, seed=1):
 
 
 def _sklearn(y_true, y_pred, labels_for_macro):
+    """scikit-learn's scores with mlc's one rule for empty label sets: zero_division=1 (mlc.eval.metrics)."""
     out = {}
     for avg in ("samples", "micro"):
-        out[f"f1_{avg}"] = f1_score(y_true, y_pred, average=avg, zero_division=0)
-        out[f"precision_{avg}"] = precision_score(y_true, y_pred, average=avg, zero_division=0)
-        out[f"recall_{avg}"] = recall_score(y_true, y_pred, average=avg, zero_division=0)
+        out[f"f1_{avg}"] = f1_score(y_true, y_pred, average=avg, zero_division=1)
+        out[f"precision_{avg}"] = precision_score(y_true, y_pred, average=avg, zero_division=1)
+        out[f"recall_{avg}"] = recall_score(y_true, y_pred, average=avg, zero_division=1)
     k = labels_for_macro
-    out["f1_macro"] = f1_score(y_true[:, :k], y_pred[:, :k], average="macro", zero_division=0)
-    out["precision_macro"] = precision_score(y_true[:, :k], y_pred[:, :k], average="macro", zero_division=0)
-    out["recall_macro"] = recall_score(y_true[:, :k], y_pred[:, :k], average="macro", zero_division=0)
+    out["f1_macro"] = f1_score(y_true[:, :k], y_pred[:, :k], average="macro", zero_division=1)
+    out["precision_macro"] = precision_score(y_true[:, :k], y_pred[:, :k], average="macro", zero_division=1)
+    out["recall_macro"] = recall_score(y_true[:, :k], y_pred[:, :k], average="macro", zero_division=1)
     return out
 
 
@@ -101,7 +103,7 @@ def test_score_matches_sklearn(truth, truth_csv, tmp_path):
     assert r["empty_predictions"] == sum(not p for p in preds) > 0
     assert r["unknown_labels"] == {}
     assert [c["label"] for c in r["per_class"]] == vocab
-    per_f1 = f1_score(y_true, y_pred, average=None, zero_division=0)
+    per_f1 = f1_score(y_true, y_pred, average=None, zero_division=1)
     assert [c["f1"] for c in r["per_class"]] == pytest.approx(per_f1.tolist(), abs=1e-9)
     assert [c["support"] for c in r["per_class"]] == y_true.sum(axis=0).tolist()
     assert [c["predicted"] for c in r["per_class"]] == y_pred.sum(axis=0).tolist()
@@ -148,6 +150,33 @@ def test_unknown_labels_are_false_positives(truth, truth_csv, tmp_path):
     expected = _sklearn(_matrix(truth.Labels, cols), _matrix(preds, cols), len(vocab))
     for k in ("f1_samples", "precision_samples", "recall_samples", "f1_micro", "precision_micro"):
         assert r[k] == pytest.approx(expected[k], abs=1e-9), k
+
+
+def test_truth_with_empty_rows_scores_by_the_one_rule(tmp_path):
+    """Images of none of the labels in the truth: predicting nothing for them scores 1, anything else 0,
+    as scikit-learn with zero_division=1; a truth of nothing but such images can be scored too."""
+    truth = tmp_path / "truth.csv"
+    truth.write_text("ImageID,Labels\na.jpg,1 2\nb.jpg,\nc.jpg,\nd.jpg,2\n")
+    sub = tmp_path / "sub.csv"
+    sub.write_text("ImageID,Labels\na.jpg,1\nb.jpg,\nc.jpg,2\nd.jpg,\n")
+    r = score_submission(str(sub), str(truth))
+    cols = ["1", "2"]
+    yt = _matrix([["1", "2"], [], [], ["2"]], cols)
+    yp = _matrix([["1"], [], ["2"], []], cols)
+    expected = _sklearn(yt, yp, 2)
+    for k, v in expected.items():
+        assert r[k] == pytest.approx(v, abs=1e-12), k
+    assert r["f1_samples"] == pytest.approx((2 / 3 + 1 + 0 + 0) / 4)
+    assert r["empty_truth"] == 2 and r["empty_predictions"] == 2
+
+    none = tmp_path / "none.csv"
+    none.write_text("ImageID,Labels\na.jpg,\nb.jpg,\n")
+    quiet = tmp_path / "quiet.csv"
+    quiet.write_text("ImageID,Labels\nb.jpg,\na.jpg,3\n")
+    r = score_submission(str(quiet), str(none))
+    assert r["f1_samples"] == pytest.approx(0.5) and r["unknown_labels"] == {"3": 1} and r["per_class"] == []
+    assert math.isnan(r["f1_macro"])
+    assert score_submission(str(none), str(none))["f1_samples"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import fsspec
 import pytest
 from PIL import Image
 
-from mlc.data.table import TableError, read_table, submission_csv
+from mlc.data.table import unlabelled_rows, TableError, read_table, submission_csv
 
 N_TRAIN, N_TEST = 30_000, 10_000
 TRAIN_IDS = [f"{i}.jpg" for i in range(N_TRAIN)]
@@ -234,9 +234,9 @@ def _write(tmp_path, text: str | bytes, name: str = "table.csv"):
     return p
 
 
-def _assert_error(p, line: int | None, *fragments: str, require=None, labelled=True) -> TableError:
+def _assert_error(p, line: int | None, *fragments: str, require=None, labelled=True, **kw) -> TableError:
     with pytest.raises(TableError) as ei:
-        read_table(str(p), require=require, labelled=labelled)
+        read_table(str(p), require=require, labelled=labelled, **kw)
     e = ei.value
     msg = str(e)
     assert isinstance(e, ValueError)
@@ -260,8 +260,6 @@ MALFORMED = [
      {}),
     ("duplicate_after_multiline", '1.jpg,2,"two\nlines"\n0.jpg,3,"c"\n', 5,
      ("duplicate ImageID '0.jpg'", "first on line 2"), {}),
-    ("empty_labels", '1.jpg,,"b"\n', 3, ("empty Labels", "1.jpg"), {}),
-    ("blank_labels", '1.jpg, ,"b"\n', 3, ("empty Labels", "1.jpg"), {}),
     ("too_few_fields_id_only", '1.jpg\n2.jpg,3,"c"\n', 3, ("expected 3 fields",), {}),
     ("too_few_fields_two", '1.jpg,2\n2.jpg,3,"c"\n', 3, ("expected 3 fields", "found 2"), {}),
 ]
@@ -331,15 +329,30 @@ def test_duplicate_in_submission(tmp_path):
     _assert_error(p, 4, "duplicate ImageID '0.jpg'", "first on line 2")
 
 
-def test_submission_may_have_empty_labels(tmp_path):
-    """A submission's empty Labels (an image predicted with none) are allowed; a table that trains, or is the
-    truth, needs a label on every row, whatever its other columns (one rule: ImageID,Labels as well)."""
-    t = read_table(str(_write(tmp_path, "ImageID,Labels\n0.jpg,\n1.jpg,2 3\n")))
-    assert list(t.Labels) == [[], ["2", "3"]]
-    for text in ("ImageID,Labels\n0.jpg,\n1.jpg,2 3\n", "ImageID,Labels,Caption\n0.jpg,,a\n1.jpg,2 3,b\n"):
-        _assert_error(_write(tmp_path, text), 2, "empty Labels", "0.jpg", "at least one label")
-    # Every row empty: the same error at the first row, not an empty label vocabulary later.
-    _assert_error(_write(tmp_path, "ImageID,Labels\n0.jpg,\n1.jpg,\n"), 2, "empty Labels")
+@pytest.mark.parametrize("dialect", ["rfc", "comp5329"])
+@pytest.mark.parametrize("cell", ["", " "])
+def test_empty_labels_are_images_with_none_of_the_labels(tmp_path, dialect, cell):
+    """An empty (or blank) Labels cell reads as an empty label list in every kind of table: an all-negative
+    training example, a truth row of none of the labels, a submission row predicted with none."""
+    p = _write(tmp_path, HEADER + FIRST[dialect] + f'1.jpg,{cell},"b"\n2.jpg,3,"c"\n')
+    t = read_table(str(p), trains=True)
+    assert list(t.Labels) == [["1"], [], ["3"]] and unlabelled_rows(t) == 1
+    assert list(read_table(str(p), labelled=True).Labels) == [["1"], [], ["3"]]
+
+
+@pytest.mark.parametrize("dialect", ["rfc", "comp5329"])
+def test_require_labels_refuses_the_first_empty_row_naming_its_line(tmp_path, dialect):
+    p = _write(tmp_path, HEADER + FIRST[dialect] + '1.jpg,2,"b"\n2.jpg,,"c"\n3.jpg, ,"d"\n')
+    _assert_error(p, 4, "empty Labels", "2.jpg", "--require-labels", trains=True, require_labels=True)
+
+
+def test_a_training_table_with_no_label_at_all_is_refused(tmp_path):
+    """Every row empty: nothing to learn, refused naming the file (not an empty vocabulary later). A truth
+    table or a submission of such rows is still read."""
+    text = "ImageID,Labels,Caption\n0.jpg,,a\n1.jpg,,b\n"
+    _assert_error(_write(tmp_path, text), None, "every one of its 2 rows", "empty Labels", "nothing to learn",
+                  trains=True)
+    assert unlabelled_rows(read_table(str(_write(tmp_path, text)), labelled=True)) == 2
     _assert_error(_write(tmp_path, "ImageID,Caption\n0.jpg,a\n"), 1, "lacks required column", "Labels")
 
 

@@ -10,7 +10,7 @@ from mlc.io import storage
 from mlc.data.datasets import DataPaths
 from mlc.io.images import BadImageError, read_header
 from mlc.data.labels import LabelVocab
-from mlc.data.table import TableError, read_table
+from mlc.data.table import TableError, read_table, unlabelled_rows
 
 # Image headers are tiny reads dominated by latency on object stores: many in flight hide it. Reads go
 # in chunks, so a 40,000-image folder is never in memory at once.
@@ -48,13 +48,17 @@ def _symlinks(images: str, ids: list) -> dict:
     return out
 
 
-def check_dataset(paths: DataPaths, *, max_pixels: int = 50_000_000, progress: bool = True) -> dict:
-    """A report dict; ``problems`` lists everything wrong (empty when the dataset is usable as is)."""
+def check_dataset(paths: DataPaths, *, max_pixels: int = 50_000_000, progress: bool = True,
+                  require_labels: bool = False) -> dict:
+    """A report dict; ``problems`` lists everything wrong (empty when the dataset is usable as is).
+    ``unlabelled_rows`` counts training rows with an empty Labels field (images with none of the labels, which
+    train as all-negative examples); with ``require_labels`` the first of them is a problem, as in training."""
     report: dict = {"train_csv": paths.train_csv, "test_csv": paths.test_csv, "images": paths.images, "problems": []}
     tables = {}
     for name, url, req in (("train", paths.train_csv, ("ImageID", "Labels")), ("test", paths.test_csv, ("ImageID",))):
         try:
-            tables[name] = read_table(url, require=req, labelled=name == "train")
+            tables[name] = read_table(url, require=req, trains=name == "train",
+                                      require_labels=require_labels and name == "train")
             report[f"{name}_rows"] = len(tables[name])
         except (TableError, FileNotFoundError) as e:
             report["problems"].append(str(e))
@@ -65,6 +69,7 @@ def check_dataset(paths: DataPaths, *, max_pixels: int = 50_000_000, progress: b
         report["labels"] = {lab: counts[lab] for lab in vocab.labels}
         per_image = Counter(len(set(labs)) for labs in train.Labels)
         report["labels_per_image"] = {str(k): per_image[k] for k in sorted(per_image)}
+        report["unlabelled_rows"] = unlabelled_rows(train)
         repeated = [i for i, labs in zip(train.ImageID, train.Labels) if len(set(labs)) != len(labs)]
         if repeated:
             report["problems"].append(f"{len(repeated)} training rows repeat a label: {', '.join(repeated[:10])}")
@@ -106,6 +111,9 @@ def format_report(r: dict) -> str:
     if "labels" in r:
         lines.append(f"labels ({len(r['labels'])}): " + ", ".join(f"{k}:{v}" for k, v in r["labels"].items()))
         lines.append("labels per image: " + ", ".join(f"{k}:{v}" for k, v in r["labels_per_image"].items()))
+        if r.get("unlabelled_rows"):
+            lines.append(f"rows with no labels: {r['unlabelled_rows']} of {r['train_rows']} (images with none of the "
+                         "labels: all-negative training examples)")
     if "images_found" in r:
         lines.append(f"images: {r['images_found']} found, {r['missing_images']} missing, "
                      f"{len(r['unreadable_images'])} unreadable ({r['images']})")

@@ -313,8 +313,8 @@ def check_images_found(images: str, urls: list, *, table: str, first: int = PREF
                         f"{storage.safe_url(images)} (e.g. {sample[0].rsplit('/', 1)[-1]}); check --data and --images")
 
 
-def read_tables(paths: DataPaths) -> tuple[pd.DataFrame, pd.DataFrame]:
-    train = read_table(paths.train_csv, require=("ImageID", "Labels"), labelled=True)
+def read_tables(paths: DataPaths, require_labels: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    train = read_table(paths.train_csv, require=("ImageID", "Labels"), trains=True, require_labels=require_labels)
     test = read_table(paths.test_csv)
     return train, test
 

@@ -185,15 +185,21 @@ def _id_error(url: str, line: int | None, image_id: str, problem: str) -> "Table
                       "inside the image folder (--images); fix the table")
 
 
-def read_table(url: str, *, require: tuple[str, ...] | None = None, labelled: bool = False) -> pd.DataFrame:
+def read_table(url: str, *, require: tuple[str, ...] | None = None, labelled: bool = False,
+               trains: bool = False, require_labels: bool = False) -> pd.DataFrame:
     """Read a COMP5329 table (train.csv, test.csv, a submission) from any URL.
 
     Returns a DataFrame with ``ImageID`` (str), ``Labels`` (list of label
     strings in file order) where the file has labels, and ``Caption`` (str,
     exactly as written) where it has captions, in file order. ``require``
-    names columns the caller needs (e.g. ``("ImageID", "Labels")``). ``labelled``: the table trains or is
-    the truth, so every row needs a Labels column with at least one label (one rule whatever the other
-    columns; a submission's empty Labels, an image predicted with none, stay valid).
+    names columns the caller needs (e.g. ``("ImageID", "Labels")``).
+
+    An empty Labels cell is an image that shows none of the labels: an all-negative example in a table
+    that trains, a correct "nothing here" in a truth table, an image predicted with none in a submission.
+    Removing such rows would teach a model that every image shows something. ``labelled``: the table
+    trains or is the truth, so it needs a Labels column. ``trains``: a training table, refused when every
+    row is empty (nothing to learn). ``require_labels`` (``--require-labels``): every row needs a label,
+    and the first empty one is refused, naming its line.
     Every ImageID must name a file inside the image folder (:func:`id_problem`).
     """
     url = str(url)
@@ -214,7 +220,7 @@ def read_table(url: str, *, require: tuple[str, ...] | None = None, labelled: bo
     if tuple(header) not in SCHEMAS:
         raise TableError(url, 1, f"unexpected header: {_describe_header(header)}; expected one of "
                          + "; ".join(",".join(s) for s in SCHEMAS))
-    if labelled and "Labels" not in (require or ()):
+    if (labelled or trains or require_labels) and "Labels" not in (require or ()):
         require = tuple(require or ()) + ("Labels",)
     missing = [c for c in (require or ()) if c not in header]
     if missing:
@@ -239,10 +245,14 @@ def read_table(url: str, *, require: tuple[str, ...] | None = None, labelled: bo
         body = header_end + (2 if text.startswith("\r\n", header_end) else 1)
         records = _parse_comp5329(url, text, ncols, body)
 
-    return _to_frame(url, header, records, labelled)
+    df = _to_frame(url, header, records, require_labels)
+    if trains and not any(len(labs) for labs in df.Labels):
+        raise TableError(url, None, f"every one of its {len(df)} rows has an empty Labels field: there is nothing to "
+                         "learn; label at least some images (an empty field is an image with none of the labels)")
+    return df
 
 
-def _to_frame(url: str, header: list[str], records: list, labelled: bool = False) -> pd.DataFrame:
+def _to_frame(url: str, header: list[str], records: list, require_labels: bool = False) -> pd.DataFrame:
     seen: dict[str, int] = {}
     ids, labels, captions = [], [], []
     has_labels, has_caption = "Labels" in header, "Caption" in header
@@ -261,9 +271,10 @@ def _to_frame(url: str, header: list[str], records: list, labelled: bool = False
         ids.append(image_id)
         if has_labels:
             labs = row[li].split()
-            if not labs and labelled:
-                raise TableError(url, line, f"empty Labels field for {image_id}; a training image needs at least "
-                                 "one label (remove the row, or label it)")
+            if not labs and require_labels:
+                raise TableError(url, line, f"empty Labels field for {image_id}, and --require-labels asks every "
+                                 "image for a label; label it, or drop --require-labels to train on it as an "
+                                 "image with none of the labels")
             labels.append(labs)
         if has_caption:
             captions.append(row[ci])
@@ -288,6 +299,11 @@ def submission_csv(image_ids, label_lists) -> str:
 def captions_of(df: pd.DataFrame) -> list:
     """A table's captions, one per row (None for every row of a table without a Caption column)."""
     return df.Caption.tolist() if "Caption" in df.columns else [None] * len(df)
+
+
+def unlabelled_rows(df: pd.DataFrame) -> int:
+    """Rows whose Labels field is empty: images that show none of the labels."""
+    return sum(1 for labs in df.Labels if not labs) if "Labels" in df.columns else 0
 
 
 def read_ids(url: str) -> list[str]:

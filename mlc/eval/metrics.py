@@ -11,8 +11,15 @@ Conventions for every function (here and in :mod:`mlc.eval.thresholds`):
 * ``y_true`` and ``y_pred`` are (N, C) arrays of 0/1 (bool or int), one row per
   image and one column per class.
 * ``probs`` is an (N, C) float array of scores in [0, 1] (sigmoid outputs).
-* A ratio 0/0 takes the value ``zero_division`` (0.0 by default, which is what
-  Kaggle's samples-F1 does to an image whose prediction is empty).
+* A ratio 0/0 takes the value ``zero_division``, :data:`ZERO_DIVISION` (1) everywhere mlc scores
+  (validation, threshold search, Tune, ``jobs/score.py``): scikit-learn's ``zero_division=1``.
+* An image with no true label and no predicted label scores 1: "none of these labels" is a correct
+  answer, and with 0 the threshold search could never prefer predicting nothing for such an image.
+  An image with true labels and none predicted (or the reverse) scores F1 0, whatever the rule.
+* Macro averages and mAP run over the labels with at least one positive in the truth (scikit-learn's
+  ``labels=`` restricted to them): a label absent from a validation split has no recall to average, and
+  counting it as 0 or 1 would move macro scores by a split's luck. ``labels_without_positives`` names
+  the labels left out.
 
 The Kaggle metric is the *samples*-averaged F1: F1 computed per image between
 its true and predicted label sets, then averaged over images.
@@ -26,6 +33,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 __all__ = [
+    "ZERO_DIVISION",
     "prf",
     "pr_curve",
     "average_precision",
@@ -33,6 +41,10 @@ __all__ = [
     "baseline_f1",
     "samples_f1",
 ]
+
+
+# The value of every 0/0 (see the module docstring): an image with neither true nor predicted labels scores 1.
+ZERO_DIVISION = 1.0
 
 
 # --------------------------------------------------------------------------
@@ -81,7 +93,7 @@ def _divide(num, den, zero_division: float) -> np.ndarray:
 # precision / recall / F1
 
 
-def prf(y_true, y_pred, zero_division: float = 0.0) -> dict:
+def prf(y_true, y_pred, zero_division: float = ZERO_DIVISION) -> dict:
     """Precision, recall and F1 under every averaging the project reports.
 
     Definitions (identical to scikit-learn's ``precision_score`` /
@@ -92,10 +104,11 @@ def prf(y_true, y_pred, zero_division: float = 0.0) -> dict:
       not from P and R, so a class with TP = 0 but FP > 0 has F1 = 0 even when
       its recall is a 0/0.
     * ``micro``: the same formulas on the counts summed over all classes.
-    * ``macro``: the unweighted mean of the per-class values over *all* C
-      classes, including classes absent from the truth and never predicted
-      (their 0/0 contributes ``zero_division``). This is why macro scores on a
-      small split can look low: absent classes count as 0.
+    * ``macro``: the unweighted mean of the per-class values over the classes
+      with at least one positive in the truth (scikit-learn's ``labels=``
+      set to them); ``labels_without_positives`` lists the others' column
+      indices, and the macro values are NaN when every class is absent.
+      Their false positives still count in micro and samples scores.
     * ``samples``: the same formulas per image (row) between its true and
       predicted label sets, averaged over images. This is the Kaggle metric.
       An image with no predicted label has precision 0/0 -> ``zero_division``
@@ -128,9 +141,10 @@ def prf(y_true, y_pred, zero_division: float = 0.0) -> dict:
             out["recall_per_class"] = [float(x) for x in r]
             out["f1_per_class"] = [float(x) for x in f]
             out["support_per_class"] = [int(x) for x in true]
-            out["precision_macro"] = float(p.mean())
-            out["recall_macro"] = float(r.mean())
-            out["f1_macro"] = float(f.mean())
+            present = true > 0
+            out["labels_without_positives"] = [int(c) for c in np.flatnonzero(~present)]
+            for key, values in (("precision_macro", p), ("recall_macro", r), ("f1_macro", f)):
+                out[key] = float(values[present].mean()) if present.any() else float("nan")
             # micro = the per-class counts summed
             tps, preds, trues = tp.sum(), pred.sum(), true.sum()
             out["precision_micro"] = float(_divide(tps, preds, zd))
@@ -143,7 +157,7 @@ def prf(y_true, y_pred, zero_division: float = 0.0) -> dict:
     return out
 
 
-def samples_f1(y_true, y_pred, zero_division: float = 0.0) -> float:
+def samples_f1(y_true, y_pred, zero_division: float = ZERO_DIVISION) -> float:
     """Just the samples-averaged F1 (the Kaggle score); see :func:`prf`."""
     yt = _as_binary(y_true, "y_true")
     yp = _as_binary(y_pred, "y_pred")
@@ -151,7 +165,7 @@ def samples_f1(y_true, y_pred, zero_division: float = 0.0) -> float:
     return _samples_f1(yt, yp, zero_division)
 
 
-def _samples_f1(yt: np.ndarray, yp: np.ndarray, zero_division: float = 0.0) -> float:
+def _samples_f1(yt: np.ndarray, yp: np.ndarray, zero_division: float = ZERO_DIVISION) -> float:
     # Unvalidated fast path for the threshold searches.
     tp = np.count_nonzero(yt & yp, axis=1)
     den = np.count_nonzero(yt, axis=1) + np.count_nonzero(yp, axis=1)

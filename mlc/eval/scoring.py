@@ -6,7 +6,7 @@ import numpy as np
 
 from mlc.data.labels import LabelVocab
 from mlc.eval.metrics import prf
-from mlc.data.table import TableError, read_table
+from mlc.data.table import TableError, read_table, unlabelled_rows
 
 
 class SubmissionError(ValueError):
@@ -24,7 +24,8 @@ def score_submission(predictions: str, truth: str) -> dict:
 
     Rows are matched by ImageID (any order). Predicted labels outside the
     truth's vocabulary count as false positives in the micro and samples
-    scores; the macro averages run over the truth's classes.
+    scores; the macro averages run over the truth's classes. Either file may have empty Labels fields:
+    an image with none in both scores 1 (:data:`mlc.eval.metrics.ZERO_DIVISION`).
     """
     try:
         pred = read_table(predictions, require=("ImageID", "Labels"))
@@ -42,11 +43,14 @@ def score_submission(predictions: str, truth: str) -> dict:
     if problems:
         raise SubmissionError("; ".join(problems))
 
-    vocab = LabelVocab.from_label_lists(true.Labels)
-    unknown = sorted({lab for labs in pred.Labels for lab in labs} - set(vocab.labels))
+    known_labels = LabelVocab.from_label_lists(true.Labels).labels if unlabelled_rows(true) < len(true) else []
+    unknown = sorted({lab for labs in pred.Labels for lab in labs} - set(known_labels))
+    by_id = dict(zip(pred.ImageID, pred.Labels))
+    if not known_labels:  # an all-negative truth: one column that is never true gives the metrics a shape
+        known_labels = [""]
+    vocab = LabelVocab(known_labels)
     columns = LabelVocab(vocab.labels + unknown)  # unknown columns: never true, so every use is a false positive
     y_true = columns.encode(true.Labels).astype(bool)
-    by_id = dict(zip(pred.ImageID, pred.Labels))
     y_pred = columns.encode([by_id[i] for i in true.ImageID]).astype(bool)
 
     all_cols = prf(y_true, y_pred)
@@ -55,18 +59,20 @@ def score_submission(predictions: str, truth: str) -> dict:
                                         "f1_micro", "precision_micro", "recall_micro")}
     result.update({k: known[k] for k in ("f1_macro", "precision_macro", "recall_macro")})
     result["rows"] = len(true)
+    result["empty_truth"] = unlabelled_rows(true)
     result["empty_predictions"] = int((~y_pred.any(axis=1)).sum())
     result["unknown_labels"] = {lab: int(y_pred[:, columns.index[lab]].sum()) for lab in unknown}
     result["per_class"] = [
         {"label": lab, "precision": known["precision_per_class"][c], "recall": known["recall_per_class"][c],
          "f1": known["f1_per_class"][c], "support": int(known["support_per_class"][c]),
          "predicted": int(y_pred[:, c].sum())}
-        for c, lab in enumerate(vocab.labels)]
+        for c, lab in enumerate(vocab.labels) if lab]
     return result
 
 
 def format_report(r: dict) -> str:
-    lines = [f"{r['rows']} images scored ({r['empty_predictions']} with no predicted label)", "",
+    lines = [f"{r['rows']} images scored ({r['empty_predictions']} with no predicted label, {r['empty_truth']} with "
+             "no true label)", "",
              f"{'':10}{'F1':>8}{'precision':>11}{'recall':>8}"]
     for avg in ("samples", "micro", "macro"):
         lines.append(f"{avg:10}{r['f1_' + avg]:8.4f}{r['precision_' + avg]:11.4f}{r['recall_' + avg]:8.4f}")

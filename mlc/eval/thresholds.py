@@ -1,11 +1,14 @@
 """Decision thresholds: scores -> label sets, and the search for the rule with the best samples F1.
 
 Four strategies (:data:`STRATEGIES`): a per-image percentile (the 2020 report's rule), one global
-threshold, one global threshold that also keeps each image's top label (every image gets at least one:
-COMP5329's every image has one, and an empty prediction scores F1 0 for its row), or one threshold per
-class. :func:`select_threshold` scores every candidate on validation
-rows and returns a :class:`ThresholdChoice`, which is saved with every model and applied to the test
-set. Conventions as in :mod:`mlc.eval.metrics`.
+threshold, one global threshold that also keeps each image's top label, or one threshold per class.
+``global`` and ``per_class`` predict nothing for an image whose scores are all below their cuts (an image
+of none of the labels, which real data has); ``percentile`` and ``global_top1`` give every image at
+least one label (COMP5329's every image has one). None is preferred for its kind: :func:`select_threshold`
+scores every candidate on validation rows with the same samples F1, where an image with no true label
+scores 1 only when nothing is predicted for it (:data:`mlc.eval.metrics.ZERO_DIVISION`), and returns a
+:class:`ThresholdChoice`, which is saved with every model and applied to the test set. Conventions as in
+:mod:`mlc.eval.metrics`.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def compare(data: str, output: str, *, images: str | None = None, val_fraction: 
             caption_epochs: int = 10, image_epochs: int = 8, image_size: int = 64, log=print) -> pd.DataFrame:
     """The table (see the module docstring); also written to ``output/compare.csv``."""
     paths = DataPaths.resolve(data, images)
-    df = read_table(paths.train_csv, labelled=True)
+    df = read_table(paths.train_csv, trains=True)
     rows = []
     caption = TrainConfig(data=data, images=images, inputs="caption", weights="none", val_fraction=val_fraction,
                           seed=seed, epochs=caption_epochs)

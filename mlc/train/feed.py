@@ -11,7 +11,7 @@ import numpy as np
 from mlc.data.datasets import DataPaths, ImageTable, check_images_found, image_urls, read_tables, split_train_val
 from mlc.data.labels import LabelVocab
 from mlc.data.placement import open_for_run
-from mlc.data.table import captions_of
+from mlc.data.table import captions_of, unlabelled_rows
 from mlc.data.tokenizer import Tokenizer, empty_captions
 from mlc.config import TrainConfig
 from mlc.data.transforms import eval_transform, train_transform
@@ -56,13 +56,17 @@ def resolve_inputs(inputs: str, train_df, table: str) -> str:
 
 def prepare_data(cfg: TrainConfig, log=print) -> RunData:
     paths = DataPaths.resolve(cfg.data, cfg.images, cfg.train_csv, cfg.test_csv)
-    train_df, test_df = read_tables(paths)
+    train_df, test_df = read_tables(paths, cfg.require_labels)
     vocab = LabelVocab.from_label_lists(train_df.Labels)
     Y = vocab.encode(train_df.Labels, context=f"{paths.train_csv}: ")
     tr, va = split_train_val(train_df.ImageID, cfg.val_fraction, cfg.seed)
     inputs = resolve_inputs(cfg.inputs, train_df, paths.train_csv)
+    empty = unlabelled_rows(train_df)
     log(f"data: {len(train_df)} labelled ({len(tr)} train / {len(va)} validation), {len(test_df)} test, "
         f"{len(vocab)} labels; the network reads {inputs}{' (auto)' if cfg.inputs == 'auto' else ''}")
+    if empty:
+        log(f"data: {empty} of {len(train_df)} labelled rows have an empty Labels field: images with none of the "
+            "labels, trained on as all-negative examples (--require-labels refuses them)")
     urls = image_urls(paths.images, train_df.ImageID)
     if uses_images(inputs):
         check_images_found(paths.images, urls, table=paths.train_csv)

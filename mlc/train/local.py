@@ -275,7 +275,8 @@ def train_loop(cfg: TrainConfig, group, *, log=print, progress: bool = True, on_
             row = {"epoch": epoch, "lr": lr, **stats, "val_loss": val_loss, "val_images": int(ok.sum()),
                    "val_img_per_s": scored["img_per_s"] * group.world, **{k: metrics[k] for k in SCALAR_KEYS},
                    "threshold": metrics["threshold"], "f1_per_class": metrics["f1_per_class"],
-                   "ap_per_class": metrics["ap_per_class"], "skipped_images": len(budget.bad), "workers": group.world}
+                   "ap_per_class": metrics["ap_per_class"], "skipped_images": len(budget.bad), "workers": group.world,
+                   "labels_without_positives": [data.vocab.labels[c] for c in metrics["labels_without_positives"]]}
             history.append(row)
             is_best = metrics["f1_samples"] > best_f1
             best_f1 = max(best_f1, metrics["f1_samples"])

@@ -18,13 +18,22 @@ from mlc.eval import plots
 from mlc.io import storage
 from mlc.train.checkpoint import load_model_checkpoint, tokenizer_of
 from mlc.config import TrainConfig
-from mlc.eval.metrics import baseline_f1
+from mlc.eval.metrics import ZERO_DIVISION, baseline_f1
 from mlc.train.submission import write_predictions
 from mlc.data.table import captions_of
 from mlc.eval.thresholds import ThresholdChoice, select_threshold
 
 SCALAR_KEYS = ("f1_samples", "f1_micro", "f1_macro", "precision_samples", "recall_samples",
                "precision_micro", "recall_micro", "precision_macro", "recall_macro", "map")
+
+
+# How every score in metrics.json treats empty label sets (mlc.eval.metrics), said beside the scores.
+SCORING_RULES = {
+    "zero_division": ZERO_DIVISION,
+    "empty_truth_and_prediction": "an image with no true and no predicted label scores 1",
+    "macro_and_map_over": "labels with at least one positive in the validation split (labels_without_positives "
+                          "lists the others)",
+}
 
 
 def write_metrics(out: str, history: list, cfg, complete: bool, **extra) -> None:
@@ -91,6 +100,8 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
     summary = {
         "best_epoch": best_row["epoch"], "best": {k: best_row[k] for k in SCALAR_KEYS},
         "threshold": choice.to_dict(), "baseline_f1_samples": base,
+        "scoring": SCORING_RULES,
+        "labels_without_positives": best_row.get("labels_without_positives", []),
         "skipped_images": len(bad_images), "skipped": bad_images,
         "test": pred, **({"device": str(device)} if device is not None else {}), "amp": amp_name,
         "seconds": time.perf_counter() - t_start,
