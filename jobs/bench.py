@@ -219,7 +219,7 @@ def main_serve(args: argparse.Namespace) -> dict:
     from mlc.distributed.serve_bench import measure
     from mlc.eval.thresholds import ThresholdChoice
     from mlc.model.resnet import bare_state_dict, build_model
-    from mlc.train.checkpoint import save_model
+    from mlc.model.checkpoint import save_model
     folder = _image_folder(args)
     images = [p.read_bytes() for p in sorted(folder.iterdir())[:64] if p.is_file()]
     ckpt = tempfile.mkdtemp(prefix="mlc-serve-bench-")

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from mlc.data.check import check_dataset, format_report  # noqa: E402
 from mlc.cli import add_log_args, run_job  # noqa: E402
-from mlc.data.datasets import DataPaths  # noqa: E402
+from mlc.data.run_data import DataPaths  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

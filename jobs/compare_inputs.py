@@ -36,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace):
-    from mlc.train.compare import compare, markdown
+    from mlc.bench.inputs import compare, markdown
     from mlc.logs import say
     table = compare(args.data, args.output, images=args.images, val_fraction=args.val_fraction, seed=args.seed,
                     caption_epochs=args.caption_epochs, image_epochs=args.image_epochs, image_size=args.image_size,

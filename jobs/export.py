@@ -33,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     from mlc.logs import say
-    from mlc.train.export import export
+    from mlc.prediction.export import export
     return export(args.checkpoint, args.output, args.format, log=say)
 
 

@@ -59,7 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=S,
                    help="Ray workers, as in jobs/train.py: here Ray Data actors that each load the model and score "
                         "their share across the cluster in RAY_ADDRESS, or a local Ray; giving it means --no-local "
-                        "(default: 1 with --no-local; 0, the old spelling of --local, still works for one release)")
+                        "(default: 1 with --no-local; 0 scores in this process, as --local)")
     p.add_argument("--gpus-per-worker", type=float, default=S,
                    help="GPUs per Ray worker; fractions share a GPU between scoring actors, which training "
                         "(whole GPUs only) cannot (default: 1 if the cluster has GPUs, else 0)")
@@ -80,8 +80,6 @@ def settings(args: argparse.Namespace) -> dict:
     s = {**DEFAULTS, **{k: v for k, v in from_file(args, "predict").items() if k in DEFAULTS}, **given}
     if "local" in given and "num_workers" in given and given["local"] and given["num_workers"]:
         raise UsageError("--local scores in this process; --num-workers N asks for Ray workers: give one of them")
-    if given.get("num_workers") == 0:
-        print("warning: --num-workers 0 is deprecated and goes in the next release; use --local", file=sys.stderr)
     if "local" in given:
         local = given["local"]
     elif "num_workers" in given:

@@ -60,9 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from mlc.distributed import cluster, serve
-    from mlc.distributed.predict import ensure_ray
+    from mlc.distributed.cluster import ensure_ray
     from mlc.logs import say
-    from mlc.train.checkpoint import load_predictor
+    from mlc.prediction.checkpoints import load_predictor
 
     max_replicas = args.max_replicas if args.max_replicas is not None else args.min_replicas
     problems = []

@@ -18,9 +18,9 @@ from mlc.data.table import TableError, read_ids, read_table
 
 # name -> (module, attribute): resolved on first use by __getattr__ below.
 _LAZY = {
-    "fit": ("mlc.train.local", "fit"),
+    "fit": ("mlc.train.driver", "fit"),
     "predict": ("mlc.distributed.predict", "predict"),  # in this process, or on Ray Data with num_workers >= 1
-    "load_model": ("mlc.train.inference", "load_model"),
+    "load_model": ("mlc.prediction.checkpoints", "load_model"),
 }
 
 __all__ = ["fit", "predict", "load_model", "read_table", "read_ids", "TrainConfig", "TableError", "LabelVocab"]

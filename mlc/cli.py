@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 import sys
 
-from mlc.config import DEMO_DEFAULTS, ScaleConfig, SweepConfig, TrainConfig
+from mlc.config import DEMO_DEFAULTS, ScaleConfig, SweepConfig, TrainConfig, choices_of
 from mlc.errors import UsageError
 
 D = TrainConfig()
@@ -18,8 +18,7 @@ def add_train_args(p: argparse.ArgumentParser, skip=()) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
-        choices = {"optimizer": ["adamw", "sgd"], "amp": ["auto", "bf16", "fp16", "off"],
-                   "store": ["auto", "memory", "disk", "off"]}.get(f.name)
+        choices = f.metadata.get("choices")
         default = getattr(D, f.name)
         kind = type(default) if default is not None else \
             {"loader_workers": _auto_int, "store_budget": _auto_float}.get(f.name, str)
@@ -30,25 +29,15 @@ def add_train_args(p: argparse.ArgumentParser, skip=()) -> None:
             g.add_argument("--" + f.name.replace("_", "-"), action=BoolFlag, default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} ({shown})")
             continue
-        if f.name == "compile":  # --compile alone and --no-compile, as when it was a switch
+        if f.name == "compile":  # a switch with a third value: --compile (on), --no-compile (off), --compile auto
             g.add_argument("--compile", "--no-compile", action=CompileFlag, default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']}; --compile alone is on, --no-compile off ({shown})")
             continue
         g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, choices=choices,
                        help=f"{f.metadata['help']} ({shown})")
-    accept_old_bool_values(p)
     p.add_argument("--fresh", action="store_true", help="start over: the previous run in --output is replaced once "
                    "every check before training has passed (tables, images, flags, weights), never before "
                    "(default: resume from its checkpoint)")
-
-
-def _bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("1", "true", "yes", "on"):
-        return True
-    if t in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _auto_int(text: str):
@@ -60,20 +49,9 @@ def _auto_int(text: str):
         raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
 
 
-def _compile_value(text: str) -> str:
-    """auto, on or off; the switch's old value spellings (true/false, yes/no, 1/0) still mean on and off."""
-    t = text.strip().lower()
-    if t in ("auto", "on", "off"):
-        return t
-    try:
-        return "on" if _bool(t) else "off"
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}") from None
-
-
 class CompileFlag(argparse.Action):
-    """``--compile [auto|on|off]`` (alone: on) and ``--no-compile`` (off): the setting was a switch before it had
-    auto, and both spellings keep working."""
+    """``--compile [auto|on|off]`` (alone: on) and ``--no-compile`` (off): a switch, as every boolean setting is,
+    with a third value, auto (the default)."""
 
     def __init__(self, option_strings, dest, **kwargs):
         super().__init__(option_strings, dest, nargs="?", metavar="auto|on|off", **kwargs)
@@ -84,50 +62,14 @@ class CompileFlag(argparse.Action):
                 parser.error(f"argument --no-compile: takes no value, got {value!r}")
             setattr(namespace, self.dest, "off")
             return
-        try:
-            setattr(namespace, self.dest, "on" if value is None else _compile_value(value))
-        except argparse.ArgumentTypeError as e:
-            parser.error(f"argument --compile: {e}")
+        allowed = choices_of(TrainConfig, "compile")
+        if value is not None and value not in allowed:
+            parser.error(f"argument --compile: expected {', '.join(allowed)}, got {value!r}")
+        setattr(namespace, self.dest, "on" if value is None else value)
 
 
 # ``--x`` / ``--no-x`` for every boolean setting.
 BoolFlag = argparse.BooleanOptionalAction
-_BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
-
-
-def accept_old_bool_values(p: argparse.ArgumentParser) -> None:
-    """Let ``p`` still parse the value spelling documented before (``--freeze-bn true|false``, also
-    ``--freeze-bn=false``) for one release: rewritten to ``--freeze-bn`` / ``--no-freeze-bn`` with a deprecation
-    warning before argparse sees it, so ``--help`` shows only the new form."""
-    if getattr(p, "_mlc_old_bools", False):
-        return
-    p._mlc_old_bools = True
-    inner = p.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        flags = {o for a in p._actions if isinstance(a, BoolFlag) for o in a.option_strings
-                 if not o.startswith("--no-")}
-        out, i = [], 0
-        while i < len(args):
-            flag, eq, value = args[i].partition("=")
-            if flag in flags and not eq and i + 1 < len(args) and args[i + 1].strip().lower() in _BOOL_WORDS:
-                value, eq = args[i + 1], "="
-                i += 1
-            if flag in flags and eq:
-                try:
-                    on = _bool(value)
-                except argparse.ArgumentTypeError as e:
-                    p.error(f"argument {flag}: {e}")
-                new = flag if on else "--no-" + flag[2:]
-                print(f"warning: {flag} {value} is deprecated and goes in the next release; use {new}", file=sys.stderr)
-                out.append(new)
-            else:
-                out.append(args[i])
-            i += 1
-        return inner(out, namespace)
-
-    p.parse_known_args = parse_known_args
 
 
 def add_config_arg(p: argparse.ArgumentParser) -> None:
@@ -141,7 +83,7 @@ def config_file(args: argparse.Namespace) -> dict:
     url = getattr(args, "config", None)
     if not url:
         return {}
-    from mlc.train.replay import load_config
+    from mlc.io.config_json import load_config
     return load_config(url)
 
 
@@ -232,7 +174,6 @@ def _auto_float(text: str):
 
 
 def add_scale_args(p: argparse.ArgumentParser, skip=()) -> None:
-    accept_old_bool_values(p)
     g = p.add_argument_group("Ray cluster (ignored with --local)", RESOURCES)
     for f in dataclasses.fields(ScaleConfig):
         if f.name in skip:
@@ -278,7 +219,6 @@ def _int_list(text: str) -> tuple:
 
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
-    accept_old_bool_values(p)
     d = SweepConfig()
     g = p.add_argument_group("sweep", "Trials at once: as many as the cluster holds once the autoscaler has added "
                              "every node its node types allow (the nodes up now when no autoscaler config is "

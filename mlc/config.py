@@ -1,8 +1,9 @@
 """Run configuration: frozen dataclasses for a training run, its Ray scale and a sweep.
 
-Each field carries its command-line help (``metadata["help"]``, read by :mod:`mlc.cli`), so a setting, its
-default and what ``--help`` says about it are written in one place; comments say why a default is what it
-is. A TrainConfig is saved with every model.
+Each field carries its command-line help (``metadata["help"]``) and, where only some values are allowed, those
+values (``metadata["choices"]``): validation, ``--help`` (:mod:`mlc.cli`) and docs/flags.md (checked by
+tests/test_jobs.py) all read them there. Comments say why a default is what it is. A TrainConfig is saved with
+every model; settings saved by earlier versions are upgraded by :func:`mlc.migrate.migrate` as they are read.
 """
 
 from __future__ import annotations
@@ -15,9 +16,34 @@ from dataclasses import dataclass
 INPUTS = ("image", "caption", "image+caption")
 
 
-def _f(default, help: str):
-    """A field with its ``--help`` text."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def uses_images(inputs: str) -> bool:
+    """Whether a network that reads ``inputs`` (resolved: not auto) reads images."""
+    return inputs != "caption"
+
+
+def uses_captions(inputs: str) -> bool:
+    """Whether a network that reads ``inputs`` (resolved: not auto) reads captions."""
+    return inputs in ("caption", "image+caption")
+
+
+def _f(default, help: str, choices: tuple | None = None):
+    """A field with its ``--help`` text and, when only some values are allowed, those values."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def choices_of(cls, name: str) -> tuple | None:
+    """The values field ``name`` of config class ``cls`` allows (None: any of its type)."""
+    return next(f.metadata.get("choices") for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _choice_problems(cfg) -> list:
+    out = []
+    for f in dataclasses.fields(cfg):
+        allowed, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if allowed is not None and value not in allowed:
+            out.append(f"--{f.name.replace('_', '-')} must be {', '.join(map(str, allowed[:-1]))} or {allowed[-1]}, "
+                       f"got {value}")
+    return out
 
 
 # Said of every Ray worker, in training runs and in sweeps.
@@ -90,7 +116,7 @@ class TrainConfig:
     inputs: str = _f("auto",
         "what the network reads: image (ResNet50), caption (a bag of caption words, bigrams and character trigrams;"
         " never opens an image), image+caption (both, fused before the head), or auto: image+caption when the "
-        "training table has non-empty captions, else image")
+        "training table has non-empty captions, else image", choices=("auto", *INPUTS))
 
     # Model. Depth 1 (layer4 + head) is the report's choice; 4 trains everything, stem included.
     weights: str = _f("imagenet",
@@ -117,7 +143,7 @@ class TrainConfig:
     lr: float = _f(1e-3, "peak learning rate (after warm-up; cosine decay to 0)")
     # AdamW's usual default; not applied to BatchNorm and biases.
     weight_decay: float = _f(0.01, "decoupled weight decay on conv/linear weights")
-    optimizer: str = _f("adamw", "adamw or sgd (Nesterov)")
+    optimizer: str = _f("adamw", "adamw or sgd (Nesterov)", choices=("adamw", "sgd"))
     momentum: float = _f(0.9, "SGD momentum")
     # Warm-up protects pretrained stages from the random head's gradients.
     warmup_epochs: float = _f(1.0, "linear warm-up length in epochs (may be fractional)")
@@ -126,35 +152,29 @@ class TrainConfig:
     # whichever of bf16 and fp32 a short timed probe finds faster on this machine (cached per machine).
     amp: str = _f("auto",
         "mixed precision: auto (GPU: bf16 on sm80+, fp16 with loss scaling below; CPU: bf16 or fp32, whichever a short "
-        "timed probe finds faster, cached per machine), bf16, fp16, or off")
+        "timed probe finds faster, cached per machine), bf16, fp16, or off", choices=("auto", "bf16", "fp16", "off"))
     # torch.compile of the training model. auto: compiled on a GPU when the planned run is long enough to pay
     # the compile back (mlc.model.compiling, from compile times and speed-ups measured on an H200); never on a
     # CPU, where it was measured not to pay (2-core dev CPU: 28 s to compile, 23.5 vs 24.2 img/s, depth 1).
     compile: str = _f("auto",
         "torch.compile the training model: auto (on a GPU when the planned images are enough to pay back the "
-        "compile time; off on CPUs, where it was measured not to pay), on, or off")
+        "compile time; off on CPUs, where it was measured not to pay), on, or off", choices=("auto", "on", "off"))
 
     # Data. The size is ResNet50's ImageNet resolution; the COMP5329 images are <= 320 px.
     image_size: int = _f(224, "training crop and evaluation centre-crop size in pixels")
     val_fraction: float = _f(0.1, "fraction of train.csv held out for validation (a seeded split by ImageID)")
     seed: int = _f(0, "seed of the split, the initialisation, the data order and the augmentations")
     # None: resolved where the training process runs, from the CPUs it may use (Ray's reservation or the
-    # process's CPU affinity), never on the machine that parsed the flags (mlc.train.engine.resolve_loader_workers).
+    # process's CPU affinity), never on the machine that parsed the flags (mlc.data.loader.resolve_loader_workers).
     loader_workers: int | None = _f(None,
         "DataLoader worker processes per training process; default: chosen where the process runs, from the CPUs it may"
         " use (Ray's reservation per worker, or this process's CPU affinity)")
-    # Decode JPEGs on the GPU (nvJPEG) instead of in the loader workers (mlc.data.gpu_decode). Off: on an H200 it
-    # was slower than the CPUs (issue 23), and it bypasses the decode-once store; `jobs/bench.py --gpu` re-measures.
-    gpu_decode: bool = _f(False,
-        "decode JPEGs on the GPU (nvJPEG) every epoch instead of once into the image store; measured slower than "
-        "CPU decoding on an H200 and kept only to be measured again (jobs/bench.py --gpu); other formats still "
-        "decode on the CPU")
     # The decode-once store (mlc.data.store): auto keeps decoded images in memory when they fit half of what
     # the node has free, else on local disk when half its free space holds them, else streams as without it.
     store: str = _f("auto",
         "keep every training image decoded, once per node, for later epochs, validation and sweep trials: auto "
         "(memory if it fits --store-budget, else local disk ($MLC_STORE_DIR) if it fits half its free space, else "
-        "off), memory, disk, or off (read and decode every epoch)")
+        "off), memory, disk, or off (read and decode every epoch)", choices=("auto", "memory", "disk", "off"))
     store_budget: float | None = _f(None,
         "GiB of memory the decoded-image store may take on a node; default auto: half of what is free when the "
         "run starts")
@@ -168,10 +188,10 @@ class TrainConfig:
 
     # Settings that may change between a run and its resume without invalidating the checkpoint.
     RESUMABLE_CHANGES = ("epochs", "loader_workers", "output", "data", "images", "train_csv", "test_csv", "compile",
-                         "gpu_decode", "store", "store_budget", "require_labels")
+                         "store", "store_budget", "require_labels")
 
     def __post_init__(self):
-        problems = _non_finite(self)
+        problems = _non_finite(self) + _choice_problems(self)
         if not 0 <= self.unfrozen_depth <= 4:
             problems.append(f"--unfrozen-depth must be 0..4, got {self.unfrozen_depth}")
         if not 0 <= self.dropout < 1:
@@ -196,16 +216,6 @@ class TrainConfig:
             problems.append(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.image_size < 32:
             problems.append(f"--image-size must be >= 32 (ResNet50 downsamples 32x), got {self.image_size}")
-        if self.inputs not in ("auto", *INPUTS):
-            problems.append(f"--inputs must be auto, {', '.join(INPUTS)}, got {self.inputs}")
-        if self.optimizer not in ("adamw", "sgd"):
-            problems.append(f"--optimizer must be adamw or sgd, got {self.optimizer}")
-        if self.amp not in ("auto", "bf16", "fp16", "off"):
-            problems.append(f"--amp must be auto, bf16, fp16 or off, got {self.amp}")
-        if self.compile not in ("auto", "on", "off"):
-            problems.append(f"--compile must be auto, on or off, got {self.compile}")
-        if self.store not in ("auto", "memory", "disk", "off"):
-            problems.append(f"--store must be auto, memory, disk or off, got {self.store}")
         if self.store_budget is not None and self.store_budget < 0:
             problems.append(f"--store-budget must be >= 0 GiB, got {self.store_budget}")
         if self.loader_workers is not None and self.loader_workers < 0:
@@ -220,12 +230,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """A config from a dict in today's shape (files are upgraded by :func:`mlc.migrate.migrate` as they are
+        read). A key this version does not know (a file written by a newer one) is named, then ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
-        d = dict(d)
-        if "num_workers" in d:  # checkpoints written before the DataLoader setting was renamed
-            d.setdefault("loader_workers", d.pop("num_workers"))
-        if isinstance(d.get("compile"), bool):  # written when --compile was on/off only
-            d["compile"] = "on" if d["compile"] else "off"
+        unknown = sorted(set(d) - names)
+        if unknown:
+            from mlc.logs import say
+            say(f"warning: ignoring setting(s) this version of mlc does not have: {', '.join(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def replace(self, **changes) -> "TrainConfig":

@@ -55,10 +55,10 @@ KNOWN = {
     "builtins.PermissionError": OUTPUT,
     "mlc.distributed.train.NodeLocalStorageError": OUTPUT,
     "mlc.model.resnet.WeightsError": WEIGHTS,
-    "mlc.train.checkpoint.CheckpointError": WEIGHTS,
-    "mlc.data.datasets.TooManyBadImages": BAD_IMAGES,
+    "mlc.model.checkpoint.CheckpointError": WEIGHTS,
+    "mlc.data.run_data.TooManyBadImages": BAD_IMAGES,
     "mlc.train.engine.NonFiniteLossError": DIVERGED,
-    "mlc.train.local.ConfigMismatch": RESUME,
+    "mlc.model.checkpoint.ConfigMismatch": RESUME,
     "mlc.distributed.cluster.ClusterError": CLUSTER,
     "mlc.eval.scoring.SubmissionError": USAGE,
 }

@@ -179,7 +179,7 @@ def test_image_and_caption_train_resume_and_predict_a_table_without_captions(tmp
     # Resume to a second epoch with the saved tokenizer: same settings, auto resolves the same way.
     logs: list = []
     summary = mlc.fit(cfg.replace(epochs=2), progress=False, log=logs.append)
-    assert any("continuing at epoch 2" in m for m in logs) and len(json.loads(
+    assert any("training continues at epoch 2" in m for m in logs) and len(json.loads(
         (out / "metrics.json").read_text())["epochs"]) == 2
     assert summary["test"]["rows"] == 6
 
@@ -191,7 +191,7 @@ def test_image_and_caption_train_resume_and_predict_a_table_without_captions(tmp
 
 
 def test_inputs_auto_follows_the_table_and_a_caption_network_needs_captions(tmp_path):
-    from mlc.train.local import resolve_inputs
+    from mlc.data.run_data import resolve_inputs
     import pandas as pd
     with_caps = pd.DataFrame({"ImageID": ["a", "b"], "Labels": [["1"], ["2"]], "Caption": ["x", ""]})
     empty = with_caps.assign(Caption=["", None])
@@ -207,7 +207,7 @@ def test_inputs_auto_follows_the_table_and_a_caption_network_needs_captions(tmp_
 
 
 def test_the_inputs_comparison_runs_every_row_on_one_split(tmp_path):
-    from mlc.train.compare import compare, markdown
+    from mlc.bench.inputs import compare, markdown
     root = _dataset(tmp_path / "ds", n=30)
     (root / "data" / "0.jpg").unlink()  # one labelled row without its image: left out of the image rows only
     # images= relative to the data root, as a user gives it
@@ -225,10 +225,11 @@ def test_the_inputs_comparison_runs_every_row_on_one_split(tmp_path):
 
 def test_a_checkpoint_from_before_inputs_resumes_as_the_image_network_it_is():
     from mlc.data.labels import LabelVocab
-    from mlc.train.local import ConfigMismatch, check_resumable
+    from mlc.model.checkpoint import ConfigMismatch, check_resumable
     old = TrainConfig(data="/d").to_dict()
     old.pop("inputs")  # written by an mlc without --inputs
-    state = {"config": old, "labels": ["1", "2"]}
+    from mlc.migrate import migrate
+    state = migrate({"model": {}, "config": old, "labels": ["1", "2"]})  # as mlc.model.checkpoint reads it
     check_resumable(state, TrainConfig(data="/d", inputs="image"), LabelVocab(["1", "2"]), "ckpt")
     with pytest.raises(ConfigMismatch, match="inputs: 'image' -> 'image\\+caption'"):
         check_resumable(state, TrainConfig(data="/d", inputs="image+caption"), LabelVocab(["1", "2"]), "ckpt")
@@ -257,7 +258,7 @@ def test_the_caption_embedding_learning_rate_follows_the_number_of_steps():
 
 
 def test_best_gets_the_tokenizer_of_the_checkpoint_it_publishes_and_loses_a_stale_one(tmp_path):
-    from mlc.train.runs import BEST_FILES, publish_best
+    from mlc.train.run_folder import BEST_FILES, publish_best
     for epoch, files in ((1, BEST_FILES + ("tokenizer.json",)), (2, BEST_FILES)):
         d = tmp_path / "run" / f"epoch_{epoch:04d}"
         d.mkdir(parents=True)
@@ -272,12 +273,13 @@ def test_best_gets_the_tokenizer_of_the_checkpoint_it_publishes_and_loses_a_stal
 
 def test_the_blank_row_of_an_empty_rank_batch_fits_each_network():
     """A rank with no usable row steps on one blank row (mlc.train.engine): its shape must fit what the network reads."""
-    from mlc.data.transforms import blank_inputs, input_shape
+    from mlc.data.batch import Reads
     caption = fusion.build("caption", 3, num_tokens=20).eval()
-    ids, off = tokens_to_tensors([[1, 2], [3]], CPU)
-    assert input_shape((ids, off)) == (None, True)
-    (b_ids, b_off) = blank_inputs(input_shape((ids, off)), CPU)
+    (b_ids, b_off) = Reads(images=False, captions=True, side=32).blank(CPU)
     assert b_ids.numel() == 0 and b_off.tolist() == [0] and caption(b_ids, b_off).shape == (1, 3)
-    x, b_ids, b_off = blank_inputs(None, CPU, images=True, captions=True, side=32)
-    assert x.shape == (1, 3, 32, 32) and input_shape((x, b_ids, b_off)) == (32, True)
-    assert blank_inputs((48, False), CPU)[0].shape == (1, 3, 48, 48) and len(blank_inputs((48, False), CPU)) == 1
+    x, b_ids, b_off = Reads(images=True, captions=True, side=32).blank(CPU)
+    assert x.shape == (1, 3, 32, 32) and b_off.tolist() == [0]
+    both = fusion.build("image+caption", 3, num_tokens=20, unfrozen_depth=1).eval()
+    assert both(x, b_ids, b_off).shape == (1, 3)
+    (x,) = Reads(images=True, captions=False, side=48).blank(CPU)
+    assert x.shape == (1, 3, 48, 48)

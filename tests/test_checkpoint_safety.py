@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlc.train.checkpoint import CheckpointError, load_training_state, plain_data, save_training_state
+from mlc.model.checkpoint import CheckpointError, load_state, plain_data, save_state
 
 
 def _state():
@@ -30,8 +30,8 @@ def _state():
 
 def test_training_state_round_trips_as_plain_data(tmp_path):
     state = _state()
-    save_training_state(str(tmp_path), state)
-    back = load_training_state(str(tmp_path))
+    save_state(str(tmp_path), state)
+    back = load_state(str(tmp_path))
     assert back["history"][0]["f1_per_class"] == pytest.approx([0.1, 0.2])
     assert back["history"][0]["threshold"]["value"] == pytest.approx([0.3, 0.4])
     assert isinstance(back["history"][0]["epoch"], int) and back["best_f1"] == -math.inf
@@ -66,7 +66,7 @@ def test_a_state_pt_carrying_a_pickle_payload_is_refused_and_never_runs(tmp_path
     torch.save({"model": {}, "epoch": 3, "history": [_Payload(str(marker))]}, buf)
     (run / "state.pt").write_bytes(buf.getvalue())
     with pytest.raises(CheckpointError) as e:
-        load_training_state(str(run))
+        load_state(str(run))
     assert str(run / "state.pt") in str(e.value) and "--fresh" in str(e.value)
     assert not marker.exists()
     assert not os.path.exists("pwned")

@@ -8,7 +8,8 @@ import torch
 
 from mlc.config import TrainConfig
 from mlc.model.compiling import decide
-from mlc.train.engine import pad_rows, predict_scores
+from mlc.migrate import migrate
+from mlc.prediction.scores import pad_rows, predict_scores
 
 
 def test_compile_auto_compiles_long_gpu_runs_only():
@@ -21,8 +22,8 @@ def test_compile_auto_compiles_long_gpu_runs_only():
 
 
 def test_compile_setting_reads_old_checkpoints_and_refuses_nonsense():
-    assert TrainConfig.from_dict({"compile": True}).compile == "on"
-    assert TrainConfig.from_dict({"compile": False}).compile == "off"
+    assert TrainConfig.from_dict(migrate({"compile": True})).compile == "on"
+    assert TrainConfig.from_dict(migrate({"compile": False})).compile == "off"
     with pytest.raises(ValueError, match="--compile must be auto, on or off"):
         TrainConfig(compile="sometimes")
     with pytest.raises(ValueError, match="--store must be"):
@@ -49,14 +50,12 @@ def test_padding_a_batch_to_the_training_shape_changes_no_score():
         def forward(self, x):
             return self.fc(self.bn(self.c(x)).mean((2, 3)))
 
-    from mlc.data.loader import Batch
-    rows = [Batch(torch.randint(0, 255, (n, 3, 8, 8), dtype=torch.uint8), torch.zeros(n, 2),
-                  torch.arange(k, k + n)) for k, n in ((0, 4), (4, 4), (8, 3))]
-
-    class Loader(list):
-        dataset = type("D", (), {"targets": None})()
+    from mlc.data.batch import Batch, Reads
+    reads = Reads(images=True, captions=False, side=8)
+    rows = [Batch(torch.arange(k, k + n), torch.zeros(n, 0), reads,
+                  images=torch.randint(0, 255, (n, 3, 8, 8), dtype=torch.uint8)) for k, n in ((0, 4), (4, 4), (8, 3))]
 
     net = Net().eval()
-    plain = predict_scores(net, Loader(rows), torch.device("cpu"), progress=False, n_rows=11)
-    padded = predict_scores(net, Loader(rows), torch.device("cpu"), progress=False, n_rows=11, pad_to=4)
+    plain = predict_scores(net, rows, torch.device("cpu"), progress=False, n_rows=11)
+    padded = predict_scores(net, rows, torch.device("cpu"), progress=False, n_rows=11, pad_to=4)
     assert plain["ok"].all() and np.allclose(plain["probs"], padded["probs"], atol=1e-6)

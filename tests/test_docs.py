@@ -8,9 +8,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
-# The pages a user opens for one task; measurements.md (a log of figures) and gcp.md (a walk-through that
-# is read as one sequence of commands) are not split by task.
-TASK_PAGES = ["training.md", "ray-training.md", "sweeps.md", "prediction.md", "outputs.md", "speed.md", "flags.md"]
+# The pages a user opens for one task, and the measurements, one page per area; gcp.md (a walk-through that
+# is read as one sequence of commands) is not split.
+TASK_PAGES = ["training.md", "ray-training.md", "sweeps.md", "prediction.md", "outputs.md", "speed.md", "flags.md",
+              "measurements.md", "measurements-cpu.md", "measurements-accuracy.md", "measurements-store.md",
+              "measurements-serving.md"]
 PAGE_LIMIT = 10 * 1024
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 

@@ -19,8 +19,8 @@ from torchvision import transforms as T
 
 from mlc.train import engine
 from mlc.model import precision
-from mlc.data.datasets import Skipped
-from mlc.data.loader import Batch, RankBatches, collate
+from mlc.data.batch import Batch, Reads, Skipped
+from mlc.data.loader import RankBatches, resolve_loader_workers
 from mlc.io.images import decode_image
 from mlc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, to_model_input, train_transform
 
@@ -124,29 +124,32 @@ def _batches(n_steps=4, rows=4, classes=3, seed=0):
              (torch.rand(rows, classes, generator=g) < 0.4).float()) for _ in range(n_steps)]
 
 
-class ListLoader:
-    """A loader over prepared Batch objects, with RankBatches' global sizes."""
-
-    def __init__(self, batches, global_sizes):
-        self.batches = batches
-        self.batch_sampler = type("S", (), {"global_sizes": global_sizes})()
-
-    def __iter__(self):
-        return iter(self.batches)
+READS = Reads(images=True, captions=False, side=8)
 
 
-def _rank_batches(data, rank, world, bad_step=None, bad_rank=None):
+def _batch(x, y, rows, global_rows, skipped=()) -> Batch:
+    """The Batch of ``rows`` of one step's (x, y), as a source makes it."""
+    rows = list(rows)
+    return Batch(torch.tensor(rows, dtype=torch.long), y[rows] if rows else torch.zeros(0, y.shape[1]), READS,
+                 images=x[rows] if rows else None, names=[f"{i}.jpg" for i in rows], skipped=list(skipped),
+                 global_rows=global_rows)
+
+
+def _rank_batches(data, rank, world, bad_step=None, bad_rank=None) -> list:
+    """This rank's batches of ``data``'s steps (each step's rows dealt round robin); every row of its share of
+    step ``bad_step`` unreadable on rank ``bad_rank``."""
     out = []
     for k, (x, y) in enumerate(data):
         rows = list(range(len(x)))[rank::world]
-        items = []
-        for i in rows:
-            if k == bad_step and rank == bad_rank:
-                items.append(Skipped(i, f"img{k}_{i}.jpg", "corrupt image"))
-            else:
-                items.append((x[i], y[i], i))
-        out.append(collate(items))
-    return ListLoader(out, [len(x) for x, _ in data])
+        if k == bad_step and rank == bad_rank:
+            out.append(_batch(x, y, [], len(x), [Skipped(i, f"img{k}_{i}.jpg", "corrupt image") for i in rows]))
+        else:
+            out.append(_batch(x, y, rows, len(x)))
+    return out
+
+
+def _ctx(opt, world=1, **kw) -> engine.StepContext:
+    return engine.StepContext(opt, None, torch.device("cpu"), clip_grad=1.0, world=world, **kw)
 
 
 def _ddp_worker(rank, world, port, data, result):
@@ -161,8 +164,7 @@ def _ddp_worker(rank, world, port, data, result):
         # Every image of rank 1's share of step 2 is unreadable: rank 1 has nothing to learn from there.
         loader = _rank_batches(data, rank, world, bad_step=1, bad_rank=1)
         bad = []
-        stats = engine.train_one_epoch(ddp, loader, opt, None, torch.device("cpu"), epoch=1, clip_grad=1.0,
-                                       progress=False, world=world,
+        stats = engine.train_one_epoch(ddp, loader, _ctx(opt, world), epoch=1, progress=False,
                                        bad_images=type("B", (), {"add": lambda self, s: bad.extend(s)})())
         # A collective after the epoch: with a rank one step short this would pair with a gradient all-reduce.
         gathered = [None] * world
@@ -207,16 +209,15 @@ def test_a_rank_whose_batch_is_all_unreadable_still_steps_and_matches_one_proces
     opt = engine.make_optimizer(model.parameters(), "adamw", 0.05, device=torch.device("cpu"))
     one = _rank_batches(data, 0, 1)
     x, y = data[1]
-    one.batches[1] = collate([(x[i], y[i], i) for i in range(0, len(x), 2)])  # rank 0's rows of step 2 only
-    engine.train_one_epoch(model, one, opt, None, torch.device("cpu"), epoch=1, clip_grad=1.0, progress=False)
+    one[1] = _batch(x, y, range(0, len(x), 2), len(x))  # rank 0's rows of step 2 only, over the step's 4 rows
+    engine.train_one_epoch(model, one, _ctx(opt), epoch=1, progress=False)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, r0["weights"][k], atol=1e-5, rtol=1e-5)
 
 
 def _poisoned(data, step):
     out = _rank_batches(data, 0, 1)
-    b = out.batches[step]
-    out.batches[step] = Batch(b.x, b.y * float("nan"), b.index, [])  # a NaN loss at this step
+    out[step].targets = out[step].targets * float("nan")  # a NaN loss at this step
     return out
 
 
@@ -225,7 +226,7 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_stops_the_run_at_the_nex
     torch.manual_seed(0)
     model = Tiny()
     opt = engine.make_optimizer(model.parameters(), "adamw", 0.05, device=torch.device("cpu"))
-    assert engine._supports_found_inf(opt)
+    assert opt.defaults["fused"]  # the update is skipped on the device
     seen = []
 
     def counting_item(t):
@@ -233,9 +234,8 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_stops_the_run_at_the_nex
         return t.tolist()
     with mock.patch.object(torch.Tensor, "item", counting_item):
         with pytest.raises(engine.NonFiniteLossError, match=r"epoch 1 step 3") as e:
-            engine.train_one_epoch(model, _poisoned(data, 2), opt, None, torch.device("cpu"), epoch=1,
-                                   clip_grad=1.0, progress=False, log_every=4)
-    assert "[0, 1, 2, 3]" in str(e.value)  # names the batch
+            engine.train_one_epoch(model, _poisoned(data, 2), _ctx(opt), epoch=1, progress=False, log_every=4)
+    assert "['0.jpg', '1.jpg', '2.jpg', '3.jpg']" in str(e.value)  # names the batch
     assert len(seen) <= 2  # host reads at the log point only, not once per step
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert all(torch.isfinite(s["exp_avg"]).all() for s in opt.state.values())
@@ -245,7 +245,7 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_stops_the_run_at_the_nex
     ref = Tiny()
     ref_opt = engine.make_optimizer(ref.parameters(), "adamw", 0.05, device=torch.device("cpu"))
     clean = _rank_batches(data[:2] + data[3:4], 0, 1)
-    engine.train_one_epoch(ref, clean, ref_opt, None, torch.device("cpu"), epoch=1, clip_grad=1.0, progress=False)
+    engine.train_one_epoch(ref, clean, _ctx(ref_opt), epoch=1, progress=False)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, ref.state_dict()[k])
 
@@ -257,15 +257,15 @@ def test_fp16_loss_scaling_skips_overflowing_steps_without_stopping_but_stops_on
     opt = engine.make_optimizer(model.parameters(), "adamw", 0.05, device=torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)  # overflows fp16 gradients until it backs off
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    stats = engine.train_one_epoch(model, _rank_batches(data, 0, 1), opt, None, torch.device("cpu"), epoch=1,
-                                   amp_dtype=torch.float16, clip_grad=1.0, progress=False, scaler=scaler)
+    stats = engine.train_one_epoch(model, _rank_batches(data, 0, 1), _ctx(opt, amp_dtype=torch.float16, scaler=scaler),
+                                   epoch=1, progress=False)
     assert stats["train_steps"] == 12 and math.isfinite(stats["train_loss"])
     assert scaler.get_scale() < 2.0 ** 20  # the scaler skipped steps and backed off
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # later steps applied
     with pytest.raises(engine.NonFiniteLossError):
-        engine.train_one_epoch(model, _poisoned(data, 1), opt, None, torch.device("cpu"), epoch=2,
-                               amp_dtype=torch.float16, clip_grad=1.0, progress=False,
-                               scaler=torch.amp.GradScaler("cpu", init_scale=1.0))
+        engine.train_one_epoch(model, _poisoned(data, 1),
+                               _ctx(opt, amp_dtype=torch.float16, scaler=torch.amp.GradScaler("cpu", init_scale=1.0)),
+                               epoch=2, progress=False)
 
 
 @pytest.mark.parametrize("capability,expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
@@ -307,12 +307,12 @@ def test_auto_precision_on_cpu_is_measured_once_and_cached(tmp_path):
 
 def test_loader_workers_are_sized_where_the_process_runs():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert engine.resolve_loader_workers(None, 8, gpu) == 7   # one CPU feeds the GPU, the rest decode
-    assert engine.resolve_loader_workers(None, 1, gpu) == 1
-    assert engine.resolve_loader_workers(None, 2, cpu) == 0   # on 2 cores the model needs both of them
-    assert engine.resolve_loader_workers(None, 8, cpu) == 1
-    assert engine.resolve_loader_workers(None, 1, cpu) == 0
-    assert engine.resolve_loader_workers(3, 64, gpu) == 3     # an explicit setting wins
+    assert resolve_loader_workers(None, 8, gpu) == 7   # one CPU feeds the GPU, the rest decode
+    assert resolve_loader_workers(None, 1, gpu) == 1
+    assert resolve_loader_workers(None, 2, cpu) == 0   # on 2 cores the model needs both of them
+    assert resolve_loader_workers(None, 8, cpu) == 1
+    assert resolve_loader_workers(None, 1, cpu) == 0
+    assert resolve_loader_workers(3, 64, gpu) == 3     # an explicit setting wins
 
 
 def test_ray_actors_take_their_device_from_the_gpus_ray_assigned():

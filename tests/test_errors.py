@@ -99,7 +99,7 @@ def test_failures_inside_ray_wrappers_keep_their_kind():
     from ray.exceptions import RayTaskError
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from mlc.data.datasets import TooManyBadImages
+    from mlc.data.run_data import TooManyBadImages
     cause = TooManyBadImages("5 of 10 images are unreadable")
     wrapped = WorkerGroupError("rank 0 failed", {1: RuntimeError("collateral"), 0: RayTaskError("f", "tb", cause)})
     code, exc = errors.classify(wrapped)

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from mlc.io import storage
-from mlc.train import local as trainer
-from mlc.train.checkpoint import load_model_checkpoint, load_training_state, save_training_state
+from mlc.train import driver as trainer, loop
+from mlc.model.checkpoint import read_model, load_state, save_state
 from mlc.config import TrainConfig
-from mlc.data.datasets import ImageTable
+from mlc.data.sources import StreamTable
 from mlc.data.loader import make_loader
 from mlc.data.demo import make_demo_dataset
 from mlc.io.storage import AccessDenied, ObjectNotFound, StorageError
@@ -95,7 +95,7 @@ def test_a_403_on_an_image_stops_the_loader_naming_it_a_404_skips_it(gcs, tmp_pa
     gcs.upload(Path(root) / "data", gcs.url("img"))
     names = sorted(storage.listdir(gcs.url("img")))
     urls = [gcs.url(f"img/{n}") for n in names] + [gcs.url("img/not-there.jpg")]
-    ds = ImageTable(urls, None, train_transform(16), 50_000_000)
+    ds = StreamTable(urls, None, train_transform(16), 50_000_000)
     batches = list(make_loader(ds, 4, shuffle=False, num_workers=2))
     assert [s.name for b in batches for s in b.skipped] == [gcs.url("img/not-there.jpg")]
     gcs.proxy.add_fault(403, "GET", rf"o/img/{names[5]}", times=None)
@@ -125,7 +125,7 @@ def test_an_exception_mid_write_leaves_no_object_at_the_final_key(gcs):
     # serialising, after the 60 MB tensor): nothing may appear at the final key.
     ckpt = gcs.url("run/checkpoint")
     with pytest.raises(Exception, match="lambda|pickle|not plain data"):
-        save_training_state(ckpt, _state({"callback": lambda: 0}))
+        save_state(ckpt, _state({"callback": lambda: 0}))
     assert not storage.exists(storage.join(ckpt, "state.pt"))
     # writer(): the block raises after writing part of the content.
     with pytest.raises(RuntimeError):
@@ -135,12 +135,12 @@ def test_an_exception_mid_write_leaves_no_object_at_the_final_key(gcs):
     assert not storage.exists(gcs.url("run/predictions.csv"))
 
     # An upload that dies after its first 50 MB chunk: nothing at the key; an older object stays intact.
-    save_training_state(ckpt, _state({"epoch": 1}))
+    save_state(ckpt, _state({"epoch": 1}))
     gcs.proxy.add_fault(403, "POST", r"upload_id", times=None, after=1)
     with pytest.raises(AccessDenied, match=r"checkpoint/state\.pt"):
-        save_training_state(ckpt, _state({"epoch": 2}))
+        save_state(ckpt, _state({"epoch": 2}))
     gcs.proxy.clear_faults()
-    assert load_training_state(ckpt)["epoch"] == 1
+    assert load_state(ckpt)["epoch"] == 1
     with pytest.raises(AccessDenied):
         gcs.proxy.add_fault(403, "POST", r"upload_id", times=None, after=1)
         storage.write_bytes(gcs.url("run/new.bin"), b"x" * BIG)
@@ -168,15 +168,15 @@ def test_second_epoch_reads_nothing_from_the_bucket(gcs, tmp_path):
     local = Path(root) / "data"
     gcs.upload(local, gcs.url("img"))
     names = sorted(p.name for p in local.iterdir())
-    remote = ImageTable([gcs.url(f"img/{n}") for n in names], None, train_transform(16), 50_000_000)
-    here = ImageTable([str(local / n) for n in names], None, train_transform(16), 50_000_000)
+    remote = StreamTable([gcs.url(f"img/{n}") for n in names], None, train_transform(16), 50_000_000)
+    here = StreamTable([str(local / n) for n in names], None, train_transform(16), 50_000_000)
     gcs.proxy.log.clear()
     for epoch in (1, 2):
         got = {i: x for b in make_loader(remote, 5, shuffle=True, seed=1, epoch=epoch, num_workers=2)
-               for i, x in zip(b.index.tolist(), b.x)}
+               for i, x in zip(b.index.tolist(), b.images)}
         assert gcs.proxy.count("GET") == len(names)  # each image read once in epoch 1, and never again
         want = {i: x for b in make_loader(here, 5, shuffle=True, seed=1, epoch=epoch, num_workers=0)
-                for i, x in zip(b.index.tolist(), b.x)}
+                for i, x in zip(b.index.tolist(), b.images)}
         assert got.keys() == want.keys() and all(torch.equal(got[i], want[i]) for i in want)
     assert len(list((tmp_path / "byte-cache").rglob("*"))) >= len(names)
 
@@ -207,10 +207,10 @@ def test_a_run_with_data_and_outputs_in_the_bucket_survives_transient_faults(gcs
 
     metrics = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
     assert metrics["complete"] is True and [e["epoch"] for e in metrics["epochs"]] == [1]
-    state = load_training_state(storage.join(out, "checkpoint"))
+    state = load_state(storage.join(out, "checkpoint"))
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    model, vocab, meta = load_model_checkpoint(out)  # checks model.pt against meta.json's sha256
+    model, vocab, meta = read_model(out)  # checks model.pt against meta.json's sha256
     # The demo tables have captions: auto trained image+caption, its tokenizer saved in the bucket beside it.
     assert meta["config"]["inputs"] == "image+caption" and meta["tokenizer"]["vocab"]
     assert storage.exists(storage.join(out, "best", "tokenizer.json"))
@@ -273,14 +273,13 @@ def test_each_process_reads_its_next_batch_ahead(gcs, tmp_path, monkeypatch):
     batch is decoded; the rows are the same as without, and nothing is read twice."""
     import time
 
-    from mlc.data.loader import plan_batches
     monkeypatch.setenv("MLC_BYTE_CACHE", "off")
     root = make_demo_dataset(str(tmp_path / "demo"), n_train=12, n_test=0, image_size=32)
     local = Path(root) / "data"
     gcs.upload(local, gcs.url("img"))
     names = sorted(p.name for p in local.iterdir())
-    remote = ImageTable([gcs.url(f"img/{n}") for n in names], None, train_transform(16), 50_000_000)
-    here = ImageTable([str(local / n) for n in names], None, train_transform(16), 50_000_000)
+    remote = StreamTable([gcs.url(f"img/{n}") for n in names], None, train_transform(16), 50_000_000)
+    here = StreamTable([str(local / n) for n in names], None, train_transform(16), 50_000_000)
     for ds in (remote, here):
         ds.set_epoch(0, 1)
     gcs.proxy.log.clear()
@@ -293,18 +292,17 @@ def test_each_process_reads_its_next_batch_ahead(gcs, tmp_path, monkeypatch):
         return gcs.proxy.count("GET")
 
     remote.set_plan([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], num_workers=0)
-    first = remote.__getitems__([0, 1, 2, 3])
+    first = remote.batch([0, 1, 2, 3])
     assert gets_settle_at(8) == 8  # this batch, and the next one read ahead
-    second = remote.__getitems__([4, 5, 6, 7])  # served by the read-ahead; the third batch's reads start
+    second = remote.batch([4, 5, 6, 7])  # served by the read-ahead; the third batch's reads start
     assert gets_settle_at(12) == 12
-    assert all(torch.equal(a[0], here[i][0]) for a, i in zip(first + second, range(8)))
-    assert [r[2] for r in remote.__getitems__([1, 0])] == [1, 0]  # off the plan: read now, still right
+    assert torch.equal(torch.cat([first.images, second.images]), here.batch(list(range(8))).images)
+    assert remote.batch([1, 0]).index.tolist() == [1, 0]  # off the plan: read now, still right
 
     # Through a DataLoader with two workers: batches go round robin, each worker reads its next one ahead.
     loader = make_loader(remote, 3, shuffle=True, seed=0, epoch=2, num_workers=2)
-    plan_batches(remote, loader.sampler, 3, False, 2)
     gcs.proxy.log.clear()
-    got = {i: x for b in loader for i, x in zip(b.index.tolist(), b.x)}
+    got = {i: x for b in loader for i, x in zip(b.index.tolist(), b.images)}
     assert gcs.proxy.count("GET") == len(names)  # every image once: no read wasted on a wrong guess
     here.set_epoch(0, 2)
-    assert all(torch.equal(got[i], here[i][0]) for i in range(len(names)))
+    assert all(torch.equal(got[i], here.batch([i]).images[0]) for i in range(len(names)))

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from mlc.io import images
-from mlc.data.datasets import load_image
+from mlc.data.sources import load_image
 from mlc.io.images import BadImageError, decode_image, read_header
 
 

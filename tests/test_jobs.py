@@ -94,3 +94,24 @@ def test_the_flag_table_in_docs_matches_every_parser():
         flags = {a.option_strings[0] for a in module.get_args_parser()._actions
                  if a.option_strings and a.option_strings[0] != "-h"}
         assert flags == documented[job], (job, sorted(flags ^ documented[job]))
+
+
+def test_allowed_values_are_declared_once_and_read_by_validation_help_and_the_docs():
+    """A setting's allowed values live in its config field (metadata["choices"]): argparse refuses others,
+    the config refuses others, and docs/flags.md names each of them on the flag's row."""
+    from mlc.config import choices_of
+    text = (REPO / "docs" / "flags.md").read_text()
+    p = train_job.get_args_parser()
+    by_flag = {a.option_strings[0]: a for a in p._actions if a.option_strings}
+    for f in dataclasses.fields(TrainConfig):
+        allowed = f.metadata.get("choices")
+        if allowed is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        assert choices_of(TrainConfig, f.name) == allowed
+        if flag != "--compile":  # a switch with a value: its action checks the same tuple
+            assert tuple(by_flag[flag].choices) == allowed, flag
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{flag}` |"))
+        assert all(v in row for v in allowed), (flag, allowed, row)
+        with pytest.raises(ValueError, match=f"{flag} must be"):
+            TrainConfig(**{f.name: "nonsense"})

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from mlc.train.checkpoint import save_model
+from mlc.model.checkpoint import save_model
 from mlc.config import TrainConfig
 from mlc.data.labels import LabelVocab
 from mlc.eval.thresholds import ThresholdChoice
 from mlc.model.resnet import bare_state_dict, build_model
-from mlc.train.inference import predict_from_checkpoint
+from mlc.prediction.checkpoints import predict_from_checkpoint
 from mlc.data.table import read_table
 
 # Ray 2.60 reads RAY_AUTH_MODE once, when ray is first imported (conftest sets it too, before any test module).

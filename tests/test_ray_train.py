@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 import torch
 
-from mlc.train import local as trainer
-from mlc.train.checkpoint import load_model_checkpoint, load_training_state
+from mlc.train import driver as trainer, loop
+from mlc.model.checkpoint import read_model, load_state
 from mlc.config import ScaleConfig
 from ray_head import IsolatedError, isolated
 from test_trainer import REAL, cfg_for, make_dataset
@@ -43,7 +43,7 @@ def dataset(tmp_path_factory):
 
 
 def weights_of(url) -> dict:
-    return load_training_state(str(url))["model"]
+    return load_state(str(url))["model"]
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -122,8 +122,8 @@ def test_two_workers_match_one_process_with_the_same_global_batch(uninterrupted)
     control = l2_difference(ray_weights, weights_of(uninterrupted["control"] / "checkpoint"))
     assert gap < L2_VS_LOCAL and control > 20 * L2_VS_LOCAL, (gap, control)
     # Validation is gathered across ranks: the same images, the same metrics as one process.
-    ray_hist = load_training_state(str(run / "epoch_0002"))["history"]
-    local_hist = load_training_state(str(local / "checkpoint"))["history"]
+    ray_hist = load_state(str(run / "epoch_0002"))["history"]
+    local_hist = load_state(str(local / "checkpoint"))["history"]
     for a, b in zip(ray_hist, local_hist):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)  # the same steps on the same rows
         assert a["val_images"] == b["val_images"] == 9
@@ -148,7 +148,7 @@ def test_a_ray_run_writes_local_modes_outputs(uninterrupted):
     assert list(pred.columns) == ["ImageID", "Labels"] and len(pred) == 8
     # No wrapper prefixes: the weights load into plain torchvision.
     import torchvision
-    state, vocab, _ = load_model_checkpoint(str(run / "epoch_0001"))
+    state, vocab, _ = read_model(str(run / "epoch_0001"))
     torchvision.models.resnet50(num_classes=len(vocab)).load_state_dict(state)
 
 
@@ -167,8 +167,8 @@ def test_predict_and_local_mode_accept_a_ray_checkpoint(uninterrupted, dataset, 
     logs = []
     trainer.fit(cfg_for(dataset, copy, batch_size=8, **{**SPLIT_INVARIANT, "epochs": 3}), log=logs.append,
                 progress=False)
-    assert any("continuing at epoch 3" in line for line in logs), logs
-    assert [e["epoch"] for e in load_training_state(str(copy / "checkpoint"))["history"]] == [1, 2, 3]
+    assert any("training continues at epoch 3 of 3" in line for line in logs), logs
+    assert [e["epoch"] for e in load_state(str(copy / "checkpoint"))["history"]] == [1, 2, 3]
 
 
 def test_a_worker_fault_is_recovered_from_the_last_checkpoint_in_the_bucket(uninterrupted, dataset, tmp_path, ray_head,
@@ -192,7 +192,7 @@ def test_a_worker_fault_is_recovered_from_the_last_checkpoint_in_the_bucket(unin
     assert {"checkpoint_manager_snapshot.json", "epoch_0001", "epoch_0002", "best", "plots", "tensorboard"} <= names, names
     metrics = json.loads(storage.read_bytes(storage.join(run, "metrics.json")))
     assert metrics["complete"] is True and [e["epoch"] for e in metrics["epochs"]] == [1, 2]
-    state, vocab, meta = load_model_checkpoint(run)
+    state, vocab, meta = read_model(run)
     assert meta["epoch"] == metrics["best_epoch"] and len(vocab) > 0
     pred = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(run, "predictions.csv"))))
     assert len(pred) == 8 and list(pred.columns) == ["ImageID", "Labels"]
@@ -390,7 +390,7 @@ def test_an_elastic_run_that_loses_a_node_finishes_on_fewer_workers(dataset, tmp
     meta = json.loads((best / "meta.json").read_text())
     assert meta["config"]["inputs"] == "image+caption" and json.loads((best / "tokenizer.json").read_text())["vocab"]
     # The run's own test predictions (Ray Data actors) are those of the checkpoint alone, in this process.
-    from mlc.train.inference import predict_from_checkpoint
+    from mlc.prediction.checkpoints import predict_from_checkpoint
     predict_from_checkpoint(str(best), output=str(tmp_path / "again"), log=lambda *_: None, progress=False)
     here, there = (pd.read_csv(d / "probabilities.csv") for d in (tmp_path / "again", tmp_path / "nodes"))
     assert here.ImageID.tolist() == there.ImageID.tolist()

@@ -17,11 +17,11 @@ import pytest
 
 from mlc import errors
 from mlc.data.check import check_dataset, format_report
-from mlc.data.datasets import DataPaths, image_urls
+from mlc.data.run_data import DataPaths, image_urls
 from mlc.data.table import TableError
 from mlc.io import storage
 from mlc.io.lock import LOCK_NAME, OutputLock, OutputLocked, hold
-from mlc.train import local as trainer
+from mlc.train import driver as trainer, loop
 
 from test_trainer import REAL, cfg_for, make_dataset
 
@@ -162,7 +162,7 @@ def test_a_resume_that_fails_leaves_the_runs_config_as_it_was(finished, dataset,
 
     def broken(*a, **k):
         raise RuntimeError("the machine went away")
-    monkeypatch.setattr(trainer, "train_one_epoch", broken)
+    monkeypatch.setattr(loop, "train_one_epoch", broken)
     with pytest.raises(RuntimeError, match="went away"):
         trainer.fit(cfg_for(dataset, run, epochs=2), log=lambda *_: None, progress=False)
     assert (run / "config.json").read_bytes() == before["config.json"]

@@ -24,7 +24,7 @@ from mlc.config import TrainConfig
 from mlc.data.labels import LabelVocab
 from mlc.eval.thresholds import ThresholdChoice
 from mlc.model.resnet import bare_state_dict, build_model
-from mlc.train.checkpoint import save_model
+from mlc.model.checkpoint import save_model
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 REPO = Path(__file__).resolve().parents[1]
@@ -249,7 +249,7 @@ def test_an_exported_model_scores_real_images_as_mlc_does_without_mlc(model, tmp
 def test_export_refuses_a_caption_network(tmp_path):
     from mlc.errors import UsageError
     from mlc.model.fusion import build
-    from mlc.train.export import export
+    from mlc.prediction.export import export
     cfg = TrainConfig(data=str(tmp_path), output=str(tmp_path / "run"), weights="none", image_size=32,
                       inputs="caption", amp="off")
     net = build("caption", 2, num_tokens=10, weights="none", log=lambda *_: None)

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from mlc.io import fetch, storage
-from mlc.data.datasets import ImageTable, Skipped
-from mlc.data.loader import collate
+from mlc.data.sources import StreamTable
 from mlc.io.storage import AccessDenied, ObjectNotFound, StorageError
 from mlc.data.transforms import train_transform
 
@@ -131,45 +130,43 @@ def _images(tmp_path, n=10):
     return folder, names + ["corrupt.jpg", "missing.jpg"]
 
 
-def test_batched_rows_equal_single_rows(tmp_path):
-    """__getitems__ (what the DataLoader calls) gives exactly [ds[i] for i in batch]: the same per-row seeded
-    augmentation, the same Skipped rows naming the bad and the missing image."""
+def test_a_batch_of_rows_equals_its_rows_one_by_one(tmp_path):
+    """A batch (what the DataLoader asks a source for) holds exactly the rows read one at a time: the same
+    per-row seeded augmentation, the same skipped rows naming the bad and the missing image."""
     folder, names = _images(tmp_path)
-    ds = ImageTable([str(folder / n) for n in names], np.eye(len(names), dtype=np.float32)[:, :3],
-                    train_transform(24), 50_000_000)
+    ds = StreamTable([str(folder / n) for n in names], np.eye(len(names), dtype=np.float32)[:, :3],
+                     train_transform(24), 50_000_000)
     ds.set_epoch(seed=3, epoch=2)
     order = [11, 4, 10, 0, 7, 3]
     torch.manual_seed(123)
-    batched = ds.__getitems__(order)
+    batched = ds.batch(order)
     state = torch.get_rng_state()
     torch.manual_seed(123)
-    single = [ds[i] for i in order]
+    single = [ds.batch([i]) for i in order]
     assert torch.equal(state, torch.get_rng_state())  # the caller's generator is left alone in both paths
-    for a, b in zip(batched, single):
-        if isinstance(b, Skipped):
-            assert a == b
-        else:
-            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
-    skipped = {s.name: s.reason for s in batched if isinstance(s, Skipped)}
+    assert batched.index.tolist() == [i for i, b in zip(order, single) if len(b)] == [4, 0, 7, 3]
+    rows = [b for b in single if len(b)]
+    assert torch.equal(batched.images, torch.cat([b.images for b in rows]))
+    assert torch.equal(batched.targets, torch.cat([b.targets for b in rows]))
+    assert batched.skipped == [s for b in single for s in b.skipped]
+    skipped = {s.name: s.reason for s in batched.skipped}
     assert skipped[str(folder / "missing.jpg")] == "missing"
     assert "not an image" in skipped[str(folder / "corrupt.jpg")]
-    batch = collate(batched)
-    assert len(batch) == 4 and len(batch.skipped) == 2
+    assert batched.names == ["4.jpg", "0.jpg", "7.jpg", "3.jpg"]
     ds.set_plan([order[:3], order[3:]], num_workers=0)  # reading ahead changes nothing in the rows
-    planned = ds.__getitems__(order[:3]) + ds.__getitems__(order[3:])
-    assert all(type(a) is type(b) and (a == b if isinstance(b, Skipped) else torch.equal(a[0], b[0]))
-               for a, b in zip(planned, single))
+    planned = [ds.batch(order[:3]), ds.batch(order[3:])]
+    assert torch.equal(torch.cat([b.images for b in planned]), batched.images)
     ds.set_epoch(seed=3, epoch=3)
-    assert not torch.equal(ds.__getitems__([4])[0][0], batched[1][0])  # another epoch, another crop
+    assert not torch.equal(ds.batch([4]).images[0], batched.images[0])  # another epoch, another crop
 
 
 def test_loader_workers_use_the_batched_path(tmp_path):
     from mlc.data.loader import make_loader
     folder, names = _images(tmp_path, n=12)
-    ds = ImageTable([str(folder / n) for n in names[:12]], None, train_transform(16), 50_000_000)
+    ds = StreamTable([str(folder / n) for n in names[:12]], None, train_transform(16), 50_000_000)
     seen = [b for b in make_loader(ds, 4, shuffle=True, seed=0, epoch=1, num_workers=2)]
     assert sorted(i for b in seen for i in b.index.tolist()) == list(range(12))
     ds.set_epoch(0, 1)
     for b in seen:
-        for x, i in zip(b.x, b.index.tolist()):
-            assert torch.equal(x, ds[i][0])
+        for x, i in zip(b.images, b.index.tolist()):
+            assert torch.equal(x, ds.batch([i]).images[0])

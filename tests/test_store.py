@@ -16,10 +16,10 @@ import pytest
 import torch
 import torchvision.transforms as T
 
-from mlc.data import placement, store as st
+from mlc.data import store as st, store_choice
 from mlc.data.augment import fit_to_slot, geometry, random_boxes, slot_side
-from mlc.data.datasets import ImageTable
-from mlc.data.loader import ThreadLoader, make_loader
+from mlc.data.loader import make_loader
+from mlc.data.sources import StoredTable, StreamTable
 from mlc.data.transforms import (crop_batch, eval_transform, random_resized_crop_params, to_model_input,
                                  train_transform)
 from mlc.io import identity
@@ -138,7 +138,7 @@ def test_store_rows_write_read_and_edge_fill(roots):
 
 def _open_and_fill(urls, i, q):
     # Each process derives the key itself, as each Ray Train worker does: the same table, the same store.
-    s = placement.open_for_run(urls, 32, "memory", None, lambda *_: None)
+    s = store_choice.open_for_run(urls, 32, "memory", None, lambda *_: None)
     s.put(i, np.full((8, 8, 3), i, np.uint8), (8, 8))
     q.put(s.folder)
     time.sleep(1.0)  # everybody opens before anybody closes
@@ -154,7 +154,7 @@ def test_processes_racing_share_one_store_and_the_last_removes_it(roots, tmp_pat
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     ps = [ctx.Process(target=_open_and_fill, args=(urls, i, q)) for i in range(4)]
-    holder = placement.open_for_run(urls, 32, "memory", None, lambda *_: None)  # sees every process's rows
+    holder = store_choice.open_for_run(urls, 32, "memory", None, lambda *_: None)  # sees every process's rows
     for p in ps:
         p.start()
     folders = {q.get(timeout=60) for _ in ps}
@@ -209,27 +209,29 @@ def test_where_the_store_goes(roots, monkeypatch):
     mem, disk = roots
     n, side = 100, 96
     need = st.nbytes(n, side)
-    root, msg = placement.choose("auto", None, n, side, "k")
+    root, msg = store_choice.choose("auto", None, n, side, "k")
     assert root == str(mem) and "in memory" in msg
-    root, msg = placement.choose("auto", need / 2 / 2**30, n, side, "k")  # over the memory budget: local disk
+    root, msg = store_choice.choose("auto", need / 2 / 2**30, n, side, "k")  # over the memory budget: local disk
     assert root == str(disk) and "local disk" in msg and "memory budget" in msg
-    monkeypatch.setattr(placement, "free_bytes", lambda r: need)  # half the disk is not enough: stream
-    root, msg = placement.choose("auto", 0.0, n, side, "k")
+    monkeypatch.setattr(store_choice, "free_bytes", lambda r: need)  # half the disk is not enough: stream
+    root, msg = store_choice.choose("auto", 0.0, n, side, "k")
     assert root is None and "streaming" in msg and "--store-budget" in msg
     with pytest.raises(ValueError, match="--store memory"):
-        placement.choose("memory", 0.0, n, side, "k")
-    assert placement.choose("off", None, n, side, "k")[0] is None
+        store_choice.choose("memory", 0.0, n, side, "k")
+    assert store_choice.choose("off", None, n, side, "k")[0] is None
     s = st.open_store(str(disk), "k", n, side)  # already made by another process: used wherever it is
     try:
-        root, msg = placement.choose("auto", 0.0, n, side, "k")
+        root, msg = store_choice.choose("auto", 0.0, n, side, "k")
         assert root == str(disk) and "already using it" in msg
     finally:
         s.close()
 
 
-def _table(paths, transform, tmp_path):
+def _table(paths, transform, store=None):
     y = np.eye(3, dtype=np.float32)[np.arange(len(paths)) % 3]
-    return ImageTable([str(p) for p in paths], y, transform, 50_000_000)
+    if store is None:
+        return StreamTable([str(p) for p in paths], y, transform, 50_000_000)
+    return StoredTable([str(p) for p in paths], y, transform, 50_000_000, store, np.arange(len(paths)))
 
 
 def test_a_table_reads_the_same_rows_while_filling_and_from_the_store(roots, tmp_path):
@@ -237,50 +239,48 @@ def test_a_table_reads_the_same_rows_while_filling_and_from_the_store(roots, tmp
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"<html>not an image</html>")
     paths = paths + [bad]
-    tf = train_transform(64)
-    ds = _table(paths, tf, tmp_path)
-    store = placement.open_for_run([str(p) for p in paths], 64, "auto", None, lambda *_: None)
+    store = store_choice.open_for_run([str(p) for p in paths], 64, "auto", None, lambda *_: None)
     try:
-        ds.use_store(store, np.arange(len(paths)))
+        ds = _table(paths, train_transform(64), store)
         ds.set_epoch(0, 1)
-        first = ds.__getitems__(list(range(len(paths))))
+        first = ds.batch(list(range(len(paths))))
         assert store.count() == len(paths) and ds.to_decode() == 0
-        again = ds.__getitems__(list(range(len(paths))))
-        for a, b in zip(first[:-1], again[:-1]):
-            assert torch.equal(a[0], b[0]) and torch.equal(a[4], b[4]) and a[2] == b[2]
-        assert first[-1].name == again[-1].name == str(bad) and first[-1].reason == again[-1].reason
-        assert "HTML" in again[-1].reason or "html" in again[-1].reason.lower()
+        again = ds.batch(list(range(len(paths))))
+        assert torch.equal(first.images, again.images) and torch.equal(first.boxes, again.boxes)
+        assert first.index.tolist() == again.index.tolist() == list(range(24))
+        assert [s.name for s in first.skipped] == [s.name for s in again.skipped] == [str(bad)]
+        assert first.skipped[0].reason == again.skipped[0].reason and "html" in again.skipped[0].reason.lower()
         ds.set_epoch(0, 2)  # another epoch draws other crops from the same pixels
-        third = ds.__getitems__([0])
-        assert torch.equal(third[0][0], first[0][0]) and not torch.equal(third[0][4], first[0][4])
+        third = ds.batch([0])
+        assert torch.equal(third.images[0], first.images[0]) and not torch.equal(third.boxes[0], first.boxes[0])
         # A (nearly) complete store is read by a thread, not loader processes, and gives the DataLoader's
         # batches; a row the first epoch left out (here: forgotten) is decoded by that thread.
         store.state[3] = st.EMPTY
         loader = make_loader(ds, 8, shuffle=True, seed=0, epoch=3, num_workers=2)
-        assert isinstance(loader, ThreadLoader)
+        assert loader.threaded
         by_thread = list(loader)
         assert store.state[3] == st.STORED
-        ds.store = None  # compare with the same rows read through a DataLoader of the store's dataset
-        ds.use_store(store, np.arange(len(paths)))
         ds.to_decode = lambda: len(paths)  # as if nothing were stored: the DataLoader's worker processes
-        by_workers = list(make_loader(ds, 8, shuffle=True, seed=0, epoch=3, num_workers=2))
+        workers = make_loader(ds, 8, shuffle=True, seed=0, epoch=3, num_workers=2)
+        assert not workers.threaded
+        by_workers = list(workers)
         assert len(by_thread) == len(by_workers) == 4  # 25 rows in batches of 8
         for a, b in zip(by_thread, by_workers):
-            assert torch.equal(a.x, b.x) and torch.equal(a.geometry, b.geometry) and torch.equal(a.index, b.index)
+            assert torch.equal(a.images, b.images) and torch.equal(a.boxes, b.boxes) and torch.equal(a.index, b.index)
             assert [s.name for s in a.skipped] == [s.name for s in b.skipped]
+            assert a.global_rows == b.global_rows == len(a) + len(a.skipped)
     finally:
         store.close()
 
 
 def test_loader_processes_fill_the_shared_store(roots):
     paths = _real(12)
-    ds = _table(paths, eval_transform(64), None)
-    store = placement.open_for_run([str(p) for p in paths], 64, "auto", None, lambda *_: None)
+    store = store_choice.open_for_run([str(p) for p in paths], 64, "auto", None, lambda *_: None)
     try:
-        ds.use_store(store, np.arange(len(paths)))
+        ds = _table(paths, eval_transform(64), store)
         batches = list(make_loader(ds, 4, shuffle=False, num_workers=2))
         assert sum(len(b) for b in batches) == 12 and store.count() == 12  # written by the worker processes
-        x = crop_batch(batches[0].x, batches[0].geometry, torch.device("cpu"))
+        x = crop_batch(batches[0].images, batches[0].boxes, torch.device("cpu"))
         assert x.shape == (4, 3, 64, 64) and torch.isfinite(x).all()
     finally:
         store.close()
@@ -301,19 +301,17 @@ def test_device_crops_on_cuda_equal_the_cpu_crops():
 def test_training_from_the_store_on_cuda_is_finite_and_matches_the_cpu_inputs(roots):
     """The GPU path end to end: pinned slots copied without blocking, cut on the device while the previous
     step still runs; every batch's device input equals the CPU's crop of the same rows."""
-    from mlc.data.loader import batch_to_device
     paths = _real(48)
-    ds = _table(paths, train_transform(64), None)
-    store = placement.open_for_run([str(p) for p in paths], 64, "auto", None, lambda *_: None)
+    store = store_choice.open_for_run([str(p) for p in paths], 64, "auto", None, lambda *_: None)
     try:
-        ds.use_store(store, np.arange(len(paths)))
+        ds = _table(paths, train_transform(64), store)
         list(make_loader(ds, 16, shuffle=True, seed=0, epoch=1, num_workers=2, pin_memory=True))  # fill
         cuda, cpu = torch.device("cuda"), torch.device("cpu")
         busy = torch.randn(4096, 4096, device=cuda)
         for batch in make_loader(ds, 16, shuffle=True, seed=0, epoch=2, pin_memory=True):
             busy = busy @ busy / 4096  # queued work on the stream while the batch arrives
-            (x,), _, index, _ = batch_to_device(batch, cuda)
-            (ref,), _, _, _ = batch_to_device(batch, cpu)
+            (x,) = batch.inputs(cuda)
+            (ref,) = batch.inputs(cpu)
             assert torch.isfinite(x).all() and torch.allclose(x.cpu(), ref, atol=1e-3)
     finally:
         store.close()
@@ -326,23 +324,22 @@ def test_each_rows_input_is_the_same_at_any_world_size_and_rank(roots, tmp_path)
     import sys
     sys.path.insert(0, str(Path(__file__).parent))
     from test_trainer import cfg_for, make_dataset
-    from mlc.data.loader import batch_to_device
-    from mlc.train.feed import prepare_data, run_tables
+    from mlc.data.run_data import open_sources, prepare_data
     cfg = cfg_for(make_dataset(tmp_path / "ds"), tmp_path / "out", batch_size=8)
     data = prepare_data(cfg, lambda *_: None)
 
     def rows(world):
-        tr, _, store = run_tables(cfg, data, True, log=lambda *_: None)
+        tr, _, store = open_sources(cfg, data, log=lambda *_: None)
         out, kinds = {}, []
         try:
             for epoch in (1, 2):
                 for rank in range(world):
                     loader = make_loader(tr, 8, shuffle=True, seed=0, epoch=epoch, drop_last=True, rank=rank,
                                          world=world)
-                    kinds.append(type(loader).__name__)
+                    kinds.append("thread" if loader.threaded else "processes")
                     for b in loader:
-                        (x,), y, index, _ = batch_to_device(b, torch.device("cpu"))
-                        out.update({(epoch, i): (x[k], y[k]) for k, i in enumerate(index.tolist())})
+                        (x,), y = b.inputs(torch.device("cpu")), b.targets
+                        out.update({(epoch, i): (x[k], y[k]) for k, i in enumerate(b.index.tolist())})
         finally:
             store.close()
         return out, kinds
@@ -350,4 +347,4 @@ def test_each_rows_input_is_the_same_at_any_world_size_and_rank(roots, tmp_path)
     two, kinds2 = rows(2)
     assert one.keys() == two.keys() and len(one) == 48
     assert all(torch.equal(one[k][0], two[k][0]) and torch.equal(one[k][1], two[k][1]) for k in one)
-    assert kinds1 == ["DataLoader", "ThreadLoader"] and kinds2 == ["DataLoader"] * 2 + ["ThreadLoader"] * 2
+    assert kinds1 == ["processes", "thread"] and kinds2 == ["processes"] * 2 + ["thread"] * 2

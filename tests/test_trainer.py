@@ -13,10 +13,11 @@ import torch
 import torchvision
 from PIL import Image
 
-from mlc.train import engine, local as trainer
-from mlc.train.checkpoint import load_training_state
+from mlc.train import driver as trainer, engine, loop
+from mlc.model.checkpoint import load_state
 from mlc.config import TrainConfig
-from mlc.data.datasets import TooManyBadImages
+from mlc.model.checkpoint import ConfigMismatch
+from mlc.data.run_data import TooManyBadImages
 from mlc.data.table import read_table
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "comp5329"
@@ -130,20 +131,20 @@ def test_interrupted_run_resumes_at_the_next_epoch_and_matches_an_uninterrupted_
         return real_epoch(*a, **k)
 
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(trainer, "train_one_epoch", crash_on_epoch_3)
+    monkeypatch.setattr(loop, "train_one_epoch", crash_on_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit(cfg_for(dataset, resumed, epochs=3), log=lambda *_: None, progress=False)
-    assert load_training_state(str(resumed / "checkpoint"))["epoch"] == 2
+    assert load_state(str(resumed / "checkpoint"))["epoch"] == 2
     assert not (resumed / "predictions.csv").exists()
     assert json.loads((resumed / "metrics.json").read_text())["complete"] is False
 
-    monkeypatch.setattr(trainer, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(loop, "train_one_epoch", real_epoch)
     logs = []
     trainer.fit(cfg_for(dataset, resumed, epochs=3), log=logs.append, progress=False)
-    assert any("continuing at epoch 3" in line for line in logs), logs
+    assert any("training continues at epoch 3 of 3" in line for line in logs), logs
 
-    a = load_training_state(str(straight / "checkpoint"))
-    b = load_training_state(str(resumed / "checkpoint"))
+    a = load_state(str(straight / "checkpoint"))
+    b = load_state(str(resumed / "checkpoint"))
     assert [e["epoch"] for e in b["history"]] == [1, 2, 3]
     for k in a["model"]:
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
@@ -157,12 +158,12 @@ def test_interrupted_run_resumes_at_the_next_epoch_and_matches_an_uninterrupted_
 def test_resume_refuses_changed_settings_and_fresh_starts_over(dataset, tmp_path):
     out = tmp_path / "run"
     trainer.fit(cfg_for(dataset, out, epochs=1), log=lambda *_: None, progress=False)
-    with pytest.raises(trainer.ConfigMismatch, match="lr"):
+    with pytest.raises(ConfigMismatch, match="lr"):
         trainer.fit(cfg_for(dataset, out, epochs=1, lr=0.05), log=lambda *_: None, progress=False)
     logs = []
     trainer.fit(cfg_for(dataset, out, epochs=1, lr=0.05), fresh=True, log=logs.append, progress=False)
     assert not any("resuming" in line for line in logs)
-    assert load_training_state(str(out / "checkpoint"))["config"]["lr"] == 0.05
+    assert load_state(str(out / "checkpoint"))["config"]["lr"] == 0.05
 
 
 def _bad_image_dataset(root: Path) -> dict:
@@ -206,19 +207,19 @@ def test_bad_images_are_skipped_named_counted_and_limited(tmp_path):
 
 @pytest.mark.parametrize("store", ["off", "auto"])
 def test_non_finite_loss_stops_without_a_checkpoint(dataset, tmp_path, monkeypatch, store):
-    import mlc.data.loader as loader
-    import mlc.train.feed as feed
+    import mlc.data.batch as batch
+    import mlc.data.run_data as run_data
     if store == "off":  # NaN images from the CPU transform
-        real = feed.train_transform
+        real = run_data.train_transform
 
         def poisoned(size):
             t = real(size)
             t.pipeline = (lambda f: lambda img: f(img) * float("nan"))(t.pipeline)
             return t
-        monkeypatch.setattr(feed, "train_transform", poisoned)
+        monkeypatch.setattr(run_data, "train_transform", poisoned)
     else:  # NaN images from the device crop of stored slots
-        real_crop = loader.crop_batch
-        monkeypatch.setattr(loader, "crop_batch", lambda *a, **k: real_crop(*a, **k) * float("nan"))
+        real_crop = batch.crop_batch
+        monkeypatch.setattr(batch, "crop_batch", lambda *a, **k: real_crop(*a, **k) * float("nan"))
     out = tmp_path / "run"
     with pytest.raises(engine.NonFiniteLossError, match="epoch 1"):
         trainer.fit(cfg_for(dataset, out, store=store), log=lambda *_: None, progress=False)
@@ -229,7 +230,7 @@ def test_non_finite_loss_stops_without_a_checkpoint(dataset, tmp_path, monkeypat
 def test_the_image_store_is_chosen_said_and_removed(dataset, tmp_path, monkeypatch):
     """--store auto: in memory when it fits the budget, on local disk when it does not, streaming when neither
     holds it; the log says which and why, and no store is left behind after the run."""
-    from mlc.data import placement
+    from mlc.data import store_choice
     mem, disk = tmp_path / "store-mem", tmp_path / "store-disk"
     monkeypatch.setenv("MLC_STORE_MEMORY_DIR", str(mem))
     monkeypatch.setenv("MLC_STORE_DIR", str(disk))
@@ -240,7 +241,7 @@ def test_the_image_store_is_chosen_said_and_removed(dataset, tmp_path, monkeypat
         said[name] = [line for line in logs if line.startswith("image store:")]
     assert len(said["memory"]) == 1 and "in memory" in said["memory"][0] and "first epoch only" in said["memory"][0]
     assert "on local disk" in said["disk"][0] and "memory budget 0 MiB" in said["disk"][0]
-    monkeypatch.setattr(placement, "free_bytes", lambda root: 0)
+    monkeypatch.setattr(store_choice, "free_bytes", lambda root: 0)
     logs = []
     trainer.fit(cfg_for(dataset, tmp_path / "stream", epochs=1, store_budget=0.0), log=logs.append, progress=False)
     assert any("do not fit" in line and "streaming" in line for line in logs)

@@ -34,8 +34,8 @@ def coco_like(tmp_path_factory) -> Path:
 
 
 def test_a_table_with_unlabelled_images_trains_on_them_and_predicts(coco_like, tmp_path):
-    from mlc.train.local import fit
-    from mlc.train.feed import prepare_data
+    from mlc.train.driver import fit
+    from mlc.data.run_data import prepare_data
     cfg = TrainConfig(data=str(coco_like), output=str(tmp_path / "run"), weights="none", image_size=32, epochs=2,
                       batch_size=8, unfrozen_depth=4, dropout=0.0, val_fraction=0.25, amp="off", inputs="image",
                       loader_workers=0, store="off")

@@ -1,4 +1,5 @@
-"""Speed, measured side by side in one run (jobs/bench.py): the model alone (:mod:`model`), the whole input
-pipeline against the 2020 report's (:mod:`e2e`), and the GPU check (:mod:`gpu`).
+"""Measured side by side in one run: the model alone (:mod:`model`), the whole input pipeline against the 2020
+report's (:mod:`e2e`), the GPU check (:mod:`gpu`) for jobs/bench.py, and what each ``--inputs`` scores on one
+split beside a linear caption baseline (:mod:`inputs`, for jobs/compare_inputs.py).
 
-May import: io, data, model, train and the top level; not distributed (jobs/bench.py brings Ray itself)."""
+May import: everything below it but distributed (jobs/bench.py brings Ray itself), and the top level."""

@@ -111,7 +111,8 @@ class Bench:
     """The three pipelines over ``paths``; ``pass_(name, kind)`` runs one timed pass."""
 
     def __init__(self, paths, *, batch_size: int = 16, image_size: int = 224, num_classes: int = 18, log=print):
-        from mlc.train.engine import make_optimizer, resolve_loader_workers
+        from mlc.data.loader import resolve_loader_workers
+        from mlc.train.engine import StepContext, make_optimizer
         from mlc.model.resnet import build_model, trainable_parameter_groups
         from mlc.model.precision import NAMES, pick_amp_dtype
         from mlc.model.device import available_cpus
@@ -127,6 +128,7 @@ class Bench:
         torch.manual_seed(0)
         self.new = build_model(num_classes, 1, dropout=0.0, weights="none").to(memory_format=torch.channels_last)
         self.new_opt = make_optimizer(trainable_parameter_groups(self.new, 0.01), "adamw", 1e-4, device=self.device)
+        self.steps = StepContext(self.new_opt, None, self.device, self.amp["train"], clip_grad=1.0)
         self.y = (np.random.default_rng(0).random((len(self.paths), num_classes)) < 0.15).astype(np.float32)
 
     # -- the 2020 pipeline
@@ -159,20 +161,19 @@ class Bench:
 
     # -- mlc's pipeline
     def _new_loader(self, train: bool):
-        from mlc.data.datasets import ImageTable
         from mlc.data.loader import make_loader
+        from mlc.data.sources import StreamTable
         from mlc.data.transforms import eval_transform, train_transform
         tf = train_transform(self.image_size) if train else eval_transform(self.image_size)
-        ds = ImageTable(self.paths, self.y if train else None, tf, 50_000_000)
-        return make_loader(ds, self.batch_size, shuffle=train, seed=0, epoch=1, num_workers=self.workers,
+        source = StreamTable(self.paths, self.y if train else None, tf, 50_000_000)
+        return make_loader(source, self.batch_size, shuffle=train, seed=0, epoch=1, num_workers=self.workers,
                            drop_last=train)
 
     def new_train(self):
         from mlc.train.engine import train_one_epoch
         loader = self._new_loader(True)
         counted = TimedAfterFirst(loader)
-        train_one_epoch(self.new, counted, self.new_opt, None, self.device, epoch=1, amp_dtype=self.amp["train"],
-                        clip_grad=1.0, progress=False)
+        train_one_epoch(self.new, counted, self.steps, epoch=1, progress=False)
         return counted.result()
 
     def new_train_stored(self):
@@ -180,27 +181,26 @@ class Bench:
         untimed, at the first call)."""
         from mlc.data.loader import make_loader
         from mlc.train.engine import train_one_epoch
-        ds = self._stored_table()
-        loader = make_loader(ds, self.batch_size, shuffle=True, seed=0, epoch=2, num_workers=self.workers,
+        source = self._stored_table()
+        loader = make_loader(source, self.batch_size, shuffle=True, seed=0, epoch=2, num_workers=self.workers,
                              drop_last=True)
         counted = TimedAfterFirst(loader)
-        train_one_epoch(self.new, counted, self.new_opt, None, self.device, epoch=2, amp_dtype=self.amp["train"],
-                        clip_grad=1.0, progress=False)
+        train_one_epoch(self.new, counted, self.steps, epoch=2, progress=False)
         return counted.result()
 
     def _stored_table(self):
-        from mlc.data.datasets import ImageTable
-        from mlc.data.placement import open_for_run
+        from mlc.data.sources import StoredTable
+        from mlc.data.store_choice import open_for_run
         from mlc.data.transforms import train_transform
         if getattr(self, "_stored", None) is None:
-            ds = ImageTable(self.paths, self.y, train_transform(self.image_size), 50_000_000)
             self.store = open_for_run(self.paths, self.image_size, "auto", None, log=lambda *_: None)
             if self.store is None:
                 raise RuntimeError("no room for the image store on this machine")
-            ds.use_store(self.store, np.arange(len(self.paths)))
+            source = StoredTable(self.paths, self.y, train_transform(self.image_size), 50_000_000, self.store,
+                                 np.arange(len(self.paths)))
             for k in range(0, len(self.paths), 64):
-                ds.__getitems__(list(range(k, min(k + 64, len(self.paths)))))
-            self._stored = ds
+                source.batch(list(range(k, min(k + 64, len(self.paths)))))
+            self._stored = source
         return self._stored
 
     def close(self) -> None:
@@ -209,9 +209,10 @@ class Bench:
             self.store = None
 
     def new_predict(self):
-        from mlc.train.engine import predict_scores
+        from mlc.prediction.scores import predict_scores
         counted = TimedAfterFirst(self._new_loader(False))
-        predict_scores(self.scorer(), counted, self.device, amp_dtype=self.amp["predict"], progress=False)
+        predict_scores(self.scorer(), counted, self.device, n_rows=len(self.paths), amp_dtype=self.amp["predict"],
+                       progress=False)
         return counted.result()
 
     def scorer(self):
@@ -258,8 +259,10 @@ class TimedAfterFirst:
     the device (CUDA) before the clock starts."""
 
     def __init__(self, loader, sync=None):
-        self.loader, self.dataset, self.batch_sampler = loader, loader.dataset, loader.batch_sampler
-        self.n, self.t0, self.sync = 0, None, sync
+        self.loader, self.n, self.t0, self.sync = loader, 0, None, sync
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
     def __iter__(self):
         for k, b in enumerate(self.loader):

@@ -7,8 +7,8 @@ It measures, on the first CUDA device, in one process:
 2. model-only prediction img/s, eager and compiled;
 3. end to end with real JPEGs at depths 1 and 4: mlc's loader decoding on the CPU every epoch (its default
    loader workers for this machine), reading the decode-once store (a warm epoch; and the first epoch, which
-   fills it, as a multiple of a warm one), and ``--gpu-decode`` (nvJPEG); prediction end to end; each as a
-   share of the model alone at the same depth.
+   fills it, as a multiple of a warm one); prediction end to end; each as a share of the model alone at the
+   same depth.
 
 A failed row (a non-finite loss above all) is reported in the table, and then the check fails.
 
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from mlc.bench.e2e import TimedAfterFirst
-from mlc.train.engine import make_optimizer, resolve_loader_workers
+from mlc.data.loader import resolve_loader_workers
+from mlc.train.engine import StepContext, make_optimizer
 from mlc.model.resnet import build_model, trainable_parameter_groups
 from mlc.model.precision import NAMES, model_step, pick_amp_dtype
 
@@ -66,43 +67,46 @@ def model_only(device, *, depth: int, kind: str, compiled: bool, batch: int, siz
     return {"img_s": steps * batch / seconds, "warmup_s": warm}
 
 
-def _table(paths, size, kind, gpu_decode=False):
-    from mlc.data.datasets import ImageTable
+def _source(paths, size, kind, store):
+    from mlc.data.sources import StoredTable, StreamTable
     from mlc.data.transforms import eval_transform, train_transform
     y = (np.random.default_rng(0).random((len(paths), 18)) < 0.15).astype(np.float32)
     tf = train_transform(size) if kind == "train" else eval_transform(size)
-    return ImageTable(paths, y, tf, 50_000_000, gpu_decode=gpu_decode)
+    if store is None:
+        return StreamTable(paths, y, tf, 50_000_000)
+    return StoredTable(paths, y, tf, 50_000_000, store, np.arange(len(paths)))
 
 
 def end_to_end(device, paths, *, depth: int, source: str, batch: int, size: int, amp, workers: int,
                kind: str = "train") -> dict:
-    """Steps fed by mlc's own loader over ``paths``: ``source`` stream (decoded on the CPU every epoch), gpu
-    (``--gpu-decode``) or store (the decode-once store: a first epoch that fills it, timed whole, then a warm
-    epoch). img/s leaves the first batch of the measured pass out. A non-finite loss raises."""
+    """Steps fed by mlc's own loader over ``paths``: ``source`` stream (decoded on the CPU every epoch) or store
+    (the decode-once store: a first epoch that fills it, timed whole, then a warm epoch). img/s leaves the first
+    batch of the measured pass out. A non-finite loss raises."""
     from mlc.data.loader import make_loader
-    from mlc.data.placement import open_for_run
+    from mlc.data.store_choice import open_for_run
     from mlc.model.resnet import fold_batchnorm
-    from mlc.train.engine import predict_scores, train_one_epoch
+    from mlc.prediction.scores import predict_scores
+    from mlc.train.engine import train_one_epoch
     _, bare, opt = _model(depth, device, False)
-    ds = _table(paths, size, kind, gpu_decode=source == "gpu")
     store = None
     if source == "store":
         store = open_for_run(paths, size, "auto", None, log=lambda *_: None)
         if store is None:
             raise RuntimeError("no room for the image store on this node")
-        ds.use_store(store, np.arange(len(paths)))
+    rows = _source(paths, size, kind, store)
     pin = device.type == "cuda"
+    steps = StepContext(opt, None, device, amp, clip_grad=1.0)
 
     def one_pass(epoch, timed: bool):
-        loader = make_loader(ds, batch, shuffle=kind == "train", seed=0, epoch=epoch, num_workers=workers,
+        loader = make_loader(rows, batch, shuffle=kind == "train", seed=0, epoch=epoch, num_workers=workers,
                              pin_memory=pin, drop_last=kind == "train")
         loader = TimedAfterFirst(loader, sync=lambda: _sync(device)) if timed else loader
         t = time.perf_counter()
         if kind == "train":
-            train_one_epoch(bare, loader, opt, None, device, epoch=epoch, amp_dtype=amp, clip_grad=1.0,
-                            progress=False)
+            train_one_epoch(bare, loader, steps, epoch=epoch, progress=False)
         else:
-            predict_scores(fold_batchnorm(bare, amp), loader, device, amp_dtype=amp, progress=False)
+            predict_scores(fold_batchnorm(bare, amp), loader, device, n_rows=len(paths), amp_dtype=amp,
+                           progress=False)
         _sync(device)
         return loader, time.perf_counter() - t
 
@@ -127,8 +131,7 @@ def _plan(depths) -> list:
     for d in depths:
         plan += [(f"depth {d}: model alone", "model", dict(depth=d, kind="train", compiled=False)),
                  (f"depth {d}: end to end, CPU decode", "e2e", dict(depth=d, source="stream")),
-                 (f"depth {d}: end to end, store", "e2e", dict(depth=d, source="store")),
-                 (f"depth {d}: end to end, --gpu-decode", "e2e", dict(depth=d, source="gpu"))]
+                 (f"depth {d}: end to end, store", "e2e", dict(depth=d, source="store"))]
     plan += [("predict: model alone", "model", dict(depth=1, kind="predict", compiled=False)),
              ("predict: end to end, CPU decode", "e2e", dict(depth=1, source="stream", kind="predict"))]
     plan += [(f"depth {d}: model alone, compiled", "model", dict(depth=d, kind="train", compiled=True))

@@ -57,16 +57,15 @@ def _loader_pass(urls: list, *, image_size: int, batch_size: int, workers: int, 
     """One epoch of the training loader over ``urls`` (decode + augment, no model): images and seconds."""
     import numpy as np
 
-    from mlc.data.datasets import ImageTable
-
-    from mlc.data.loader import make_loader, plan_batches
+    from mlc.data.loader import make_loader
+    from mlc.data.sources import StreamTable
     from mlc.data.transforms import train_transform
-    ds = ImageTable(urls, np.zeros((len(urls), 1), dtype=np.float32), train_transform(image_size), 50_000_000)
+    source = StreamTable(urls, np.zeros((len(urls), 1), dtype=np.float32), train_transform(image_size), 50_000_000)
     t = time.perf_counter()
     n = skipped = 0
-    loader = make_loader(ds, batch_size, shuffle=True, seed=0, epoch=epoch, num_workers=workers)
-    if read_ahead and getattr(ds, "_plan", None) is None:  # make_loader may already have done it
-        plan_batches(ds, loader.sampler, batch_size, loader.drop_last, workers)
+    loader = make_loader(source, batch_size, shuffle=True, seed=0, epoch=epoch, num_workers=workers)
+    if not read_ahead:
+        source.set_plan([], workers)  # the loader planned its batches: forget them, so nothing is read ahead
     for batch in loader:
         n += len(batch)
         skipped += len(batch.skipped)

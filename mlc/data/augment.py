@@ -89,7 +89,7 @@ def eval_boxes(height: np.ndarray, width: np.ndarray, size: int) -> tuple:
 def geometry(transform, meta, seeds) -> np.ndarray:
     """``[x1, y1, x2, y2, flip, size]`` per stored row (n, 6): its crop box on the stored pixels, whether it flips,
     and the output side. ``meta`` is the store's (stored h, stored w, original h, original w) per row; ``seeds``
-    each row's augmentation seed (as :class:`mlc.data.datasets.ImageTable` seeds the CPU path), or None: drawn
+    each row's augmentation seed (as :class:`mlc.data.sources.RowSource` seeds the CPU path), or None: drawn
     from torch's generator."""
     meta = np.asarray(meta, dtype=np.float64).reshape(-1, 4)
     hs, ws, h0, w0 = meta.T

@@ -7,7 +7,7 @@ from collections import Counter
 
 from mlc import logs
 from mlc.io import storage
-from mlc.data.datasets import DataPaths
+from mlc.data.run_data import DataPaths
 from mlc.io.images import BadImageError, read_header
 from mlc.data.labels import LabelVocab
 from mlc.data.table import TableError, read_table, unlabelled_rows

@@ -88,6 +88,18 @@ class ImageStore:
         s = self.state if rows is None else self.state[rows]
         return int(np.count_nonzero(s))
 
+    def empty(self, slots) -> np.ndarray:
+        """Whether each of ``slots`` is still to be decoded."""
+        return self.state[slots] == EMPTY
+
+    def unreadable(self, slots) -> np.ndarray:
+        """Whether each of ``slots`` is an image that could not be decoded (:meth:`reason` says why)."""
+        return self.state[slots] == BAD
+
+    def sizes(self, slots) -> np.ndarray:
+        """(stored h, stored w, original h, original w) of each of ``slots``."""
+        return self.meta[slots]
+
     def copy_rows(self, slots, out: np.ndarray) -> None:
         """Copy the slots ``slots`` into ``out`` (len(slots), side, side, 3), several threads at once: numpy
         releases the GIL while it copies, and one thread cannot use a node's memory bandwidth."""

@@ -225,31 +225,35 @@ def read_table(url: str, *, require: tuple[str, ...] | None = None, labelled: bo
     missing = [c for c in (require or ()) if c not in header]
     if missing:
         raise TableError(url, 1, f"header {','.join(header)} lacks required column(s) {', '.join(missing)}")
-    ncols = len(header)
-
     rfc = _parse_rfc(text)
     if rfc is not None:
-        records = []
-        for line, row in rfc[1:]:
-            if not row:
-                continue
-            if trailing_empty and len(row) > ncols and not row[-1]:
-                row = row[:-1]
-            if len(row) > ncols and header[-1] == "Caption":
-                # An unquoted caption holding a comma (spreadsheets write these): the text belongs together.
-                row = row[:ncols - 1] + [",".join(row[ncols - 1:])]
-            if len(row) != ncols:
-                raise TableError(url, line, f"expected {ncols} fields ({','.join(header)}), found {len(row)}")
-            records.append((line, row))
+        records = _rfc_records(url, header, rfc, trailing_empty)
     else:
         body = header_end + (2 if text.startswith("\r\n", header_end) else 1)
-        records = _parse_comp5329(url, text, ncols, body)
+        records = _parse_comp5329(url, text, len(header), body)
 
     df = _to_frame(url, header, records, require_labels)
     if trains and not any(len(labs) for labs in df.Labels):
         raise TableError(url, None, f"every one of its {len(df)} rows has an empty Labels field: there is nothing to "
                          "learn; label at least some images (an empty field is an image with none of the labels)")
     return df
+
+
+def _rfc_records(url: str, header: list[str], rfc: list, trailing_empty: bool) -> list:
+    """The records of a valid RFC 4180 text, each checked against the header."""
+    ncols, records = len(header), []
+    for line, row in rfc[1:]:
+        if not row:
+            continue
+        if trailing_empty and len(row) > ncols and not row[-1]:
+            row = row[:-1]
+        if len(row) > ncols and header[-1] == "Caption":
+            # An unquoted caption holding a comma (spreadsheets write these): the text belongs together.
+            row = row[:ncols - 1] + [",".join(row[ncols - 1:])]
+        if len(row) != ncols:
+            raise TableError(url, line, f"expected {ncols} fields ({','.join(header)}), found {len(row)}")
+        records.append((line, row))
+    return records
 
 
 def _to_frame(url: str, header: list[str], records: list, require_labels: bool = False) -> pd.DataFrame:

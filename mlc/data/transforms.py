@@ -40,7 +40,7 @@ class ImageTransform:
     def params(self, height: int, width: int, generator: torch.Generator | None = None) -> tuple:
         """The random crop box and flip this transform would draw for an image of this size: the same draws in
         the same order as the pipeline's RandomResizedCrop and flip, from ``generator`` (default: torch's
-        global one, as the pipeline uses). mlc.data.gpu_decode and mlc.data.augment apply them on the device;
+        global one, as the pipeline uses), so a caller can check a crop the device makes against the CPU's;
         a private generator lets a thread draw them without touching the global one."""
         crop = self.pipeline.transforms[0]
         return (*random_resized_crop_params(height, width, crop.scale, crop.ratio, generator),
@@ -171,23 +171,3 @@ def tokens_to_tensors(token_lists, device: torch.device) -> tuple[torch.Tensor, 
         offsets[1:] = torch.tensor(lengths[:-1], dtype=torch.long).cumsum(0)
     nb = device.type == "cuda"
     return ids.to(device, non_blocking=nb), offsets.to(device, non_blocking=nb)
-
-
-def input_shape(inputs: tuple) -> tuple:
-    """``(image side or None, reads captions)`` of inputs from :func:`batch_to_device`."""
-    return (inputs[0].shape[-1] if inputs[0].dim() == 4 else None), inputs[-1].dim() == 1
-
-
-def blank_inputs(shape: tuple | None, device: torch.device, *, images: bool = True, captions: bool = False,
-                 side: int = 64) -> tuple:
-    """One blank row of the ``shape`` :func:`input_shape` gives, or, with none seen yet, as ``images`` and
-    ``captions`` say: a zero image, and an empty caption (an empty bag)."""
-    if shape is not None:
-        images, captions = shape[0] is not None, shape[1]
-        side = shape[0] or side
-    out = ()
-    if images:
-        out = (torch.zeros(1, 3, side, side, device=device).contiguous(memory_format=torch.channels_last),)
-    if captions:
-        out = out + (torch.zeros(0, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device))
-    return out

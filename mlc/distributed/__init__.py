@@ -1,5 +1,6 @@
-"""Ray: the cluster and its autoscaler (:mod:`cluster`), Ray Train DDP runs (:mod:`train`), Ray Tune sweeps
-(:mod:`tune`), Ray Data prediction (:mod:`predict`) and what Ray Train kept in a run folder (:mod:`runs`).
-The only subpackage that imports Ray (``import mlc`` loads none of it, so it stays light).
+"""Ray: the cluster and its autoscaler (:mod:`cluster`), Ray Train DDP runs (:mod:`train`: the run driver's Ray
+mode and the group its workers train in), Ray Tune sweeps (:mod:`tune`), Ray Data prediction (:mod:`predict`),
+what Ray Train kept in a run folder (:mod:`ray_folder`), and Ray Serve (:mod:`serve`). The only subpackage that
+imports Ray (``import mlc`` loads none of it, so it stays light).
 
-May import: everything below it (io, data, model, eval, train) and the top level."""
+May import: everything below it and the top level."""

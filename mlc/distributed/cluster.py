@@ -267,3 +267,22 @@ def fmt_resources(r: dict) -> str:
     shown = {k: v for k, v in r.items() if k in ("CPU", "GPU") or not (k.startswith("node:") or k in (
         "memory", "object_store_memory"))}
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
+
+
+def ensure_ray(log=print) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray, unless this process is already connected."""
+    import ray
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    # "local" always starts a new Ray here: a bare ray.init() would join any cluster `ray start` left on this
+    # machine (it reads /tmp/ray/ray_current_cluster), whoever started it.
+    runtime_env = None
+    if not address:
+        # Workers import mlc; from a checkout that is not pip-installed (the jobs put the checkout on
+        # sys.path) they find it through PYTHONPATH. Under `ray job submit --working-dir .` Ray does this.
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        runtime_env = {"env_vars": {"PYTHONPATH": path}}
+    ray.init(address=address or "local", log_to_driver=True, runtime_env=runtime_env)
+    log(f"ray: joined the cluster at {address}" if address else "ray: no RAY_ADDRESS, started a local Ray")

@@ -26,19 +26,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mlc.distributed import cluster
-from mlc.io import storage
-from mlc.train.checkpoint import load_predictor
-from mlc.train.inference import predict_from_checkpoint
-from mlc.config import TrainConfig
-from mlc.data.datasets import ImageTable, Skipped, image_urls
-from mlc.data.loader import collate
-from mlc.model.device import prepare_device
-from mlc.model.fusion import build, for_scoring, uses_images
-from mlc.model.precision import autocast, pick_amp_dtype
-from mlc.train.submission import write_predictions
+from mlc.config import TrainConfig, uses_images
+from mlc.data.batch import Skipped
+from mlc.data.run_data import image_urls
+from mlc.data.sources import StreamTable
 from mlc.data.tokenizer import Tokenizer, encode_rows
 from mlc.data.transforms import eval_transform, to_model_input, tokens_to_tensors
+from mlc.distributed import cluster
+from mlc.distributed.cluster import ensure_ray
+from mlc.io import storage
+from mlc.model.device import prepare_device
+from mlc.model.fusion import build, for_scoring
+from mlc.model.precision import autocast, pick_amp_dtype
+from mlc.prediction.checkpoints import load_predictor, predict_from_checkpoint
+from mlc.prediction.submission import write_predictions
 
 
 # Ray Data 2.60 starts a usage-metrics poller thread in the driver on the first execution; it outlives
@@ -46,25 +47,6 @@ from mlc.data.transforms import eval_transform, to_model_input, tokens_to_tensor
 # went on after ray.shutdown()). Opting out of Ray Data's usage collection keeps that thread from
 # starting; an explicit RAY_DATA_USAGE_DISABLED=0 still wins.
 os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
-
-
-def ensure_ray(log=print) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray, unless this process is already connected."""
-    import ray
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    # "local" always starts a new Ray here: a bare ray.init() would join any cluster `ray start` left on this
-    # machine (it reads /tmp/ray/ray_current_cluster), whoever started it.
-    runtime_env = None
-    if not address:
-        # Workers import mlc; from a checkout that is not pip-installed (the jobs put the checkout on
-        # sys.path) they find it through PYTHONPATH. Under `ray job submit --working-dir .` Ray does this.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-        runtime_env = {"env_vars": {"PYTHONPATH": path}}
-    ray.init(address=address or "local", log_to_driver=True, runtime_env=runtime_env)
-    log(f"ray: joined the cluster at {address}" if address else "ray: no RAY_ADDRESS, started a local Ray")
 
 
 def actor_device() -> torch.device:
@@ -83,17 +65,16 @@ def actor_device() -> torch.device:
 def decode_batch(batch: dict, *, images_root: str, image_size: int, max_pixels: int) -> dict:
     """The CPU stage: read and decode a batch of rows ``{pos, ImageID}`` into uint8 images (N, 3, S, S).
 
-    Reads go through :meth:`mlc.data.datasets.ImageTable.__getitems__` (many requests in flight, the byte cache), the
+    Reads go through :meth:`mlc.data.sources.StreamTable.batch` (many requests in flight, the byte cache), the
     same path as training. An unreadable image keeps its row, with ``ok`` False and the reason in ``error``.
     """
     ids = [str(i) for i in batch["ImageID"]]
-    table = ImageTable(image_urls(images_root, ids), None, eval_transform(image_size), max_pixels)
-    b = collate(table.__getitems__(list(range(len(ids)))))
+    b = StreamTable(image_urls(images_root, ids), None, eval_transform(image_size), max_pixels).batch(range(len(ids)))
     image = np.zeros((len(ids), 3, image_size, image_size), dtype=np.uint8)
     ok = np.zeros(len(ids), dtype=bool)
     error = np.array([""] * len(ids), dtype=object)
     if len(b):
-        image[b.index.numpy()] = b.x.numpy()
+        image[b.index.numpy()] = b.images.numpy()
         ok[b.index.numpy()] = True
     for s in b.skipped:
         error[s.index] = f"{s.name}\t{s.reason}"
@@ -165,7 +146,7 @@ class Scorer:
                 "device": np.array([str(self.device)] * len(ok), dtype=object)}
 
 
-def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_classes: int, *,
+def score_distributed(state: dict, num_classes: int, cfg: TrainConfig, ids, images_root: str, *,
                       num_workers: int, gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
                       batch_size: int = 64, split: bool | None = None, log=print, progress: bool = True,
                       captions=None, tokenizer: Tokenizer | None = None) -> dict:
@@ -178,7 +159,7 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
     ``gpus_per_worker`` None means 1 when the cluster has GPUs, else 0. ``cpus_per_worker`` None is Ray Data's
     default of 1 CPU per actor (it warns that giving both CPUs and GPUs explicitly is experimental).
 
-    Returns what :func:`mlc.train.inference.score_ids` returns: ``probs`` (NaN rows for unreadable images), ``ok``,
+    Returns what :func:`mlc.prediction.scores.score_ids` returns: ``probs`` (NaN rows for unreadable images), ``ok``,
     ``skipped`` (``Skipped`` records naming each unreadable image), ``seconds`` and ``img_per_s``; plus
     ``workers`` (rows scored per actor).
     """
@@ -288,7 +269,7 @@ def score_distributed(state: dict, ids, images_root: str, cfg: TrainConfig, num_
 
 def predict(checkpoint: str, data: str | None = None, output: str | None = None, *, num_workers: int = 0,
             **kwargs) -> dict:
-    """``mlc.predict``: :func:`mlc.train.inference.predict_from_checkpoint`, on ``num_workers`` Ray Data
+    """``mlc.predict``: :func:`mlc.prediction.checkpoints.predict_from_checkpoint`, on ``num_workers`` Ray Data
     actors when it is >= 1 (:func:`score_distributed`), else in this process. Ray is imported only then."""
     return predict_from_checkpoint(checkpoint, data, output, num_workers=num_workers,
                                    scorer=score_distributed if num_workers >= 1 else None, **kwargs)
@@ -305,7 +286,7 @@ def predict_distributed(checkpoint_url: str, ids, images_root: str, output: str,
     if tokenizer is not None:
         raise ValueError(f"{checkpoint_url} reads captions ({cfg.inputs}); predict with mlc.predict or "
                          "jobs/predict.py, which read them from the table")
-    out = score_distributed(state, ids, images_root, cfg, len(vocab), num_workers=num_workers,
+    out = score_distributed(state, len(vocab), cfg, ids, images_root, num_workers=num_workers,
                             gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
                             split=split, log=log, progress=progress)
     summary = write_predictions(output, ids, out["probs"], out["ok"], vocab, choice)

@@ -82,9 +82,10 @@ class Classifier:
         from mlc.data.transforms import eval_transform
         from mlc.distributed.predict import actor_device
         from mlc.model.device import prepare_device
-        from mlc.model.fusion import build, for_scoring, uses_images
+        from mlc.config import uses_images
+        from mlc.model.fusion import build, for_scoring
         from mlc.model.precision import pick_amp_dtype
-        from mlc.train.checkpoint import load_predictor
+        from mlc.prediction.checkpoints import load_predictor
 
         state, self.vocab, self.cfg, self.choice, self.tokenizer, meta = load_predictor(checkpoint, with_meta=True)
         self.identity = {"checkpoint": checkpoint, "epoch": meta.get("epoch"), "sha256": meta.get("model_sha256"),

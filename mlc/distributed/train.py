@@ -1,8 +1,9 @@
 """Ray Train (the V2 API): the one module that touches Ray Train.
 
-The driver (``fit_distributed``) checks the storage, starts a ``TorchTrainer`` whose workers run
-``mlc.train.local.train_loop`` with ``RayGroup``, then copies the best checkpoint to ``<run>/best`` and
-writes the same outputs as local mode. Each epoch rank 0 reports a checkpoint folder that holds
+The driver (``fit_distributed``) takes the run driver's steps (:func:`mlc.train.driver.drive`, as local mode
+does) with :class:`RayMode`: it starts a ``TorchTrainer`` whose workers run :func:`mlc.train.loop.train` with
+:class:`RayGroup`, then copies the best checkpoint to ``<run>/best`` and writes the same outputs as local
+mode. Each epoch rank 0 reports a checkpoint folder that holds
 local mode's files (``state.pt``, ``model.pt``, ``labels.json``, ``meta.json``, validation
 predictions), so ``jobs/predict.py --checkpoint <run>/epoch_0003`` and ``jobs/train.py --local``
 accept it. Every rank calls ``ray.train.report`` each epoch (it is a barrier); only rank 0 passes a
@@ -28,28 +29,29 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-import time
 import ray
 import ray.train
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from mlc.distributed import cluster
-from mlc.io import storage
-from mlc.io.lock import LOCK_NAME, hold
-from mlc.train.checkpoint import load_training_state, save_model, save_training_state
 from mlc.config import ScaleConfig, TrainConfig
 from mlc.data.demo import with_demo_data
+from mlc.data.run_data import RunData, prepare_data
+from mlc.distributed import cluster
+from mlc.distributed.ray_folder import ray_storage
 from mlc.errors import UsageError
+from mlc.io import storage
+from mlc.io.config_json import write_config
+from mlc.io.lock import LOCK_NAME
 from mlc.logs import verbosity
-from mlc.train.outputs import SCALAR_KEYS, finish, write_metrics
-from mlc.distributed.runs import ray_storage
-from mlc.train.runs import SCORE, best_of, epoch_dir, epoch_of, latest_epoch_checkpoint, publish_best
-from mlc.train.submission import write_predictions
-from mlc.eval.thresholds import ThresholdChoice
+from mlc.model.checkpoint import load_state
 from mlc.model.resnet import check_weights_found
-from mlc.train.local import EpochEnd, check_resumable, prepare_data, train_loop
+from mlc.train.driver import drive
+from mlc.train.group import EpochEnd, write_epoch
+from mlc.train.loop import Trained, train
+from mlc.train.outputs import SCALAR_KEYS, write_metrics
+from mlc.train.run_folder import SCORE, best_of, epoch_dir, epoch_of, latest_epoch_checkpoint, publish_best
 
 # Local filesystems that every node of a cluster can mount; other local paths are node-local.
 SHARED_FSTYPES = {"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse.gcsfuse",
@@ -90,16 +92,19 @@ def check_shared_output(output: str, hosts: set) -> None:
 
 
 class RayGroup:
-    """This Ray Train worker's place in the group: rank, device, DDP, gathering, checkpoints via ray.train."""
+    """This Ray Train worker's place in the group (:class:`mlc.train.group.Group`): rank, device, DDP and gathering
+    over Ray Train's process group, the resume state from ``ray.train.get_checkpoint()``, and each epoch's
+    checkpoint reported to Ray Train."""
 
-    def __init__(self, run_url: str, cfg: TrainConfig, driver_host: str, tensorboard_url: str | None = None):
+    def __init__(self, run_url: str, driver_host: str, tensorboard_url: str | None = None):
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.run_url, self.cfg = run_url, cfg
+        self.run_url = run_url
         self.tensorboard_url = tensorboard_url or storage.join(run_url, "tensorboard")
         self.device = ray.train.torch.get_device()
-        # The CPUs Ray reserved for this worker: mlc.train.local sizes the DataLoader from them.
-        self.cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        # The CPUs Ray reserved for this worker: the loader's processes are sized from them.
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        self.cpus = int(cpus) if cpus else None
         check_shared_output(run_url, {driver_host, ray.util.get_node_ip_address()})
 
     def wrap(self, model):
@@ -115,29 +120,27 @@ class RayGroup:
         dist.all_gather_object(out, obj)
         return out
 
-    def load_state(self) -> tuple[dict | None, str]:
+    def latest(self) -> tuple[dict | None, str]:
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None, self.run_url
         with ckpt.as_directory() as d:
-            return load_training_state(d), f"checkpoint {os.path.basename(ckpt.path.rstrip('/'))} of {self.run_url}"
+            return load_state(d), f"checkpoint {os.path.basename(ckpt.path.rstrip('/'))} of {self.run_url}"
 
-    def end_epoch(self, e: EpochEnd) -> None:
-        metrics = {"epoch": e.epoch, **{k: e.row[k] for k in SCALAR_KEYS},
-                   "train_loss": e.row["train_loss"], "val_loss": e.row["val_loss"],
-                   "threshold_strategy": e.model_meta["threshold"]["strategy"],
-                   "threshold_value": _scalar_threshold(e.model_meta["threshold"]), "workers": self.world}
+    def end_epoch(self, end: EpochEnd) -> None:
+        """Every rank reports (a barrier); rank 0 with the epoch's folder, which Ray Train keeps or deletes."""
+        metrics = {"epoch": end.epoch, **{k: end.metrics[k] for k in SCALAR_KEYS},
+                   "train_loss": end.metrics["train_loss"], "val_loss": end.metrics["val_loss"],
+                   "threshold_strategy": end.model_meta["threshold"]["strategy"],
+                   "threshold_value": _scalar_threshold(end.model_meta["threshold"]), "workers": self.world}
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory(prefix="mlc-ckpt-") as d:
-            save_training_state(d, e.state)
-            save_model(d, e.state["model"], e.vocab, e.model_meta)
-            write_predictions(d, e.val_ids, e.val_probs, e.val_ok, e.vocab,
-                              ThresholdChoice.from_dict(e.model_meta["threshold"]), prefix="val_", truth=e.val_truth)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=epoch_dir(e.epoch))
+            write_epoch(d, end, state=True, model=True)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=epoch_dir(end.epoch))
         # Progress for whoever watches the run folder; the driver rewrites it, complete, at the end.
-        write_metrics(self.run_url, e.state["history"], e.cfg, complete=False)
+        write_metrics(self.run_url, end.state["history"], end.cfg, complete=False)
 
 
 def _scalar_threshold(t: dict) -> float:
@@ -157,9 +160,10 @@ def worker_main(config: dict) -> dict:
     # Lines through the mlc logger, not print: Ray Train patches print in its workers to log through the root
     # logger and also tees it to the redirected stdout, so a printed line reached the driver twice.
     setup(config.get("verbosity", 0), rank=ray.train.get_context().get_world_rank())
-    group = RayGroup(config["run_url"], cfg, config["driver_host"], config.get("tensorboard_url"))
-    out = train_loop(cfg, group, progress=config["progress"], on_step=config.get("on_step"), log=say)
-    return {"device": str(out.get("device")), "precision": out.get("precision"), "workers": group.world}
+    group = RayGroup(config["run_url"], config["driver_host"], config.get("tensorboard_url"))
+    data = prepare_data(cfg, say if group.rank == 0 else (lambda *_: None))
+    out = train(cfg, group, data, progress=config["progress"], on_step=config.get("on_step"), log=say)
+    return {"device": str(out.device), "precision": out.precision, "workers": group.world}
 
 
 def build_trainer(cfg: TrainConfig, run_url: str, *, name: str, storage_root: str, per_worker: dict,
@@ -222,86 +226,76 @@ def fit_distributed(cfg: TrainConfig, scale: ScaleConfig, *, fresh: bool = False
 
     Outputs go under ``<cfg.output>/<scale.name>/``; a rerun with the same name resumes there.
     """
-    t_start = time.perf_counter()
-    from mlc.distributed.predict import ensure_ray
-    ensure_ray(log)  # the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local Ray
+    cluster.ensure_ray(log)  # the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local Ray
     given = cfg  # as the caller gave it: data=None (the demo set) stays None in config.json
     cfg = with_demo_data(cfg, log)
     output = absolute_output(cfg.output)
     run_url = storage.join(output, scale.name)
     hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
     check_shared_output(run_url, hosts | {ray.util.get_node_ip_address()})
-    storage.check_writable(run_url)
-    # The driver is the run's one writer of the folder (a second submit of the same --name finds the lock).
-    with hold(run_url, what=f"Ray Train run {scale.name}", log=log):
-        return _fit_held(cfg.replace(output=run_url), given, scale, output, run_url, fresh=fresh, log=log,
-                         progress=progress, on_step=on_step, t_start=t_start)
+    mode = RayMode(given.replace(output=output), scale, run_url, output, log=log, progress=progress, on_step=on_step)
+    return drive(cfg.replace(output=run_url), run_url, mode, fresh=fresh, log=log, progress=progress)
 
 
-def replace_run(run_url: str, log) -> None:
-    """--fresh, once every check has passed: remove the previous run (Ray's records too), not the lock."""
-    old = [n for n in storage.listdir(run_url) if n != LOCK_NAME] if storage.isdir(run_url) else []
-    if old:
-        log(f"--fresh: replacing the previous run in {run_url} ({', '.join(old[:6])}{', ...' if len(old) > 6 else ''})")
-    for name in old:
-        storage.remove(storage.join(run_url, name), recursive=True)
+class RayMode:
+    """The run driver's Ray side (:class:`mlc.train.driver.Mode`): the run folder is ``--output/--name``, the
+    driver is its one writer, and training is a Ray Train run the driver waits on."""
 
+    def __init__(self, given: TrainConfig, scale: ScaleConfig, run_url: str, output: str, *, log, progress: bool,
+                 on_step=None):
+        self.given, self.scale, self.run_url, self.output = given, scale, run_url, output
+        self.log, self.progress, self.on_step = log, progress, on_step
+        self.what = f"Ray Train run {scale.name}"
+        self.per_worker: dict = {}
 
-def _fit_held(cfg: TrainConfig, given: TrainConfig, scale: ScaleConfig, output: str, run_url: str, *, fresh: bool,
-              log, progress: bool, on_step, t_start: float) -> dict:
-    data = prepare_data(cfg, log)  # fails here, before any worker starts, on unreadable tables
-    check_weights_found(cfg.weights)
-    previous = None if fresh else latest_epoch_checkpoint(run_url)
-    if previous is not None:
-        state = load_training_state(previous)
-        # Compared as the workers compare it: --inputs auto resolved against the tables, as it was saved.
-        check_resumable(state, cfg.replace(inputs=data.inputs), data.vocab, previous)
-        log(f"resuming run {scale.name}: {previous} holds epoch {state['epoch']}; "
-            f"training continues at epoch {state['epoch'] + 1} of {cfg.epochs}")
+    def previous(self) -> str | None:
+        return latest_epoch_checkpoint(self.run_url)
 
-    per_worker, _ = plan_workers(scale.gpus_per_worker, scale.cpus_per_worker, scale.min_workers,
-                                 what=f"run {scale.name}", wait=scale.wait_for_autoscaler,
-                                 timeout_s=scale.wait_timeout, log=log)
-    from mlc.train.replay import write_config
-    if fresh:
-        replace_run(run_url, log)
-    if previous is None:  # a resume rewrites config.json only once it has succeeded (at the end)
-        write_config(run_url, "train", local=False, train=given.replace(output=output), scale=scale)
-    gpus = per_worker.get("GPU", 0.0)
-    workers = f"{scale.min_workers}..{scale.max_workers} (elastic)" if scale.elastic else str(scale.num_workers)
-    log(f"Ray Train: {workers} workers x {cluster.fmt_resources(per_worker)} "
-        f"({'NCCL on GPUs' if gpus else 'gloo on CPUs'}), global batch {cfg.batch_size}, run folder {run_url}, "
-        f"up to {scale.max_failures} restarts")
-    trainer = build_trainer(cfg, run_url, name=scale.name, storage_root=output, per_worker=per_worker,
-                            num_workers=scale.num_workers, max_failures=scale.max_failures,
-                            keep_checkpoints=scale.keep_checkpoints, resize_check_s=scale.resize_check_s,
-                            driver_host=ray.util.get_node_ip_address(), progress=progress, on_step=on_step)
-    result = trainer.fit()  # raises ray.train.TrainingFailedError once the restarts are used up
+    def before_start(self, cfg: TrainConfig, data: RunData) -> None:
+        check_weights_found(cfg.weights)
+        s = self.scale
+        self.per_worker, _ = plan_workers(s.gpus_per_worker, s.cpus_per_worker, s.min_workers, what=f"run {s.name}",
+                                          wait=s.wait_for_autoscaler, timeout_s=s.wait_timeout, log=self.log)
 
-    best = _best_epoch(result)
-    publish_best(run_url, best, storage.join(run_url, "best"))
-    latest = load_training_state(latest_epoch_checkpoint(run_url))
-    trained = result.return_value or {}
-    last_world = int(trained.get("workers") or latest["history"][-1].get("workers") or scale.min_workers)
+    def owned(self) -> list[str]:
+        """Everything in the run folder (Ray's records too), but the lock."""
+        return [n for n in storage.listdir(self.run_url) if n != LOCK_NAME] if storage.isdir(self.run_url) else []
 
-    def score_test(best_url, ids, captions, tokenizer):
-        # On the cluster's workers (their GPUs), not on the driver, which may be a small CPU head node.
-        from mlc.train.checkpoint import load_model_checkpoint
-        from mlc.distributed.predict import score_distributed
-        state, vocab, meta = load_model_checkpoint(best_url)
-        # Scoring batches are per actor: the training run's per-worker share of the global batch, twice.
-        per_actor = max(1, 2 * -(-cfg.batch_size // last_world))
-        return score_distributed(state, ids, data.paths.images, TrainConfig.from_dict(meta["config"]), len(vocab),
-                                 num_workers=last_world, gpus_per_worker=gpus, batch_size=per_actor, log=log,
-                                 progress=progress, captions=captions, tokenizer=tokenizer)
+    def write_config(self) -> None:
+        write_config(self.run_url, "train", local=False, train=self.given, scale=self.scale)
 
-    summary = finish(cfg, run_url, data, latest["history"], latest.get("bad_images", {}), t_start=t_start,
-                     score_test=score_test, log=log, progress=progress, workers=last_world,
-                     device=trained.get("device"), precision=trained.get("precision"),
-                     driver=socket.gethostname())
-    if previous is not None:
-        write_config(run_url, "train", local=False, train=given.replace(output=output), scale=scale)
-    return summary
+    def train(self, cfg: TrainConfig, data: RunData) -> tuple[Trained, dict]:
+        s, gpus = self.scale, self.per_worker.get("GPU", 0.0)
+        workers = f"{s.min_workers}..{s.max_workers} (elastic)" if s.elastic else str(s.num_workers)
+        self.log(f"Ray Train: {workers} workers x {cluster.fmt_resources(self.per_worker)} "
+                 f"({'NCCL on GPUs' if gpus else 'gloo on CPUs'}), global batch {cfg.batch_size}, run folder "
+                 f"{self.run_url}, up to {s.max_failures} restarts")
+        trainer = build_trainer(cfg, self.run_url, name=s.name, storage_root=self.output, per_worker=self.per_worker,
+                                num_workers=s.num_workers, max_failures=s.max_failures,
+                                keep_checkpoints=s.keep_checkpoints, resize_check_s=s.resize_check_s,
+                                driver_host=ray.util.get_node_ip_address(), progress=self.progress,
+                                on_step=self.on_step)
+        result = trainer.fit()  # raises ray.train.TrainingFailedError once the restarts are used up
+        publish_best(self.run_url, _best_epoch(result), storage.join(self.run_url, "best"))
+        latest = load_state(latest_epoch_checkpoint(self.run_url))
+        back = result.return_value or {}
+        world = int(back.get("workers") or latest["history"][-1].get("workers") or s.min_workers)
+        trained = Trained(latest["history"], latest["bad_images"], back.get("device"), back.get("precision"), False)
+        return trained, {"score_test": self._scorer(cfg, data, world, gpus), "workers": world,
+                         "driver": socket.gethostname()}
+
+    def _scorer(self, cfg: TrainConfig, data: RunData, world: int, gpus: float):
+        def score_test(best_url, ids, captions, tokenizer):
+            # On the cluster's workers (their GPUs), not on the driver, which may be a small CPU head node.
+            from mlc.distributed.predict import score_distributed
+            from mlc.prediction.checkpoints import load_predictor
+            state, vocab, model_cfg, _, _ = load_predictor(best_url)
+            # Scoring batches are per actor: the training run's per-worker share of the global batch, twice.
+            per_actor = max(1, 2 * -(-cfg.batch_size // world))
+            return score_distributed(state, len(vocab), model_cfg, ids, data.paths.images, num_workers=world,
+                                     gpus_per_worker=gpus, batch_size=per_actor, log=self.log,
+                                     progress=self.progress, captions=captions, tokenizer=tokenizer)
+        return score_test
 
 
 def _best_epoch(result) -> int:

@@ -33,8 +33,8 @@ from mlc.io import storage
 from mlc.io.lock import hold
 from mlc.config import SweepConfig, TrainConfig
 from mlc.data.demo import with_demo_data
-from mlc.distributed.runs import kept_checkpoints, ray_storage
-from mlc.train.runs import SCORE, best_of, publish_best
+from mlc.distributed.ray_folder import kept_checkpoints, ray_storage
+from mlc.train.run_folder import SCORE, best_of, publish_best
 
 METRIC = "f1_samples"
 
@@ -106,7 +106,7 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     from mlc.distributed.train import absolute_output, check_shared_output
 
     t_start = time.perf_counter()
-    from mlc.distributed.predict import ensure_ray
+    from mlc.distributed.cluster import ensure_ray
     ensure_ray(log)  # the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local Ray
     given = base  # as the caller gave it: data=None (the demo set) stays None in config.json
     base = with_demo_data(base, log)
@@ -129,10 +129,12 @@ def _sweep_held(base: TrainConfig, given: TrainConfig, sweep: SweepConfig, outpu
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from mlc.distributed.train import plan_workers, replace_run
+    from mlc.distributed.train import plan_workers
+    from mlc.io.lock import LOCK_NAME
+    from mlc.train.driver import replace
     from mlc.model.resnet import check_weights_found
-    from mlc.train.local import prepare_data
-    from mlc.train.replay import write_config
+    from mlc.data.run_data import prepare_data
+    from mlc.io.config_json import write_config
     # Unreadable tables, and inputs the tables cannot serve, fail here, before any trial starts.
     data = prepare_data(base.replace(inputs=sweep.inputs[0]), log)
     for other in sorted(set(sweep.inputs[1:]) - {sweep.inputs[0]}):
@@ -143,7 +145,7 @@ def _sweep_held(base: TrainConfig, given: TrainConfig, sweep: SweepConfig, outpu
                                  timeout_s=sweep.wait_timeout, log=log)
     per_worker, concurrent = plan_resources(sweep, c)
     if fresh:  # every check has passed: only now is the previous sweep replaced
-        replace_run(sweep_url, log)
+        replace(sweep_url, [n for n in storage.listdir(sweep_url) if n != LOCK_NAME], log)
     log(f"sweep {sweep.name}: {sweep.num_samples} trials of {sweep.workers_per_trial} worker(s) x "
         f"{cluster.fmt_resources(per_worker)}, at most {concurrent} at a time, global batch {base.batch_size}, "
         f"up to {sweep.max_epochs} epochs, ASHA grace {sweep.grace_epochs} epoch(s); "

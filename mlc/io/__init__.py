@@ -1,4 +1,6 @@
 """Bytes: every location read and written through fsspec (:mod:`storage`), a byte cache with read-ahead
-(:mod:`fetch`), and bytes to RGB with format and pixel checks (:mod:`images`).
+(:mod:`fetch`), bytes to RGB with format and pixel checks (:mod:`images`), one writer per output (:mod:`lock`),
+file stamps for keys (:mod:`identity`), and config.json, a run's settings written and read back
+(:mod:`config_json`).
 
-May import: nothing of mlc (no tables, no torch models); everything else builds on it."""
+May import: only the top-level config, errors, logs and migrate; everything else builds on it."""

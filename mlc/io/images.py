@@ -133,12 +133,6 @@ def _open(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
     return im
 
 
-def open_header(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """The lazily opened image (header parsed, no pixel decoded), with the same checks and errors as
-    :func:`decode_image` applies before decoding. For decoders other than PIL's (mlc.data.gpu_decode)."""
-    return _open(data, name, max_pixels)
-
-
 def read_header(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
     """Return ``{"format", "width", "height", "mode"}`` without decoding any pixels.
 
@@ -240,7 +234,7 @@ def decode_image(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PI
 def decode_fetched(data, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                    draft: int | None = None) -> Image.Image:
     """:func:`decode_image` for one value read by :mod:`mlc.io.fetch` (bytes, or the exception reading
-    failed with): a missing object is a :class:`BadImageError` ``"missing"`` like in :func:`mlc.data.datasets.load_image`;
+    failed with): a missing object is a :class:`BadImageError` ``"missing"`` like in :func:`mlc.data.sources.load_image`;
     any other storage error (permission, network after retries) is raised as it is, naming the object."""
     if isinstance(data, FileNotFoundError):
         raise BadImageError(name, "missing", "missing")

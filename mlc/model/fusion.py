@@ -44,14 +44,6 @@ def text_lr_scale(steps: int) -> float:
     return min(TEXT_LR_MAX_SCALE, max(1.0, TEXT_LR_STEPS / max(1, steps)))
 
 
-def uses_images(inputs: str) -> bool:
-    return inputs != "caption"
-
-
-def uses_captions(inputs: str) -> bool:
-    return inputs in ("caption", "image+caption")
-
-
 class CaptionEncoder(nn.Module):
     """Sum of the caption's token embeddings divided by sqrt(token count).
 
@@ -111,7 +103,7 @@ def build(inputs: str, num_classes: int, *, num_tokens: int = 0, unfrozen_depth:
           weights: str | dict | None = "none", freeze_bn: bool = False, log=print) -> nn.Module:
     """The network for ``inputs``. ``weights``: a whole network's state dict (a checkpoint or a resume), or
     for the image branch ``imagenet``/``none``/a ResNet50 state dict's path, as ``--weights`` takes."""
-    if inputs in ("image", "auto"):  # auto: a config saved before --inputs existed, when networks were image-only
+    if inputs == "image":
         return build_model(num_classes, unfrozen_depth, dropout, weights=weights, log=log, freeze_bn=freeze_bn)
     if inputs not in INPUTS:
         raise ValueError(f"--inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")

@@ -1,5 +1,7 @@
-"""One run in this process: the epoch functions (:mod:`engine`), the one training loop (:mod:`local`,
-which Ray Train's workers run too), checkpoints, a run's outputs, predictions and its folder, TensorBoard,
-config.json replay, inference from a checkpoint and the --inputs comparison.
+"""One training run: the run driver (:mod:`driver`: checks, ``--fresh``, config.json and outputs around training,
+for local mode and Ray alike; ``fit`` is local mode), the training loop every training process runs
+(:mod:`loop`, from a :class:`setup.Run`), the step (:mod:`engine`), the group a process trains in
+(:mod:`group`), a finished run's outputs (:mod:`outputs`), the run folder's epochs and best/
+(:mod:`run_folder`) and TensorBoard (:mod:`tracking`).
 
-May import: io, data, model, eval and the top-level config, errors and logs; never Ray."""
+May import: io, data, model, eval, prediction and the top-level config, errors, logs and migrate; never Ray."""

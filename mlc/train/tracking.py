@@ -70,6 +70,13 @@ class Board:
                 self.writer.add_scalar(f"ap_per_class/{label}", float(ap[i]), step)
         self.flush()
 
+    def finish(self, labels: list, history: list) -> None:
+        """The best epoch's per-class scores, then close."""
+        if history:
+            best = max(history, key=lambda r: r["f1_samples"])
+            self.per_class(labels, best["f1_per_class"], best.get("ap_per_class"), best["epoch"])
+        self.close()
+
     def flush(self) -> None:
         if self.writer is None:
             return

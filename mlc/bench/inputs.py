@@ -18,7 +18,7 @@ import pandas as pd
 
 from mlc.io import storage
 from mlc.config import TrainConfig
-from mlc.data.datasets import DataPaths, split_train_val
+from mlc.data.run_data import DataPaths, split_train_val
 from mlc.data.labels import LabelVocab
 from mlc.data.table import read_table
 from mlc.eval.thresholds import evaluate
@@ -55,7 +55,7 @@ def _row(rows: int, inputs: str, m: dict, seconds: float) -> dict:
 
 
 def _fit(cfg: TrainConfig, rows: int, log) -> dict:
-    from mlc.train.local import fit
+    from mlc.train.driver import fit
     summary = fit(cfg, fresh=True, log=log, progress=False)
     return _row(rows, cfg.inputs, {**summary["best"], "threshold": summary["threshold"]}, summary["seconds"])
 

@@ -1,5 +1,5 @@
 """A run folder: where epochs, best/ and Ray's own bookkeeping live, and how best/ is published (what Ray
-Train itself kept is read in :mod:`mlc.distributed.runs`).
+Train itself kept is read in :mod:`mlc.distributed.ray_folder`).
 
 ``<run>/`` holds one ``epoch_NNNN/`` per checkpoint Ray Train kept (each a complete local-mode folder:
 ``state.pt``, ``model.pt``, ``labels.json``, ``meta.json``, validation predictions), Ray Train's

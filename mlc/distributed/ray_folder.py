@@ -1,6 +1,6 @@
 """What Ray Train kept in a run folder (its own checkpoint snapshot), and the storage Ray writes it through.
 
-The folder's layout and best/ are in :mod:`mlc.train.runs`; this module reads Ray's side of it.
+The folder's layout and best/ are in :mod:`mlc.train.run_folder`; this module reads Ray's side of it.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from mlc.io import storage
-from mlc.train.runs import epoch_of
+from mlc.train.run_folder import epoch_of
 
 
 def ray_storage(url: str):

@@ -1,14 +1,18 @@
-"""Checkpoints: the resumable training state and the best model, written atomically by URL.
+"""Checkpoints: the one module that knows their layout. :func:`make` builds the resumable training state,
+:func:`save_state` / :func:`load_state` write and read it, :func:`save_model` / :func:`read_model` a model folder;
+files of earlier versions are upgraded as they are read (:func:`mlc.migrate.migrate`).
 
 Layout under a run's output:
 - ``checkpoint/state.pt``: one object holding everything needed to resume
-  (bare model weights, optimizer, scheduler, epoch, best-so-far,
-  history, config, label vocabulary). One object, so it is never half written.
+  (bare model weights, optimizer, scheduler and loss-scaler states, epoch, best-so-far,
+  history, config, label vocabulary, threshold, unreadable images, tokenizer). One object, so it is never
+  half written.
   It holds tensors and plain data only (dicts, lists, tuples, str, int, float, bool, None) and is read
   with ``torch.load(weights_only=True)``: a file in a shared bucket is data, never code, so whoever can
   write to the bucket cannot run anything on the nodes that resume from it.
-- ``best/model.pt``: the bare state_dict, loadable into plain torchvision (``--inputs image``; the caption
-  and fused networks' keys are in :mod:`mlc.model.fusion`); ``best/labels.json``; ``best/tokenizer.json`` when
+- ``best/model.pt``: the bare state_dict, which for ``--inputs image`` loads into plain torchvision's
+  ``resnet50(num_classes=N)`` (the caption and fused networks' keys are in :mod:`mlc.model.fusion`);
+  ``best/labels.json``; ``best/tokenizer.json`` when
   the network reads captions (:mod:`mlc.data.tokenizer`); ``best/meta.json`` (config, threshold, epoch, metrics
   and the model file's sha256, so a reader can tell the files belong together).
 """
@@ -23,12 +27,12 @@ import pickle
 import numpy as np
 import torch
 
-from mlc.io import storage
-from mlc.config import TrainConfig
-from mlc.model.fusion import uses_captions
+from mlc.config import TrainConfig, uses_captions
 from mlc.data.labels import LabelVocab
-from mlc.eval.thresholds import ThresholdChoice
 from mlc.data.tokenizer import Tokenizer
+from mlc.io import storage
+from mlc.logs import say
+from mlc.migrate import migrate
 
 STATE = "state.pt"
 TOKENIZER = "tokenizer.json"
@@ -36,6 +40,37 @@ TOKENIZER = "tokenizer.json"
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class ConfigMismatch(ValueError):
+    """A checkpoint holds a run with other settings than the ones given to resume it."""
+
+
+def make(*, model: dict, optimizer, scheduler, scaler, epoch: int, best_f1: float, history: list,
+         cfg: TrainConfig, vocab: LabelVocab, threshold: dict, bad_images: dict, tokenizer: Tokenizer | None) -> dict:
+    """The resumable training state after ``epoch`` (``model``: the bare module's state_dict)."""
+    return {"model": model, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch, "best_f1": best_f1,
+            "history": history, "config": cfg.to_dict(), "labels": vocab.labels, "threshold": threshold,
+            "bad_images": dict(bad_images), "tokenizer": tokenizer.to_dict() if tokenizer else None}
+
+
+def model_meta(state: dict, metrics: dict) -> dict:
+    """meta.json of the model in ``state`` (:func:`make`), with its validation ``metrics``."""
+    return {"config": state["config"], "threshold": state["threshold"], "epoch": state["epoch"],
+            "metrics": metrics, "tokenizer": state["tokenizer"]}
+
+
+def check_resumable(state: dict, cfg: TrainConfig, vocab: LabelVocab, url: str) -> None:
+    """Refuse to resume ``state`` (read from ``url``) with settings or labels that would train another model."""
+    diff = cfg.differences(TrainConfig.from_dict(state["config"]))
+    if diff:
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise ConfigMismatch(f"{url} holds a run with other settings ({listed}); rerun with the same flags to "
+                             "resume, add --fresh to start over, or choose another --output/--name")
+    if state["labels"] != vocab.labels:
+        raise ConfigMismatch(f"{url} was trained on labels {state['labels']}, the data now has {vocab.labels}; "
+                             "use --fresh or another --output")
 
 
 def _torch_bytes(obj) -> bytes:
@@ -71,15 +106,15 @@ def plain_data(obj, where: str = "state"):
                           "(tensors, dicts, lists, numbers, strings)")
 
 
-def save_training_state(url: str, state: dict) -> None:
+def save_state(url: str, state: dict) -> None:
     """Write ``url/state.pt`` atomically. Refuses non-finite weights and anything that is not plain data."""
     if not _all_finite(state["model"]):
         raise CheckpointError(f"refusing to write {url}: the model has non-finite weights")
     storage.write_bytes(storage.join(url, STATE), _torch_bytes(plain_data(state)))
 
 
-def load_training_state(url: str) -> dict | None:
-    """The state saved under ``url`` or None if there is none.
+def load_state(url: str) -> dict | None:
+    """The state saved under ``url`` (in today's shape) or None if there is none.
 
     Read with ``weights_only=True``: a file that holds pickled Python objects (an old checkpoint, or one
     someone planted in the bucket) is refused before any of it runs.
@@ -89,7 +124,7 @@ def load_training_state(url: str) -> dict | None:
         return None
     blob = storage.read_bytes(path)
     try:
-        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         why = next((line.split("error:", 1)[1].strip().split(" was not")[0] for line in str(e).splitlines()
                     if "WeightsUnpickler error:" in line), "weights_only load failed")
@@ -99,6 +134,7 @@ def load_training_state(url: str) -> dict | None:
             "safe loading look like this too: rerun with --fresh to start over") from None
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: cannot be read ({e}); rerun with --fresh to start over") from e
+    return migrate(state, where=path, log=say)
 
 
 def save_model(url: str, model_state: dict, vocab: LabelVocab, meta: dict) -> None:
@@ -128,7 +164,7 @@ def model_folder(url: str) -> str:
     return url
 
 
-def load_model_checkpoint(url: str) -> tuple[dict, LabelVocab, dict]:
+def read_model(url: str) -> tuple[dict, LabelVocab, dict]:
     """Load ``(state_dict, vocab, meta)`` from a model folder, a training checkpoint folder, or a run's output.
 
     Accepts ``<run>/best``, ``<run>`` (uses its ``best/``), or ``<run>/checkpoint``, or a file in one of them
@@ -138,7 +174,7 @@ def load_model_checkpoint(url: str) -> tuple[dict, LabelVocab, dict]:
     if storage.exists(storage.join(url, "best", "meta.json")):
         url = storage.join(url, "best")
     if storage.exists(storage.join(url, "meta.json")) and storage.exists(storage.join(url, "model.pt")):
-        meta = json.loads(storage.read_bytes(storage.join(url, "meta.json")))
+        meta = migrate(json.loads(storage.read_bytes(storage.join(url, "meta.json"))), where=url, log=say)
         blob = storage.read_bytes(storage.join(url, "model.pt"))
         if meta.get("model_sha256") and hashlib.sha256(blob).hexdigest() != meta["model_sha256"]:
             raise CheckpointError(f"{url}: model.pt does not match meta.json (an interrupted write?); "
@@ -151,33 +187,17 @@ def load_model_checkpoint(url: str) -> tuple[dict, LabelVocab, dict]:
                                       "or retrain")
             meta["tokenizer"] = json.loads(text)
         return state, LabelVocab(meta["labels"]), meta
-    st = load_training_state(url)
+    st = load_state(url)
     if st is None:
         raise CheckpointError(f"{url}: no model here (looked for meta.json + model.pt, best/, and {STATE})")
-    meta = {"config": st["config"], "threshold": st.get("threshold"), "epoch": st["epoch"],
-            "tokenizer": st.get("tokenizer")}
-    return st["model"], LabelVocab(st["labels"]), meta
-
-
-def load_predictor(url: str, *, with_meta: bool = False) -> tuple:
-    """What predicting with a checkpoint needs: ``(state_dict, vocab, config, threshold, tokenizer)`` (the
-    tokenizer None for an image-only network), and ``meta`` (epoch, sha256, ...) last with ``with_meta``; see
-    :func:`load_model_checkpoint` for the folders accepted. A checkpoint saved before its first validation
-    holds no threshold and is refused."""
-    url = model_folder(url)
-    state, vocab, meta = load_model_checkpoint(url)
-    if meta.get("threshold") is None:
-        raise ValueError(f"{url}: holds no threshold (it predates its first validation); use best/")
-    out = (state, vocab, TrainConfig.from_dict(meta["config"]), ThresholdChoice.from_dict(meta["threshold"]),
-           tokenizer_of(meta, url))
-    return out + (meta,) if with_meta else out
+    return st["model"], LabelVocab(st["labels"]), model_meta(st, {})
 
 
 def tokenizer_of(meta: dict, url: str) -> Tokenizer | None:
     """The caption tokenizer saved with a model (None for an image-only one); refuses a caption network
     saved without one."""
     cfg = TrainConfig.from_dict(meta["config"])
-    if not uses_captions(cfg.inputs):  # image, or auto in a model saved before --inputs (image-only then)
+    if not uses_captions(cfg.inputs):
         return None
     if not meta.get("tokenizer"):
         raise CheckpointError(f"{url}: a --inputs {cfg.inputs} model saved without its {TOKENIZER}")

@@ -1,4 +1,5 @@
-"""Replayable runs: every run writes its effective settings as ``config.json``; ``--config FILE`` reads one back.
+"""config.json: every run writes its effective settings there; ``--config FILE`` reads one back (upgraded from an
+earlier version's shape by :func:`mlc.migrate.migrate`).
 
 ``config.json`` holds sections named after the config classes they fill: ``train`` (every TrainConfig
 field, defaults included), ``scale`` (a Ray Train run's ScaleConfig), ``sweep`` (a sweep's SweepConfig),
@@ -20,8 +21,10 @@ import json
 import subprocess
 from pathlib import Path
 
-from mlc.io import storage
 from mlc.errors import UsageError
+from mlc.io import storage
+from mlc.logs import say
+from mlc.migrate import migrate
 
 NAME = "config.json"
 
@@ -30,7 +33,7 @@ NAME = "config.json"
 def git_commit() -> str | None:
     """The commit of the checkout this package runs from (with ``-dirty`` when it has changes), else None
     (an installed wheel, or Ray's copy of the working directory, which has no .git)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # mlc/io/config_json.py -> the checkout
     if not (root / ".git").exists():
         return None
     try:
@@ -87,4 +90,4 @@ def load_config(url: str) -> dict:
     if not any(k in doc for k in known):
         raise UsageError(f"--config {storage.safe_url(str(url))}: holds none of the sections {', '.join(known)}; "
                          "expected a run's config.json or a sweep's best_config.json")
-    return doc
+    return migrate(doc, where=storage.safe_url(str(url)), log=say)

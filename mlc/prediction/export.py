@@ -22,7 +22,8 @@ from mlc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from mlc.errors import UsageError
 from mlc.io import storage
 from mlc.model.fusion import build
-from mlc.train.checkpoint import load_predictor, model_folder
+from mlc.model.checkpoint import model_folder
+from mlc.prediction.checkpoints import load_predictor
 
 FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
 

@@ -1,0 +1,215 @@
+"""The data of one run: where it is (:class:`DataPaths`), its tables, vocabulary, seeded train/validation split and
+caption tokenizer (:func:`prepare_data` -> :class:`RunData`), the check that the image folder holds the listed
+images, the budget of unreadable images, and the run's two sources (:func:`open_sources`): read through the
+decode-once store (:mod:`mlc.data.store`) when the node has room for it, else streamed."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from mlc.config import TrainConfig, uses_captions, uses_images
+from mlc.data.labels import LabelVocab
+from mlc.data.sources import StoredTable, StreamTable
+from mlc.data.store_choice import open_for_run
+from mlc.data.table import captions_of, id_problem, read_table, unlabelled_rows
+from mlc.data.tokenizer import Tokenizer, empty_captions
+from mlc.data.transforms import eval_transform, train_transform
+from mlc.io import storage
+
+
+@dataclass
+class DataPaths:
+    train_csv: str
+    test_csv: str
+    images: str
+
+    @classmethod
+    def resolve(cls, data: str, images=None, train_csv=None, test_csv=None) -> "DataPaths":
+        """The COMP5329S1A2Dataset layout under ``data``; each part can be overridden.
+
+        A relative ``images`` is a folder inside ``data`` (``--images images`` for the real set's
+        layout); the tables, when given, are paths or URLs as written (relative to the working folder).
+        """
+        def image_root():
+            if images is None:
+                return storage.join(data, "data")
+            return images if "://" in images or images.startswith("/") else storage.join(data, images)
+        return cls(train_csv or storage.join(data, "train.csv"), test_csv or storage.join(data, "test.csv"),
+                   image_root())
+
+
+def split_train_val(image_ids, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split that depends on the ImageIDs only, not on row order.
+
+    Each id is ranked by a keyed hash; the ``ceil(fraction * n)`` smallest form
+    the validation set, so the same seed gives the same split on any machine
+    and after rows are reordered.
+    """
+    ids = list(image_ids)
+    n = len(ids)
+    n_val = int(np.ceil(fraction * n))
+    if n_val < 1 or n_val >= n:
+        raise ValueError(f"--val-fraction {fraction} of {n} training rows leaves an empty train or validation set")
+    key = str(seed).encode()
+    h = [hashlib.blake2b(i.encode(), digest_size=8, key=key).digest() for i in ids]
+    order = sorted(range(n), key=lambda i: h[i])
+    val = np.sort(np.array(order[:n_val]))
+    train = np.sort(np.array(order[n_val:]))
+    return train, val
+
+
+@dataclass
+class RunData:
+    """What every process derives from the config, identically: tables, vocabulary, split, image URLs, what the
+    network reads (``inputs``, resolved from auto) and, when it reads captions, the tokenizer (fitted on the
+    training split's captions) and every labelled row's token ids."""
+    paths: DataPaths
+    train_df: object
+    test_df: object
+    vocab: LabelVocab
+    Y: np.ndarray
+    tr: np.ndarray
+    va: np.ndarray
+    urls: list
+    inputs: str = "image"
+    tokenizer: Tokenizer | None = None
+    tokens: list | None = None
+
+    def use_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Encode with ``tokenizer`` (a resumed run's saved one, whose ids its embedding was trained on)."""
+        if tokenizer != self.tokenizer:
+            self.tokenizer, self.tokens = tokenizer, tokenizer.encode_many(self.train_df.Caption)
+
+
+def resolve_inputs(inputs: str, train_df, table: str) -> str:
+    """``auto`` -> image+caption when the training table has a non-empty caption, else image; a caption network
+    on a table without captions is refused."""
+    has = "Caption" in train_df.columns and empty_captions(train_df.Caption) < len(train_df)
+    if inputs == "auto":
+        return "image+caption" if has else "image"
+    if uses_captions(inputs) and not has:
+        from mlc.errors import DataError
+        raise DataError(f"--inputs {inputs}: {table} has no captions (no Caption column, or every caption empty); "
+                        "use --inputs image")
+    return inputs
+
+
+def prepare_data(cfg: TrainConfig, log=print) -> RunData:
+    paths = DataPaths.resolve(cfg.data, cfg.images, cfg.train_csv, cfg.test_csv)
+    train_df, test_df = read_tables(paths, cfg.require_labels)
+    vocab = LabelVocab.from_label_lists(train_df.Labels)
+    Y = vocab.encode(train_df.Labels, context=f"{paths.train_csv}: ")
+    tr, va = split_train_val(train_df.ImageID, cfg.val_fraction, cfg.seed)
+    inputs = resolve_inputs(cfg.inputs, train_df, paths.train_csv)
+    empty = unlabelled_rows(train_df)
+    log(f"data: {len(train_df)} labelled ({len(tr)} train / {len(va)} validation), {len(test_df)} test, "
+        f"{len(vocab)} labels; the network reads {inputs}{' (auto)' if cfg.inputs == 'auto' else ''}")
+    if empty:
+        log(f"data: {empty} of {len(train_df)} labelled rows have an empty Labels field: images with none of the "
+            "labels, trained on as all-negative examples (--require-labels refuses them)")
+    urls = image_urls(paths.images, train_df.ImageID)
+    if uses_images(inputs):
+        check_images_found(paths.images, urls, table=paths.train_csv)
+    data = RunData(paths, train_df, test_df, vocab, Y, tr, va, urls, inputs)
+    if uses_captions(inputs):
+        captions = captions_of(train_df)
+        data.use_tokenizer(Tokenizer.fit([captions[i] for i in tr]))
+        empty_train, empty_test = empty_captions(captions), empty_captions(captions_of(test_df))
+        log(f"captions: {len(data.tokenizer.vocab)} words; rows without a caption: {empty_train} of {len(train_df)} "
+            f"labelled, {empty_test} of {len(test_df)} test"
+            + (" (predicted from the image alone)" if inputs == "image+caption" and (empty_train or empty_test)
+               else " (predicted from the label prior)" if empty_train or empty_test else ""))
+    return data
+
+
+def open_sources(cfg: TrainConfig, data: RunData, log=print):
+    """``(train, validation, store)``: the run's two sources, both reading through one store of every labelled
+    row when there is one (``store`` None: streaming). The caller closes the store when training ends."""
+    def tokens(rows):
+        return [data.tokens[i] for i in rows] if data.tokens is not None else None
+
+    transforms = (train_transform(cfg.image_size), eval_transform(cfg.image_size))
+    reads = uses_images(cfg.inputs)
+    store = open_for_run(data.urls, cfg.image_size, cfg.store, cfg.store_budget, log,
+                         reason_off=None if reads else "the network reads no images")
+    if store is None:
+        return tuple(StreamTable([data.urls[i] for i in rows], data.Y[rows], tf, cfg.max_image_pixels,
+                                 captions=tokens(rows), read_images=reads)
+                     for rows, tf in zip((data.tr, data.va), transforms)) + (None,)
+    return tuple(StoredTable([data.urls[i] for i in rows], data.Y[rows], tf, cfg.max_image_pixels, store, rows,
+                             captions=tokens(rows))
+                 for rows, tf in zip((data.tr, data.va), transforms)) + (store,)
+
+
+# Enough rows that a folder holding most of the listed images cannot miss them all by chance, few enough to
+# check in about one round trip (concurrently) before anything starts.
+PREFLIGHT_IMAGES = 32
+
+
+def check_images_found(images: str, urls: list, *, table: str, first: int = PREFLIGHT_IMAGES) -> None:
+    """Fail before any work when the image folder does not exist or holds none of the first ``first``
+    images the table lists (a wrong --images or --data); a few missing images are the bad-image budget's
+    business, later."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlc.errors import DataError
+    if not urls:
+        return
+    if not storage.isdir(images):
+        raise DataError(f"image folder {storage.safe_url(images)} does not exist; check --data and --images "
+                        "(relative --images are inside --data)")
+    sample = urls[:first]
+    with ThreadPoolExecutor(min(16, len(sample))) as pool:
+        found = sum(pool.map(storage.exists, sample))
+    if not found:
+        raise DataError(f"none of the first {len(sample)} images listed in {storage.safe_url(table)} is in "
+                        f"{storage.safe_url(images)} (e.g. {sample[0].rsplit('/', 1)[-1]}); check --data and --images")
+
+
+def read_tables(paths: DataPaths, require_labels: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    train = read_table(paths.train_csv, require=("ImageID", "Labels"), trains=True, require_labels=require_labels)
+    test = read_table(paths.test_csv)
+    return train, test
+
+
+class TooManyBadImages(RuntimeError):
+    pass
+
+
+class BadImageBudget:
+    """Counts unreadable images; stops the run once more than ``max_fraction`` of ``total`` are bad.
+
+    Each bad image is warned about once, by name, and counted once however many epochs meet it.
+    """
+
+    def __init__(self, total: int, max_fraction: float, log=print):
+        self.total, self.max_fraction, self.log = total, max_fraction, log
+        self.bad: dict[str, str] = {}
+
+    def add(self, skipped: list) -> None:
+        for s in skipped:
+            if s.name not in self.bad:
+                self.bad[s.name] = s.reason
+                self.log(f"warning: skipping unreadable image {s.name}: {s.reason}")
+        if len(self.bad) > self.max_fraction * self.total:
+            names = ", ".join(list(self.bad)[:10])
+            raise TooManyBadImages(
+                f"{len(self.bad)} of {self.total} images are unreadable (more than --max-bad-fraction "
+                f"{self.max_fraction:g}); first: {names}. Fix or remove them, or raise --max-bad-fraction.")
+
+
+def image_urls(images_root: str, ids) -> list[str]:
+    """Each ImageID joined onto the image folder. The tables refuse ids that would leave it (absolute, URL,
+    ``..``: :func:`mlc.data.table.id_problem`); ids given here some other way (the API) meet the same rule."""
+    urls = []
+    for i in ids:
+        if (problem := id_problem(i)) is not None:
+            from mlc.errors import DataError
+            raise DataError(f"ImageID {i[:80]!r} cannot name an image in {storage.safe_url(images_root)}: {problem}; "
+                            "ImageIDs are file names inside the image folder")
+        urls.append(storage.join(images_root, i))
+    return urls
