@@ -12,6 +12,9 @@ CPU against decoded on the GPU.
 With --ray-predict: Ray Data prediction with decoding inside the model actors against decoding in CPU
 tasks ahead of them (the layout GPU actors get), on this machine's CPUs.
 
+With --spot: what Spot-native training costs: one poll for notices in a Ray Train group of 2 CPU workers, and
+one checkpoint of the training state (depths 1 and 4) written to local disk.
+
 With --serve: requests/s and p50/p99 latency of jobs/serve.py's app on a local Ray, batching requests against
 scoring each alone, the same concurrent clients on both in alternating passes.
 
@@ -52,6 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                          "in CPU tasks ahead of them (the GPU layout), on the CPU")
     rp.add_argument("--ray-images", type=int, default=400, help="images to score (default: %(default)s)")
     rp.add_argument("--ray-actors", type=int, default=1, help="model actors (default: %(default)s)")
+    sp = p.add_argument_group("Spot (--spot)")
+    sp.add_argument("--spot", action="store_true", help="the cost of a poll for notices (Ray, 2 workers) and of a "
+                    "checkpoint (depths 1 and 4)")
     sv = p.add_argument_group("serving (--serve)")
     sv.add_argument("--serve", action="store_true", help="Ray Serve: batched requests against one per forward pass")
     sv.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients (default: %(default)s)")
@@ -247,6 +253,28 @@ def main_serve(args: argparse.Namespace) -> dict:
     return out
 
 
+def main_spot(args: argparse.Namespace) -> dict:
+    import tempfile
+
+    import ray
+
+    from mlc.distributed.spot_bench import checkpoint_cost, poll_cost
+    folder = tempfile.mkdtemp(prefix="mlc-spot-bench-")
+    costs = [checkpoint_cost(f"{folder}/d{d}", d) for d in (1, 4)]
+    for c in costs:
+        print(f"checkpoint, depth {c['depth']}: {c['mb']:.0f} MB in {c['seconds']:.2f} s to local disk "
+              f"(--checkpoint-every auto: every {max(60, 50 * c['seconds']):.0f} s)")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    try:
+        poll = poll_cost(workers=2, polls=200)
+    finally:
+        ray.shutdown()
+    print(f"poll for notices, 2 Ray workers (gloo): median {poll['median_ms']:.1f} ms, p90 {poll['p90_ms']:.1f} ms; "
+          f"at one poll per 2 s of training: {poll['median_ms'] / 2000:.2%}")
+    return {"checkpoints": costs, "poll": poll}
+
+
 def main_e2e(args: argparse.Namespace) -> dict:
     import torch
 
@@ -266,10 +294,15 @@ def main_e2e(args: argparse.Namespace) -> dict:
         if kind == "train":  # from the second epoch on, mlc reads the decode-once store
             s, a, c = (rows[(n, "train")]["img_s"] for n in ("mlc store", "2020", "model only"))
             print(f"| train img/s, later epochs (store) | {a:.1f} | {s:.1f} | {c:.1f} | {s / a:.2f}x | {s / c:.0%} |")
+            s, a, c = (rows[(n, "train")]["img_s"] for n in ("mlc spot", "2020", "model only"))
+            print(f"| train img/s, Spot hooks (seed, poll) | {a:.1f} | {s:.1f} | {c:.1f} | {s / a:.2f}x | {s / c:.0%} |")
     for kind in ("train", "predict"):
         print(f"| {kind} peak memory GB | " + " | ".join(f"{rows[(n, kind)]['peak_gb']:.2f}"
                                                      for n in ("2020", "mlc", "model only")) + " | | |")
     print("\nthe same ratios pass by pass (each pair ran back to back), and their median:")
+    r = paired_ratios(out["passes"], "train", "mlc", "mlc spot")
+    print("  train    mlc spot  / mlc         " + " ".join(f"{x:.1%}" for x in r)
+          + f"  (median {statistics.median(r):.1%})")
     for name, kind in (("mlc", "train"), ("mlc store", "train"), ("mlc", "predict")):
         for over, fmt in (("2020", "{:.2f}x"), ("model only", "{:.0%}")):
             r = paired_ratios(out["passes"], kind, over, name)
@@ -291,6 +324,8 @@ if __name__ == "__main__":
         main_ray_predict(_args)
     elif _args.serve:
         main_serve(_args)
+    elif _args.spot:
+        main_spot(_args)
     elif _args.io:
         main_io(_args)
     else:

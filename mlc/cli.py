@@ -8,7 +8,8 @@ import argparse
 import dataclasses
 import sys
 
-from mlc.config import DEMO_DEFAULTS, ScaleConfig, SweepConfig, TrainConfig, choices_of
+from mlc.config import ScaleConfig, SweepConfig, TrainConfig, choices_of
+from mlc.data.demo import DEMO_DEFAULTS
 from mlc.errors import UsageError
 
 D = TrainConfig()

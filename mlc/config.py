@@ -26,9 +26,44 @@ def uses_captions(inputs: str) -> bool:
     return inputs in ("caption", "image+caption")
 
 
-def _f(default, help: str, choices: tuple | None = None):
-    """A field with its ``--help`` text and, when only some values are allowed, those values."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def _f(default, help: str, choices: tuple | None = None, bounds: str | None = None):
+    """A field with its ``--help`` text and, when only some values are allowed, those values (``choices``) or
+    their range (``bounds``: ``">= 1"``, ``"> 0"``, ``"0..4"``, ``"[0, 1)"``; a note may follow in brackets)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
+
+
+def _within(value, bounds: str) -> bool:
+    rule = bounds.split(" (")[0]
+    if ".." in rule:
+        lo, hi = rule.split("..")
+        return float(lo) <= value <= float(hi)
+    if rule[0] in "[(":
+        lo, hi = (float(x) for x in rule[1:-1].split(","))
+        return (lo <= value if rule[0] == "[" else lo < value) and (value <= hi if rule[-1] == "]" else value < hi)
+    op, limit = rule.split()[:2]
+    return value >= float(limit) if op == ">=" else value > float(limit)
+
+
+def _bound_problems(cfg) -> list:
+    """Every setting outside its declared bounds (None, where a setting allows it, means auto)."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        bounds, value = f.metadata.get("bounds"), getattr(cfg, f.name)
+        if bounds and isinstance(value, (int, float)) and math.isfinite(value) and not _within(value, bounds):
+            out.append(f"--{f.name.replace('_', '-')} must be {'in ' if bounds[0] in '[(' else ''}{bounds}, got {value}")
+    return out
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of ``90s``, ``10m``, ``1h`` or a bare number of seconds; None if ``text`` is none of these."""
+    t = str(text).strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
+    try:
+        value = float(t[:-1]) if scale else float(t)
+    except ValueError:
+        return None
+    seconds = value * (scale or 1)
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
 def choices_of(cls, name: str) -> tuple | None:
@@ -124,30 +159,31 @@ class TrainConfig:
         "or a path/URL to a state dict")
     unfrozen_depth: int = _f(1,
         "how many of the last residual stages train: 0 = head only, 1 = layer4 + head (the report), 2, 3, and 4 = every"
-        " stage including the stem (conv1/bn1); frozen stages keep BatchNorm in eval mode")
+        " stage including the stem (conv1/bn1); frozen stages keep BatchNorm in eval mode", bounds="0..4")
     # The report's dropout before its trainable part (layer4).
     dropout: float = _f(0.5,
-        "dropout where the frozen features enter the trainable part (none at depth 4, where nothing is frozen)")
+        "dropout where the frozen features enter the trainable part (none at depth 4, where nothing is frozen)",
+        bounds="[0, 1)")
     # Off: BatchNorm trains where its stage trains; on suits tiny per-GPU batches.
     freeze_bn: bool = _f(False,
         "keep every BatchNorm layer in eval mode (pretrained running statistics, no batch statistics)")
 
     # Optimisation.
-    epochs: int = _f(10, "total epochs (a rerun may raise it to train further)")
+    epochs: int = _f(10, "total epochs (a rerun may raise it to train further)", bounds=">= 1")
     # Fits ResNet50 at 224 px in 8 GB with bf16 on one GPU.
     batch_size: int = _f(32,
         "images per optimizer step; in a Ray run global: summed over all workers, dealt out to them (uneven shares when"
         " they do not divide it), so the data order and the learning-rate schedule are the same at any --num-workers, "
-        "also after an elastic resize or a resume on fewer workers")
+        "also after an elastic resize or a resume on fewer workers", bounds=">= 1")
     # AdamW peak; a fresh head on frozen features tolerates a high rate.
-    lr: float = _f(1e-3, "peak learning rate (after warm-up; cosine decay to 0)")
+    lr: float = _f(1e-3, "peak learning rate (after warm-up; cosine decay to 0)", bounds="> 0")
     # AdamW's usual default; not applied to BatchNorm and biases.
-    weight_decay: float = _f(0.01, "decoupled weight decay on conv/linear weights")
+    weight_decay: float = _f(0.01, "decoupled weight decay on conv/linear weights", bounds=">= 0")
     optimizer: str = _f("adamw", "adamw or sgd (Nesterov)", choices=("adamw", "sgd"))
-    momentum: float = _f(0.9, "SGD momentum")
+    momentum: float = _f(0.9, "SGD momentum", bounds="[0, 1)")
     # Warm-up protects pretrained stages from the random head's gradients.
-    warmup_epochs: float = _f(1.0, "linear warm-up length in epochs (may be fractional)")
-    clip_grad: float = _f(1.0, "maximum gradient norm; 0 turns clipping off")
+    warmup_epochs: float = _f(1.0, "linear warm-up length in epochs (may be fractional)", bounds=">= 0")
+    clip_grad: float = _f(1.0, "maximum gradient norm; 0 turns clipping off", bounds=">= 0 (0: no clipping)")
     # auto: on GPUs bf16 where the card computes it natively (sm80+), fp16 with a GradScaler below; on CPUs
     # whichever of bf16 and fp32 a short timed probe finds faster on this machine (cached per machine).
     amp: str = _f("auto",
@@ -161,14 +197,16 @@ class TrainConfig:
         "compile time; off on CPUs, where it was measured not to pay), on, or off", choices=("auto", "on", "off"))
 
     # Data. The size is ResNet50's ImageNet resolution; the COMP5329 images are <= 320 px.
-    image_size: int = _f(224, "training crop and evaluation centre-crop size in pixels")
-    val_fraction: float = _f(0.1, "fraction of train.csv held out for validation (a seeded split by ImageID)")
+    image_size: int = _f(224, "training crop and evaluation centre-crop size in pixels",
+                         bounds=">= 32 (ResNet50 downsamples 32x)")
+    val_fraction: float = _f(0.1, "fraction of train.csv held out for validation (a seeded split by ImageID)",
+                             bounds="(0, 1)")
     seed: int = _f(0, "seed of the split, the initialisation, the data order and the augmentations")
     # None: resolved where the training process runs, from the CPUs it may use (Ray's reservation or the
     # process's CPU affinity), never on the machine that parsed the flags (mlc.data.loader.resolve_loader_workers).
     loader_workers: int | None = _f(None,
         "DataLoader worker processes per training process; default: chosen where the process runs, from the CPUs it may"
-        " use (Ray's reservation per worker, or this process's CPU affinity)")
+        " use (Ray's reservation per worker, or this process's CPU affinity)", bounds=">= 0")
     # The decode-once store (mlc.data.store): auto keeps decoded images in memory when they fit half of what
     # the node has free, else on local disk when half its free space holds them, else streams as without it.
     store: str = _f("auto",
@@ -177,51 +215,40 @@ class TrainConfig:
         "off), memory, disk, or off (read and decode every epoch)", choices=("auto", "memory", "disk", "off"))
     store_budget: float | None = _f(None,
         "GiB of memory the decoded-image store may take on a node; default auto: half of what is free when the "
-        "run starts")
+        "run starts", bounds=">= 0 GiB")
     # Off: an empty Labels cell is an image with none of the labels, which real multi-label data has (COCO ~1%,
     # mostly negatives in defect or moderation sets); dropping such rows teaches the model to over-predict.
     require_labels: bool = _f(False,
         "refuse a training row whose Labels field is empty, naming its line (default: such a row is an image "
         "with none of the labels, trained on as an all-negative example)")
-    max_bad_fraction: float = _f(0.01, "stop when more than this fraction of labelled images is unreadable")
-    max_image_pixels: int = _f(50_000_000, "refuse images with more pixels than this (decompression bombs)")
+    max_bad_fraction: float = _f(0.01, "stop when more than this fraction of labelled images is unreadable",
+                                 bounds="[0, 1]")
+    max_image_pixels: int = _f(50_000_000, "refuse images with more pixels than this (decompression bombs)",
+                               bounds=">= 1")
+
+    # Spot VMs are reclaimed at any moment: a step checkpoint is taken on notice (Ray's preemption notice,
+    # SIGTERM/SIGINT) and, for kills without one, at least this often. auto: 50 times the last checkpoint's
+    # write time (so writing them costs at most 2% of training), at least a minute (mlc.train.interrupts).
+    checkpoint_every: str = _f("auto",
+        "a step checkpoint at least this often inside an epoch, for kills without notice: a duration (90s, 10m, "
+        "1h), epoch (at epoch ends only), or auto: 50 times the last checkpoint's write time, so that they cost at "
+        "most 2 percent of the training time, and at least 1 minute")
+    # None: the share of the global batch at the run's first world size, so a resume on fewer workers (a lost
+    # Spot node) accumulates gradients instead of growing each GPU's batch past what fitted.
+    micro_batch: int | None = _f(None,
+        "rows per forward pass of one process: a larger share of the global batch (fewer workers after a node is "
+        "lost) is split into passes whose gradients are accumulated; default: the share at the run's first world "
+        "size", bounds=">= 1")
 
     # Settings that may change between a run and its resume without invalidating the checkpoint.
     RESUMABLE_CHANGES = ("epochs", "loader_workers", "output", "data", "images", "train_csv", "test_csv", "compile",
-                         "store", "store_budget", "require_labels")
+                         "store", "store_budget", "require_labels", "checkpoint_every", "micro_batch")
 
     def __post_init__(self):
-        problems = _non_finite(self) + _choice_problems(self)
-        if not 0 <= self.unfrozen_depth <= 4:
-            problems.append(f"--unfrozen-depth must be 0..4, got {self.unfrozen_depth}")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.epochs < 1:
-            problems.append(f"--epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            problems.append(f"--lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            problems.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.momentum < 1:
-            problems.append(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.warmup_epochs < 0:
-            problems.append(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
-        if self.clip_grad < 0:
-            problems.append(f"--clip-grad must be >= 0 (0: no clipping), got {self.clip_grad}")
-        if self.max_image_pixels < 1:
-            problems.append(f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
-        if not 0 < self.val_fraction < 1:
-            problems.append(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if self.image_size < 32:
-            problems.append(f"--image-size must be >= 32 (ResNet50 downsamples 32x), got {self.image_size}")
-        if self.store_budget is not None and self.store_budget < 0:
-            problems.append(f"--store-budget must be >= 0 GiB, got {self.store_budget}")
-        if self.loader_workers is not None and self.loader_workers < 0:
-            problems.append(f"--loader-workers must be >= 0, got {self.loader_workers}")
-        if not 0 <= self.max_bad_fraction <= 1:
-            problems.append(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
+        problems = _non_finite(self) + _choice_problems(self) + _bound_problems(self)
+        if self.checkpoint_every not in ("auto", "epoch") and parse_duration(self.checkpoint_every) is None:
+            problems.append(f"--checkpoint-every must be a duration (90s, 10m, 1h), epoch or auto, got "
+                            f"{self.checkpoint_every!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -248,27 +275,6 @@ class TrainConfig:
         return {k: (b[k], a[k]) for k in a if a[k] != b[k] and k not in self.RESUMABLE_CHANGES}
 
 
-# With no --data the job trains on the embedded demo set, offline, on a CPU in a few minutes: no ImageNet
-# download, small images, and the whole network trains (from scratch there is nothing worth freezing).
-DEMO_DEFAULTS = {
-    "output": "runs/demo",
-    # The demo shows the image pipeline. Its captions are generated from the labels ("a red disc and a blue
-    # square"), so a caption model scores 1.0 on them and would show nothing (mlc.data.demo.with_demo_data).
-    "inputs": "image",
-    "weights": "none",
-    "unfrozen_depth": 4,
-    "dropout": 0.0,
-    "image_size": 64,      # the demo images are 64 px; ResNet50 at 64 px trains at ~60 img/s on 2 CPU cores
-    "epochs": 6,
-    "lr": 2e-3,
-    "warmup_epochs": 0.5,
-    # fp32: training this small network from scratch under CPU bf16 autocast lost accuracy, measured on the
-    # 2-core dev CPU (best validation F1 0.890 vs 0.957 with seed 0, 0.890 vs 0.963 with seed 1), although
-    # bf16 steps were faster there. Fine-tuning ImageNet weights in bf16 is the usual practice on GPUs.
-    "amp": "off",
-}
-
-
 @dataclass(frozen=True)
 class ScaleConfig:
     # An int: a fixed group. (MIN, MAX) (--num-workers MIN-MAX): elastic, Ray Train starts with what fits
@@ -281,16 +287,21 @@ class ScaleConfig:
     gpus_per_worker: float | None = _f(None, _GPUS_HELP)
     cpus_per_worker: float | None = _f(None, _CPUS_HELP)
     max_failures: int = _f(3,
-        "worker-group failures (a lost Spot node included) recovered from the latest checkpoint before the run fails; "
-        "-1: no limit")
+        "worker-group failures (a lost node without notice included) recovered from the latest checkpoint before the "
+        "run fails; -1: no limit", bounds=">= -1 (-1: unlimited)")
+    # Unlimited: a Spot cluster loses nodes as a matter of course, and each notice costs at most a step.
+    max_preemptions: int = _f(-1,
+        "preemptions (a node drained as preempted, as Spot VMs are) recovered from the checkpoint taken on notice, "
+        "counted apart from --max-failures; -1: no limit", bounds=">= -1 (-1: unlimited)")
     name: str = _f("mlc",
         "stable run name: outputs and checkpoints go under --output/NAME/, and a rerun with the same name resumes")
     keep_checkpoints: int = _f(2,
-        "checkpoints kept by validation F1 in the run folder (Ray Train also always keeps the latest)")
+        "checkpoints kept by validation F1 in the run folder (Ray Train also always keeps the latest)", bounds=">= 1")
     wait_for_autoscaler: bool = _f(False, _WAIT_FOR_AUTOSCALER_HELP)
     wait_timeout: float = _f(DEFAULT_WAIT_S,
         "seconds to wait for the autoscaler to add the first workers' nodes before giving up")
-    resize_check_s: float = _f(60.0, "elastic groups: seconds between Ray Train's checks for room to grow")
+    resize_check_s: float = _f(60.0, "elastic groups: seconds between Ray Train's checks for room to grow",
+                               bounds="> 0")
 
     @property
     def min_workers(self) -> int:
@@ -305,7 +316,8 @@ class ScaleConfig:
         return self.min_workers != self.max_workers
 
     def __post_init__(self):
-        problems = _non_finite(self) + _worker_problems(self.gpus_per_worker, self.cpus_per_worker, self.wait_timeout)
+        problems = _non_finite(self) + _bound_problems(self) + _worker_problems(self.gpus_per_worker,
+                                                                                self.cpus_per_worker, self.wait_timeout)
         n = self.num_workers
         if isinstance(n, list):
             object.__setattr__(self, "num_workers", n := tuple(n))
@@ -315,12 +327,6 @@ class ScaleConfig:
             problems.append(f"--num-workers must be N or MIN-MAX, got {n!r}")
         elif self.min_workers < 1 or self.max_workers < self.min_workers:
             problems.append(f"--num-workers must be >= 1 (MIN-MAX with 1 <= MIN <= MAX), got {n!r}")
-        if self.max_failures < -1:
-            problems.append(f"--max-failures must be >= -1 (-1: unlimited), got {self.max_failures}")
-        if self.keep_checkpoints < 1:
-            problems.append(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if self.resize_check_s <= 0:
-            problems.append(f"--resize-check-s must be > 0, got {self.resize_check_s}")
         if not self.name or "/" in self.name or self.name in (".", ".."):
             problems.append(f"--name must be a non-empty folder name without '/', got {self.name!r}")
         if problems:
@@ -333,16 +339,16 @@ class SweepConfig:
 
     name: str = _f("sweep",
         "stable sweep name: everything goes under --output/NAME/, and a rerun with the same name resumes")
-    num_samples: int = _f(8, "trials to run")
+    num_samples: int = _f(8, "trials to run", bounds=">= 1")
     # one Ray Train worker (one GPU) per trial: more trials at once
-    workers_per_trial: int = _f(1, "Ray Train workers per trial (each one GPU when the cluster has GPUs)")
+    workers_per_trial: int = _f(1, "Ray Train workers per trial (each one GPU when the cluster has GPUs)", bounds=">= 1")
     gpus_per_worker: float | None = _f(None, _GPUS_HELP)
     cpus_per_worker: float | None = _f(None, _CPUS_HELP)
-    max_epochs: int = _f(10, "epochs of a trial that ASHA never stops")
+    max_epochs: int = _f(10, "epochs of a trial that ASHA never stops", bounds=">= 1")
     # ASHA lets every trial run this many epochs before it may stop it
     grace_epochs: int = _f(1, "epochs every trial runs before ASHA may stop it")
     # ASHA keeps the top 1/3 at each rung
-    reduction_factor: int = _f(3, "ASHA keeps the best 1/FACTOR of trials at each rung")
+    reduction_factor: int = _f(3, "ASHA keeps the best 1/FACTOR of trials at each rung", bounds=">= 2")
     # the learning-rate range, sampled log-uniformly
     lr_min: float = _f(1e-4, "lowest peak learning rate (log-uniform range)")
     lr_max: float = _f(1e-2, "highest peak learning rate (equal to --lr-min: a fixed rate)")
@@ -353,26 +359,17 @@ class SweepConfig:
     # 3, as jobs/train.py's: a trial is a Ray Train run and loses Spot nodes like one; a trial that keeps
     # failing still ends as an errored trial and the sweep goes on without it.
     max_failures: int = _f(3, "worker-group restarts per trial from its latest checkpoint (a lost Spot node "
-                           "included), as jobs/train.py's --max-failures; -1: no limit")
+                           "included), as jobs/train.py's --max-failures; -1: no limit", bounds=">= -1 (-1: unlimited)")
     search_seed: int = _f(0, "seed of the random search")
     wait_for_autoscaler: bool = _f(False, _WAIT_FOR_AUTOSCALER_HELP)
     wait_timeout: float = _f(DEFAULT_WAIT_S,
         "seconds to wait for the autoscaler to add the first trial's nodes before giving up")
 
     def __post_init__(self):
-        problems = _non_finite(self) + _worker_problems(self.gpus_per_worker, self.cpus_per_worker, self.wait_timeout)
-        if self.num_samples < 1:
-            problems.append(f"--num-samples must be >= 1, got {self.num_samples}")
-        if self.workers_per_trial < 1:
-            problems.append(f"--workers-per-trial must be >= 1, got {self.workers_per_trial}")
-        if self.max_epochs < 1:
-            problems.append(f"--max-epochs must be >= 1, got {self.max_epochs}")
+        problems = _non_finite(self) + _bound_problems(self) + _worker_problems(self.gpus_per_worker,
+                                                                                self.cpus_per_worker, self.wait_timeout)
         if not 1 <= self.grace_epochs <= self.max_epochs:
             problems.append(f"--grace-epochs must be in 1..--max-epochs ({self.max_epochs}), got {self.grace_epochs}")
-        if self.reduction_factor < 2:
-            problems.append(f"--reduction-factor must be >= 2, got {self.reduction_factor}")
-        if self.max_failures < -1:
-            problems.append(f"--max-failures must be >= -1 (-1: unlimited), got {self.max_failures}")
         if not 0 < self.lr_min <= self.lr_max:
             problems.append(f"--lr-min and --lr-max must satisfy 0 < min <= max, got {self.lr_min}, {self.lr_max}")
         if isinstance(self.inputs, str):

@@ -15,7 +15,7 @@ wrappers are unwrapped so a worker's ``TooManyBadImages`` exits as it would in l
 
 from __future__ import annotations
 
-# Exit codes; documented in docs/flags.md ("Exit codes"), checked by tests/test_errors.py.
+# Exit codes; documented in docs/errors.md, checked by tests/test_errors.py.
 USAGE = 2          # a bad flag or setting (argparse's own code for bad usage)
 DATA = 3           # input data: a missing or malformed table, no images folder, none of the listed images found
 OUTPUT = 4         # storage: the output cannot be written, access denied
@@ -25,7 +25,8 @@ DIVERGED = 7       # the loss or its gradient became non-finite
 RESUME = 8         # an existing checkpoint holds a run with other settings
 CLUSTER = 9        # the cluster can never hold the request, or its nodes did not come in time
 WORKERS = 10       # Ray workers failed past --max-failures for a reason not listed above
-INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT (after a step checkpoint in a training run)
+TERMINATED = 143   # SIGTERM, as shells report it: a training run stopped after a step checkpoint
 
 
 class MlcError(Exception):
@@ -61,6 +62,8 @@ KNOWN = {
     "mlc.model.checkpoint.ConfigMismatch": RESUME,
     "mlc.distributed.cluster.ClusterError": CLUSTER,
     "mlc.eval.scoring.SubmissionError": USAGE,
+    "mlc.train.interrupts.Terminated": TERMINATED,
+    "mlc.train.interrupts.Interrupted": INTERRUPTED,
 }
 
 # Ray's wrappers of a failure elsewhere: unwrapped to find the cause; alone they mean WORKERS.

@@ -7,6 +7,8 @@ tests/fixtures/ and resumed there. The code that reads settings sees only today'
 
 from __future__ import annotations
 
+import copy
+
 # TrainConfig keys that no longer exist, and what a reader is told when one was set to something other than
 # its old default (a setting that changed nothing is dropped without a word).
 REMOVED = {
@@ -16,7 +18,8 @@ REMOVED = {
 # Keys renamed: old -> new.
 RENAMED = {"num_workers": "loader_workers"}  # the DataLoader's setting, before Ray's --num-workers existed
 # Keys a training checkpoint has had since they were added, and their value in one saved before.
-STATE_DEFAULTS = {"tokenizer": None, "scaler": None, "bad_images": {}, "threshold": None}
+STATE_DEFAULTS = {"tokenizer": None, "scaler": None, "bad_images": {}, "threshold": None, "step": 0, "so_far": {},
+                  "reason": "epoch", "saved_at": None, "interruptions": [], "micro_batch": None, "table_key": None}
 
 
 def migrate(doc: dict, *, resolved: bool = False, where: str = "", log=None) -> dict:
@@ -30,7 +33,7 @@ def migrate(doc: dict, *, resolved: bool = False, where: str = "", log=None) -> 
     doc = dict(doc)
     if "model" in doc and "config" in doc:  # a training state
         for key, value in STATE_DEFAULTS.items():
-            doc.setdefault(key, value)
+            doc.setdefault(key, copy.copy(value))
     if isinstance(doc.get("config"), dict):  # a training state or a model's meta.json
         doc["config"] = _train(doc["config"], True, where, log)
         return doc

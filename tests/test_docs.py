@@ -11,8 +11,9 @@ DOCS = REPO / "docs"
 # The pages a user opens for one task, and the measurements, one page per area; gcp.md (a walk-through that
 # is read as one sequence of commands) is not split.
 TASK_PAGES = ["training.md", "ray-training.md", "sweeps.md", "prediction.md", "outputs.md", "speed.md", "flags.md",
+              "errors.md",
               "measurements.md", "measurements-cpu.md", "measurements-accuracy.md", "measurements-store.md",
-              "measurements-serving.md"]
+              "measurements-serving.md", "measurements-training-path.md", "measurements-spot.md"]
 PAGE_LIMIT = 10 * 1024
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 

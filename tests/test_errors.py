@@ -118,9 +118,10 @@ def test_a_bug_keeps_its_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("code", [errors.USAGE, errors.DATA, errors.OUTPUT, errors.WEIGHTS, errors.BAD_IMAGES,
-                                  errors.DIVERGED, errors.RESUME, errors.CLUSTER, errors.WORKERS])
+                                  errors.DIVERGED, errors.RESUME, errors.CLUSTER, errors.WORKERS,
+                                  errors.INTERRUPTED, errors.TERMINATED])
 def test_every_exit_code_is_documented(code):
-    text = (REPO / "docs" / "flags.md").read_text()
+    text = (REPO / "docs" / "errors.md").read_text()
     assert f"| {code} |" in text
 
 

@@ -587,3 +587,53 @@ def test_shipped_train_and_tune_commands_plan_gpu_workers_on_a_cluster_with_no_w
     # And the plan refuses what the node types can never hold, at once.
     with pytest.raises(cluster.ClusterError, match="at most 4"):
         cluster.check_feasible(c, {"CPU": 1.0, "GPU": 1.0}, 5, what="x", wait=False)
+
+
+def _drain_command(text: str) -> dict:
+    """The options of a `ray drain-node` command line (shell text)."""
+    words = text.replace("\\\n", " ").split()
+    start = words.index("drain-node")
+    out = {}
+    for k, w in enumerate(words[start + 1:], start + 1):
+        if w.startswith("--") and k + 1 < len(words):
+            out[w] = words[k + 1].rstrip(";")
+    return out
+
+
+def _cluster_commands_parse_with_rays_cli(opts: dict) -> None:
+    """The reason is one Ray's CLI accepts, and the deadline is a whole number of seconds."""
+    from ray.core.generated import autoscaler_pb2
+    assert opts["--reason"] == "DRAIN_NODE_REASON_PREEMPTION"
+    assert opts["--reason"] in autoscaler_pb2.DrainNodeReason.keys()
+    int(opts["--deadline-remaining-seconds"])
+
+
+def test_spot_gce_workers_drain_their_node_as_preempted_before_the_vm_goes():
+    """GCE powers a reclaimed Spot VM off 30 s after its notice and runs the shutdown script first: the script
+    drains the VM's own Ray node as preempted, with a deadline inside those 30 s."""
+    worker = yaml.safe_load(CLUSTER.read_text())["available_node_types"]["ray_worker_gpu"]["node_config"]
+    assert worker["scheduling"]["provisioningModel"] == "SPOT"
+    items = {i["key"]: i["value"] for i in worker["metadata"]["items"]}
+    script = items["shutdown-script"]
+    assert script.startswith("#!/bin/bash") and "docker exec ray_container ray drain-node" in script
+    opts = _drain_command(script)
+    _cluster_commands_parse_with_rays_cli(opts)
+    assert 10 <= int(opts["--deadline-remaining-seconds"]) <= 28  # inside the 30 s, with time for the script
+    assert "--node-id" not in opts  # its own node: the one the container runs
+
+
+def test_spot_pods_drain_their_node_as_preempted_and_live_until_the_deadline():
+    """Every worker pod of the k8s manifests: a preStop hook that drains its Ray node as preempted, then keeps the
+    pod alive until the deadline (SIGTERM comes only after preStop), all inside terminationGracePeriodSeconds."""
+    for where, spec in ray_cluster_specs():
+        for g in spec["workerGroupSpecs"]:
+            pod = g["template"]["spec"]
+            (container,) = [c for c in pod["containers"] if c["name"] == "ray-worker"]
+            command = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+            opts = _drain_command(command)
+            _cluster_commands_parse_with_rays_cli(opts)
+            deadline = int(opts["--deadline-remaining-seconds"])
+            sleep = int(command.rsplit("sleep", 1)[1].split()[0])
+            assert sleep >= deadline - 2, f"{where}: preStop returns before the deadline"
+            assert pod["terminationGracePeriodSeconds"] >= sleep + 5, f"{where}: the grace period ends first"
+            assert pod["terminationGracePeriodSeconds"] <= 30, f"{where}: longer than GKE Spot gives"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mlc.cli import config_from_args
-from mlc.config import DEMO_DEFAULTS, TrainConfig
+from mlc.config import TrainConfig
+from mlc.data.demo import DEMO_DEFAULTS
 from mlc.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -395,3 +395,101 @@ def test_an_elastic_run_that_loses_a_node_finishes_on_fewer_workers(dataset, tmp
     here, there = (pd.read_csv(d / "probabilities.csv") for d in (tmp_path / "again", tmp_path / "nodes"))
     assert here.ImageID.tolist() == there.ImageID.tolist()
     assert np.allclose(here.drop(columns="ImageID"), there.drop(columns="ImageID"), atol=1e-4)
+
+
+def note_my_node(folder: str, epoch: int, step: int, rank: int):
+    """An on_step hook: rank ``rank`` writes its node's id to ``folder``/node once (epoch, step) is done, then waits
+    3 s: these steps take a fraction of a second, and the run must not end before the drain's notice is seen."""
+    def hook(e, s):
+        import ray as ray_
+        if (e, s) == (epoch, step) and ray_.train.get_context().get_world_rank() == rank:
+            Path(folder, "node").write_text(ray_.get_runtime_context().get_node_id())
+            time.sleep(3)
+    return hook
+
+
+def preempt_mid_epoch(cfg: dict, scale: dict, spare: bool) -> dict:
+    """A run on a ray.cluster_utils cluster of 1-CPU worker nodes (one spare with ``spare``): once rank 1 has
+    done step 1 of epoch 2, its node is drained as preempted with an 8 s deadline (what GCE's shutdown script
+    and GKE's preStop do), and removed at the deadline."""
+    import threading
+    import ray as ray_
+    from ray._raylet import GcsClient
+    from ray.cluster_utils import Cluster
+    from ray.core.generated import autoscaler_pb2
+    from mlc.config import TrainConfig
+    from mlc.distributed.train import fit_distributed
+    from ray_head import FAST_TRAIN_POLL, free_port, node_ip
+
+    port = free_port()
+    os.environ["RAY_ADDRESS"] = f"{node_ip()}:{port}"
+    os.environ.pop("MLC_AUTOSCALER_CONFIG", None)
+    # Ray's watcher asks the GCS for drains every 0.5 s (5 s by default), and mlc polls it after every step
+    # (every 2 s of training by default): the notice lands inside this short epoch.
+    os.environ.update(FAST_TRAIN_POLL, RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.5", MLC_POLL_PERIOD_S="0",
+                      RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "gcs_server_port": port,
+        "dashboard_agent_listen_port": free_port(), "ray_client_server_port": free_port()})
+    try:
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(3 if spare else 2)]
+        ray_.init(address=cluster.address, log_to_driver=False)
+        marks = Path(cfg["output"]) / "marks"
+        marks.mkdir(parents=True)
+        outcome = {}
+
+        def run():
+            try:
+                outcome["summary"] = fit_distributed(TrainConfig(**cfg), ScaleConfig(**scale), progress=False,
+                                                     log=lambda *_: None, on_step=note_my_node(str(marks), 2, 1, 1))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                outcome["error"] = e
+
+        t = threading.Thread(target=run)
+        t.start()
+        deadline = time.time() + 300
+        while not (marks / "node").exists():
+            if not t.is_alive() or time.time() > deadline:
+                raise AssertionError(f"rank 1 never reached epoch 2: {outcome}")
+            time.sleep(0.05)
+        node_id = (marks / "node").read_text()
+        drain_at = time.time()
+        accepted, why = GcsClient(address=cluster.address).drain_node(
+            node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "a Spot reclaim",
+            int((drain_at + 8) * 1000))
+        assert accepted, why
+        time.sleep(max(0.0, drain_at + 8 - time.time()))
+        doomed = [n for n in cluster.worker_nodes if n.node_id == node_id]
+        assert doomed, f"rank 1 ran on node {node_id}, not one of {[n.node_id for n in cluster.worker_nodes]}"
+        cluster.remove_node(doomed[0])
+        t.join(600)
+        if t.is_alive() or "error" in outcome:
+            raise AssertionError(f"the run did not finish: {outcome.get('error')}")
+        run = Path(cfg["output"]) / scale["name"]
+        metrics = json.loads((run / "metrics.json").read_text())
+        return {"interruptions": metrics["interruptions"], "workers": [e["workers"] for e in metrics["epochs"]],
+                "images": [e["train_images"] for e in metrics["epochs"]], "state": str(run / "epoch_0002")}
+    finally:
+        ray_.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.parametrize("spare", [True, False], ids=["spare-node", "elastic-no-spare"])
+def test_a_preempted_node_costs_no_step_and_the_run_ends_where_an_undisturbed_one_does(uninterrupted, dataset,
+                                                                                       tmp_path, spare):
+    """Drained as preempted in the middle of epoch 2: a step checkpoint at the step the notice was seen, the
+    workers idle until the deadline, and Ray Train restarts the run from that step (on the spare node, or on
+    the one worker left of an elastic group). --max-failures 0: a preemption is not a failure."""
+    cfg = cfg_for(dataset, tmp_path, batch_size=8, **SPLIT_INVARIANT).to_dict()
+    scale = {"num_workers": 2 if spare else (1, 2), "name": "spot", "max_failures": 0, "resize_check_s": 5}
+    out = isolated(preempt_mid_epoch, cfg, scale, spare)
+    assert len(out["interruptions"]) == 1, out
+    (record,) = out["interruptions"]
+    assert (record["epoch"], record["reason"], record["steps_lost"]) == (2, "preemption", 0), record
+    assert 1 <= record["step"] < 3 and record["workers"] == (2 if spare else 1)
+    assert out["images"] == [24, 24]  # every training row of each epoch once: none twice, none left out
+    weights, straight = weights_of(out["state"]), weights_of(uninterrupted["run"] / "epoch_0002")
+    if spare:  # the same world size again: the same run, to the last bits of a gradient sum
+        assert_same_weights(weights, straight)
+    else:
+        assert l2_difference(weights, straight) < L2_VS_LOCAL

@@ -176,6 +176,22 @@ class Bench:
         train_one_epoch(self.new, counted, self.steps, epoch=1, progress=False)
         return counted.result()
 
+    def new_train_spot(self):
+        """mlc's training with what a Spot-native run adds to every step in one process: the step's own random
+        seed and a poll for notices (SIGTERM, SIGINT) with the checkpoint schedule after it."""
+        from mlc.train.engine import EpochHooks, train_one_epoch
+        from mlc.train.interrupts import Schedule, SignalListener
+        from mlc.train.loop import step_seed
+        schedule, signals = Schedule("auto"), SignalListener()
+
+        def after(step, totals):
+            schedule.proposal(step)
+            signals.notice()
+        counted = TimedAfterFirst(self._new_loader(True))
+        hooks = EpochHooks(seed=lambda step: step_seed(0, 1, step, 0), after=after)
+        train_one_epoch(self.new, counted, self.steps, epoch=1, progress=False, hooks=hooks)
+        return counted.result()
+
     def new_train_stored(self):
         """mlc's training from its second epoch on: every image already in the decode-once store (filled once,
         untimed, at the first call)."""
@@ -282,6 +298,7 @@ def run(paths, *, repeats: int = 2, batch_size: int = 16, image_size: int = 224,
     """Interleaved passes of every pipeline; the best img/s and the peak memory of each."""
     bench = Bench(paths, batch_size=batch_size, image_size=image_size, log=log)
     plan = [("2020", "train", bench.old_train), ("mlc", "train", bench.new_train),
+            ("mlc spot", "train", bench.new_train_spot),
             ("mlc store", "train", bench.new_train_stored), ("model only", "train", bench.model_train), ("2020", "predict", bench.old_predict),
             ("mlc", "predict", bench.new_predict), ("model only", "predict", bench.model_predict)]
     best: dict = {}

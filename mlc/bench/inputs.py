@@ -88,7 +88,7 @@ def compare(data: str, output: str, *, images: str | None = None, val_fraction: 
     rows.append(linear_baseline(sub, val_fraction, seed))
     log(f"  {rows[-1]}")
     # From scratch (no ImageNet download here), so as the demo trains: every stage, no dropout, fp32
-    # (from-scratch training under CPU bf16 lost accuracy, config.DEMO_DEFAULTS).
+    # (from-scratch training under CPU bf16 lost accuracy, mlc.data.demo.DEMO_DEFAULTS).
     scratch = dict(data=data, images=images, train_csv=storage.join(sub_root, "train.csv"),
                    test_csv=storage.join(sub_root, "test.csv"), weights="none", unfrozen_depth=4, dropout=0.0,
                    lr=2e-3, warmup_epochs=0.5, amp="off", image_size=image_size, val_fraction=val_fraction, seed=seed)

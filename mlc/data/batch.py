@@ -68,6 +68,21 @@ class Batch:
     def __len__(self) -> int:
         return len(self.index)
 
+    def split(self, rows: int | None) -> list["Batch"]:
+        """This batch in parts of at most ``rows`` rows (itself when it fits, or ``rows`` is None); each part keeps
+        the step's ``global_rows``, which the loss divides by, so the parts' gradients add up to the whole's."""
+        if rows is None or len(self) <= rows:
+            return [self]
+        out = []
+        for a in range(0, len(self), rows):
+            part = slice(a, a + rows)
+            out.append(Batch(self.index[part], self.targets[part], self.reads,
+                             images=self.images[part] if self.images is not None else None,
+                             boxes=self.boxes[part] if self.boxes is not None else None,
+                             tokens=self.tokens[part] if self.tokens is not None else None,
+                             names=self.names[part], global_rows=self.global_rows))
+        return out
+
     def pin_memory(self) -> "Batch":
         for name in ("images", "boxes", "targets"):
             value = getattr(self, name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import random
+import signal
 import threading
 from typing import Iterator
 
@@ -30,10 +31,12 @@ class RankBatches(torch.utils.data.Sampler):
 
     Evaluation (``shuffle=False``): every row once, dealt out round robin without padding or duplicates
     (so gathered scores cover the set exactly), then cut into this rank's batches of ``batch_size``.
+
+    ``first_step`` (training): the epoch resumed after that many global batches; the plan holds the rest.
     """
 
     def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
-                 world: int = 1, drop_last: bool = False):
+                 world: int = 1, drop_last: bool = False, first_step: int = 0):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world size {world}")
         if shuffle:
@@ -43,8 +46,9 @@ class RankBatches(torch.utils.data.Sampler):
             whole = [order[i:i + batch_size] for i in range(0, n, batch_size)]
             if drop_last and whole and len(whole[-1]) < batch_size:
                 whole.pop()
-            self.batches = [b[rank::world] for b in whole]
-            self.global_sizes = [len(b) for b in whole]
+            # A resumed epoch starts after the global batches already trained: they are never read.
+            self.batches = [b[rank::world] for b in whole[first_step:]]
+            self.global_sizes = [len(b) for b in whole[first_step:]]
         else:
             mine = list(range(n))[rank::world]
             self.batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
@@ -58,6 +62,9 @@ class RankBatches(torch.utils.data.Sampler):
 
 
 def _seed_worker(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: the training process handles it (a step checkpoint, then exit
+    # 130), and its loader processes must keep serving batches until then.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Anything a worker draws from numpy or random follows torch's per-worker seed.
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
@@ -152,14 +159,14 @@ class Loader:
 
 def make_loader(source: RowSource, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                 num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False, rank: int = 0,
-                world: int = 1) -> Loader:
+                world: int = 1, first_step: int = 0) -> Loader:
     """This rank's :class:`Loader` of one pass; order and augmentation depend only on (seed, epoch), so a
     resumed epoch repeats. ``batch_size`` is global when ``shuffle`` (training: the rows of one optimizer step
     over all ranks) and per rank otherwise (scoring)."""
     if shuffle:
         source.set_epoch(seed, epoch)
     plan = RankBatches(len(source), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world=world,
-                       drop_last=drop_last)
+                       drop_last=drop_last, first_step=first_step)
     return Loader(source, plan, workers=num_workers, pin_memory=pin_memory, seed=seed, epoch=epoch)
 
 

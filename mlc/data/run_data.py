@@ -6,6 +6,7 @@ decode-once store (:mod:`mlc.data.store`) when the node has room for it, else st
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +79,14 @@ class RunData:
     inputs: str = "image"
     tokenizer: Tokenizer | None = None
     tokens: list | None = None
+
+    @property
+    def key(self) -> str:
+        """What the training rows are (ImageIDs, labels, the split), hashed: the order of an epoch's rows follows
+        from them, so a run resumed inside an epoch must see the same."""
+        rows = [(i, list(labs)) for i, labs in zip(self.train_df.ImageID, self.train_df.Labels)]
+        text = json.dumps([rows, self.tr.tolist()], separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def use_tokenizer(self, tokenizer: Tokenizer) -> None:
         """Encode with ``tokenizer`` (a resumed run's saved one, whose ids its embedding was trained on)."""

@@ -26,11 +26,14 @@ metrics.json are the ones rank 0 trained with, returned by the workers.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import socket
 import tempfile
 import ray
 import ray.train
+import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -45,10 +48,11 @@ from mlc.io import storage
 from mlc.io.config_json import write_config
 from mlc.io.lock import LOCK_NAME
 from mlc.logs import verbosity
-from mlc.model.checkpoint import load_state
+from mlc.model.checkpoint import load_state, save_state
 from mlc.model.resnet import check_weights_found
 from mlc.train.driver import drive
 from mlc.train.group import EpochEnd, write_epoch
+from mlc.train.interrupts import Notice
 from mlc.train.loop import Trained, train
 from mlc.train.outputs import SCALAR_KEYS, write_metrics
 from mlc.train.run_folder import SCORE, best_of, epoch_dir, epoch_of, latest_epoch_checkpoint, publish_best
@@ -99,7 +103,7 @@ class RayGroup:
     def __init__(self, run_url: str, driver_host: str, tensorboard_url: str | None = None):
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.run_url = run_url
+        self.run_url = self.progress_url = run_url
         self.tensorboard_url = tensorboard_url or storage.join(run_url, "tensorboard")
         self.device = ray.train.torch.get_device()
         # The CPUs Ray reserved for this worker: the loader's processes are sized from them.
@@ -142,6 +146,38 @@ class RayGroup:
         # Progress for whoever watches the run folder; the driver rewrites it, complete, at the end.
         write_metrics(self.run_url, end.state["history"], end.cfg, complete=False)
 
+    def listening(self):
+        return contextlib.nullcontext()  # a Ray worker hears of a reclaimed node through Ray
+
+    def poll(self, due: bool, next_poll: int) -> tuple[Notice | None, bool, int]:
+        """Ray's preemption notice and rank 0's decisions, as rank 0 sees them, on every rank.
+
+        ``get_preemption_info()`` is a barrier every rank calls at the same steps, and returns rank 0's view; the
+        view goes with rank 0's decisions over the process group (gloo or NCCL) too, so that every rank acts
+        on one notice even where Ray's barriers were relaxed (they are not: see build_trainer)."""
+        info = ray.train.get_preemption_info()
+        mine = [float(due), float(next_poll), float(info is not None),
+                float(info.deadline_ms) / 1000 if info is not None and info.deadline_ms else -1.0]
+        if self.world > 1:
+            agreed = torch.tensor(mine, dtype=torch.float64, device=self.device)
+            dist.broadcast(agreed, src=0)
+            mine = agreed.tolist()
+        notice = Notice("preemption", deadline_s=mine[3] if mine[3] > 0 else None) if mine[2] else None
+        return notice, bool(mine[0]), int(mine[1])
+
+    def keep_step(self, state: dict) -> None:
+        """A step checkpoint, reported (every rank; rank 0 with the folder) without a validation score: Ray Train
+        ranks it below every epoch's and deletes it once a later checkpoint comes. Without ``epoch`` among its
+        metrics, Tune's ASHA passes it by."""
+        metrics = {"epochs_done": state["epoch"], "step": state["step"], "reason": state["reason"], SCORE: math.nan}
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="mlc-ckpt-") as d:
+            save_state(d, state)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
+                             checkpoint_dir_name=epoch_dir(state["epoch"], state["step"]))
+
 
 def _scalar_threshold(t: dict) -> float:
     """The percentile or global threshold's value; NaN for per-class thresholds (one per label)."""
@@ -168,6 +204,7 @@ def worker_main(config: dict) -> dict:
 
 def build_trainer(cfg: TrainConfig, run_url: str, *, name: str, storage_root: str, per_worker: dict,
                   num_workers, max_failures: int, keep_checkpoints: int, resize_check_s: float = 60.0,
+                  max_preemptions: int = -1,
                   driver_host: str, progress: bool = False, on_step=None, callbacks=None,
                   tensorboard_url: str | None = None) -> TorchTrainer:
     """The one place a Ray Train run is built, for ``fit_distributed`` and for every Tune trial.
@@ -189,7 +226,12 @@ def build_trainer(cfg: TrainConfig, run_url: str, *, name: str, storage_root: st
         scaling_config=scaling,
         run_config=RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=max_failures),
+            # Preemptions are counted apart from failures. Collectives stay strict (relax_collectives_on_preemption
+            # off): every rank, the preempted ones too, takes the step checkpoint together within seconds of the
+            # notice, well inside the drain window, so relaxing helps nothing; and once Ray relaxes its barriers
+            # the preempted ranks' next Ray collective waits on survivors that have gone on to the process
+            # group's collectives, a deadlock until the deadline (seen in tests/test_ray_train.py).
+            failure_config=FailureConfig(max_failures=max_failures, max_preemption_failures=max_preemptions),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints, checkpoint_score_attribute=SCORE,
                                                checkpoint_score_order="max"),
             callbacks=callbacks,
@@ -269,9 +311,11 @@ class RayMode:
         workers = f"{s.min_workers}..{s.max_workers} (elastic)" if s.elastic else str(s.num_workers)
         self.log(f"Ray Train: {workers} workers x {cluster.fmt_resources(self.per_worker)} "
                  f"({'NCCL on GPUs' if gpus else 'gloo on CPUs'}), global batch {cfg.batch_size}, run folder "
-                 f"{self.run_url}, up to {s.max_failures} restarts")
+                 f"{self.run_url}, up to {s.max_failures} restarts after failures and "
+                 f"{'any number' if s.max_preemptions < 0 else s.max_preemptions} after preemptions")
         trainer = build_trainer(cfg, self.run_url, name=s.name, storage_root=self.output, per_worker=self.per_worker,
                                 num_workers=s.num_workers, max_failures=s.max_failures,
+                                max_preemptions=s.max_preemptions,
                                 keep_checkpoints=s.keep_checkpoints, resize_check_s=s.resize_check_s,
                                 driver_host=ray.util.get_node_ip_address(), progress=self.progress,
                                 on_step=self.on_step)
@@ -280,7 +324,8 @@ class RayMode:
         latest = load_state(latest_epoch_checkpoint(self.run_url))
         back = result.return_value or {}
         world = int(back.get("workers") or latest["history"][-1].get("workers") or s.min_workers)
-        trained = Trained(latest["history"], latest["bad_images"], back.get("device"), back.get("precision"), False)
+        trained = Trained(latest["history"], latest["bad_images"], back.get("device"), back.get("precision"), False,
+                          latest["interruptions"])
         return trained, {"score_test": self._scorer(cfg, data, world, gpus), "workers": world,
                          "driver": socket.gethostname()}
 

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import pickle
+import time
 
 import numpy as np
 import torch
@@ -46,13 +47,29 @@ class ConfigMismatch(ValueError):
     """A checkpoint holds a run with other settings than the ones given to resume it."""
 
 
+# Why a checkpoint was taken: at an epoch's end, or inside one (``step`` > 0) on a preemption notice, on a
+# signal (SIGTERM, SIGINT) or because --checkpoint-every had passed.
+REASONS = ("epoch", "preemption", "signal", "time")
+
+
 def make(*, model: dict, optimizer, scheduler, scaler, epoch: int, best_f1: float, history: list,
-         cfg: TrainConfig, vocab: LabelVocab, threshold: dict, bad_images: dict, tokenizer: Tokenizer | None) -> dict:
-    """The resumable training state after ``epoch`` (``model``: the bare module's state_dict)."""
+         cfg: TrainConfig, vocab: LabelVocab, threshold: dict | None, bad_images: dict, tokenizer: Tokenizer | None,
+         step: int = 0, so_far: dict | None = None, reason: str = "epoch", interruptions: list = (),
+         micro_batch: int | None = None, table_key: str | None = None) -> dict:
+    """The resumable training state (``model``: the bare module's state_dict) once ``epoch`` epochs and ``step``
+    global batches of the next are done. ``so_far``: that next epoch's running totals (loss sum, images,
+    steps, seconds), so its history row covers every step however often it was interrupted; ``reason`` one of
+    :data:`REASONS`; ``interruptions`` every restart of the run so far (metrics.json lists them);
+    ``micro_batch`` the rows per forward pass the run resolved; ``table_key`` what the training rows were
+    (:attr:`mlc.data.run_data.RunData.key`): a resume inside an epoch must see the same rows in the same order."""
+    if reason not in REASONS:
+        raise ValueError(f"checkpoint reason {reason!r} is not one of {REASONS}")
     return {"model": model, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch, "best_f1": best_f1,
-            "history": history, "config": cfg.to_dict(), "labels": vocab.labels, "threshold": threshold,
-            "bad_images": dict(bad_images), "tokenizer": tokenizer.to_dict() if tokenizer else None}
+            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch, "step": step,
+            "so_far": dict(so_far or {}), "best_f1": best_f1, "history": history, "config": cfg.to_dict(),
+            "labels": vocab.labels, "threshold": threshold, "bad_images": dict(bad_images),
+            "tokenizer": tokenizer.to_dict() if tokenizer else None, "reason": reason, "saved_at": time.time(),
+            "interruptions": list(interruptions), "micro_batch": micro_batch, "table_key": table_key}
 
 
 def model_meta(state: dict, metrics: dict) -> dict:
@@ -61,8 +78,9 @@ def model_meta(state: dict, metrics: dict) -> dict:
             "metrics": metrics, "tokenizer": state["tokenizer"]}
 
 
-def check_resumable(state: dict, cfg: TrainConfig, vocab: LabelVocab, url: str) -> None:
-    """Refuse to resume ``state`` (read from ``url``) with settings or labels that would train another model."""
+def check_resumable(state: dict, cfg: TrainConfig, vocab: LabelVocab, url: str, table_key: str | None = None) -> None:
+    """Refuse to resume ``state`` (read from ``url``) with settings, labels or rows that would train another model
+    (batch size and seed among the settings: they decide the order of the rows)."""
     diff = cfg.differences(TrainConfig.from_dict(state["config"]))
     if diff:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -71,6 +89,10 @@ def check_resumable(state: dict, cfg: TrainConfig, vocab: LabelVocab, url: str) 
     if state["labels"] != vocab.labels:
         raise ConfigMismatch(f"{url} was trained on labels {state['labels']}, the data now has {vocab.labels}; "
                              "use --fresh or another --output")
+    if state["table_key"] is not None and table_key is not None and state["table_key"] != table_key:
+        raise ConfigMismatch(f"{url} was trained on other rows: the training table changed (rows added, removed, "
+                             "reordered or relabelled), so the data order of its epochs would change; restore the "
+                             "table, or use --fresh or another --output")
 
 
 def _torch_bytes(obj) -> bytes:

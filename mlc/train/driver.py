@@ -61,10 +61,8 @@ def drive(cfg: TrainConfig, url: str, mode: Mode, *, fresh: bool, log, progress:
         if previous is not None:
             state = load_state(previous)
             # Compared as the training processes compare it: --inputs auto resolved against the tables.
-            check_resumable(state, cfg.replace(inputs=data.inputs), data.vocab, previous)
-            log(f"resuming from {previous}: epoch {state['epoch']} done, training continues at epoch "
-                f"{state['epoch'] + 1} of {cfg.epochs}" if state["epoch"] < cfg.epochs else
-                f"resuming from {previous}: all {state['epoch']} epochs done; writing the outputs")
+            check_resumable(state, cfg.replace(inputs=data.inputs), data.vocab, previous, data.key)
+            log(_resume_line(previous, state, cfg.epochs))
         mode.before_start(cfg, data)
         if fresh:
             replace(url, mode.owned(), log)
@@ -72,10 +70,21 @@ def drive(cfg: TrainConfig, url: str, mode: Mode, *, fresh: bool, log, progress:
             mode.write_config()
         trained, extra = mode.train(cfg, data)
         summary = finish(cfg, url, data, trained.history, trained.bad_images, t_start=t_start, log=log,
-                         progress=progress, precision=trained.precision, device=trained.device, **extra)
+                         progress=progress, precision=trained.precision, device=trained.device,
+                         interruptions=trained.interruptions, **extra)
         if previous is not None:
             mode.write_config()
         return summary
+
+
+def _resume_line(previous: str, state: dict, epochs: int) -> str:
+    if state["step"]:
+        return (f"resuming from {previous}: epoch {state['epoch'] + 1} continues after step {state['step']} "
+                f"({state['reason']} checkpoint)")
+    if state["epoch"] < epochs:
+        return f"resuming from {previous}: epoch {state['epoch']} done, training continues at epoch " \
+               f"{state['epoch'] + 1} of {epochs}"
+    return f"resuming from {previous}: all {state['epoch']} epochs done; writing the outputs"
 
 
 def replace(url: str, names: list[str], log) -> None:

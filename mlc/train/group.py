@@ -9,6 +9,7 @@ implements the same and differs only in reporting to Ray and finding its checkpo
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +23,7 @@ from mlc.io import storage
 from mlc.model.checkpoint import load_state, save_model, save_state
 from mlc.model.device import pick_device
 from mlc.prediction.submission import write_predictions
+from mlc.train.interrupts import Notice, SignalListener
 from mlc.train.outputs import write_metrics
 from mlc.train.run_folder import latest_epoch_checkpoint
 
@@ -48,6 +50,7 @@ class Group(Protocol):
     device: torch.device
     cpus: int | None          # CPUs reserved for this process (Ray's reservation); None: its CPU affinity
     tensorboard_url: str
+    progress_url: str         # the run folder: progress.json (mlc.train.interrupts) and step checkpoints
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module the steps run (DDP across the group); the bare one is kept for checkpoints and scoring."""
@@ -60,6 +63,16 @@ class Group(Protocol):
 
     def end_epoch(self, end: EpochEnd) -> None:
         """Keep the epoch's checkpoint; called by every rank (on Ray it is a barrier)."""
+
+    def listening(self) -> AbstractContextManager:
+        """While training: notices this process should hear (SIGTERM and SIGINT in one process)."""
+
+    def poll(self, due: bool, next_poll: int) -> tuple[Notice | None, bool, int]:
+        """A notice for this run, and rank 0's ``(due, next_poll)`` as every rank agrees on them; every rank calls
+        it at the same steps (on Ray it is a barrier)."""
+
+    def keep_step(self, state: dict) -> None:
+        """Keep a step checkpoint (mlc.model.checkpoint.make with ``step`` > 0); called by every rank."""
 
 
 def write_epoch(folder: str, end: EpochEnd, *, state: bool, model: bool) -> None:
@@ -74,11 +87,13 @@ def write_epoch(folder: str, end: EpochEnd, *, state: bool, model: bool) -> None
 
 
 class LocalGroup:
-    """One process: the first GPU or the CPU; checkpoints in ``<output>/checkpoint``, best model in ``best/``."""
+    """One process: the first GPU or the CPU; checkpoints in ``<output>/checkpoint`` (a step checkpoint replaces the
+    epoch's there), best model in ``best/``; SIGTERM and SIGINT are notices."""
     rank, world, cpus = 0, 1, None
 
     def __init__(self, out: str):
-        self.out = out
+        self.out = self.progress_url = out
+        self.signals = SignalListener()
         self.ckpt_url, self.best_url = storage.join(out, "checkpoint"), storage.join(out, "best")
         self.tensorboard_url = storage.join(out, "tensorboard")
         self.device = pick_device()
@@ -103,3 +118,12 @@ class LocalGroup:
             write_epoch(self.best_url, end, state=False, model=True)
         write_epoch(self.ckpt_url, end, state=True, model=False)
         write_metrics(self.out, end.state["history"], end.cfg, complete=False)
+
+    def listening(self) -> SignalListener:
+        return self.signals
+
+    def poll(self, due: bool, next_poll: int) -> tuple[Notice | None, bool, int]:
+        return self.signals.notice(), due, 0  # no barrier to pay here: poll after every step
+
+    def keep_step(self, state: dict) -> None:
+        save_state(self.ckpt_url, state)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+import signal
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,9 +21,10 @@ from mlc.eval.thresholds import evaluate
 from mlc.model import checkpoint
 from mlc.model.fusion import for_scoring
 from mlc.model.precision import NAMES
-from mlc.model.resnet import bare_state_dict
 from mlc.prediction.scores import predict_scores
-from mlc.train.engine import train_one_epoch
+from mlc.train.engine import EpochHooks, train_one_epoch
+from mlc.train.interrupts import (TEARDOWN_MARGIN_S, Interrupted, Notice, Schedule, Terminated, describe,
+                                  first_step, write_progress)
 from mlc.train.group import EpochEnd, Group
 from mlc.train.outputs import SCALAR_KEYS
 from mlc.train.setup import Run, setup
@@ -30,58 +33,135 @@ from mlc.train.tracking import Board
 
 @dataclass
 class Trained:
-    """What a training process hands back: the history, the unreadable images met, and what it trained on."""
+    """What a training process hands back: the history, the unreadable images met, what it trained on, and every
+    interruption of the run (mlc.train.interrupts)."""
     history: list
     bad_images: dict
     device: torch.device
     precision: str
     resumed: bool
+    interruptions: list = field(default_factory=list)
 
 
 def train(cfg: TrainConfig, group: Group, data: RunData, *, log=print, progress: bool = True,
           on_step=None) -> Trained:
     """Train ``cfg.epochs`` epochs in this process. Each rank trains on its share of every global batch;
     validation scores are gathered, so every rank computes the same metrics over the whole validation set
-    and makes the same best-epoch decision."""
+    and makes the same best-epoch decision. A run resumed inside an epoch continues at the step it stopped."""
+    started = time.monotonic()
     say = log if group.rank == 0 else (lambda *_: None)
     run = setup(cfg, group, data, say)
+    guard = Guard(run, group, say, started, on_step)
     # The store is closed however training ends; the last process on the node to close it removes it.
-    with run.store if run.store is not None else contextlib.nullcontext():
+    with run.store if run.store is not None else contextlib.nullcontext(), group.listening():
         board = Board(group.tensorboard_url, log=say) if group.rank == 0 and run.start_epoch <= cfg.epochs else None
-        loader = _train_loader(run, group, run.start_epoch)
+        loader = _train_loader(run, group, run.start_epoch, run.start_step)
         for epoch in range(run.start_epoch, cfg.epochs + 1):
-            _seed_epoch(cfg.seed, epoch, group.rank)
+            first, so_far = (run.start_step, run.so_far) if epoch == run.start_epoch else (0, {})
+            lr = so_far.get("lr", run.steps.optimizer.param_groups[0]["lr"])
+            # The totals of the steps before a resume are the whole group's: rank 0 carries them, so that the
+            # gathered epoch adds them once whatever the world size now.
+            so_far = {k: v for k, v in so_far.items() if k != "lr"} if group.rank == 0 else {}
             # The validation loader's workers start now and have their first batches ready when training ends,
             # and the next epoch's start during validation: the device never waits for a loader to start.
             val_loader = _val_loader(run, group)
-            lr = run.steps.optimizer.param_groups[0]["lr"]
             stats = train_one_epoch(run.step_model, loader, run.steps, epoch=epoch, bad_images=run.budget,
                                     progress=progress and group.rank == 0, desc=f"epoch {epoch}/{cfg.epochs} train",
-                                    on_step=on_step)
-            loader = _train_loader(run, group, epoch + 1) if epoch < cfg.epochs else None
+                                    hooks=guard.hooks(epoch, lr), first_step=first, so_far=so_far)
+            loader = _train_loader(run, group, epoch + 1, 0) if epoch < cfg.epochs else None
             end = validate(run, group, val_loader, epoch, stats, lr, progress=progress and group.rank == 0)
-            group.end_epoch(end)
+            guard.timed(lambda: group.end_epoch(end))
             say(_epoch_line(end, cfg.epochs))
             if board is not None:
                 board.epoch(end.metrics)
         if board is not None:
             board.finish(run.data.vocab.labels, run.history)
     return Trained(run.history, dict(run.budget.bad), run.device, NAMES[run.steps.amp_dtype],
-                   run.resumed_from is not None)
+                   run.resumed_from is not None, run.interruptions)
 
 
-def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    # Dropout's random stream is a function of (seed, epoch, rank): a resumed or restarted epoch
-    # repeats exactly without saving generator states.
-    torch.manual_seed((seed * 1_000_003 + epoch) * 1009 + rank)
+def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """The seed of the random stream a step draws from (dropout): a function of the step alone, so a run resumed at
+    any step, or restarted, repeats it without saving generator states."""
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1009 + rank
 
 
-def _train_loader(run: Run, group: Group, epoch: int) -> Loader | None:
+class Guard:
+    """What happens between the steps of an epoch: the fault-drill hook, the polls for notices on the schedule
+    every rank shares, step checkpoints on a notice or when one is due, and the first step after a restart
+    (its interruption record)."""
+
+    def __init__(self, run: Run, group: Group, log, started: float, on_step=None):
+        self.run, self.group, self.log, self.started, self.on_step = run, group, log, started, on_step
+        self.schedule = Schedule(run.cfg.checkpoint_every)
+        self.progress: list = []
+        self.handled: tuple | None = None  # (deadline,) of the preemption already checkpointed
+
+    def hooks(self, epoch: int, lr: float) -> EpochHooks:
+        rank = self.group.rank
+        return EpochHooks(seed=lambda step: step_seed(self.run.cfg.seed, epoch, step, rank),
+                          after=lambda step, totals: self.after(epoch, step, totals, lr))
+
+    def timed(self, keep) -> None:
+        """Keep a checkpoint (``keep()``), timing it for --checkpoint-every auto."""
+        t = time.monotonic()
+        keep()
+        self.schedule.checkpointed(time.monotonic() - t)
+
+    def after(self, epoch: int, step: int, totals, lr: float) -> None:
+        if self.run.pending is not None:
+            self._first_step_after_restart()
+        if self.on_step is not None:
+            self.on_step(epoch, step)
+        done = (epoch - 1) * self.run.steps_per_epoch + step  # steps since the run's start: polls span epochs
+        if done < self.schedule.next_poll:
+            return
+        due, next_poll = self.schedule.proposal(done) if self.group.rank == 0 else (False, 0)
+        notice, due, self.schedule.next_poll = self.group.poll(due, next_poll)
+        if self.group.rank == 0:
+            write_progress(self.group.progress_url, epoch, step, self.progress)
+        if notice is not None and notice.reason == "preemption" and self.handled == (notice.deadline_s,):
+            notice = None
+        if notice is None and not due:
+            return
+        reason = notice.reason if notice is not None else "time"
+        mine = totals()
+        parts = self.group.all_gather(mine)  # the epoch's totals so far over every rank
+        so_far = {k: sum(p[k] for p in parts) for k in ("loss_sum", "images")}
+        so_far.update(steps=mine["steps"], seconds=max(p["seconds"] for p in parts), lr=lr)
+        state = self.run.state(epoch - 1, step=step, so_far=so_far, reason=reason)
+        self.timed(lambda: self.group.keep_step(state))
+        self.log(f"step checkpoint ({reason}) in epoch {epoch} after step {step}")
+        if notice is not None:
+            self._act_on(notice, epoch, step)
+
+    def _act_on(self, notice: Notice, epoch: int, step: int) -> None:
+        if notice.reason == "signal":
+            raise (Terminated if notice.signum == signal.SIGTERM else Interrupted)(self.group.progress_url, epoch, step)
+        # Preempted: idle until Ray tears the group down at the deadline and restarts it from the checkpoint
+        # (steps trained now would be thrown away). Past the deadline and a margin, nothing came: go on.
+        self.handled = (notice.deadline_s,)
+        until = (notice.deadline_s or time.time()) + TEARDOWN_MARGIN_S
+        self.log(f"preemption notice: waiting for the restart (deadline in "
+                 f"{max(0.0, (notice.deadline_s or time.time()) - time.time()):.0f} s)")
+        while time.time() < until:
+            time.sleep(0.5)
+        self.log("preemption notice: no restart came; training goes on")
+
+    def _first_step_after_restart(self) -> None:
+        record = first_step(self.run.pending, self.group.world, time.monotonic() - self.started)
+        self.run.pending = None
+        self.run.interruptions.append(record)
+        self.log(describe(record))
+
+
+def _train_loader(run: Run, group: Group, epoch: int, first_step: int) -> Loader | None:
+    """This rank's batches of ``epoch`` from ``first_step`` on: the steps before it are never read."""
     if epoch > run.cfg.epochs:
         return None
     return make_loader(run.train_source, run.cfg.batch_size, shuffle=True, seed=run.cfg.seed, epoch=epoch,
                        num_workers=run.loader_workers, pin_memory=run.device.type == "cuda", drop_last=run.drop_last,
-                       rank=group.rank, world=group.world).start()
+                       rank=group.rank, world=group.world, first_step=first_step).start()
 
 
 def _val_batch(run: Run, group: Group) -> int:
@@ -117,10 +197,8 @@ def validate(run: Run, group: Group, val_loader: Loader, epoch: int, stats: dict
     run.history.append(row)
     is_best = metrics["f1_samples"] > run.best_f1
     run.best_f1 = max(run.best_f1, metrics["f1_samples"])
-    state = checkpoint.make(model=bare_state_dict(run.model), optimizer=run.steps.optimizer,
-                            scheduler=run.steps.scheduler, scaler=run.steps.scaler, epoch=epoch, best_f1=run.best_f1,
-                            history=run.history, cfg=cfg, vocab=data.vocab, threshold=metrics["threshold"],
-                            bad_images=run.budget.bad, tokenizer=data.tokenizer)
+    run.threshold = metrics["threshold"]
+    state = run.state(epoch)
     meta = checkpoint.model_meta(state, {k: metrics[k] for k in SCALAR_KEYS})
     return EpochEnd(epoch, state, row, is_best, meta, data.train_df.ImageID.values[data.va], probs, ok, truth,
                     data.vocab, cfg)

@@ -2,7 +2,9 @@
 Train itself kept is read in :mod:`mlc.distributed.ray_folder`).
 
 ``<run>/`` holds one ``epoch_NNNN/`` per checkpoint Ray Train kept (each a complete local-mode folder:
-``state.pt``, ``model.pt``, ``labels.json``, ``meta.json``, validation predictions), Ray Train's
+``state.pt``, ``model.pt``, ``labels.json``, ``meta.json``, validation predictions), the latest step checkpoint
+``epoch_NNNN_step_SSSSSS/`` when one was taken inside epoch NNNN+1 (``state.pt`` only: its weights are not
+validated; it has no score, so Ray Train deletes it once a later checkpoint comes), Ray Train's
 ``checkpoint_manager_snapshot.json`` (which checkpoints it kept, with their metrics; the source of truth
 for resume and for choosing best/), and, once the run has finished, ``best/`` and local mode's outputs.
 A sweep folder holds one such run folder per trial, named by the trial id.
@@ -24,16 +26,20 @@ BEST_FILES = ("model.pt", "labels.json", "val_predictions.csv", "val_probabiliti
 OPTIONAL_BEST_FILES = ("tokenizer.json",)
 
 
-def epoch_dir(epoch: int) -> str:
-    return f"{EPOCH_PREFIX}{epoch:04d}"
+def epoch_dir(epoch: int, step: int = 0) -> str:
+    """The folder of the checkpoint after ``epoch`` epochs and ``step`` global batches of the next: in name order,
+    as in training order."""
+    return f"{EPOCH_PREFIX}{epoch:04d}" + (f"_step_{step:06d}" if step else "")
 
 
 def epoch_of(name: str) -> int:
-    return int(os.path.basename(name.rstrip("/"))[len(EPOCH_PREFIX):])
+    """The epochs done in the checkpoint folder ``name`` (a step checkpoint's: those before its epoch)."""
+    return int(os.path.basename(name.rstrip("/"))[len(EPOCH_PREFIX):].split("_")[0])
 
 
 def latest_epoch_checkpoint(run_url: str) -> str | None:
-    """The newest ``epoch_NNNN`` folder under ``run_url`` that holds a state.pt."""
+    """The newest checkpoint folder (``epoch_NNNN``, or a step checkpoint's) under ``run_url`` that holds a
+    state.pt."""
     if not storage.isdir(run_url):
         return None
     names = sorted((n for n in storage.listdir(run_url) if n.startswith(EPOCH_PREFIX)), reverse=True)

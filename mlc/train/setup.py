@@ -13,14 +13,16 @@ from mlc.data.run_data import BadImageBudget, RunData, open_sources
 from mlc.data.sources import RowSource
 from mlc.data.loader import resolve_loader_workers
 from mlc.data.tokenizer import Tokenizer
+from mlc.model import checkpoint
 from mlc.model.checkpoint import check_resumable
 from mlc.model.compiling import decide as decide_compile
 from mlc.model.device import available_cpus, prepare_device
 from mlc.model.fusion import build, text_lr_scale
 from mlc.model.precision import NAMES, needs_grad_scaler, pick_amp_dtype
-from mlc.model.resnet import trainable_parameter_groups
+from mlc.model.resnet import bare_state_dict, trainable_parameter_groups
 from mlc.train.engine import StepContext, make_optimizer, warmup_cosine
 from mlc.train.group import Group
+from mlc.train.interrupts import interruption
 
 
 @dataclass
@@ -41,13 +43,27 @@ class Run:
     steps_per_epoch: int
     drop_last: bool
     start_epoch: int = 1
+    start_step: int = 0          # global batches of start_epoch already trained (a checkpoint inside it)
+    so_far: dict = field(default_factory=dict)  # that epoch's running totals before start_step
     best_f1: float = -math.inf
     history: list = field(default_factory=list)
+    threshold: dict | None = None  # the last validated epoch's
+    interruptions: list = field(default_factory=list)
+    pending: dict | None = None  # this restart's interruption record, completed at its first step
     resumed_from: str | None = None
 
     @property
     def device(self) -> torch.device:
         return self.steps.device
+
+    def state(self, epoch: int, *, step: int = 0, so_far: dict | None = None, reason: str = "epoch") -> dict:
+        """The checkpoint of this run once ``epoch`` epochs and ``step`` global batches of the next are done."""
+        return checkpoint.make(model=bare_state_dict(self.model), optimizer=self.steps.optimizer,
+                               scheduler=self.steps.scheduler, scaler=self.steps.scaler, epoch=epoch, step=step,
+                               so_far=so_far, reason=reason, best_f1=self.best_f1, history=self.history, cfg=self.cfg,
+                               vocab=self.data.vocab, threshold=self.threshold, bad_images=self.budget.bad,
+                               tokenizer=self.data.tokenizer, interruptions=self.interruptions,
+                               micro_batch=self.steps.micro_batch, table_key=self.data.key)
 
 
 def setup(cfg: TrainConfig, group: Group, data: RunData, log) -> Run:
@@ -56,10 +72,13 @@ def setup(cfg: TrainConfig, group: Group, data: RunData, log) -> Run:
     cfg = cfg.replace(inputs=data.inputs)  # saved resolved: a checkpoint says what its network reads
     state, where = group.latest()
     if state is not None:
-        check_resumable(state, cfg, data.vocab, where)
+        check_resumable(state, cfg, data.vocab, where, data.key)
         if state["tokenizer"]:
             data.use_tokenizer(Tokenizer.from_dict(state["tokenizer"], where))
     steps = _precision(cfg, group, log)
+    # Rows per forward pass: as set, else as the run first resolved it, else the share at this world size, so
+    # that a resume on fewer workers accumulates instead of growing each process's batch.
+    steps.micro_batch = cfg.micro_batch or (state or {}).get("micro_batch") or math.ceil(cfg.batch_size / group.world)
     workers = resolve_loader_workers(cfg.loader_workers, group.cpus or available_cpus(), steps.device)
     log(f"device {steps.device}, precision {NAMES[steps.amp_dtype]}{' with loss scaling' if steps.scaler else ''}, "
         f"{workers} loader workers per process ({group.cpus or available_cpus()} CPUs), torch "
@@ -72,11 +91,11 @@ def setup(cfg: TrainConfig, group: Group, data: RunData, log) -> Run:
     per_epoch = len(data.tr) // cfg.batch_size if drop_last else 1
     steps.optimizer, steps.scheduler = _optimizer(cfg, model, per_epoch, steps.device, log)
     train_source, val_source, store = open_sources(cfg, data, log)
-    run = Run(cfg, data, model, _step_model(cfg, group, model, state, len(data.tr), log), steps, train_source,
+    run = Run(cfg, data, model, _step_model(cfg, group, model, state, len(data.tr), steps, log), steps, train_source,
               val_source, store, BadImageBudget(len(data.train_df), cfg.max_bad_fraction, log=log), workers,
               per_epoch, drop_last)
     if state is not None:
-        _restore(run, state, where, log)
+        _restore(run, state, where, group.progress_url, log)
     return run
 
 
@@ -99,10 +118,14 @@ def _model(cfg: TrainConfig, data: RunData, state: dict | None, device, log) -> 
     return model.to(device, memory_format=torch.channels_last)
 
 
-def _step_model(cfg: TrainConfig, group: Group, model, state: dict | None, n_train: int, log) -> torch.nn.Module:
+def _step_model(cfg: TrainConfig, group: Group, model, state: dict | None, n_train: int, steps: StepContext,
+                log) -> torch.nn.Module:
     """The module the steps run: DDP across the group, compiled when it pays (each rank compiles its own copy
-    and trains its share of the images: the share is what pays the compile back)."""
+    and trains its share of the images: the share is what pays the compile back). ``steps.no_sync`` becomes
+    DDP's, for the passes of a split share before its last."""
     wrapped = group.wrap(model)
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        steps.no_sync = wrapped.no_sync
     left = max(0, cfg.epochs - (state["epoch"] if state else 0))
     compiled, why = decide_compile(cfg.compile, group.device.type, n_train * left // group.world, cfg.unfrozen_depth)
     log(why)
@@ -123,13 +146,17 @@ def _optimizer(cfg: TrainConfig, model, steps_per_epoch: int, device, log):
     return optimizer, schedule
 
 
-def _restore(run: Run, state: dict, where: str, log) -> None:
+def _restore(run: Run, state: dict, where: str, progress_url: str | None, log) -> None:
     """Continue from ``state``: optimizer, schedule and loss-scaler states, the history, the unreadable images."""
     run.steps.optimizer.load_state_dict(state["optimizer"])
     run.steps.scheduler.load_state_dict(state["scheduler"])
     if run.steps.scaler is not None and state["scaler"]:
         run.steps.scaler.load_state_dict(state["scaler"])
-    run.history, run.best_f1, run.start_epoch = state["history"], state["best_f1"], state["epoch"] + 1
+    run.history, run.best_f1, run.threshold = state["history"], state["best_f1"], state["threshold"]
+    run.start_epoch, run.start_step, run.so_far = state["epoch"] + 1, state["step"], state["so_far"]
     run.budget.bad.update(state["bad_images"])
+    run.interruptions = list(state["interruptions"])
+    run.pending = interruption(state, run.steps_per_epoch, progress_url)
     run.resumed_from = where
-    log(f"restored epoch {state['epoch']} from {where}: weights, optimizer, schedule, history")
+    at = f"epoch {state['epoch']}" + (f" and {state['step']} steps of epoch {state['epoch'] + 1}" if state["step"] else "")
+    log(f"restored {at} from {where}: weights, optimizer, schedule, history")
