@@ -5,16 +5,18 @@ or gs://. On a cluster (RAY_ADDRESS set, e.g. under `ray job submit`) the app is
 Serve keeps it running (`serve shutdown` or `serve status` with the Ray CLI). Without RAY_ADDRESS a local Ray
 is started and the job serves until Ctrl-C.
 
-Routes: POST /predict (the image as the body, or a multipart form with 'image' and optionally 'caption');
-GET /labels; GET /healthz. Replicas batch concurrent requests (--max-batch-size, --batch-wait-ms) and take
-whole GPUs when the cluster has them (--gpus-per-replica); with --max-replicas above --min-replicas Serve
-scales the replicas with the queue.
+Routes: POST /predict (the image as the body, or a multipart form with 'image' and, for a caption model,
+'caption'); GET /labels; GET /healthz. Replicas batch concurrent requests (--max-batch-size, --batch-wait-ms)
+and take whole GPUs when the cluster has them (--gpus-per-replica); with --max-replicas above --min-replicas
+Serve scales the replicas with the queue. With a token (--auth-token-file, or $MLC_SERVE_TOKEN) /predict and
+/labels need 'Authorization: Bearer <token>'; a --host other than loopback needs one. Serve's address is the
+cluster's: deploying again on another --host or --port is refused (exit 2) while Serve runs.
 
 examples:
   python jobs/serve.py --checkpoint runs/demo                 # http://127.0.0.1:8000/predict, until Ctrl-C
   curl -s --data-binary @image.jpg http://127.0.0.1:8000/predict
   ray job submit --working-dir . -- python jobs/serve.py --checkpoint gs://b/sweeps/s1 --host 0.0.0.0 \\
-      --min-replicas 1 --max-replicas 4
+      --min-replicas 1 --max-replicas 4       # the token from $MLC_SERVE_TOKEN on the head
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from mlc.cli import add_log_args, run_job  # noqa: E402
+from mlc.distributed.serve_http import (DEFAULT_READ_TIMEOUT_S, MIN_UPLOAD_RATE, TOKEN_ENV,  # noqa: E402
+                                        check_exposure, read_token, token_digest)
 from mlc.errors import UsageError  # noqa: E402
 
 
@@ -54,27 +58,44 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "its batch (default: %(default)s)")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body accepted, MB "
                    "(default: %(default)s)")
+    p.add_argument("--read-timeout-s", type=float, default=DEFAULT_READ_TIMEOUT_S,
+                   help="seconds a client has to start sending its request body, which must then keep up "
+                   f"{MIN_UPLOAD_RATE // 1024} KiB/s; else 408 (default: %(default)s)")
+    p.add_argument("--auth-token-file", default=None,
+                   help=f"file holding the token clients send as 'Authorization: Bearer <token>' on /predict and "
+                   f"/labels; needed when --host is not loopback (default: ${TOKEN_ENV} if set, else no token)")
     add_log_args(p)
     return p
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """Every usage check, before anything heavy is imported; returns the token (None: no token)."""
+    problems = []
+    max_replicas = args.max_replicas if args.max_replicas is not None else args.min_replicas
+    if args.min_replicas < 1 or max_replicas < args.min_replicas:
+        problems.append(f"--min-replicas/--max-replicas must satisfy 1 <= min <= max, got {args.min_replicas}, "
+                        f"{max_replicas}")
+    if (args.max_batch_size < 1 or args.batch_wait_ms < 0 or args.max_body_mb <= 0 or args.cpus_per_replica <= 0
+            or args.read_timeout_s <= 0):
+        problems.append("--max-batch-size >= 1, --batch-wait-ms >= 0, --max-body-mb > 0, --cpus-per-replica > 0 and "
+                        "--read-timeout-s > 0")
+    if args.gpus_per_replica is not None and args.gpus_per_replica < 0:
+        problems.append(f"--gpus-per-replica must be >= 0, got {args.gpus_per_replica}")
+    if problems:
+        raise UsageError("; ".join(problems))
+    token = read_token(args.auth_token_file, os.environ)
+    check_exposure(args.host, token is not None)
+    return token
+
+
 def main(args: argparse.Namespace) -> int:
+    token = check_args(args)
     from mlc.distributed import cluster, serve
     from mlc.distributed.cluster import ensure_ray
     from mlc.logs import say
     from mlc.prediction.checkpoints import load_predictor
 
     max_replicas = args.max_replicas if args.max_replicas is not None else args.min_replicas
-    problems = []
-    if args.min_replicas < 1 or max_replicas < args.min_replicas:
-        problems.append(f"--min-replicas/--max-replicas must satisfy 1 <= min <= max, got {args.min_replicas}, "
-                        f"{max_replicas}")
-    if args.max_batch_size < 1 or args.batch_wait_ms < 0 or args.max_body_mb <= 0 or args.cpus_per_replica <= 0:
-        problems.append("--max-batch-size >= 1, --batch-wait-ms >= 0, --max-body-mb > 0 and --cpus-per-replica > 0")
-    if args.gpus_per_replica is not None and args.gpus_per_replica < 0:
-        problems.append(f"--gpus-per-replica must be >= 0, got {args.gpus_per_replica}")
-    if problems:
-        raise UsageError("; ".join(problems))
     load_predictor(args.checkpoint)  # an unusable checkpoint fails here, not in every replica
     started_here = not os.environ.get("RAY_ADDRESS")
     ensure_ray(say)
@@ -85,9 +106,11 @@ def main(args: argparse.Namespace) -> int:
     url = serve.run(args.checkpoint, host=args.host, port=args.port, route_prefix=args.route_prefix, name=args.name,
                     min_replicas=args.min_replicas, max_replicas=max_replicas, gpus=gpus,
                     cpus=args.cpus_per_replica, max_batch_size=args.max_batch_size,
-                    batch_wait_s=args.batch_wait_ms / 1000, max_body=int(args.max_body_mb * 2**20), log=say)
+                    batch_wait_s=args.batch_wait_ms / 1000, max_body=int(args.max_body_mb * 2**20),
+                    read_timeout_s=args.read_timeout_s, token_sha256=token_digest(token) if token else None, log=say)
     say(f"routes: {serve.describe(url)}")
-    say(f"try: curl -s --data-binary @IMAGE.jpg {url}/predict")
+    header = ' -H "Authorization: Bearer $TOKEN"' if token else ""
+    say(f"try: curl -s{header} --data-binary @IMAGE.jpg {url}/predict")
     if started_here:  # this process's Ray ends with it: serve until interrupted
         import time
         say("serving until Ctrl-C (the local Ray started here ends with this process)")

@@ -1,84 +1,51 @@
 """A trained model as an HTTP service on Ray Serve (jobs/serve.py).
 
-Routes (under the app's route prefix, ``/`` by default):
+Routes (exactly these, under the app's route prefix, ``/`` by default):
 
 - ``POST /predict``: one image, as the raw request body or as the ``image`` part of a multipart/form-data
-  body, with an optional caption (``caption`` form field or ``?caption=`` query parameter). Answers
-  ``{"labels": [...], "scores": {label: probability}, "model": {...}, "batch_size": n}``: the labels the
-  run's chosen threshold keeps, every label's probability, the model's identity (checkpoint, epoch,
-  sha256) and how many requests the replica scored in that forward pass.
-- ``GET /labels``: the label vocabulary and the threshold; ``GET /healthz``: the model's identity.
+  body, with a caption (``caption`` form field or ``?caption=`` query parameter) for a model that reads one.
+  Answers ``{"labels": [...], "scores": {label: probability}, "model": {...}, "batch_size": n}``: the labels the
+  run's chosen threshold keeps, every label's probability, the model's identity (checkpoint, epoch, sha256)
+  and how many requests the replica scored in that forward pass.
+- ``GET /labels``: the label vocabulary and the threshold; ``GET /healthz``: ``{"status": "ok"}`` and, to a
+  caller with the token (or when there is none), the model's identity.
 
-Requests are batched on each replica (``serve.batch``), so a GPU replica scores many images per forward
-pass. Decoding follows training's rules (:func:`mlc.io.images.decode_image`: any format PIL reads, the
-pixel limit checked from the header before decoding) and the same evaluation transform, so a served image
-gets the scores jobs/predict.py gives it. A bad request gets a 4xx with ``{"error": ...}`` saying what was
-wrong; nothing a client sends can end a replica.
+With a token (``token_sha256``) /predict and /labels need ``Authorization: Bearer <token>``. Requests are
+batched on each replica (``serve.batch``), so a GPU replica scores many images per forward pass. The body is
+read with a deadline and the byte limit (:func:`mlc.distributed.serve_http.read_body`); the form is parsed and
+the image decoded in a thread, so the event loop keeps answering others meanwhile. Decoding follows
+training's rules (:func:`mlc.io.images.decode_image`: any format PIL reads, the pixel limit checked from the
+header before decoding) and the same evaluation transform, so a served image gets the scores jobs/predict.py
+gives it. A bad request gets a 4xx with ``{"error": ...}`` saying what was wrong; nothing a client sends can
+end a replica.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.parser
-import email.policy
 import json
 import time
-from urllib.parse import parse_qs
 
 import numpy as np
 import torch
 
-# What one request may carry: the largest real COMP5329 JPEG is under 100 KB, a phone photo a few MB.
-DEFAULT_MAX_BODY = 20 * 2**20
+from mlc.distributed.serve_http import (DEFAULT_MAX_BODY, DEFAULT_READ_TIMEOUT_S, RequestError, authorized,
+                                        check_route, jpeg_shortfall, json_safe, parse_body, read_body, route_of,
+                                        unauthorized)
+
 DEFAULT_BATCH = 16
 DEFAULT_BATCH_WAIT_S = 0.01
-
-
-class RequestError(Exception):
-    """A bad request: its HTTP status and a message for the client."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-def parse_body(body: bytes, content_type: str, query: str) -> tuple[bytes | None, str | None]:
-    """``(image bytes or None, caption or None)`` from a raw or multipart/form-data body."""
-    caption = parse_qs(query).get("caption", [None])[0]
-    if content_type.lower().startswith("multipart/form-data"):
-        msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            f"Content-Type: {content_type}\r\n\r\n".encode("latin-1") + body)
-        if not msg.is_multipart():
-            raise RequestError(400, "malformed multipart/form-data body (no parts; check the boundary)")
-        image = None
-        for part in msg.iter_parts():
-            name = part.get_param("name", header="content-disposition")
-            if name == "image":
-                image = part.get_payload(decode=True) or b""
-            elif name == "caption":
-                caption = (part.get_payload(decode=True) or b"").decode("utf-8", errors="replace")
-            else:
-                raise RequestError(400, f"unexpected form field {str(name)[:40]!r}; send 'image' and optionally 'caption'")
-        return image, caption
-    return (body or None), caption
-
-
-def json_safe(obj):
-    """``obj`` with every non-finite float as None: JSON has no NaN (a threshold saved without its validation
-    F1 holds one), and a response must always be valid JSON."""
-    if isinstance(obj, float):
-        return obj if np.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
+# Request slots per replica beyond the two batches (one scored, one forming): a request holds its slot while
+# its body arrives, so slow senders (each cut off by the read deadline) must outnumber these to delay anyone;
+# each costs a coroutine, not model work (serve.batch bounds that).
+UPLOAD_SLOTS = 64
 
 
 class Classifier:
     """One Serve replica: the model built once, requests decoded here and scored in batches."""
 
-    def __init__(self, checkpoint: str, *, max_body: int = DEFAULT_MAX_BODY):
+    def __init__(self, checkpoint: str, *, max_body: int = DEFAULT_MAX_BODY,
+                 read_timeout_s: float = DEFAULT_READ_TIMEOUT_S, token_sha256: str | None = None):
         from mlc.data.transforms import eval_transform
         from mlc.distributed.predict import actor_device
         from mlc.model.device import prepare_device
@@ -100,19 +67,25 @@ class Classifier:
                       unfrozen_depth=self.cfg.unfrozen_depth, dropout=self.cfg.dropout, weights=state,
                       freeze_bn=self.cfg.freeze_bn, log=lambda *_: None)
         self.model = for_scoring(model, self.amp_dtype).to(self.device, memory_format=torch.channels_last).eval()
-        self.max_body = max_body
+        self.max_body, self.read_timeout_s, self.token_sha256 = max_body, read_timeout_s, token_sha256
 
     # -- the request's inputs ---------------------------------------------------------------------------------
+    def _inputs(self, body: bytes, content_type: str, query: str) -> tuple:
+        """The model's inputs from a whole body; run in a thread (a form's parse and a decode take CPU time)."""
+        return self._decode(*parse_body(body, content_type, query))
+
     def _decode(self, image: bytes | None, caption: str | None) -> tuple:
         from mlc.io.images import BadImageError, decode_image
         if caption is not None and self.tokenizer is None:
             raise RequestError(400, "this model reads images only (--inputs image); send the image without a caption")
-        tokens = self.tokenizer.encode(caption or "") if self.tokenizer is not None else None
+        if caption is None and self.tokenizer is not None:
+            # Scored with an empty caption, an image alone would get other scores than the client expects.
+            raise RequestError(400, f"this model reads {self.cfg.inputs}: send a caption (form field 'caption' or "
+                                    "?caption=; an empty one as ?caption=)")
+        tokens = self.tokenizer.encode(caption) if self.tokenizer is not None else None
         if not self.reads_images:
             if image:
                 raise RequestError(400, "this model reads captions only (--inputs caption); send a caption, no image")
-            if caption is None:
-                raise RequestError(400, "send a caption (form field 'caption' or ?caption=)")
             return None, tokens
         if not image:
             raise RequestError(400, "no image: send its bytes as the body, or a multipart form field 'image'")
@@ -121,6 +94,9 @@ class Classifier:
         except BadImageError as e:
             status = 413 if e.kind == "too_large" else 415 if e.kind in ("not_image", "empty") else 422
             raise RequestError(status, e.reason) from None
+        shortfall = jpeg_shortfall(image)
+        if shortfall:
+            raise RequestError(422, f"corrupt image ({shortfall})")
         return self.transform(img), tokens
 
     # -- scoring ---------------------------------------------------------------------------------------------
@@ -150,37 +126,33 @@ class Classifier:
                 "scores": {lab: round(float(p), 7) for lab, p in zip(self.vocab.labels, probs)},
                 "model": self.identity, "batch_size": batch}
 
-    async def handle(self, method: str, path: str, headers: dict, query: str, read_body) -> tuple[int, dict]:
-        """``(status, JSON body)`` for one request; what a client sent never raises out of here."""
+    async def handle(self, method: str, route: str, headers, query: str, receive) -> tuple[int, dict, dict]:
+        """``(status, JSON body, headers)`` for one request (``route``: its path below the app's route prefix,
+        ``receive``: its ASGI receive); what a client sent never raises out of here."""
         try:
-            route = "/" + path.strip("/").rsplit("/", 1)[-1] if path.strip("/") else "/"
+            check_route(method, route)
+            allowed = self.token_sha256 is None or authorized(headers, self.token_sha256)
             if route == "/healthz":
-                return 200, {"status": "ok", "model": self.identity}
+                return 200, {"status": "ok", **({"model": self.identity} if allowed else {})}, {}
+            if not allowed:
+                raise unauthorized(headers)
             if route == "/labels":
-                return 200, {"labels": self.vocab.labels, "threshold": self.choice.to_dict(), "model": self.identity}
-            if route != "/predict":
-                return 404, {"error": f"no route {path!r}; use POST /predict, GET /labels or GET /healthz"}
-            if method != "POST":
-                return 405, {"error": "POST an image to /predict"}
-            length = headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body:
-                return 413, {"error": f"request body of {int(length)} bytes; at most {self.max_body} are accepted"}
-            body = await read_body()
-            if len(body) > self.max_body:
-                return 413, {"error": f"request body over {self.max_body} bytes"}
-            image, caption = parse_body(body, headers.get("content-type", ""), query)
-            x, tokens = await asyncio.to_thread(self._decode, image, caption)
+                return 200, {"labels": self.vocab.labels, "threshold": self.choice.to_dict(),
+                             "model": self.identity}, {}
+            body = await read_body(receive, self.max_body, headers.get("content-length"), self.read_timeout_s)
+            x, tokens = await asyncio.to_thread(self._inputs, body, headers.get("content-type", ""), query)
             probs, batch = await self._score((x, tokens))
-            return 200, self.answer(probs, batch)
+            return 200, self.answer(probs, batch), {}
         except RequestError as e:
-            return e.status, {"error": e.message}
+            return e.status, {"error": e.message}, e.headers
         except Exception as e:  # noqa: BLE001 - a bug must cost one request, never the replica
-            return 500, {"error": f"internal error ({type(e).__name__}); the replica goes on serving"}
+            return 500, {"error": f"internal error ({type(e).__name__}); the replica goes on serving"}, {}
 
 
 def deployment(checkpoint: str, *, min_replicas: int = 1, max_replicas: int = 1, gpus: float = 0.0,
                cpus: float = 1.0, max_batch_size: int = DEFAULT_BATCH, batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
-               max_body: int = DEFAULT_MAX_BODY):
+               max_body: int = DEFAULT_MAX_BODY, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+               token_sha256: str | None = None):
     """The Serve application: :class:`Classifier` replicas behind Serve's HTTP proxy."""
     from ray import serve
     from starlette.responses import JSONResponse
@@ -189,9 +161,11 @@ def deployment(checkpoint: str, *, min_replicas: int = 1, max_replicas: int = 1,
         _score = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s)(Classifier._score)
 
         async def __call__(self, request):
-            status, body = await self.handle(request.method, request.url.path, dict(request.headers),
-                                             request.url.query, request.body)
-            return JSONResponse(json_safe(body), status_code=status)
+            scope = request.scope
+            status, body, headers = await self.handle(
+                request.method, route_of(scope["path"], scope.get("root_path", "")), request.headers,
+                scope.get("query_string", b"").decode("latin-1"), request.receive)
+            return JSONResponse(json_safe(body), status_code=status, headers=headers)
 
     Replica.__name__ = Replica.__qualname__ = "Classifier"
     scaling = ({"num_replicas": min_replicas} if min_replicas == max_replicas else
@@ -199,19 +173,40 @@ def deployment(checkpoint: str, *, min_replicas: int = 1, max_replicas: int = 1,
                                        # a replica is busy once a full batch waits for it
                                        "target_ongoing_requests": max_batch_size}})
     dep = serve.deployment(Replica, name="Classifier", ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
-                           # room for a batch being scored and the next one forming
-                           max_ongoing_requests=2 * max_batch_size, **scaling)
-    return dep.bind(checkpoint, max_body=max_body)
+                           # a batch being scored, the next one forming, and uploads still arriving
+                           max_ongoing_requests=2 * max_batch_size + UPLOAD_SLOTS, **scaling)
+    return dep.bind(checkpoint, max_body=max_body, read_timeout_s=read_timeout_s, token_sha256=token_sha256)
+
+
+def running_address() -> tuple[str, int] | None:
+    """``(host, port)`` Serve's proxies listen on in this cluster, or None when Serve is not running. Serve keeps
+    the address it started with (serve.start only warns that it ignores new options) and has no public call
+    that reads it: the controller client's http_config is what its proxies were started with."""
+    from ray.serve.context import _get_global_client
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else (client.http_config.host, client.http_config.port)
 
 
 def run(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/", name: str = "mlc",
         log=print, **options) -> str:
-    """Deploy (or update) the app on the cluster this process is connected to; returns its URL."""
+    """Deploy (or update) the app on the cluster this process is connected to; returns the URL it serves at.
+    Refused (:class:`mlc.errors.UsageError`, before anything changes) when Serve already listens elsewhere."""
     from ray import serve
+
+    from mlc.distributed.serve_http import check_exposure
+    from mlc.errors import UsageError
+    check_exposure(host, options.get("token_sha256") is not None)
+    running = running_address()
+    if running is not None and running != (host, port):
+        apps = ", ".join(sorted(serve.status().applications)) or "none"
+        raise UsageError(f"Serve already runs on this cluster, listening on {running[0]}:{running[1]} (apps: {apps}), "
+                         f"not {host}:{port}; its address stays while it runs: deploy with --host {running[0]} "
+                         f"--port {running[1]}, or stop it first (`serve shutdown` ends every app)")
     serve.start(http_options={"host": host, "port": port})
     t = time.perf_counter()
     serve.run(deployment(checkpoint, **options), name=name, route_prefix=route_prefix, blocking=False)
-    url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
+    serving = running_address()
+    url = f"http://{serving[0]}:{serving[1]}{route_prefix.rstrip('/')}"
     log(f"serving {checkpoint} at {url}/predict ({time.perf_counter() - t:.1f} s to deploy)")
     return url
 
