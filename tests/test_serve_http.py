@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mlc.io.images import jpeg_shortfall
 from mlc.distributed.serve_http import (MIN_UPLOAD_RATE, RequestError, authorized, check_exposure, check_route,
-                                        jpeg_shortfall, parse_body, parse_form, read_body, read_token, route_of,
+                                        parse_body, parse_form, read_body, read_token, route_of,
                                         token_digest)
 from mlc.errors import UsageError
 
@@ -182,3 +183,14 @@ def test_a_jpeg_whose_header_claims_more_than_its_data_is_found(real_data):
     images = sorted(Path(real_data / "images").glob("*.jpg"))[:300]
     assert images and not [p for p in images if jpeg_shortfall(p.read_bytes())]
     assert jpeg_shortfall(b"\x89PNG\r\n") is None and jpeg_shortfall(b"\xff\xd8" + b"\xff" * 10**6) is None
+
+
+def test_training_and_prediction_refuse_such_a_jpeg_too():
+    """The check lives in mlc.io.images.decode_image: a training row with such an image is skipped and named
+    like any corrupt one, instead of training on grey pixels that are not in the file."""
+    from mlc.io.images import BadImageError, decode_image
+    small = _jpeg((8, 8))
+    assert decode_image(small, "ok.jpg").size == (8, 8)
+    with pytest.raises(BadImageError) as e:
+        decode_image(_claim(small, 7000, 7000), "big.jpg", max_pixels=None)
+    assert e.value.kind == "corrupt" and "declares more pixels" in e.value.reason

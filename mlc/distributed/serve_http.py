@@ -211,60 +211,6 @@ def _field_name(heads: bytes) -> str:
     return str(part.get_param("name", "", header="content-disposition"))
 
 
-# -- the image's data --------------------------------------------------------------------------------------------
-# Start-of-frame markers of Huffman-coded JPEGs (baseline, extended, progressive): every block of every scan
-# costs at least one bit, so the coded data holds at least one bit per MCU of the declared size. Arithmetic
-# coding (C9-CB, CD-CF) can go below one bit; lossless and hierarchical files PIL does not read either way.
-_HUFFMAN_SOF = (0xC0, 0xC1, 0xC2)
-_OTHER_SOF = (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
-_SEGMENT = re.compile(rb"(?<=\xff)[\x01-\xfe]")  # a marker's code (after 0xFF and any fill bytes)
-_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # the end of a scan's coded data: a marker, not 0xFF00 or RSTn
-# A JPEG has a few dozen segments (a progressive one about ten scans); past this many, no verdict.
-_MAX_SEGMENTS = 10_000
-
-
-def jpeg_shortfall(data: bytes) -> str | None:
-    """Why a JPEG's coded data is too short for the size its header declares, or None. libjpeg fills what is
-    missing with grey and only warns (PIL drops the warning), so a 7000 x 7000 header over a few hundred bytes
-    would decode 'successfully' into a picture that is not in the file. Regular expressions find the markers and
-    the ends of scans: the time is linear in the file's size whatever it holds."""
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    at, mcus, coded = 2, 0, 0
-    for _ in range(_MAX_SEGMENTS):
-        found = _SEGMENT.search(data, at)
-        if found is None or found.group() == b"\xd9":  # the end of the image
-            break
-        marker, at = found.group()[0], found.end()
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
-            continue
-        if marker in _OTHER_SOF:
-            return None
-        length = int.from_bytes(data[at:at + 2], "big")
-        if marker in _HUFFMAN_SOF:
-            mcus = _mcus(data[at + 2:at + length])
-        at += length
-        if marker == 0xDA:  # start of scan: its coded data runs to the next marker
-            end = _SCAN_END.search(data, at)
-            coded += (end.start() if end else len(data)) - at
-            at = end.start() if end else len(data)
-    if mcus and coded * 8 < mcus:
-        return f"its header declares more pixels than its {coded:,} bytes of image data can hold"
-    return None
-
-
-def _mcus(frame: bytes) -> int:
-    """Minimum coded units of a start-of-frame segment: precision, height, width, then per component its id,
-    sampling factors (4 bits each) and table; 0 when the height is left to a later DNL segment."""
-    if len(frame) < 6:
-        return 0
-    height, width = int.from_bytes(frame[1:3], "big"), int.from_bytes(frame[3:5], "big")
-    sampling = frame[7:6 + 3 * frame[5]:3]
-    h_max = max((s >> 4 for s in sampling), default=1) or 1
-    v_max = max((s & 15 for s in sampling), default=1) or 1
-    return math.ceil(width / (8 * h_max)) * math.ceil(height / (8 * v_max))
-
-
 def json_safe(obj):
     """``obj`` with every non-finite float as None: JSON has no NaN (a threshold saved without its validation
     F1 holds one), and a response must always be valid JSON."""
