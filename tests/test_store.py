@@ -208,21 +208,26 @@ def test_the_key_changes_with_any_image_the_order_and_the_size(tmp_path):
 def test_where_the_store_goes(roots, monkeypatch):
     mem, disk = roots
     n, side = 100, 96
-    need = st.nbytes(n, side)
-    root, msg = store_choice.choose("auto", None, n, side, "k")
-    assert root == str(mem) and "in memory" in msg
-    root, msg = store_choice.choose("auto", need / 2 / 2**30, n, side, "k")  # over the memory budget: local disk
-    assert root == str(disk) and "local disk" in msg and "memory budget" in msg
-    monkeypatch.setattr(store_choice, "free_bytes", lambda r: need)  # half the disk is not enough: stream
-    root, msg = store_choice.choose("auto", 0.0, n, side, "k")
+    need, small = st.nbytes(n, side), st.nbytes(n, side, st.compact_bytes(side))
+    keys = {"raw": "k", "compact": "kc"}
+    root, slot, msg = store_choice.choose("auto", None, n, side, keys)
+    assert root == str(mem) and slot is None and "raw, in memory" in msg
+    # over the memory budget for raw pixels, not for JPEG slots: compact, in memory, with the decode rate said
+    root, slot, msg = store_choice.choose("auto", (need + small) / 2 / 2**30, n, side, keys)
+    assert root == str(mem) and slot == st.compact_bytes(side) and "compact, in memory" in msg
+    assert "images/s a core" in msg and "do not fit" in msg
+    root, slot, msg = store_choice.choose("auto", small / 2 / 2**30, n, side, keys)  # neither fits memory: disk
+    assert root == str(disk) and slot is None and "local disk" in msg and "memory" in msg
+    monkeypatch.setattr(store_choice, "free_bytes", lambda r: small)  # half the disk holds neither: stream
+    root, slot, msg = store_choice.choose("auto", 0.0, n, side, keys)
     assert root is None and "streaming" in msg and "--store-budget" in msg
     with pytest.raises(ValueError, match="--store memory"):
-        store_choice.choose("memory", 0.0, n, side, "k")
-    assert store_choice.choose("off", None, n, side, "k")[0] is None
-    s = st.open_store(str(disk), "k", n, side)  # already made by another process: used wherever it is
+        store_choice.choose("memory", 0.0, n, side, keys)
+    assert store_choice.choose("off", None, n, side, keys)[0] is None
+    s = st.open_store(str(disk), "kc", n, side, st.compact_bytes(side))  # made by another process: used there
     try:
-        root, msg = store_choice.choose("auto", 0.0, n, side, "k")
-        assert root == str(disk) and "already using it" in msg
+        root, slot, msg = store_choice.choose("auto", 0.0, n, side, keys)
+        assert root == str(disk) and slot == st.compact_bytes(side) and "already using it" in msg
     finally:
         s.close()
 

@@ -88,6 +88,14 @@ class RowSource(Dataset):
                      tokens=[self.captions[i] for i in rows] if self.captions is not None else None,
                      names=[self.urls[i].rsplit("/", 1)[-1] for i in rows], skipped=skipped)
 
+    def _crop(self, i: int, img) -> torch.Tensor:
+        """Row ``i``'s decoded image transformed on the CPU, from the row's own seed this epoch."""
+        if self.epoch_seed is None:
+            return self.transform(img)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.epoch_seed + i) % 2**63)
+            return self.transform(img)
+
     # Read-ahead: the next batch this process will be asked for starts fetching before this one is decoded.
 
     def set_plan(self, batches, num_workers: int) -> None:
@@ -157,12 +165,6 @@ class StreamTable(RowSource):
         batch = self._made([i for i, _ in crops], [c for c in out if isinstance(c, Skipped)], images=images)
         return batch.pin_memory() if pin_memory else batch
 
-    def _crop(self, i: int, img) -> torch.Tensor:
-        if self.epoch_seed is None:
-            return self.transform(img)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.epoch_seed + i) % 2**63)
-            return self.transform(img)
 
 
 class StoredTable(RowSource):
