@@ -52,6 +52,7 @@ KNOWN = {
     "mlc.io.storage.ObjectNotFound": DATA,      # an input (table, image folder) that is not there
     "builtins.FileNotFoundError": DATA,
     "mlc.io.storage.AccessDenied": OUTPUT,
+    "mlc.data.pack_write.PackOutputError": OUTPUT,  # --output holds another dataset's pack
     "mlc.io.storage.StorageError": OUTPUT,
     "builtins.PermissionError": OUTPUT,
     "mlc.distributed.train.NodeLocalStorageError": OUTPUT,

@@ -18,9 +18,9 @@ import pandas as pd
 
 from mlc.io import storage
 from mlc.config import TrainConfig
-from mlc.data.run_data import DataPaths, split_train_val
+from mlc.data.run_data import DataPaths, read_tables, split_train_val
 from mlc.data.labels import LabelVocab
-from mlc.data.table import read_table
+from mlc.data.pack import TABLES, open_pack, read_frame, unreadable
 from mlc.eval.thresholds import evaluate
 
 COLUMNS = ("rows", "inputs", "f1_samples", "f1_micro", "f1_macro", "map", "threshold", "seconds")
@@ -64,7 +64,8 @@ def compare(data: str, output: str, *, images: str | None = None, val_fraction: 
             caption_epochs: int = 10, image_epochs: int = 8, image_size: int = 64, log=print) -> pd.DataFrame:
     """The table (see the module docstring); also written to ``output/compare.csv``."""
     paths = DataPaths.resolve(data, images)
-    df = read_table(paths.train_csv, trains=True)
+    pack = open_pack(paths.pack) if paths.pack else None
+    df, test = read_tables(paths, pack=pack)
     rows = []
     caption = TrainConfig(data=data, images=images, inputs="caption", weights="none", val_fraction=val_fraction,
                           seed=seed, epochs=caption_epochs)
@@ -75,12 +76,11 @@ def compare(data: str, output: str, *, images: str | None = None, val_fraction: 
     log(f"  {rows[-1]}")
 
     # The rows whose image is present, as their own dataset (tables in output/subset/).
-    present = set(storage.listdir(paths.images)) if storage.isdir(paths.images) else set()
+    present = _present(paths, pack)
     sub = df[df.ImageID.isin(present)].reset_index(drop=True)
     if len(sub) < 20:
         log(f"compare: only {len(sub)} labelled rows have their image in {paths.images}; no image rows")
         return _table(rows, output)
-    test = read_table(paths.test_csv)
     sub_root = storage.join(output, "subset")
     storage.write_text(storage.join(sub_root, "train.csv"), _csv(sub))
     storage.write_text(storage.join(sub_root, "test.csv"), _csv(test[test.ImageID.isin(present)]))
@@ -102,6 +102,14 @@ def compare(data: str, output: str, *, images: str | None = None, val_fraction: 
         rows.append(_fit(cfg, len(sub), log))
         log(f"  {rows[-1]}")
     return _table(rows, output)
+
+
+def _present(paths: DataPaths, pack) -> set:
+    """The ImageIDs whose image can be read: the folder's files, or a pack's rows it did not record as unreadable."""
+    if pack is None:
+        return set(storage.listdir(paths.images)) if storage.isdir(paths.images) else set()
+    bad = {**unreadable(pack, "train"), **unreadable(pack, "test")}
+    return {i for t in TABLES for i in read_frame(pack, t).ImageID if i not in bad}
 
 
 def _csv(df: pd.DataFrame) -> str:

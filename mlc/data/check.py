@@ -7,7 +7,8 @@ from collections import Counter
 
 from mlc import logs
 from mlc.io import storage
-from mlc.data.run_data import DataPaths
+from mlc.data.pack import TABLES, PackError, open_pack, read_frame, shard_problems, unreadable
+from mlc.data.run_data import DataPaths, check_training_rows
 from mlc.io.images import BadImageError, read_header
 from mlc.data.labels import LabelVocab
 from mlc.data.table import TableError, read_table, unlabelled_rows
@@ -52,15 +53,40 @@ def check_dataset(paths: DataPaths, *, max_pixels: int = 50_000_000, progress: b
                   require_labels: bool = False) -> dict:
     """A report dict; ``problems`` lists everything wrong (empty when the dataset is usable as is).
     ``unlabelled_rows`` counts training rows with an empty Labels field (images with none of the labels, which
-    train as all-negative examples); with ``require_labels`` the first of them is a problem, as in training."""
+    train as all-negative examples); with ``require_labels`` the first of them is a problem, as in training.
+    A pack (``paths.pack``) is checked as it will be read: its manifest, its tables (or the given ones, looked up
+    in it), every shard's presence and size, and the images it recorded as unreadable when it was packed."""
     report: dict = {"train_csv": paths.train_csv, "test_csv": paths.test_csv, "images": paths.images, "problems": []}
+    pack = None
+    if paths.pack is not None:
+        try:
+            pack = open_pack(paths.pack)
+        except PackError as e:
+            report["problems"].append(str(e))
+            return report
+    tables = _check_tables(paths, pack, require_labels, report)
+    ids = [i for t in tables.values() for i in t.ImageID]
+    if pack is not None:
+        _check_pack_images(pack, ids, report)
+    else:
+        _check_folder(paths.images, ids, max_pixels, progress, report)
+    return report
+
+
+def _check_tables(paths: DataPaths, pack, require_labels: bool, report: dict) -> dict:
+    """The tables that could be read (``{"train": frame, "test": frame}``), with their counts in ``report``."""
     tables = {}
     for name, url, req in (("train", paths.train_csv, ("ImageID", "Labels")), ("test", paths.test_csv, ("ImageID",))):
         try:
-            tables[name] = read_table(url, require=req, trains=name == "train",
-                                      require_labels=require_labels and name == "train")
+            if pack is not None and url == storage.join(pack.url, name):
+                tables[name] = read_frame(pack, name)
+                if name == "train":
+                    check_training_rows(tables[name], url, require_labels)
+            else:
+                tables[name] = read_table(url, require=req, trains=name == "train",
+                                          require_labels=require_labels and name == "train")
             report[f"{name}_rows"] = len(tables[name])
-        except (TableError, FileNotFoundError) as e:
+        except (TableError, PackError, FileNotFoundError) as e:
             report["problems"].append(str(e))
     if "train" in tables:
         train = tables["train"]
@@ -73,36 +99,61 @@ def check_dataset(paths: DataPaths, *, max_pixels: int = 50_000_000, progress: b
         repeated = [i for i, labs in zip(train.ImageID, train.Labels) if len(set(labs)) != len(labs)]
         if repeated:
             report["problems"].append(f"{len(repeated)} training rows repeat a label: {', '.join(repeated[:10])}")
+    return tables
 
-    ids = [i for t in tables.values() for i in t.ImageID]
-    if not storage.isdir(paths.images):
-        report["problems"].append(f"image folder {paths.images} does not exist; point --images at it")
+
+def _check_pack_images(pack, ids: list, report: dict) -> None:
+    """Which of ``ids`` the pack holds, which it recorded as unreadable, and whether every shard the manifest
+    lists is there at its size (a listing, not a read: the shards' contents are checked as they are read)."""
+    held: dict = {}
+    for table in TABLES:
+        for image_id in read_frame(pack, table).ImageID:
+            held.setdefault(image_id, table)
+    bad = {**unreadable(pack, "train"), **unreadable(pack, "test")}
+    missing = [i for i in ids if i not in held]
+    found = [i for i in ids if i in held]
+    report["images_found"] = len(found)
+    report["missing_images"] = len(missing)
+    report["missing_examples"] = missing[:20]
+    report["unreadable_images"] = {i: bad[i] for i in found if i in bad}
+    report["problems"] += shard_problems(pack)
+    if missing:
+        report["problems"].append(f"{len(missing)} of {len(ids)} ImageIDs are not in the pack {pack.url}, "
+                                  f"e.g. {', '.join(missing[:10])}")
+    if report["unreadable_images"]:
+        report["problems"].append(f"{len(report['unreadable_images'])} images were unreadable when packed: "
+                                  + ", ".join(f"{k} ({v})" for k, v in list(report["unreadable_images"].items())[:10]))
+
+
+def _check_folder(images: str, ids: list, max_pixels: int, progress: bool, report: dict) -> None:
+    """Which of ``ids`` the folder ``images`` holds and which of those cannot be read (headers read concurrently)."""
+    if not storage.isdir(images):
+        report["problems"].append(f"image folder {images} does not exist; point --images at it")
         report["missing_images"] = len(ids)
-        return report
-    present = set(storage.listdir(paths.images))  # one listing instead of 40,000 existence checks
+        return
+    present = set(storage.listdir(images))  # one listing instead of 40,000 existence checks
     missing = [i for i in ids if i not in present]
     to_read = [i for i in ids if i in present]
     reasons: dict = {}
 
     def reads():
         for k in range(0, len(to_read), CHUNK):
-            yield from storage.start_reads([storage.join(paths.images, i) for i in to_read[k:k + CHUNK]], CONCURRENCY)
+            yield from storage.start_reads([storage.join(images, i) for i in to_read[k:k + CHUNK]], CONCURRENCY)
     # A bar on a terminal, heartbeat lines in a log file (mlc.logs).
     for url, data in logs.progress(reads(), desc="image headers", total=len(to_read), enabled=progress, unit="img"):
         reasons[url] = _header(url, data, max_pixels)
-    unreadable = {i: r for i in to_read if (r := reasons[storage.join(paths.images, i)]) is not None}
-    report["symlinks"] = _symlinks(paths.images, to_read)
+    unreadable_ = {i: r for i in to_read if (r := reasons[storage.join(images, i)]) is not None}
+    report["symlinks"] = _symlinks(images, to_read)
     report["images_found"] = len(to_read)
     report["missing_images"] = len(missing)
     report["missing_examples"] = missing[:20]
-    report["unreadable_images"] = unreadable
+    report["unreadable_images"] = unreadable_
     if missing:
-        report["problems"].append(f"{len(missing)} of {len(ids)} images are missing from {paths.images}, "
+        report["problems"].append(f"{len(missing)} of {len(ids)} images are missing from {images}, "
                                   f"e.g. {', '.join(missing[:10])}")
-    if unreadable:
-        report["problems"].append(f"{len(unreadable)} images are unreadable: "
-                                  + ", ".join(f"{k} ({v})" for k, v in list(unreadable.items())[:10]))
-    return report
+    if unreadable_:
+        report["problems"].append(f"{len(unreadable_)} images are unreadable: "
+                                  + ", ".join(f"{k} ({v})" for k, v in list(unreadable_.items())[:10]))
 
 
 def format_report(r: dict) -> str:

@@ -99,6 +99,7 @@ def open_pack(url: str) -> Pack:
                         f"reads version {VERSION}; pack the dataset again with this mlc's jobs/pack.py")
     tables = manifest.get("tables")
     if manifest.get("encoding") not in ENCODINGS or not isinstance(tables, dict) or \
+            not isinstance(manifest.get("row_group_rows"), int) or manifest["row_group_rows"] < 1 or \
             not all(isinstance(tables.get(t), dict) and isinstance(tables[t].get("shards"), list) for t in TABLES):
         raise PackError(f"{storage.safe_url(path)}: its encoding or tables are not ones this mlc writes; pack again")
     return Pack(str(url), manifest)
@@ -169,6 +170,30 @@ def _read_checked(url: str, spec: dict) -> bytes:
     return data
 
 
+def shard_problems(pack: Pack) -> list:
+    """What is wrong with the files the manifest lists: missing or another size (one listing of the pack), or a
+    shard whose footer disagrees with the manifest (one ranged read of each shard's tail, not the images). Empty
+    when every file is as the manifest says."""
+    have = storage.sizes(pack.url)
+    problems = []
+    for table in TABLES:
+        groups = RowGroups(pack, table)
+        for k, spec in enumerate(pack.shards(table) + [pack.manifest["tables"][table].get("table") or {}]):
+            name = spec.get("file", "")
+            url = storage.safe_url(storage.join(pack.url, name))
+            if name not in have:
+                problems.append(f"{url}: listed in the manifest, missing; pack again")
+            elif have[name] != spec["bytes"]:
+                problems.append(f"{url}: {have[name]:,} bytes, the manifest says {spec['bytes']:,} (truncated or "
+                                "replaced); pack again")
+            elif k < len(pack.shards(table)):
+                try:
+                    groups.footer(k)
+                except PackError as e:
+                    problems.append(str(e))
+    return problems
+
+
 def unreadable(pack: Pack, table: str) -> dict:
     """``{ImageID: reason}`` of the images the pack could not read (they are rows without an image)."""
     return dict(pack.manifest["tables"][table].get("unreadable", {}))
@@ -180,9 +205,14 @@ def shard_name(table: str, k: int) -> str:
 
 def rows_per_shard(sample_bytes: float, target: int = SHARD_BYTES) -> int:
     """Rows a shard of about ``target`` bytes holds, from the mean encoded bytes of a sample of images: whole row
-    groups, at least one."""
-    rows = int(target // max(1.0, sample_bytes))
-    return max(ROW_GROUP_ROWS, rows // ROW_GROUP_ROWS * ROW_GROUP_ROWS)
+    groups of :data:`ROW_GROUP_ROWS` when a shard holds that many, else the rows that fit (at least one)."""
+    rows = max(1, int(target // max(1.0, sample_bytes)))
+    return rows if rows < ROW_GROUP_ROWS else rows // ROW_GROUP_ROWS * ROW_GROUP_ROWS
+
+
+def group_rows(pack: "Pack") -> int:
+    """Rows in each row group of the pack's shards (the last of a shard may hold fewer)."""
+    return int(pack.manifest["row_group_rows"])
 
 
 class _Ranges(io.RawIOBase):
@@ -240,7 +270,8 @@ class RowGroups:
         """(shard, row group, offset in the group) of table row ``row``."""
         k = int(np.searchsorted(self.starts, row, side="right")) - 1
         within = row - int(self.starts[k])
-        return k, within // ROW_GROUP_ROWS, within % ROW_GROUP_ROWS
+        per = group_rows(self.pack)
+        return k, within // per, within % per
 
     def group(self, k: int, g: int):
         """Row group ``g`` of shard ``k`` as a pyarrow Table of the image columns."""
@@ -258,7 +289,7 @@ class RowGroups:
     def _read(self, k: int, g: int):
         import pyarrow.parquet as pq
         url, _ = _shard_url(self.pack, self.table, k)
-        file, meta = self._footer(k)
+        file, meta = self.footer(k)
         if g >= meta.num_row_groups:
             raise PackError(f"{storage.safe_url(url)}: no row group {g}; pack again")
         rg = meta.row_group(g)
@@ -269,7 +300,8 @@ class RowGroups:
         ranged.add(start, storage.read_range(url, start, end))
         return pq.ParquetFile(ranged, metadata=meta).read_row_group(g, columns=IMAGE_COLUMNS)
 
-    def _footer(self, k: int):
+    def footer(self, k: int):
+        """Shard ``k``'s Parquet footer (a ranged read of its tail), checked against the manifest: ``(file, meta)``."""
         with self._lock:
             if k in self._footers:
                 return self._footers[k]

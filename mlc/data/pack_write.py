@@ -24,7 +24,7 @@ from mlc.data.pack import (ENCODINGS, FORMAT, MANIFEST, QUALITY, ROW_GROUP_ROWS,
                            open_pack, rows_per_shard, shard_name)
 from mlc.data.slot_codec import encode_slot
 from mlc.data.table import read_table
-from mlc.errors import OUTPUT, MlcError, UsageError
+from mlc.errors import MlcError, UsageError
 from mlc.io import fetch, storage
 from mlc.io.images import BadImageError, decode_fetched
 
@@ -35,8 +35,7 @@ SAMPLE_IMAGES = 64
 
 
 class PackOutputError(MlcError):
-    """The output holds something other than this source's pack (exit 4)."""
-    exit_code = OUTPUT
+    """The output holds something other than this source's pack (exit 4: mlc.errors.KNOWN)."""
 
 
 @dataclass
@@ -100,7 +99,8 @@ def make_plan(source: Source, *, side: int, image_size: int, encoding: str, qual
         f"(about {mean / 1024:.1f} KB an image, {encoding}{f' quality {quality}' if encoding == 'jpeg' else ''}, "
         f"{side} px slots)")
     return {"format": FORMAT, "version": VERSION, "encoding": encoding, "quality": quality if encoding == "jpeg"
-            else None, "side": side, "image_size": image_size, "rows_per_shard": per_shard, "shards": shards,
+            else None, "side": side, "image_size": image_size, "rows_per_shard": per_shard,
+            "row_group_rows": min(ROW_GROUP_ROWS, per_shard), "shards": shards,
             "source": {"key": source.key, "train_csv": storage.safe_url(source.train_csv),
                        "test_csv": storage.safe_url(source.test_csv), "images": storage.safe_url(source.images)},
             "captions": {t: "Caption" in source.frames[t].columns for t in TABLES}}
@@ -161,7 +161,7 @@ def write_shard(output: str, plan: dict, spec: dict, frame: pd.DataFrame, images
     table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in tag.items()})
     buf = io.BytesIO()
     # JPEG bytes do not compress; raw pixels and the text columns do, cheaply.
-    pq.write_table(table, buf, row_group_size=ROW_GROUP_ROWS,
+    pq.write_table(table, buf, row_group_size=plan["row_group_rows"],
                    compression={c: ("none" if c == "image" and plan["encoding"] == "jpeg" else "zstd")
                                 for c in table.column_names})
     storage.write_bytes(url, buf.getvalue())
@@ -209,9 +209,9 @@ def write_manifest(output: str, plan: dict, frames: dict, results: list, seconds
                          "table": write_table(output, frames[table], table),
                          "shards": [{"file": r["file"], "rows": r["rows"], "bytes": r["bytes"]} for r in mine],
                          "unreadable": unreadable}
-    manifest = {k: plan[k] for k in ("format", "version", "encoding", "quality", "side", "image_size")}
-    manifest.update(source=plan["source"], tables=tables,
-                    row_group_rows=ROW_GROUP_ROWS, seconds=round(seconds, 1),
+    manifest = {k: plan[k] for k in ("format", "version", "encoding", "quality", "side", "image_size",
+                                     "row_group_rows")}
+    manifest.update(source=plan["source"], tables=tables, seconds=round(seconds, 1),
                     written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     storage.write_text(storage.join(output, MANIFEST), json.dumps(manifest, indent=1))
     open_pack(output)  # what was written reads back

@@ -14,27 +14,42 @@ import pandas as pd
 
 from mlc.config import TrainConfig, uses_captions, uses_images
 from mlc.data.labels import LabelVocab
+from mlc.data.pack import check_side, open_pack, read_frame
+from mlc.data.pack_source import fill_store, locate_ids
 from mlc.data.sources import StoredTable, StreamTable
 from mlc.data.store_choice import open_for_run
-from mlc.data.table import captions_of, id_problem, read_table, unlabelled_rows
+from mlc.data.table import TableError, captions_of, id_problem, read_table, unlabelled_rows
 from mlc.data.tokenizer import Tokenizer, empty_captions
 from mlc.data.transforms import eval_transform, train_transform
+from mlc.errors import DataError
 from mlc.io import storage
 
 
 @dataclass
 class DataPaths:
+    """Where a run's tables and images are: a source's files, or a pack (:mod:`mlc.data.pack`; ``pack`` its URL,
+    its images named ``<pack>``, and its tables ``<pack>/train`` and ``<pack>/test`` unless tables of one's own are
+    given, whose ImageIDs are then looked up in the pack)."""
     train_csv: str
     test_csv: str
     images: str
+    pack: str | None = None
 
     @classmethod
     def resolve(cls, data: str, images=None, train_csv=None, test_csv=None) -> "DataPaths":
-        """The COMP5329S1A2Dataset layout under ``data``; each part can be overridden.
+        """The COMP5329S1A2Dataset layout under ``data``, or the pack at ``data``; each part of a source can be
+        overridden.
 
         A relative ``images`` is a folder inside ``data`` (``--images images`` for the real set's
         layout); the tables, when given, are paths or URLs as written (relative to the working folder).
         """
+        from mlc.data.pack import is_pack
+        if is_pack(data):
+            if images:
+                from mlc.errors import UsageError
+                raise UsageError(f"{storage.safe_url(data)} is a pack, which holds its images: drop --images")
+            return cls(train_csv or storage.join(data, "train"), test_csv or storage.join(data, "test"), data, pack=data)
+
         def image_root():
             if images is None:
                 return storage.join(data, "data")
@@ -79,6 +94,7 @@ class RunData:
     inputs: str = "image"
     tokenizer: Tokenizer | None = None
     tokens: list | None = None
+    packed: object = None  # where each labelled row's image is in a pack (mlc.data.pack_source.PackedImages)
 
     @property
     def key(self) -> str:
@@ -101,7 +117,6 @@ def resolve_inputs(inputs: str, train_df, table: str) -> str:
     if inputs == "auto":
         return "image+caption" if has else "image"
     if uses_captions(inputs) and not has:
-        from mlc.errors import DataError
         raise DataError(f"--inputs {inputs}: {table} has no captions (no Caption column, or every caption empty); "
                         "use --inputs image")
     return inputs
@@ -109,7 +124,8 @@ def resolve_inputs(inputs: str, train_df, table: str) -> str:
 
 def prepare_data(cfg: TrainConfig, log=print) -> RunData:
     paths = DataPaths.resolve(cfg.data, cfg.images, cfg.train_csv, cfg.test_csv)
-    train_df, test_df = read_tables(paths, cfg.require_labels)
+    pack = open_pack(paths.pack) if paths.pack is not None else None
+    train_df, test_df = read_tables(paths, cfg.require_labels, pack)
     vocab = LabelVocab.from_label_lists(train_df.Labels)
     Y = vocab.encode(train_df.Labels, context=f"{paths.train_csv}: ")
     tr, va = split_train_val(train_df.ImageID, cfg.val_fraction, cfg.seed)
@@ -121,9 +137,13 @@ def prepare_data(cfg: TrainConfig, log=print) -> RunData:
         log(f"data: {empty} of {len(train_df)} labelled rows have an empty Labels field: images with none of the "
             "labels, trained on as all-negative examples (--require-labels refuses them)")
     urls = image_urls(paths.images, train_df.ImageID)
-    if uses_images(inputs):
+    packed = None
+    if uses_images(inputs) and pack is None:
         check_images_found(paths.images, urls, table=paths.train_csv)
-    data = RunData(paths, train_df, test_df, vocab, Y, tr, va, urls, inputs)
+    elif uses_images(inputs):
+        check_side(pack, cfg.image_size)
+        packed = locate_ids(pack, list(train_df.ImageID))
+    data = RunData(paths, train_df, test_df, vocab, Y, tr, va, urls, inputs, packed=packed)
     if uses_captions(inputs):
         captions = captions_of(train_df)
         data.use_tokenizer(Tokenizer.fit([captions[i] for i in tr]))
@@ -144,7 +164,14 @@ def open_sources(cfg: TrainConfig, data: RunData, log=print):
     transforms = (train_transform(cfg.image_size), eval_transform(cfg.image_size))
     reads = uses_images(cfg.inputs)
     store = open_for_run(data.urls, cfg.image_size, cfg.store, cfg.store_budget, log,
-                         reason_off=None if reads else "the network reads no images")
+                         reason_off=None if reads else "the network reads no images",
+                         key=None if data.packed is None else data.packed.pack.manifest["source"]["key"])
+    if data.packed is not None:
+        if store is None:
+            raise DataError(f"{storage.safe_url(data.packed.url)} is a pack, which a run reads into the image store "
+                            "whole shards at a time, and this run has no store (above: why); raise --store-budget, "
+                            "set MLC_STORE_DIR to a larger local disk, or use --store auto")
+        fill_store(store, data.packed, log)
     if store is None:
         return tuple(StreamTable([data.urls[i] for i in rows], data.Y[rows], tf, cfg.max_image_pixels,
                                  captions=tokens(rows), read_images=reads)
@@ -165,7 +192,6 @@ def check_images_found(images: str, urls: list, *, table: str, first: int = PREF
     business, later."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mlc.errors import DataError
     if not urls:
         return
     if not storage.isdir(images):
@@ -179,10 +205,30 @@ def check_images_found(images: str, urls: list, *, table: str, first: int = PREF
                         f"{storage.safe_url(images)} (e.g. {sample[0].rsplit('/', 1)[-1]}); check --data and --images")
 
 
-def read_tables(paths: DataPaths, require_labels: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    train = read_table(paths.train_csv, require=("ImageID", "Labels"), trains=True, require_labels=require_labels)
-    test = read_table(paths.test_csv)
-    return train, test
+def read_tables(paths: DataPaths, require_labels: bool = False, pack=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The training and test tables: files, or a pack's own (held to the rules a file meets when read)."""
+    frames = []
+    for which, url in (("train", paths.train_csv), ("test", paths.test_csv)):
+        if pack is not None and url == storage.join(pack.url, which):
+            frames.append(read_frame(pack, which))
+            if which == "train":
+                check_training_rows(frames[-1], url, require_labels)
+        elif which == "train":
+            frames.append(read_table(url, require=("ImageID", "Labels"), trains=True, require_labels=require_labels))
+        else:
+            frames.append(read_table(url))
+    return frames[0], frames[1]
+
+
+def check_training_rows(df: pd.DataFrame, url: str, require_labels: bool) -> None:
+    """What :func:`mlc.data.table.read_table` checks of a training table, for one read from a pack."""
+    empty = [i for i, labs in zip(df.ImageID, df.Labels) if not labs]
+    if len(empty) == len(df):
+        raise TableError(url, None, f"every one of its {len(df)} rows has an empty Labels field: there is nothing to "
+                         "learn; label at least some images (an empty field is an image with none of the labels)")
+    if require_labels and empty:
+        raise TableError(url, None, f"ImageID {empty[0][:80]!r} has an empty Labels field (--require-labels); label "
+                         "it or drop --require-labels")
 
 
 class TooManyBadImages(RuntimeError):
@@ -217,7 +263,6 @@ def image_urls(images_root: str, ids) -> list[str]:
     urls = []
     for i in ids:
         if (problem := id_problem(i)) is not None:
-            from mlc.errors import DataError
             raise DataError(f"ImageID {i[:80]!r} cannot name an image in {storage.safe_url(images_root)}: {problem}; "
                             "ImageIDs are file names inside the image folder")
         urls.append(storage.join(images_root, i))

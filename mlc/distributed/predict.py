@@ -28,8 +28,7 @@ import torch
 
 from mlc.config import TrainConfig, uses_images
 from mlc.data.batch import Skipped
-from mlc.data.run_data import image_urls
-from mlc.data.sources import StreamTable
+from mlc.data.pack_source import PackedImages
 from mlc.data.tokenizer import Tokenizer, encode_rows
 from mlc.data.transforms import eval_transform, to_model_input, tokens_to_tensors
 from mlc.distributed import cluster
@@ -39,6 +38,7 @@ from mlc.model.device import prepare_device
 from mlc.model.fusion import build, for_scoring
 from mlc.model.precision import autocast, pick_amp_dtype
 from mlc.prediction.checkpoints import load_predictor, predict_from_checkpoint
+from mlc.prediction.scores import row_source
 from mlc.prediction.submission import write_predictions
 
 
@@ -62,14 +62,15 @@ def actor_device() -> torch.device:
     return torch.device("cpu")
 
 
-def decode_batch(batch: dict, *, images_root: str, image_size: int, max_pixels: int) -> dict:
+def decode_batch(batch: dict, *, images_root, image_size: int, max_pixels: int) -> dict:
     """The CPU stage: read and decode a batch of rows ``{pos, ImageID}`` into uint8 images (N, 3, S, S).
 
     Reads go through :meth:`mlc.data.sources.StreamTable.batch` (many requests in flight, the byte cache), the
     same path as training. An unreadable image keeps its row, with ``ok`` False and the reason in ``error``.
     """
     ids = [str(i) for i in batch["ImageID"]]
-    b = StreamTable(image_urls(images_root, ids), None, eval_transform(image_size), max_pixels).batch(range(len(ids)))
+    images = images_root.take(batch["pos"]) if isinstance(images_root, PackedImages) else images_root
+    b = row_source(images, ids, eval_transform(image_size), max_pixels).batch(range(len(ids)))
     image = np.zeros((len(ids), 3, image_size, image_size), dtype=np.uint8)
     ok = np.zeros(len(ids), dtype=bool)
     error = np.array([""] * len(ids), dtype=object)
@@ -101,7 +102,7 @@ class Scorer:
     """
 
     def __init__(self, *, state_ref, num_classes: int, unfrozen_depth: int, dropout: float, image_size: int,
-                 amp: str, max_pixels: int, images_root: str, decode: bool, torch_threads: int = 1,
+                 amp: str, max_pixels: int, images_root, decode: bool, torch_threads: int = 1,
                  inputs: str = "image", num_tokens: int = 0):
         import ray
         if torch_threads >= 1:
@@ -146,7 +147,7 @@ class Scorer:
                 "device": np.array([str(self.device)] * len(ok), dtype=object)}
 
 
-def score_distributed(state: dict, num_classes: int, cfg: TrainConfig, ids, images_root: str, *,
+def score_distributed(state: dict, num_classes: int, cfg: TrainConfig, ids, images_root, *,
                       num_workers: int, gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
                       batch_size: int = 64, split: bool | None = None, log=print, progress: bool = True,
                       captions=None, tokenizer: Tokenizer | None = None) -> dict:

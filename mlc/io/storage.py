@@ -344,6 +344,17 @@ def listdir(url: str) -> list[str]:
     return sorted({posixpath.basename(p.rstrip("/")) for p in entries if p.rstrip("/") != base})
 
 
+def sizes(url: str) -> dict:
+    """``{name: bytes}`` of the files directly under ``url``: one listing."""
+    fs, path = filesystem(url)
+    try:
+        entries = fs.ls(path, detail=True)
+    except Exception as e:  # noqa: BLE001
+        raise _named(url, e, "list") from e
+    return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in entries
+            if e.get("type") == "file"}
+
+
 def check_writable(url: str) -> None:
     """Fail early, before any training, if the output location cannot be written.
 
@@ -404,5 +415,5 @@ def pyarrow_filesystem(url: str):
 __all__ = [
     "StorageError", "ObjectNotFound", "AccessDenied", "filesystem", "is_local", "join", "exists", "isdir",
     "read_bytes", "read_range", "read_many", "start_reads", "PendingReads", "write_bytes", "write_text", "writer", "remove",
-    "listdir", "check_writable", "pyarrow_filesystem", "safe_url", "fsspec", "DEFAULT_CONCURRENCY", "umask",
+    "listdir", "sizes", "check_writable", "pyarrow_filesystem", "safe_url", "fsspec", "DEFAULT_CONCURRENCY", "umask",
 ]

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from mlc.config import TrainConfig, uses_images
 from mlc.data.run_data import DataPaths, check_images_found, image_urls
-from mlc.data.table import read_ids_captions
+from mlc.data.pack import check_side, is_pack, open_pack, read_frame
+from mlc.data.pack_source import locate_ids
+from mlc.data.table import captions_of, read_ids_captions
 from mlc.errors import UsageError
 from mlc.eval.thresholds import ThresholdChoice
 from mlc.io import storage
@@ -61,17 +63,18 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
     data = data or cfg.data
     if data is None:
         raise UsageError(f"{checkpoint}: its config names no dataset root; pass --data")
-    paths = DataPaths.resolve(data, images=images if images is not None else cfg.images, test_csv=ids_csv)
-    ids, captions = _rows_to_predict(paths, cfg, checkpoint, tokenizer is not None, log)
+    packed = is_pack(data)
+    paths = DataPaths.resolve(data, images=images if images is not None or packed else cfg.images, test_csv=ids_csv)
+    ids, captions, where = _rows_to_predict(paths, cfg, checkpoint, tokenizer is not None, log)
     storage.check_writable(output)
     with hold(output, what="a prediction", log=log):
         log(f"predicting {len(ids)} images from {paths.test_csv} (images in {paths.images}) with {checkpoint} "
             f"({len(vocab)} labels, {cfg.image_size}px, threshold {choice.strategy})")
         common = dict(batch_size=batch_size, log=log, progress=progress, captions=captions, tokenizer=tokenizer)
         if scorer is None:
-            out = score_here(state, len(vocab), cfg, ids, paths.images, loader_workers=loader_workers, **common)
+            out = score_here(state, len(vocab), cfg, ids, where, loader_workers=loader_workers, **common)
         else:
-            out = scorer(state, len(vocab), cfg, ids, paths.images, num_workers=num_workers,
+            out = scorer(state, len(vocab), cfg, ids, where, num_workers=num_workers,
                          gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, **common)
         summary = write_predictions(output, ids, out["probs"], out["ok"], vocab, choice)
         summary.update(seconds=out["seconds"], img_per_s=out["img_per_s"])
@@ -86,15 +89,25 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
     return summary
 
 
-def _rows_to_predict(paths: DataPaths, cfg: TrainConfig, checkpoint: str, reads_captions: bool, log):
-    """The ImageIDs and captions of the table to predict, checked against the image folder."""
-    ids, captions = read_ids_captions(paths.test_csv)
+def _rows_to_predict(paths: DataPaths, cfg: TrainConfig, checkpoint: str, reads_captions: bool, log) -> tuple:
+    """The ImageIDs and captions of the table to predict, and where their images are: the image folder (checked
+    to hold them), or their rows in the pack ``paths.pack`` (:class:`mlc.data.pack_source.PackedImages`)."""
+    pack = open_pack(paths.pack) if paths.pack is not None else None
+    if pack is not None and paths.test_csv == storage.join(pack.url, "test"):
+        frame = read_frame(pack, "test")
+        ids, captions = list(frame.ImageID), (captions_of(frame) if "Caption" in frame.columns else None)
+    else:
+        ids, captions = read_ids_captions(paths.test_csv)
     if reads_captions and captions is None:
         log(f"warning: {paths.test_csv} has no Caption column and {checkpoint} reads captions ({cfg.inputs}): every "
             "row is predicted " + ("from its image alone" if uses_images(cfg.inputs) else "from the label prior"))
-    if uses_images(cfg.inputs):
-        check_images_found(paths.images, image_urls(paths.images, ids), table=paths.test_csv)
-    return ids, captions
+    if not uses_images(cfg.inputs):
+        return ids, captions, paths.images
+    if pack is not None:
+        check_side(pack, cfg.image_size)
+        return ids, captions, locate_ids(pack, ids)
+    check_images_found(paths.images, image_urls(paths.images, ids), table=paths.test_csv)
+    return ids, captions, paths.images
 
 
 def load_model(checkpoint: str, *, with_tokenizer: bool = False):

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from mlc.config import uses_images
 from mlc.data.loader import make_loader, resolve_loader_workers
 from mlc.data.run_data import image_urls
-from mlc.data.sources import StreamTable
+from mlc.data.pack_source import PackedImages, PackedTable
+from mlc.data.sources import RowSource, StreamTable
 from mlc.data.tokenizer import Tokenizer, encode_rows
 from mlc.data.transforms import eval_transform
 from mlc.logs import progress as progress_bar
@@ -82,14 +83,22 @@ def pad_rows(inputs: tuple, n: int | None) -> tuple:
     return tuple(out)
 
 
-def score_ids(model, ids, images_root: str, *, image_size: int, device, amp_dtype, batch_size: int,
+def row_source(images, ids, transform, max_pixels: int, captions=None, read_images: bool = True) -> RowSource:
+    """The source of the rows ``ids`` to score: their files in the folder ``images`` (a URL), or their rows in a
+    pack (``images`` a :class:`mlc.data.pack_source.PackedImages`)."""
+    if isinstance(images, PackedImages):
+        return PackedTable(images, None, transform, captions=captions, read_images=read_images)
+    return StreamTable(image_urls(images, ids), None, transform, max_pixels, captions=captions, read_images=read_images)
+
+
+def score_ids(model, ids, images, *, image_size: int, device, amp_dtype, batch_size: int,
               num_workers: int, max_pixels: int, log=print, progress: bool = True, captions=None,
               tokenizer: Tokenizer | None = None, read_images: bool = True) -> dict:
-    """Scores for every ImageID in order; an unreadable image keeps its row (NaN scores) and is warned about.
-    With a ``tokenizer`` each row's caption (``captions``, None for a row without one) goes in too."""
+    """Scores for every ImageID in order (images in the folder or pack ``images``: :func:`row_source`); an
+    unreadable image keeps its row (NaN scores) and is warned about. With a ``tokenizer`` each row's caption
+    (``captions``, None for a row without one) goes in too."""
     tokens = encode_rows(tokenizer, captions, len(ids), log) if tokenizer is not None else None
-    source = StreamTable(image_urls(images_root, ids), None, eval_transform(image_size), max_pixels, captions=tokens,
-                         read_images=read_images)
+    source = row_source(images, ids, eval_transform(image_size), max_pixels, captions=tokens, read_images=read_images)
     loader = make_loader(source, batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
     out = predict_scores(model, loader, device, n_rows=len(ids), amp_dtype=amp_dtype, progress=progress,
                          desc="predict")
@@ -106,7 +115,7 @@ def scoring_model(state: dict, num_classes: int, cfg, tokenizer: Tokenizer | Non
     return model.to(device, memory_format=torch.channels_last)  # as its inputs are: no layout change per call
 
 
-def score_here(state: dict, num_classes: int, cfg, ids, images_root: str, *, batch_size: int,
+def score_here(state: dict, num_classes: int, cfg, ids, images, *, batch_size: int,
                loader_workers: int | None, device=None, log=print, progress: bool = True, captions=None,
                tokenizer: Tokenizer | None = None) -> dict:
     """:func:`score_ids` with the model ``cfg`` describes, built from ``state`` on ``device`` (default: this
@@ -122,7 +131,7 @@ def score_here(state: dict, num_classes: int, cfg, ids, images_root: str, *, bat
     # Decided here, where the images are scored, and said here (the machine that parsed the flags may differ).
     log(f"scoring on {device}, precision {NAMES[amp_dtype]}, {workers} loader workers ({cpus} CPUs), "
         f"batches of {batch_size}")
-    out = score_ids(model, ids, images_root, image_size=cfg.image_size, device=device, amp_dtype=amp_dtype,
+    out = score_ids(model, ids, images, image_size=cfg.image_size, device=device, amp_dtype=amp_dtype,
                     batch_size=batch_size, num_workers=workers, max_pixels=cfg.max_image_pixels, log=log,
                     progress=progress, captions=captions, tokenizer=tokenizer, read_images=uses_images(cfg.inputs))
     return {**out, "device": device, "precision": NAMES[amp_dtype]}

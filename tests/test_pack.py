@@ -1,0 +1,227 @@
+"""Packed datasets (jobs/pack.py, mlc.data.pack*): written on Ray Data with an unreadable image named, resumed
+after a kill, refused onto another pack (exit 4) and when damaged (exit 3, naming the file); read as a --data
+like any other with the same vocabulary, split, threshold and, from raw pixels, the same metrics and scores;
+the compact store; one request per shard at the GCS proxy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlc.config import TrainConfig
+from mlc.data.demo import make_demo_dataset
+from mlc.data.pack import MANIFEST, PackError, open_pack
+from mlc.data.pack_write import PLAN, PackConfig, PackOutputError, finish_pack, start_pack, write_shard
+from mlc.errors import classify
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(weights="none", image_size=32, batch_size=16, unfrozen_depth=4, dropout=0.0, val_fraction=0.25,
+             amp="off", lr=2e-3, warmup_epochs=0.0, seed=3, loader_workers=0)
+
+
+def pack_here(**kw) -> dict:
+    """A pack written in this process, shard by shard (what each Ray Data task of jobs/pack.py does)."""
+    cfg = PackConfig(**kw)
+    job = start_pack(cfg, log=lambda *_: None)
+    if job.done is not None:
+        return job.done
+    results = [{**s, **write_shard(cfg.output, job.plan, s, job.source.frames[s["table"]], job.source.images,
+                                   cfg.max_image_pixels)} for s in job.plan["shards"]]
+    return finish_pack(cfg, job, results, 1.0, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """Images of 40 px: smaller than the 48 px slots of --image-size 32, so a raw pack holds them unchanged."""
+    return Path(make_demo_dataset(str(tmp_path_factory.mktemp("src")), n_train=96, n_test=24, image_size=40, seed=2))
+
+
+@pytest.fixture(autouse=True)
+def store_roots(tmp_path, monkeypatch):
+    """Stores of this test's own (a sweep elsewhere on the machine may keep the shared roots' stores)."""
+    monkeypatch.setenv("MLC_STORE_MEMORY_DIR", str(tmp_path / "mem"))
+    monkeypatch.setenv("MLC_STORE_DIR", str(tmp_path / "disk"))
+
+
+@pytest.fixture(scope="module")
+def packs(source, tmp_path_factory) -> dict:
+    """The source packed as JPEG slots (several shards a table) and as raw pixels, for --image-size 32."""
+    root = tmp_path_factory.mktemp("packs")
+    out = {}
+    for fmt in ("jpeg", "raw"):
+        out[fmt] = str(root / fmt)
+        pack_here(data=str(source), output=out[fmt], format=fmt, image_size=32, shard_mb=0.02)
+    return out
+
+
+def _files(folder) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in Path(folder).iterdir()}
+
+
+def test_the_pack_job_runs_on_ray_names_an_unreadable_image_and_check_data_reads_the_pack(ray_head, tmp_path):
+    src = Path(make_demo_dataset(str(tmp_path / "src"), n_train=40, n_test=8, image_size=64, seed=4))
+    (src / "data" / "3.jpg").write_bytes(b"<html>an error page saved as an image</html>")
+    out = tmp_path / "pack"
+    env = dict(os.environ, RAY_ADDRESS=ray_head.address, RAY_AUTH_MODE="token")
+    cmd = [sys.executable, "jobs/pack.py", "--data", str(src), "--output", str(out), "--image-size", "32",
+           "--shard-mb", "0.01", "--quiet"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert list(manifest["tables"]["train"]["unreadable"]) == ["3.jpg"]
+    assert manifest["tables"]["train"]["rows"] == 40 and manifest["tables"]["test"]["rows"] == 8
+    assert len(manifest["tables"]["train"]["shards"]) > 1 and "3.jpg" in r.stdout + r.stderr
+    c = subprocess.run([sys.executable, "jobs/check_data.py", "--data", str(out), "--json", "--quiet"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    report = json.loads(c.stdout.splitlines()[-1])
+    assert c.returncode == 1 and report["images_found"] == 48 and list(report["unreadable_images"]) == ["3.jpg"]
+    before = _files(out)
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already holds this source's pack" in again.stdout + again.stderr
+    assert _files(out) == before
+
+
+def test_a_killed_pack_resumes_keeping_the_shards_it_wrote(source, tmp_path):
+    out = tmp_path / "pack"
+    first = pack_here(data=str(source), output=str(out), image_size=32, shard_mb=0.02)
+    shards = sorted(p for p in out.iterdir() if p.name.startswith("train-0"))
+    assert len(shards) >= 3
+    (out / MANIFEST).unlink()  # killed before the manifest, after all but the last shard
+    shards[-1].unlink()
+    kept = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in shards[:-1]}
+    time.sleep(0.01)
+    second = pack_here(data=str(source), output=str(out), image_size=32, shard_mb=0.02)
+    assert {p: (out / p).stat().st_mtime_ns for p in kept} == {p: v[0] for p, v in kept.items()}
+    assert (out / shards[-1].name).exists()
+    assert second["tables"] == first["tables"] and second["source"] == first["source"]
+
+
+def test_packing_onto_another_datasets_pack_is_refused_with_exit_4(source, packs, tmp_path):
+    other = Path(make_demo_dataset(str(tmp_path / "other"), n_train=40, n_test=8, image_size=64, seed=9))
+    before = _files(packs["jpeg"])
+    with pytest.raises(PackOutputError, match="another source") as e:
+        pack_here(data=str(other), output=packs["jpeg"], image_size=32, shard_mb=0.02)
+    assert classify(e.value)[0] == 4 and _files(packs["jpeg"]) == before
+    with pytest.raises(PackOutputError):  # the same source at another quality is another pack too
+        pack_here(data=str(source), output=packs["jpeg"], image_size=32, shard_mb=0.02, quality=70)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(PackOutputError) as e:
+        pack_here(data=str(source), output=str(busy), image_size=32)
+    assert classify(e.value)[0] == 4 and (busy / "notes.txt").read_text() == "mine"
+
+
+def _damage(pack: Path, how: str) -> str:
+    """Damage a copy of a pack; returns the file the error must name."""
+    manifest = json.loads((pack / MANIFEST).read_text())
+    shard = manifest["tables"]["train"]["shards"][1]["file"]
+    if how == "version":
+        manifest["version"] = 99
+        (pack / MANIFEST).write_text(json.dumps(manifest))
+        return MANIFEST
+    if how == "truncated":
+        data = (pack / shard).read_bytes()
+        (pack / shard).write_bytes(data[: len(data) // 2])
+    elif how == "missing":
+        (pack / shard).unlink()
+    elif how == "rows":  # the manifest and the shard disagree on its rows (sizes still agree)
+        manifest["tables"]["train"]["shards"][1]["rows"] += 1
+        manifest["tables"]["train"]["shards"][2]["rows"] -= 1
+        (pack / MANIFEST).write_text(json.dumps(manifest))
+    return shard
+
+
+@pytest.mark.parametrize("how", ["version", "truncated", "missing", "rows"])
+def test_a_damaged_pack_is_refused_naming_the_file_with_exit_3(packs, tmp_path, how):
+    from mlc.data.run_data import open_sources, prepare_data
+    pack = tmp_path / "pack"
+    shutil.copytree(packs["jpeg"], pack)
+    name = _damage(pack, how)
+    cfg = TrainConfig(data=str(pack), inputs="image", **SMALL)
+    with pytest.raises(PackError) as e:
+        data = prepare_data(cfg, lambda *_: None)
+        train, val, store = open_sources(cfg, data, lambda *_: None)
+        store.close()
+    assert name in str(e.value) and classify(e.value)[0] == 3
+    if how != "version":
+        c = subprocess.run([sys.executable, "jobs/check_data.py", "--data", str(pack), "--quiet"], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        assert c.returncode == 1 and name in c.stdout, c.stdout + c.stderr
+    else:
+        t = subprocess.run([sys.executable, "jobs/train.py", "--local", "--data", str(pack), "--weights", "none",
+                            "--epochs", "1", "--output", str(tmp_path / "run"), "--quiet"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+        errors = [line for line in t.stderr.splitlines() if line.startswith("error:")]
+        assert t.returncode == 3 and len(errors) == 1 and MANIFEST in errors[0] and "version" in errors[0]
+        assert not (tmp_path / "run").exists()
+
+
+def _fit(data: str, out: Path, **kw) -> dict:
+    from mlc.train.driver import fit
+    summary = fit(TrainConfig(data=data, output=str(out), **{**SMALL, **kw}), fresh=True, log=lambda *_: None,
+                  progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"best": summary["best"], "threshold": summary["threshold"], "labels": metrics.get("labels"),
+            "val": (out / "best" / "val_probabilities.csv").read_text()}
+
+
+def test_a_caption_run_from_a_pack_is_the_run_from_its_source(source, packs, tmp_path):
+    a = _fit(str(source), tmp_path / "source", inputs="caption", epochs=2)
+    b = _fit(packs["jpeg"], tmp_path / "packed", inputs="caption", epochs=2)
+    assert a == b
+
+
+def test_an_image_run_from_a_raw_pack_is_the_run_from_its_source_and_predicts_the_same(source, packs, tmp_path):
+    from mlc.prediction.checkpoints import predict_from_checkpoint
+    a = _fit(str(source), tmp_path / "source", inputs="image", epochs=1)
+    b = _fit(packs["raw"], tmp_path / "packed", inputs="image", epochs=1)
+    assert a == b
+    scores = {}
+    for name, data in (("source", str(source)), ("packed", packs["raw"])):
+        out = tmp_path / f"pred-{name}"
+        predict_from_checkpoint(str(tmp_path / "source" / "best"), data=data, output=str(out), log=lambda *_: None,
+                                progress=False)
+        scores[name] = (out / "probabilities.csv").read_text()
+    assert scores["source"] == scores["packed"]
+
+
+def _allocated(folder: str) -> int:
+    return sum(p.stat().st_blocks * 512 for p in Path(folder).iterdir() if p.is_file())
+
+
+def test_the_compact_store_of_real_images_takes_a_tenth_of_raw_bytes_or_less(real_data, tmp_path):
+    """64 real COMP5329 images packed for --image-size 224 (320 px slots): the store chosen for a budget that raw
+    pixels overflow keeps JPEG slots, allocating a tenth of the raw store's bytes or less, near its pixels."""
+    from mlc.data.run_data import open_sources, prepare_data
+    from mlc.data.table import read_table, submission_csv
+    train = read_table(str(real_data / "train.csv"))
+    test = read_table(str(real_data / "test.csv"))
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "train.csv").write_text(submission_csv(train.ImageID[:64], train.Labels[:64]))
+    (tables / "test.csv").write_text("ImageID\n" + "\n".join(test.ImageID[:4]) + "\n")
+    pack = str(tmp_path / "pack")
+    pack_here(data=str(real_data), images="images", train_csv=str(tables / "train.csv"),
+              test_csv=str(tables / "test.csv"), output=pack, image_size=224)
+    got = {}
+    for form, budget in (("raw", None), ("compact", 0.01)):  # raw: 64 x 307 KB = 19.7 MB, over 10.7 MB
+        cfg = TrainConfig(data=pack, inputs="image", store_budget=budget, **{**SMALL, "image_size": 224})
+        said = []
+        data = prepare_data(cfg, lambda *_: None)
+        _, val, store = open_sources(cfg, data, said.append)
+        try:
+            assert (store.compact is not None) == (form == "compact") and any(f"image store: {form}" in s for s in said)
+            got[form] = (_allocated(store.folder), val.batch(list(range(len(data.va)))).images.float())
+        finally:
+            store.close()
+    assert got["compact"][0] <= got["raw"][0] / 10, got
+    assert (got["compact"][1] - got["raw"][1]).abs().mean() < 1.0  # the same JPEG slots, decoded: equal pixels
