@@ -87,6 +87,18 @@ def test_the_pack_job_runs_on_ray_names_an_unreadable_image_and_check_data_reads
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "already holds this source's pack" in again.stdout + again.stderr
     assert _files(out) == before
+    # Ray Data prediction from the pack (its rows read by row group in the actors) is the in-process one
+    from mlc.prediction.checkpoints import predict_from_checkpoint
+    _fit(str(out), tmp_path / "run", inputs="image", epochs=1, val_fraction=0.2, max_bad_fraction=0.05)
+    predict_from_checkpoint(str(tmp_path / "run"), data=str(out), output=str(tmp_path / "here"), log=lambda *_: None,
+                            progress=False)
+    p = subprocess.run([sys.executable, "jobs/predict.py", "--checkpoint", str(tmp_path / "run"), "--data", str(out),
+                        "--output", str(tmp_path / "ray"), "--num-workers", "2", "--batch-size", "3", "--quiet"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "on 2 Ray workers" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    here, ray = (np.loadtxt(tmp_path / d / "probabilities.csv", delimiter=",", skiprows=1, usecols=range(1, 7))
+                 for d in ("here", "ray"))
+    np.testing.assert_allclose(ray, here, atol=1e-5)
 
 
 def test_a_killed_pack_resumes_keeping_the_shards_it_wrote(source, tmp_path):
