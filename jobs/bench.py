@@ -63,6 +63,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     sv.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients (default: %(default)s)")
     sv.add_argument("--requests", type=int, default=8, help="requests per client per pass (default: %(default)s)")
     sv.add_argument("--passes", type=int, default=3, help="alternating passes per app, median kept (default: %(default)s)")
+    pk = p.add_argument_group("packed datasets (--pack)")
+    pk.add_argument("--pack", action="store_true", help="a pack against one object per image: storage requests and "
+                    "images/s of a first epoch through the GCS proxy (+--latency-ms), store bytes, decode rates, "
+                    "pack throughput, and the time to open a pack of --pack-rows synthetic images")
+    pk.add_argument("--pack-rows", type=int, default=200_000, help="rows of the synthetic pack (default: %(default)s)")
     io = p.add_argument_group("loader I/O (--io)")
     io.add_argument("--io", action="store_true", help="measure loader I/O instead of model compute")
     io.add_argument("--images", default=None,
@@ -148,6 +153,111 @@ def main_io(args: argparse.Namespace) -> list:
     if args.json:
         print(_json.dumps(rows))
     return rows
+
+
+def _source_of_present_images(root: Path) -> tuple[Path, Path]:
+    """The real tables cut to the rows whose image is beside the repo (else the demo set): ``(tables, images)``."""
+    from mlc.data.table import read_table, submission_csv
+    real = Path(__file__).resolve().parents[2] / "shared" / "data" / "comp5329"
+    if not (real / "images").is_dir():
+        from mlc.data.demo import make_demo_dataset
+        demo = Path(make_demo_dataset())
+        return demo, demo / "data"
+    present = {p.name for p in (real / "images").iterdir()}
+    train, test = read_table(str(real / "train.csv")), read_table(str(real / "test.csv"))
+    keep = train.ImageID.isin(present).to_numpy()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train.csv").write_text(submission_csv(train.ImageID[keep], train.Labels[keep]))
+    (root / "test.csv").write_text("ImageID\n" + "".join(f"{i}\n" for i in test.ImageID if i in present))
+    return root, real / "images"
+
+
+def main_pack(args: argparse.Namespace) -> dict:
+    import tempfile
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "tests"))
+    from gcs_server import GCS_ENV, Emulator, RemoteProxy
+    os.environ.update(GCS_ENV)  # before gcsfs is imported
+    import torch
+
+    from mlc.bench import pack as bench
+    from pack_helpers import pack_here, synthetic_pack
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="mlc-bench-pack-") as tmp:
+        tables, images = _source_of_present_images(Path(tmp) / "tables")
+        names = sorted(p.name for p in images.iterdir())
+        out["original_bytes"] = sum((images / n).stat().st_size for n in names) / len(names)
+        local = str(Path(tmp) / "pack")
+        start = time.perf_counter()
+        manifest = pack_here(data=str(tables), images=str(images), output=local, image_size=args.image_size)
+        rows = sum(t["rows"] for t in manifest["tables"].values())
+        out["pack_img_s"] = rows / (time.perf_counter() - start)
+        print(f"pack: {rows} images from {images} in one process: {out['pack_img_s']:.0f} images/s "
+              f"({os.cpu_count()} CPUs, torch {torch.__version__})", flush=True)
+        out["decode"] = bench.decode_rates(images, names[:400], local)
+        out["quality"] = bench.quality_sweep(images, names[:200], manifest["side"])
+        out["store"] = bench.store_bytes(local, args.image_size)
+        emulator = Emulator()
+        fast = RemoteProxy(emulator.endpoint)
+        slow = RemoteProxy(emulator.endpoint, latency_ms=args.latency_ms)
+        try:
+            emulator.create_bucket("mlc-bench")
+            os.environ["STORAGE_EMULATOR_HOST"] = fast.endpoint
+            from mlc.io import storage
+            for f in Path(tables).glob("*.csv"):
+                storage.write_bytes(f"gs://mlc-bench/src/{f.name}", f.read_bytes())
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda n: storage.write_bytes(f"gs://mlc-bench/src/data/{n}", (images / n).read_bytes()),
+                              names))
+                list(pool.map(lambda f: storage.write_bytes(f"gs://mlc-bench/pack/{f.name}", f.read_bytes()),
+                              list(Path(local).iterdir())))
+            for name, data in (("one object per image", "gs://mlc-bench/src"), ("packed", "gs://mlc-bench/pack")):
+                for proxy in (fast, slow):
+                    os.environ["STORAGE_EMULATOR_HOST"] = proxy.endpoint
+                    with tempfile.TemporaryDirectory(prefix="mlc-bench-cache-") as cache:
+                        os.environ["MLC_BYTE_CACHE"] = cache
+                        proxy.reset() if proxy is fast else None
+                        out[(name, proxy is slow)] = bench.first_epoch(data, args.image_size, lambda: proxy.count())
+        finally:
+            fast.stop()
+            slow.stop()
+            emulator.stop()
+        start = time.perf_counter()
+        big = synthetic_pack(Path(tmp) / "synthetic", args.pack_rows)
+        made = time.perf_counter() - start
+        out["manifest"] = bench.manifest_read(big)
+        out["manifest"]["made_s"] = made
+    _print_pack(out, args)
+    return out
+
+
+def _print_pack(out: dict, args: argparse.Namespace) -> None:
+    per, packed = out[("one object per image", False)], out[("packed", False)]
+    slow_per, slow_packed = out[("one object per image", True)], out[("packed", True)]
+    print(f"\nfirst epoch (every labelled image read, decoded and stored), {per['images']} images:")
+    print("| source | requests | requests / image | img/s, proxy +0 ms | img/s, proxy +%g ms |" % args.latency_ms)
+    print("|---|---|---|---|---|")
+    for name, a, b in (("one object per image", per, slow_per), ("packed", packed, slow_packed)):
+        print(f"| {name} | {a['requests']} | {a['requests'] / a['images']:.4f} | {a['img_s']:.0f} | {b['img_s']:.0f} |")
+    print(f"ratios: {per['requests'] / max(1, packed['requests']):.0f}x fewer requests; "
+          f"{slow_packed['img_s'] / slow_per['img_s']:.1f}x the images/s at +{args.latency_ms:g} ms")
+    for form, r in out["store"].items():
+        print(f"store {form}: {r['laid_out'] / 1024:.1f} KB an image laid out, {r['allocated'] / 1024:.1f} KB allocated")
+    print(f"compact / raw, allocated: {out['store']['compact']['allocated'] / out['store']['raw']['allocated']:.3f}")
+    print(f"original JPEGs: {out['original_bytes'] / 1024:.1f} KB an image")
+    for q in out["quality"]:
+        print(f"slot JPEG quality {q['quality']}: {q['bytes'] / 1024:.1f} KB, {q['error']:.2f} grey levels mean "
+              f"absolute error, {q['decode_img_s']:.0f} images/s a core")
+    for name, rate in out["decode"].items():
+        print(f"decode, one core: {name}: {rate:.0f} images/s")
+    m = out["manifest"]
+    print(f"opening a pack of {m['rows']} rows ({m['shards']} shards, manifest {m['manifest_bytes'] / 1024:.0f} KB): "
+          f"{m['seconds']:.2f} s (made in {m['made_s']:.0f} s)")
+    if args.json:
+        print(json.dumps({(" ".join(map(str, k)) if isinstance(k, tuple) else k): v for k, v in out.items()}))
 
 
 def main(args: argparse.Namespace) -> list:
@@ -328,5 +438,7 @@ if __name__ == "__main__":
         main_spot(_args)
     elif _args.io:
         main_io(_args)
+    elif _args.pack:
+        main_pack(_args)
     else:
         main(_args)

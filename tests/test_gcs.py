@@ -246,7 +246,9 @@ def test_pyarrow_filesystem_for_ray_storage(gcs, tmp_path):
     """What Ray Train does with RunConfig(storage_filesystem=fs, storage_path=path): make folders, copy a local
     checkpoint folder up, list it, read it back."""
     import pyarrow.fs as pafs
-    fs, path = storage.pyarrow_filesystem(gcs.url("ray/exp"))
+
+    from mlc.distributed.ray_folder import pyarrow_filesystem
+    fs, path = pyarrow_filesystem(gcs.url("ray/exp"))
     assert isinstance(fs, pafs.PyFileSystem) and path == f"{gcs.bucket}/ray/exp"
     fs.create_dir(path + "/trial")
     with fs.open_output_stream(path + "/trial/result.json") as f:

@@ -19,23 +19,13 @@ import pytest
 from mlc.config import TrainConfig
 from mlc.data.demo import make_demo_dataset
 from mlc.data.pack import MANIFEST, PackError, open_pack
-from mlc.data.pack_write import PLAN, PackConfig, PackOutputError, finish_pack, start_pack, write_shard
+from mlc.data.pack_write import PackOutputError
 from mlc.errors import classify
+from pack_helpers import pack_here
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(weights="none", image_size=32, batch_size=16, unfrozen_depth=4, dropout=0.0, val_fraction=0.25,
              amp="off", lr=2e-3, warmup_epochs=0.0, seed=3, loader_workers=0)
-
-
-def pack_here(**kw) -> dict:
-    """A pack written in this process, shard by shard (what each Ray Data task of jobs/pack.py does)."""
-    cfg = PackConfig(**kw)
-    job = start_pack(cfg, log=lambda *_: None)
-    if job.done is not None:
-        return job.done
-    results = [{**s, **write_shard(cfg.output, job.plan, s, job.source.frames[s["table"]], job.source.images,
-                                   cfg.max_image_pixels)} for s in job.plan["shards"]]
-    return finish_pack(cfg, job, results, 1.0, log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")

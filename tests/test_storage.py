@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlc.distributed.ray_folder import pyarrow_filesystem
 from mlc.io import fetch, storage
 from mlc.data.sources import StreamTable
 from mlc.io.storage import AccessDenied, ObjectNotFound, StorageError
@@ -91,10 +92,10 @@ def test_safe_url_hides_credentials():
 
 def test_pyarrow_filesystem(tmp_path):
     import pyarrow.fs as pafs
-    fs, path = storage.pyarrow_filesystem(str(tmp_path / "ray"))
+    fs, path = pyarrow_filesystem(str(tmp_path / "ray"))
     assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "ray")
     storage.write_text("memory://mlc-pa/x.txt", "hi")
-    fs, path = storage.pyarrow_filesystem("memory://mlc-pa")
+    fs, path = pyarrow_filesystem("memory://mlc-pa")
     assert isinstance(fs, pafs.PyFileSystem)
     with fs.open_input_stream(path + "/x.txt") as f:
         assert f.read() == b"hi"

@@ -15,8 +15,20 @@ def ray_storage(url: str):
     """``(storage_path, storage_filesystem)`` for Ray's RunConfig: the filesystem mlc uses, for gs:// too."""
     if storage.is_local(url):
         return os.path.abspath(url), None
-    fs, path = storage.pyarrow_filesystem(url)
+    fs, path = pyarrow_filesystem(url)
     return path, fs
+
+
+def pyarrow_filesystem(url: str):
+    """``(pyarrow.fs.FileSystem, path)`` for a URL, e.g. for Ray's ``RunConfig(storage_filesystem=...,
+    storage_path=path)``: pyarrow's LocalFileSystem for local paths, otherwise the same fsspec filesystem
+    :mod:`mlc.io.storage` uses (gcsfs for gs://, with its credential chain) wrapped by ``pyarrow.fs.FSSpecHandler``.
+    """
+    import pyarrow.fs as pafs
+    fs, path = storage.filesystem(url)
+    if storage.is_local(url):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/")
 
 
 def kept_checkpoints(run_url: str) -> list:

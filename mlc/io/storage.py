@@ -23,10 +23,8 @@ What this module guarantees:
   a single upload that they publish only when it completes (a simple upload under 50 MB, a resumable
   upload above, which GCS publishes on its last chunk). Streaming through ``fs.open(url, "wb")`` would
   not be safe: fsspec publishes what was written so far when an exception leaves that ``with`` block.
-* Filesystem objects belong to one process: fsspec keys its instance cache by process id and resets its
-  event loop after ``fork``, and :func:`filesystem` keeps its own cache per process id too, so a
-  DataLoader worker forked after the parent used ``gs://`` builds its own client instead of sharing
-  the parent's sockets and event loop.
+* Filesystem objects belong to one process (:func:`filesystem`): a forked DataLoader worker builds its own
+  client instead of sharing the parent's sockets and event loop.
 """
 
 from __future__ import annotations
@@ -42,10 +40,8 @@ import tempfile
 import uuid
 from typing import Iterable, Iterator
 
-# gcsfs >= 2025 replaces its filesystem class with an experimental "zonal / hierarchical namespace" one
-# when this variable is unset, and that class probes a gRPC API on the first call per bucket (60 s or more
-# against anything that is not the real service). mlc uses neither feature; this must run before gcsfs is
-# imported, which fsspec does lazily on the first gs:// URL. Set it to true in the environment to opt in.
+# gcsfs >= 2025 otherwise swaps in an experimental "zonal / hierarchical namespace" class that probes a gRPC API
+# on each bucket's first call (60 s or more off the real service); set before fsspec imports gcsfs (lazily).
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import fsspec  # noqa: E402
@@ -94,8 +90,7 @@ def filesystem(url: str):
     if fs is None:
         options = {}
         if protocol in _GCS:
-            # Listings are not cached: another process (a Ray worker, a DataLoader worker) may have written
-            # since, and mlc lists rarely.
+            # Listings not cached: another process (a Ray or loader worker) may have written since; mlc lists rarely.
             options["use_listings_cache"] = False
         fs, path = url_to_fs(url, **options)
         if "::" not in url:  # a chained URL ("simplecache::gs://...") configures its own instance each time
@@ -184,7 +179,7 @@ def read_bytes(url: str) -> bytes:
 
 
 def read_range(url: str, start: int, end: int) -> bytes:
-    """Bytes ``start`` to ``end`` (exclusive) of an object, in one ranged request; fewer where it ends sooner."""
+    """Bytes ``start`` to ``end`` (exclusive) of an object in one ranged request (fewer where it ends sooner)."""
     fs, path = filesystem(url)
     try:
         return fs.cat_file(path, start=start, end=end)
@@ -333,25 +328,23 @@ def remove(url: str, recursive: bool = False) -> None:
         raise _named(url, e, "delete") from e
 
 
-def listdir(url: str) -> list[str]:
-    """Names (not full paths) of the entries directly under ``url``."""
+def _ls(url: str, detail: bool) -> tuple[str, list]:
     fs, path = filesystem(url)
     try:
-        entries = fs.ls(path, detail=False)
+        return path.rstrip("/"), fs.ls(path, detail=detail)
     except Exception as e:  # noqa: BLE001
         raise _named(url, e, "list") from e
-    base = path.rstrip("/")
+
+
+def listdir(url: str) -> list[str]:
+    """Names (not full paths) of the entries directly under ``url``."""
+    base, entries = _ls(url, False)
     return sorted({posixpath.basename(p.rstrip("/")) for p in entries if p.rstrip("/") != base})
 
 
 def sizes(url: str) -> dict:
     """``{name: bytes}`` of the files directly under ``url``: one listing."""
-    fs, path = filesystem(url)
-    try:
-        entries = fs.ls(path, detail=True)
-    except Exception as e:  # noqa: BLE001
-        raise _named(url, e, "list") from e
-    return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in entries
+    return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in _ls(url, True)[1]
             if e.get("type") == "file"}
 
 
@@ -400,20 +393,8 @@ def _remove_empty_folders(folder: str, top: str) -> None:
         folder = os.path.dirname(folder)
 
 
-def pyarrow_filesystem(url: str):
-    """``(pyarrow.fs.FileSystem, path)`` for a URL, e.g. for Ray's ``RunConfig(storage_filesystem=...,
-    storage_path=path)``: pyarrow's LocalFileSystem for local paths, otherwise the same fsspec filesystem
-    this module uses (gcsfs for gs://, with its credential chain) wrapped by ``pyarrow.fs.FSSpecHandler``.
-    """
-    import pyarrow.fs as pafs
-    fs, path = filesystem(url)
-    if "file" in _protocols(fs) or "local" in _protocols(fs):
-        return pafs.LocalFileSystem(), os.path.abspath(path)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/")
-
-
 __all__ = [
     "StorageError", "ObjectNotFound", "AccessDenied", "filesystem", "is_local", "join", "exists", "isdir",
     "read_bytes", "read_range", "read_many", "start_reads", "PendingReads", "write_bytes", "write_text", "writer", "remove",
-    "listdir", "sizes", "check_writable", "pyarrow_filesystem", "safe_url", "fsspec", "DEFAULT_CONCURRENCY", "umask",
+    "listdir", "sizes", "check_writable", "safe_url", "fsspec", "DEFAULT_CONCURRENCY", "umask",
 ]

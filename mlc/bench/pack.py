@@ -1,0 +1,170 @@
+"""Packed datasets against one object per image, measured side by side (``jobs/bench.py --pack``): storage
+requests and images/s of a first epoch through a GCS proxy, store bytes per image raw and compact, decode rates of
+the original JPEGs and of the packed slots, pack throughput, and how long opening a large pack takes.
+
+The first epoch here is the data path alone: every labelled row read, decoded and put in the store in batches, as
+training's first epoch does before any model step (the store is what later epochs and validation read)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mlc.config import TrainConfig
+from mlc.io import storage
+
+BATCH = 64
+
+
+def _memory() -> str | None:
+    """Stores in RAM (/dev/shm) as a run's are, in a folder of the benchmark's own."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def first_epoch(data: str, image_size: int, count) -> dict:
+    """Every labelled row of ``data`` through the run's sources into a fresh store; ``count()``: the proxy's
+    requests so far."""
+    from mlc.data.run_data import open_sources, prepare_data
+    with tempfile.TemporaryDirectory(prefix="mlc-bench-store-", dir=_memory()) as root:
+        os.environ["MLC_STORE_MEMORY_DIR"] = root
+        before, start = count(), time.perf_counter()
+        cfg = TrainConfig(data=data, inputs="image", image_size=image_size, weights="none", store="memory",
+                          loader_workers=0)
+        run = prepare_data(cfg, lambda *_: None)
+        sources = open_sources(cfg, run, lambda *_: None)
+        store = sources[2]
+        try:
+            for source in sources[:2]:  # a pack's rows are stored already; a folder's are read batch by batch
+                source.set_epoch(0, 0)
+                for k in range(0, len(source), BATCH):
+                    source.batch(list(range(k, min(k + BATCH, len(source)))))
+            seconds = time.perf_counter() - start
+            n = len(run.urls)
+            return {"images": n, "requests": count() - before, "seconds": seconds, "img_s": n / seconds,
+                    "stored": int(store.count())}
+        finally:
+            store.close()
+            del os.environ["MLC_STORE_MEMORY_DIR"]
+
+
+def decode_rates(folder: Path, names: list, pack: str, repeats: int = 3) -> dict:
+    """Images a second one core decodes: the original files (mlc's decoder, fitted to the slot as the store does)
+    and the pack's slot JPEGs."""
+    import torch
+
+    from mlc.data.augment import fit_to_slot
+    from mlc.data.pack import TABLES, open_pack, read_shard
+    from mlc.data.slot_codec import decode_slot
+    from mlc.io.images import decode_image
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        p = open_pack(pack)
+        originals = [(folder / n).read_bytes() for n in names]
+        slots = [v for t in TABLES for k in range(len(p.shards(t)))
+                 for v in read_shard(p, t, k, columns=["image"]).column("image").to_pylist() if v][: len(names)]
+        out = np.empty((p.side, p.side, 3), dtype=np.uint8)
+
+        def originals_pass():
+            for k, data in enumerate(originals):
+                fit_to_slot(decode_image(data, names[k], draft=p.side), p.side)
+
+        def slots_pass():
+            for data in slots:
+                decode_slot(data, out)
+        rates = {}
+        for name, fn, n in (("original JPEGs, decoded and fitted", originals_pass, len(originals)),
+                            ("packed slot JPEGs, decoded", slots_pass, len(slots))):
+            best = min(_timed(fn) for _ in range(repeats))
+            rates[name] = n / best
+        return rates
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def store_bytes(pack: str, image_size: int) -> dict:
+    """Bytes per image of the raw and the compact store of the pack's labelled rows: as laid out, and as
+    allocated once filled (files are sparse: a compact slot's unused tail takes no page)."""
+    from mlc.data.run_data import open_sources, prepare_data
+    out = {}
+    for form, budget in (("raw", None), ("compact", 1e-6)):
+        with tempfile.TemporaryDirectory(prefix="mlc-bench-store-", dir=_memory()) as root:
+            os.environ["MLC_STORE_MEMORY_DIR"], os.environ["MLC_STORE_DIR"] = root, root + "/disk"
+            cfg = TrainConfig(data=pack, inputs="image", image_size=image_size, weights="none",
+                              store_budget=budget if form == "raw" else None, loader_workers=0)
+            if form == "compact":
+                cfg = cfg.replace(store_budget=_compact_budget(pack, image_size))
+            run = prepare_data(cfg, lambda *_: None)
+            _, _, store = open_sources(cfg, run, lambda *_: None)
+            try:
+                files = [Path(store.folder) / f for f in os.listdir(store.folder)]
+                n = store.n
+                out[form] = {"laid_out": sum(f.stat().st_size for f in files) / n,
+                             "allocated": sum(f.stat().st_blocks * 512 for f in files) / n,
+                             "compact": store.compact is not None}
+            finally:
+                store.close()
+                for k in ("MLC_STORE_MEMORY_DIR", "MLC_STORE_DIR"):
+                    del os.environ[k]
+    return out
+
+
+def _compact_budget(pack: str, image_size: int) -> float:
+    """A memory budget (GiB) the compact store fits and raw pixels do not."""
+    from mlc.data.augment import slot_side
+    from mlc.data.pack import open_pack
+    from mlc.data.store import compact_bytes, nbytes
+    n = open_pack(pack).rows("train")
+    side = slot_side(image_size)
+    return (nbytes(n, side, compact_bytes(side)) * 1.05) / 2**30
+
+
+def manifest_read(root: str) -> dict:
+    """Seconds to open the pack at ``root`` as a run does before its first step: the manifest, both tables, and
+    every ImageID located in it."""
+    from mlc.data.pack import TABLES, open_pack, read_frame
+    from mlc.data.pack_source import locate_ids
+    start = time.perf_counter()
+    p = open_pack(root)
+    ids = [i for t in TABLES for i in read_frame(p, t).ImageID]
+    located = locate_ids(p, ids)
+    return {"rows": len(located.ids), "shards": sum(len(p.shards(t)) for t in TABLES),
+            "seconds": time.perf_counter() - start, "manifest_bytes": len(storage.read_bytes(storage.join(root, "manifest.json")))}
+
+
+def quality_sweep(folder: Path, names: list, side: int, qualities=(75, 85, 90, 95)) -> list:
+    """For each JPEG quality: mean bytes of a slot, mean absolute error against its raw pixels (grey levels), and
+    slots decoded a second by one core. The originals are fitted to ``side`` px slots first, as packing does."""
+    import torch
+
+    from mlc.data.augment import fit_to_slot
+    from mlc.data.slot_codec import decode_slot, encode_slot
+    from mlc.io.images import decode_image
+    pixels = [np.asarray(fit_to_slot(decode_image((folder / n).read_bytes(), n, draft=side), side)) for n in names]
+    out = np.empty((side, side, 3), dtype=np.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for q in qualities:
+            data = [encode_slot(p, q) for p in pixels]
+            err = []
+            for d, p in zip(data, pixels):
+                h, w = decode_slot(d, out)
+                err.append(np.abs(out[:h, :w].astype(np.int16) - p).mean())
+            seconds = min(_timed(lambda: [decode_slot(d, out) for d in data]) for _ in range(2))
+            rows.append({"quality": q, "bytes": float(np.mean([len(d) for d in data])), "error": float(np.mean(err)),
+                         "decode_img_s": len(data) / seconds})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
