@@ -227,3 +227,21 @@ def test_the_compact_store_of_real_images_takes_a_tenth_of_raw_bytes_or_less(rea
             store.close()
     assert got["compact"][0] <= got["raw"][0] / 10, got
     assert (got["compact"][1] - got["raw"][1]).abs().mean() < 1.0  # the same JPEG slots, decoded: equal pixels
+
+
+def test_a_pack_on_gcs_is_written_and_read_with_one_request_a_shard(source, gcs, tmp_path, monkeypatch):
+    """Packed from gs:// to gs://; the first epoch (every labelled image into the store, the batches cut) makes
+    one GET an image from the source and a fixed few from the pack, counted at the proxy."""
+    from mlc.bench.pack import first_epoch
+    monkeypatch.setenv("MLC_BYTE_CACHE", "off")
+    gcs.upload(source, gcs.url("src"))
+    pack_here(data=gcs.url("src"), output=gcs.url("pack"), image_size=32)
+    manifest = open_pack(gcs.url("pack")).manifest
+    assert [len(manifest["tables"][t]["shards"]) for t in ("train", "test")] == [1, 1]
+    per_object = first_epoch(gcs.url("src"), 32, lambda: gcs.proxy.count())
+    gcs.proxy.reset()
+    packed = first_epoch(gcs.url("pack"), 32, lambda: gcs.proxy.count())
+    assert per_object["stored"] == packed["stored"] == 96
+    assert per_object["requests"] >= 96 and packed["requests"] <= 10, (per_object, packed)
+    shard = [p for m, p, _ in gcs.proxy.log if m == "GET" and "train-00000.parquet" in p]
+    assert len(shard) == 1 and "alt=media" in shard[0], shard  # the shard's bytes, in one request

@@ -132,6 +132,27 @@ def test_two_workers_match_one_process_with_the_same_global_batch(uninterrupted)
     assert [h["workers"] for h in ray_hist] == [2, 2]
 
 
+def test_a_ray_run_reads_a_packed_dataset_as_one_process_does(dataset, tmp_path, ray_head):
+    """Two Ray Train workers fill their node's store from a raw pack (whole shards) and train as one process
+    on the same pack does: the same rows, the same pixels."""
+    from pack_helpers import pack_here
+    pack = tmp_path / "pack"
+    pack_here(data=str(dataset), output=str(pack), format="raw", image_size=32, shard_mb=0.1)
+    settings = dict(SPLIT_INVARIANT, store="auto")
+    isolated(run_distributed, ray_head.address, cfg_for(pack, tmp_path, batch_size=8, **settings).to_dict(),
+             {"num_workers": 2, "name": "packed", "max_failures": 0})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.fit(cfg_for(pack, tmp_path / "local", batch_size=8, **settings), log=lambda *_: None, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    gap = l2_difference(weights_of(tmp_path / "packed" / "epoch_0002"), weights_of(tmp_path / "local" / "checkpoint"))
+    assert gap < L2_VS_LOCAL, gap
+    hist = load_state(str(tmp_path / "packed" / "epoch_0002"))["history"]
+    assert [h["train_images"] for h in hist] == [24, 24] and [h["val_images"] for h in hist] == [9, 9]
+
+
 def test_a_ray_run_writes_local_modes_outputs(uninterrupted):
     run = uninterrupted["run"]
     for rel in ["best/model.pt", "best/meta.json", "best/labels.json", "best/val_probabilities.csv", "metrics.json",

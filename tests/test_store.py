@@ -239,13 +239,16 @@ def _table(paths, transform, store=None):
     return StoredTable([str(p) for p in paths], y, transform, 50_000_000, store, np.arange(len(paths)))
 
 
-def test_a_table_reads_the_same_rows_while_filling_and_from_the_store(roots, tmp_path):
+@pytest.mark.parametrize("form", ["raw", "compact"])
+def test_a_table_reads_the_same_rows_while_filling_and_from_the_store(roots, tmp_path, form):
     paths = _real(24)
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"<html>not an image</html>")
     paths = paths + [bad]
-    store = store_choice.open_for_run([str(p) for p in paths], 64, "auto", None, lambda *_: None)
+    budget = None if form == "raw" else 0.0002  # 200 KiB: the 25 JPEG slots (69 KB), not their pixels (691 KB)
+    store = store_choice.open_for_run([str(p) for p in paths], 64, "auto", budget, lambda *_: None)
     try:
+        assert (store.compact is not None) == (form == "compact")
         ds = _table(paths, train_transform(64), store)
         ds.set_epoch(0, 1)
         first = ds.batch(list(range(len(paths))))
