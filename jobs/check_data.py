@@ -30,10 +30,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    data = args.data
-    if data is None:
-        from mlc.data.demo import make_demo_dataset
-        data = make_demo_dataset()
+    from mlc.data.demo import data_or_demo
+    data = data_or_demo(args.data)
     report = check_dataset(DataPaths.resolve(data, args.images, args.train_csv, args.test_csv),
                            progress=not args.quiet, require_labels=args.require_labels)
     print(format_report(report))

@@ -59,10 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from mlc.distributed.pack import PackConfig, pack
-    data = args.data
-    if data is None:
-        from mlc.data.demo import make_demo_dataset
-        data = make_demo_dataset()
+    from mlc.data.demo import data_or_demo
+    data = data_or_demo(args.data)
     cfg = PackConfig(data=data, output=args.output, images=args.images, train_csv=args.train_csv,
                      test_csv=args.test_csv, format=args.format, image_size=args.image_size, quality=args.quality,
                      shard_mb=args.shard_mb, max_image_pixels=args.max_image_pixels, cpus_per_task=args.cpus_per_task)
