@@ -247,32 +247,45 @@ def find(key: str) -> str | None:
     return None
 
 
+def _join(final: str, n: int, side: int) -> ImageStore | None:
+    """Become a user of the store in the folder ``final``; None when there is none (or it was removed while we
+    waited for its lock)."""
+    users = os.path.join(final, "users")
+    try:
+        fd = os.open(users, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        same = os.fstat(fd).st_ino == os.stat(users).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:
+        os.close(fd)
+        return None
+    with open(os.path.join(final, "layout.json")) as f:
+        layout = json.load(f)
+    if layout != {"version": VERSION, "n": n, "side": side}:
+        os.close(fd)
+        raise RuntimeError(f"image store {final} holds {layout}, not n={n} side={side}; remove it")
+    return ImageStore(final, n, side, fd)
+
+
+def open_existing(key: str, n: int, side: int) -> ImageStore | None:
+    """The store ``key`` if one is on this node now (memory first), opened as one more user; never creates one."""
+    root = find(key)
+    return _join(os.path.join(root, key), n, side) if root is not None else None
+
+
 def open_store(root: str, key: str, n: int, side: int) -> ImageStore:
     """Open the store ``key`` under ``root``, creating it (empty) if no process has; safe when several
     processes on the node race to create it: exactly one folder wins and all of them use it."""
     os.makedirs(root, mode=0o700, exist_ok=True)
     final = os.path.join(root, key)
     for _ in range(20):
-        users = os.path.join(final, "users")
-        try:
-            fd = os.open(users, os.O_RDONLY)
-        except FileNotFoundError:
-            fd = None
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            try:
-                same = os.fstat(fd).st_ino == os.stat(users).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                with open(os.path.join(final, "layout.json")) as f:
-                    layout = json.load(f)
-                if layout != {"version": VERSION, "n": n, "side": side}:
-                    os.close(fd)
-                    raise RuntimeError(f"image store {final} holds {layout}, not n={n} side={side}; remove it")
-                return ImageStore(final, n, side, fd)
-            os.close(fd)  # removed while we waited: start over
-            continue
+        store = _join(final, n, side)
+        if store is not None:
+            return store
         tmp = tempfile.mkdtemp(dir=root, prefix=".new-")
         for name, (shape, dtype) in _shape(n, side).items():
             with open(os.path.join(tmp, name), "wb") as f:

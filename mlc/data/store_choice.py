@@ -88,17 +88,24 @@ def choose(mode: str, budget: float | None, n: int, side: int, key: str) -> tupl
                   "(a larger local disk) would let them be decoded once")
 
 
+def store_key(urls: list, image_size: int) -> tuple[str, int]:
+    """``(key, slot side)`` of the store of a run's labelled images (``urls``, every row of the table in order)
+    at ``--image-size``: what :func:`open_for_run` opens, and what a report looks for afterwards."""
+    from mlc.data.augment import slot_side
+    from mlc.data.store import VERSION
+    from mlc.io import identity
+    side = slot_side(image_size)
+    return identity.digest(list(urls), VERSION, side)[:32], side
+
+
 def open_for_run(urls: list, image_size: int, mode: str, budget: float | None, log=print, *, reason_off=None):
     """The store of a run's labelled images (every row of the table, so training and validation share it),
     opened or created; None when the run streams. ``reason_off``: why the store cannot be used this run."""
-    from mlc.data.augment import slot_side
-    from mlc.io import identity
-    from mlc.data.store import VERSION
     if reason_off:
         log(f"image store: off ({reason_off}); images are read and decoded every epoch")
         return None
-    side = slot_side(image_size)
-    key = identity.digest(list(urls), VERSION, side)[:32] if mode != "off" else ""
+    from mlc.data.augment import slot_side
+    key, side = store_key(urls, image_size) if mode != "off" else ("", slot_side(image_size))
     root, message = choose(mode, budget, len(urls), side, key)
     if root is None:
         log(message)

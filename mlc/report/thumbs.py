@@ -1,0 +1,91 @@
+"""Thumbnails for a report: small JPEG data URIs of the images a run read.
+
+A validation image comes from the run's decode-once store (:mod:`mlc.data.store`) while this node still holds it:
+the pixels training copied, no file read again. Any other image (a test image, a run that streamed, a store on
+another node) is decoded again from the image folder by mlc's own loader (:func:`mlc.data.sources.load_image`:
+the byte cache for remote images, the pixel limit checked before decoding, truncated and corrupt files refused).
+The report says how many came from where.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+
+from mlc.data.sources import load_image
+from mlc.data.store import STORED, open_existing
+from mlc.data.store_choice import store_key
+from mlc.io.images import DEFAULT_MAX_PIXELS, BadImageError
+
+# Longest side, px. The COMP5329 images are at most 320 px; at 112 px and quality 70 a thumbnail is 3-5 KB of
+# JPEG (about 5-7 KB as base64), so a 5 MB report holds several hundred beside its plots and tables.
+THUMB_SIDE = 112
+JPEG_QUALITY = 70
+
+STORE, FOLDER, UNREADABLE = "the run's decode-once store", "the image folder", "unreadable"
+
+
+class Thumbnails:
+    """Thumbnails by ImageID. ``store``: an open :class:`mlc.data.store.ImageStore` (closed by :meth:`close`) and
+    ``slots``, each ImageID's slot in it."""
+
+    def __init__(self, store=None, slots: dict | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.store, self.slots, self.max_pixels = store, slots or {}, max_pixels
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self) -> None:
+        store, self.store = self.store, None
+        if store is not None:
+            store.close()
+
+    def get(self, image_id: str, url: str) -> tuple[str | None, str, str | None]:
+        """``(data URI, where it came from, why there is none)``: the image as ``data:image/jpeg;base64,...``
+        (:data:`STORE` or :data:`FOLDER`), or ``(None, UNREADABLE, the reason)``."""
+        img = self._from_store(image_id)
+        source = STORE
+        if img is None:
+            try:
+                img = load_image(url, self.max_pixels, name=image_id, draft=THUMB_SIDE)
+            except Exception as e:  # noqa: BLE001 - one image without a thumbnail never stops a report
+                why = e.reason if isinstance(e, BadImageError) else \
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                return None, UNREADABLE, why
+            source = FOLDER
+        return "data:image/jpeg;base64," + base64.b64encode(jpeg(img)).decode("ascii"), source, None
+
+    def _from_store(self, image_id: str):
+        slot = self.slots.get(image_id)
+        if self.store is None or slot is None or self.store.state[slot] != STORED:
+            return None
+        h, w = (int(v) for v in self.store.sizes([slot])[0][:2])
+        return Image.fromarray(np.array(self.store.pixels[slot, :h, :w]))
+
+
+def jpeg(img: Image.Image, side: int = THUMB_SIDE, quality: int = JPEG_QUALITY) -> bytes:
+    """``img`` shrunk to fit ``side`` x ``side`` (never enlarged), as JPEG bytes."""
+    img = img.convert("RGB")
+    img.thumbnail((side, side), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality, optimize=True)
+    return buf.getvalue()
+
+
+def open_thumbnails(run_urls: list | None, image_size: int | None, ids: list | None) -> Thumbnails:
+    """Thumbnails reading from the store of a run whose labelled images are ``run_urls`` (in table order, ImageIDs
+    ``ids``) at ``image_size`` when this node holds it now, else from the image folder only (``run_urls`` None)."""
+    if not run_urls:
+        return Thumbnails()
+    key, side = store_key(run_urls, image_size)
+    store = open_existing(key, len(run_urls), side)
+    if store is None:
+        return Thumbnails()
+    return Thumbnails(store, {str(i): k for k, i in enumerate(ids)})
