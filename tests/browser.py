@@ -9,6 +9,7 @@ value, ``b.screenshot()`` PNG bytes. :func:`chromium` finds the executable (None
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
@@ -26,6 +27,15 @@ def chromium() -> str | None:
     return None
 
 
+def _high(fds: tuple) -> tuple:
+    """The pipe's two ends moved to descriptors above 9 (inheritable: the shell passes them on)."""
+    out = []
+    for fd in fds:
+        out.append(fcntl.fcntl(fd, fcntl.F_DUPFD, 10))
+        os.close(fd)
+    return tuple(out)
+
+
 class Browser:
     def __init__(self, exe: str | None = None, width: int = 1300, height: int = 1000, timeout: float = 60.0):
         self.exe, self.width, self.height, self.timeout = exe or chromium(), width, height, timeout
@@ -34,15 +44,17 @@ class Browser:
 
     def __enter__(self):
         self._profile = tempfile.mkdtemp(prefix="mlc-chromium-")
-        cmd_r, self._cmd_w = os.pipe()
-        self._res_r, res_w = os.pipe()
-        # The browser reads commands on fd 3 and writes replies on fd 4; the shell puts the pipes there.
+        cmd_r, self._cmd_w = _high(os.pipe())
+        self._res_r, res_w = _high(os.pipe())
+        # The browser reads commands on fd 3 and writes replies on fd 4; bash puts the pipes there (from fds above
+        # 9, so that neither redirection overwrites the other's source; dash takes single-digit fds only).
         args = [self.exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
                 f"--user-data-dir={self._profile}", "--no-first-run", "--no-default-browser-check",
                 "--disable-extensions", "--disable-background-networking", "--hide-scrollbars", "about:blank"]
-        self._proc = subprocess.Popen(["/bin/sh", "-c", f'exec "$@" 3<&{cmd_r} 4>&{res_w}', "sh", *args],
+        self._stderr = open(os.path.join(self._profile, "stderr.log"), "wb")
+        self._proc = subprocess.Popen([shutil.which("bash") or "/bin/bash", "-c", f'exec "$@" 3<&{cmd_r} 4>&{res_w}', "sh", *args],
                                       pass_fds=(cmd_r, res_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
+                                      stderr=self._stderr)
         os.close(cmd_r)
         os.close(res_w)
         target = self._call("Target.createTarget", {"url": "about:blank"})["targetId"]
@@ -64,8 +76,14 @@ class Browser:
             self._proc.wait()
         os.close(self._cmd_w)
         os.close(self._res_r)
+        self._stderr.close()
         shutil.rmtree(self._profile, ignore_errors=True)
         return False
+
+    def _log_tail(self) -> str:
+        with open(os.path.join(self._profile, "stderr.log"), "rb") as f:
+            lines = [x for x in f.read().decode("utf-8", "replace").splitlines() if "dbus" not in x]
+        return "\n".join(lines[-15:])
 
     # --- the protocol -------------------------------------------------------------------------------------
 
@@ -74,7 +92,10 @@ class Browser:
         return self._next
 
     def _send(self, msg: dict) -> None:
-        os.write(self._cmd_w, json.dumps(msg).encode() + b"\0")
+        try:
+            os.write(self._cmd_w, json.dumps(msg).encode() + b"\0")
+        except BrokenPipeError:
+            raise ConnectionError(f"chromium exited ({self._proc.poll()}): {self._log_tail()}") from None
 
     def _recv(self, deadline: float) -> dict:
         while b"\0" not in self._buf:
@@ -83,7 +104,7 @@ class Browser:
                 raise TimeoutError("no reply from chromium")
             chunk = os.read(self._res_r, 1 << 20)
             if not chunk:
-                raise ConnectionError("chromium closed its pipe")
+                raise ConnectionError(f"chromium closed its pipe ({self._proc.poll()}): {self._log_tail()}")
             self._buf += chunk
         raw, self._buf = self._buf.split(b"\0", 1)
         return json.loads(raw)

@@ -15,18 +15,10 @@ from mlc.io import storage
 from mlc.report import analysis
 from mlc.report.gather import Report, gather, image_url
 from mlc.report.html import card, render
+from mlc.report.limits import ERROR_SHARE, MAX_BYTES, MAX_ERRORS, MAX_TEST
 from mlc.report.thumbs import STORE, UNREADABLE, open_thumbnails
 
 NAME = "report.html"
-# 5 MB opens at once from disk or a mail attachment in any browser, and holds several hundred thumbnails beside
-# the plots (a card is 6-8 KB); the demo and real-data reports measured in docs/outputs.md.
-MAX_BYTES = 5_000_000
-# Caps on the galleries before the size limit: worst errors, test rows sampled.
-MAX_ERRORS = 200
-MAX_TEST = 60
-# The errors' share of the room the thumbnails have: they are what a report is opened for; what the test sample
-# leaves goes back to them.
-ERROR_SHARE = 0.7
 # The counts in the section headers grow by a few bytes as cards are added; this much room is kept for them.
 SLACK = 2_000
 

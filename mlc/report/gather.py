@@ -74,9 +74,11 @@ def gather(folder: str, *, model: str | None = None, predicted: dict | None = No
     run = _run_metrics(folder, mfolder)
     train_paths = data.paths if data is not None else _paths(cfg)
     test_csv, test_images = _predicted_table(cfg, predicted, train_paths)
-    report = Report(folder, "training run" if run is not None else "prediction", list(vocab.labels),
-                    config=cfg.to_dict(), images={"validation": train_paths.images, "test": test_images})
-    report.identity = _identity(folder, mfolder, meta, cfg, run, train_paths, test_csv)
+    kind = "training run" if run is not None else "sweep's best trial" \
+        if storage.exists(storage.join(folder, "best_config.json")) else "prediction"
+    report = Report(folder, kind, list(vocab.labels), config=cfg.to_dict(),
+                    images={"validation": train_paths.images, "test": test_images})
+    report.identity = _identity(folder, kind, mfolder, meta, cfg, run, train_paths, test_csv)
     report.metrics = _metrics(run, meta)
     val = _validation(report, mfolder, ThresholdChoice.from_dict(meta["threshold"]), train_paths, data)
     if data is not None and uses_images(cfg.inputs) and cfg.store != "off":
@@ -111,14 +113,14 @@ def _predicted_table(cfg: TrainConfig, predicted: dict | None, train_paths: Data
     return paths.test_csv, paths.images
 
 
-def _identity(folder, mfolder, meta, cfg, run, paths, test_csv) -> list:
+def _identity(folder, kind, mfolder, meta, cfg, run, paths, test_csv) -> list:
     ok = meta.get("model_file_ok")
     sha = meta.get("model_sha256") or "not recorded"
     sha += {True: " (matches model.pt)", False: " (model.pt does NOT match it: an interrupted write?)",
             None: ""}[ok]
     choice = meta["threshold"]
     rule = "per class (see the table)" if choice["strategy"] == "per_class" else f"{choice['value']:g}"
-    rows = [("folder", folder), ("report of", "a training run" if run is not None else "a prediction"),
+    rows = [("folder", folder), ("report of", f"a {kind}"),
             ("model", mfolder), ("epoch", meta.get("epoch")), ("model sha256", sha), ("inputs", cfg.inputs),
             ("image size", f"{cfg.image_size} px"), ("labels", f"{len(meta['labels'])}: {' '.join(meta['labels'])}"),
             ("threshold", f"{choice['strategy']} {rule}"), ("data", cfg.data), ("images", paths.images),

@@ -81,7 +81,9 @@ def card(item: Item, labels: list, uri: str | None, rank: int, problem: str | No
     if not item.readable:
         bars = "<div class=\"note\">unreadable: no scores</div>"
     caption = f"<div class=\"cap\">{esc(item.caption)}</div>" if item.caption else ""
-    return (f"<figure class=\"card\" data-rank=\"{rank}\" data-top=\"{item.top_score:.4f}\" "
+    graded = f" data-f1=\"{item.f1:.4f}\" data-loss=\"{item.loss:.4f}\"" if item.truth is not None else ""
+    return (f"<figure class=\"card\" data-id=\"{esc(item.image_id)}\" data-rank=\"{rank}\"{graded} "
+            f"data-top=\"{item.top_score:.4f}\" "
             f"data-labels=\"{' '.join(str(c) for c in sorted(chosen))}\" data-scores=\"{scores}\">"
             f"{img}<figcaption><div class=\"id\">{esc(item.image_id)}</div>{caption}{''.join(rows)}{bars}"
             "</figcaption></figure>")

@@ -1,0 +1,14 @@
+"""How big a report gets: its size limit and the galleries' caps (light to import: jobs/report.py's --help shows
+them)."""
+
+# 5 MB opens at once from disk or as a mail attachment in any browser and holds several hundred thumbnails beside the
+# plots (a card is 5-7 KB); the demo and real-data reports are measured in docs/outputs.md.
+MAX_BYTES = 5_000_000
+# The worst validation errors shown at most: past the worst 200 the images are the model's everyday mistakes, which
+# the per-class table and the co-occurrence already count.
+MAX_ERRORS = 200
+# Test rows sampled: enough to judge whether the predictions look plausible, spread over the whole table.
+MAX_TEST = 60
+# The errors' share of the room for thumbnails: they are what a report is opened for; what the test sample leaves
+# goes back to them.
+ERROR_SHARE = 0.7
