@@ -441,3 +441,19 @@ def test_the_test_sample_spans_the_table():
     assert [it.image_id for it in items] == ["0", "25", "50", "74", "99"]
     assert analysis.test_sample(["a"], [None], probs[:1], [[]], 5)[0].image_id == "a"
     assert analysis.test_sample([], [], probs[:0], [], 5) == []
+
+
+def test_the_co_occurrence_table_keeps_the_most_frequent_labels_of_a_large_set():
+    from mlc.report.html import co_occurrence_table
+    from mlc.report.limits import MAX_CO_LABELS
+    rng = np.random.default_rng(4)
+    c = MAX_CO_LABELS + 10
+    truth = rng.random((300, c)) < np.linspace(0.02, 0.5, c)  # later labels are more frequent
+    co = analysis.co_occurrence(truth, rng.random((300, c)) < 0.2)
+    labels = [f"L{k}" for k in range(c)]
+    doc = Page(co_occurrence_table(co, labels, analysis.top_confusions(co)))
+    rows = doc.tables["co-table"]
+    assert len(rows) == MAX_CO_LABELS + 1 and len(rows[0]) == MAX_CO_LABELS + 1
+    kept = [r[0][1].split(" ")[0] for r in rows[1:]]
+    support = truth.sum(axis=0)
+    assert sorted(support[[labels.index(k) for k in kept]]) == sorted(support)[-MAX_CO_LABELS:]

@@ -9,6 +9,7 @@ import base64
 import math
 
 from mlc.report.analysis import Item
+from mlc.report.limits import MAX_CO_LABELS
 from mlc.report.page import esc, page
 
 SECTIONS = (("run", "Run"), ("metrics", "Metrics"), ("per-class", "Per class"), ("plots", "Plots"),
@@ -102,12 +103,14 @@ def toolbar(gallery_id: str, labels: list, graded: bool) -> str:
 def co_occurrence_table(co: dict | None, labels: list, confusions: list) -> str:
     if co is None:
         return "<p class=\"note\">No validation scores: no co-occurrence.</p>"
-    head = "".join(f"<th>{esc(lab)}</th>" for lab in labels)
+    shown = sorted(range(len(labels)), key=lambda c: (-int(co["support"][c]), c))[:MAX_CO_LABELS]
+    shown.sort()
+    head = "".join(f"<th>{esc(labels[a])}</th>" for a in shown)
     rows = []
-    for b, lab in enumerate(labels):
-        n = int(co["support"][b])
+    for b in shown:
+        lab, n = labels[b], int(co["support"][b])
         cells = []
-        for a in range(len(labels)):
+        for a in shown:
             both, wrong = int(co["both"][b, a]), int(co["wrong"][b, a])
             share = both / n if n else 0.0
             tint = f"rgba({'46,125,50' if a == b else '198,40,40'},{0.08 + 0.8 * share:.2f})" if both else "#fff"
@@ -117,9 +120,11 @@ def co_occurrence_table(co: dict | None, labels: list, confusions: list) -> str:
         rows.append(f"<tr><th>{esc(lab)} ({n})</th>{''.join(cells)}</tr>")
     top = "".join(f"<li>{esc(labels[a])} predicted without being true on {w} of the {n} images where "
                   f"{esc(labels[b])} is true</li>" for b, a, w, n in confusions)
+    cut = f" The {len(shown)} labels with the most validation images of {len(labels)}." \
+        if len(shown) < len(labels) else ""
     return (f"<p>Row: the true label (its validation images); column: the predicted label. A cell is the share of "
             f"the row's images on which the column's label is predicted: the diagonal is each label's recall, the "
-            f"rest what the model predicts beside (or instead of) it.</p>"
+            f"rest what the model predicts beside (or instead of) it.{cut}</p>"
             f"<table class=\"heat\" id=\"co-table\"><thead><tr><th>true \\ predicted</th>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>"
             f"<h3>Most frequent wrong labels beside a true one</h3><ol id=\"confusions\">{top or '<li>none</li>'}</ol>")

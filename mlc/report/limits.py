@@ -12,3 +12,7 @@ MAX_TEST = 60
 # The errors' share of the room for thumbnails: they are what a report is opened for; what the test sample leaves
 # goes back to them.
 ERROR_SHARE = 0.7
+# Labels in the co-occurrence table, the most frequent first: a grid of 40 labels fits a screen's width and is 0.26 MB
+# (18 labels: 53 KB); it grows with the square of the labels (80: 1 MB, a thousand: 160 MB), so past 40 the grid
+# would crowd the thumbnails out of the size limit. Measured in docs/report.md.
+MAX_CO_LABELS = 40
