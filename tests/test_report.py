@@ -457,3 +457,22 @@ def test_the_co_occurrence_table_keeps_the_most_frequent_labels_of_a_large_set()
     kept = [r[0][1].split(" ")[0] for r in rows[1:]]
     support = truth.sum(axis=0)
     assert sorted(support[[labels.index(k) for k in kept]]) == sorted(support)[-MAX_CO_LABELS:]
+
+
+def test_a_store_is_looked_for_only_when_one_is_on_this_node(tmp_path, monkeypatch):
+    from mlc.data.store import any_present
+    from mlc.report.thumbs import open_thumbnails
+    mem, disk = tmp_path / "mem", tmp_path / "disk"
+    monkeypatch.setenv("MLC_STORE_MEMORY_DIR", str(mem))
+    monkeypatch.setenv("MLC_STORE_DIR", str(disk))
+    assert not any_present()  # neither root exists
+    disk.mkdir()
+    (disk / ".tmp-abc").mkdir()  # a store still being made is not one
+    assert not any_present()
+    # No store here: the thumbnails read the image folder, and the run's key (a stat of every image) is never made.
+    import mlc.report.thumbs as thumbs
+    monkeypatch.setattr(thumbs, "store_key", lambda *a: pytest.fail("store_key called with no store present"))
+    with open_thumbnails(["/nowhere/a.jpg"], 32, ["a.jpg"]) as t:
+        assert t.store is None
+    (disk / "0123abcd").mkdir()
+    assert any_present()

@@ -271,6 +271,17 @@ def _join(final: str, n: int, side: int) -> ImageStore | None:
     return ImageStore(final, n, side, fd)
 
 
+def any_present() -> bool:
+    """Whether any store is on this node now: cheaper than the key of one (which stats every image)."""
+    for root in (memory_root(), disk_root()):
+        try:
+            if root and any(not name.startswith(".") for name in os.listdir(root)):
+                return True
+        except OSError:  # no such folder, or not one we may list: no store of ours there
+            continue
+    return False
+
+
 def open_existing(key: str, n: int, side: int) -> ImageStore | None:
     """The store ``key`` if one is on this node now (memory first), opened as one more user; never creates one."""
     root = find(key)

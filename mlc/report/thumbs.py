@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from mlc.data.sources import load_image
-from mlc.data.store import STORED, open_existing
+from mlc.data.store import STORED, any_present, open_existing
 from mlc.data.store_choice import store_key
 from mlc.io.images import DEFAULT_MAX_PIXELS, BadImageError
 
@@ -82,7 +82,7 @@ def jpeg(img: Image.Image, side: int = THUMB_SIDE, quality: int = JPEG_QUALITY) 
 def open_thumbnails(run_urls: list | None, image_size: int | None, ids: list | None) -> Thumbnails:
     """Thumbnails reading from the store of a run whose labelled images are ``run_urls`` (in table order, ImageIDs
     ``ids``) at ``image_size`` when this node holds it now, else from the image folder only (``run_urls`` None)."""
-    if not run_urls:
+    if not run_urls or not any_present():
         return Thumbnails()
     key, side = store_key(run_urls, image_size)
     store = open_existing(key, len(run_urls), side)
