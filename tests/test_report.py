@@ -317,6 +317,28 @@ def test_prediction_writes_a_report_of_its_own_predictions(demo_run, tmp_path):
     assert (out / "predict_config.json").is_file()
 
 
+def test_a_sweeps_prediction_reports_its_best_trial_and_the_sweep_plot(demo_run, tmp_path):
+    """What jobs/tune.py leaves (best/, best_config.json, plots/sweep.png) and then does: predict from best/ into
+    the sweep's folder (mlc.distributed.tune.summarize)."""
+    import mlc
+    sweep = tmp_path / "sweep"
+    shutil.copytree(demo_run["run"] / "best", sweep / "best")
+    (sweep / "best_config.json").write_text(json.dumps({"trial": "t0", "checkpoint": str(sweep / "best")}))
+    (sweep / "plots").mkdir()
+    sweep_png = (demo_run["run"] / "plots" / "history.png").read_bytes()  # a real PNG stands in for the sweep's
+    (sweep / "plots" / "sweep.png").write_bytes(sweep_png)
+    summary = mlc.predict(str(sweep / "best"), output=str(sweep), loader_workers=0, progress=False,
+                          log=lambda *_: None)
+    assert summary["report"] == str(sweep / "report.html")
+    text = (sweep / "report.html").read_text()
+    doc = Page(text)
+    assert "<h1>mlc report: sweep&#x27;s best trial</h1>" in text
+    srcs = [e[1]["src"] for e in doc.inside("plots", "img")]
+    assert len(srcs) == 4 and base64.b64decode(srcs[-1].split(",", 1)[1]) == sweep_png  # 3 drawn, then sweep.png
+    assert len(doc.cards["errors-gallery"]) > 0
+    assert len(doc.cards["test-gallery"]) == len(read_table(str(sweep / "predictions.csv")))
+
+
 def test_jobs_report_rebuilds_a_report_and_refuses_a_folder_without_a_run(demo_run, tmp_path, capsys):
     sys.path.insert(0, str(REPO / "jobs"))
     import report as report_job
