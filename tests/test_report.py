@@ -225,6 +225,24 @@ def test_a_training_run_writes_a_report_with_every_section_and_the_runs_counts(d
     assert len([e for e in doc.inside("plots", "img")]) == 4  # the run's four plots
 
 
+def test_the_run_section_names_the_checkpoint_its_sha256_and_the_best_epochs_metrics(demo_run):
+    import hashlib
+    run = demo_run["run"]
+    text = (run / "report.html").read_text()
+    meta = json.loads((run / "best" / "meta.json").read_text())
+    sha = hashlib.sha256((run / "best" / "model.pt").read_bytes()).hexdigest()
+    for key, value in (("model", html_lib.escape(str(run / "best"))), ("epoch", meta["epoch"]),
+                       ("model sha256", f"{sha} (matches model.pt)"), ("inputs", "image"),
+                       ("data", html_lib.escape(str(demo_run["data"])))):
+        assert f"<tr><td>{key}</td><td>{value}</td></tr>" in text, key
+    metrics = json.loads((run / "metrics.json").read_text())
+    best = next(e for e in metrics["epochs"] if e["epoch"] == metrics["best_epoch"])
+    for key, name in (("f1_samples", "F1 (samples)"), ("map", "mAP"), ("val_loss", "validation loss")):
+        assert f"<tr><td>{name}</td><td>{best[key]:.4f}</td></tr>" in text, name
+    config = text.split("every setting (config)</summary>")[1].split("</details>")[0]  # every setting, by name
+    assert "<tr><td>batch_size</td><td>16</td></tr>" in config and "<tr><td>unfrozen_depth</td><td>0</td></tr>" in config
+
+
 def test_thumbnails_come_from_the_runs_store_and_are_small_jpegs(demo_run):
     text = (demo_run["run"] / "report.html").read_text()
     doc = Page(text)
