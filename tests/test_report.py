@@ -367,6 +367,8 @@ def test_jobs_report_rebuilds_a_report_and_refuses_a_folder_without_a_run(demo_r
                 ["--run", str(demo_run["run"]), "--output", str(out), "--test-sample", "3", "--quiet"])
     assert done.value.code == 0
     assert len(Page(out.read_text()).cards["test-gallery"]) == 3
+    # Built after the run: its store is gone, and the note says why the thumbnails came from the image folder.
+    assert "Thumbnails of a report built after its run are decoded again" in html_lib.unescape(out.read_text())
     (tmp_path / "empty").mkdir()
     capsys.readouterr()
     for folder in (tmp_path / "empty", tmp_path / "absent"):

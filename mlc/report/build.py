@@ -125,7 +125,7 @@ def _thumbs_note(report: Report, counts: Counter) -> str:
     store = "" if counts[STORE] else (
         " No store of this run was on this machine (--store off, a run that streamed, a network that reads no "
         "images, or a store on another node), so every thumbnail was decoded again from the image folder by mlc's "
-        "image loader." if report.store_lookup is not None or report.kind == "training run" else
+        "image loader." if report.by_run else
         " Thumbnails of a report built after its run are decoded again from the image folder by mlc's image loader "
         "(through its byte cache for remote images).")
     bad = f" {counts[UNREADABLE]} images could not be read and show no thumbnail." if counts[UNREADABLE] else ""

@@ -55,6 +55,7 @@ class Report:
     images: dict = field(default_factory=dict)      # "validation" / "test" -> the image folder
     notes: list = field(default_factory=list)
     store_lookup: tuple | None = None               # (urls, image_size, ImageIDs) of the run's labelled rows
+    by_run: bool = False                            # built by the run that just trained (its store may be here)
 
 
 def gather(folder: str, *, model: str | None = None, predicted: dict | None = None, data=None,
@@ -76,7 +77,7 @@ def gather(folder: str, *, model: str | None = None, predicted: dict | None = No
     test_csv, test_images = _predicted_table(cfg, predicted, train_paths)
     kind = "training run" if run is not None else "sweep's best trial" \
         if storage.exists(storage.join(folder, "best_config.json")) else "prediction"
-    report = Report(folder, kind, list(vocab.labels), config=cfg.to_dict(),
+    report = Report(folder, kind, list(vocab.labels), config=cfg.to_dict(), by_run=data is not None,
                     images={"validation": train_paths.images, "test": test_images})
     report.identity = _identity(folder, kind, mfolder, meta, cfg, run, train_paths, test_csv)
     report.metrics = _metrics(run, meta)
