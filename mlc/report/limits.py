@@ -2,7 +2,7 @@
 them)."""
 
 # 5 MB opens at once from disk or as a mail attachment in any browser and holds several hundred thumbnails beside the
-# plots (a card is 5-7 KB); the demo and real-data reports are measured in docs/outputs.md.
+# plots (a card is 2-4 KB); the demo and real-data reports are measured in docs/report.md.
 MAX_BYTES = 5_000_000
 # The worst validation errors shown at most: past the worst 200 the images are the model's everyday mistakes, which
 # the per-class table and the co-occurrence already count.

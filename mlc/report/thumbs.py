@@ -20,8 +20,9 @@ from mlc.data.store import STORED, any_present, open_existing
 from mlc.data.store_choice import store_key
 from mlc.io.images import DEFAULT_MAX_PIXELS, BadImageError
 
-# Longest side, px. The COMP5329 images are at most 320 px; at 112 px and quality 70 a thumbnail is 3-5 KB of
-# JPEG (about 5-7 KB as base64), so a 5 MB report holds several hundred beside its plots and tables.
+# Longest side, px. The COMP5329 images are at most 320 px; at 112 px and quality 70 a thumbnail is 1-4 KB of
+# JPEG (median 2.2 KB on the real images; a card with its caption and labels about 4 KB), so a 5 MB report holds
+# several hundred beside its plots and tables (docs/report.md).
 THUMB_SIDE = 112
 JPEG_QUALITY = 70
 
