@@ -10,8 +10,8 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
 # The pages a user opens for one task, and the measurements, one page per area; gcp.md (a walk-through that
 # is read as one sequence of commands) is not split.
-TASK_PAGES = ["training.md", "ray-training.md", "sweeps.md", "prediction.md", "outputs.md", "speed.md", "flags.md",
-              "errors.md",
+TASK_PAGES = ["training.md", "ray-training.md", "sweeps.md", "prediction.md", "outputs.md", "report.md", "speed.md",
+              "flags.md", "errors.md",
               "measurements.md", "measurements-cpu.md", "measurements-accuracy.md", "measurements-store.md",
               "measurements-serving.md", "measurements-training-path.md", "measurements-spot.md"]
 PAGE_LIMIT = 10 * 1024

@@ -157,8 +157,9 @@ def test_a_ray_run_writes_local_modes_outputs(uninterrupted):
     run = uninterrupted["run"]
     for rel in ["best/model.pt", "best/meta.json", "best/labels.json", "best/val_probabilities.csv", "metrics.json",
                 "predictions.csv", "probabilities.csv", "plots/history.png", "plots/threshold.png",
-                "epoch_0001/state.pt", "epoch_0002/model.pt", "checkpoint_manager_snapshot.json"]:
+                "epoch_0001/state.pt", "epoch_0002/model.pt", "checkpoint_manager_snapshot.json", "report.html"]:
         assert (run / rel).is_file(), rel
+    assert "mlc report: training run" in (run / "report.html").read_text()  # the driver's, as in local mode
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["complete"] is True and metrics["workers"] == 2
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]

@@ -7,6 +7,7 @@ The layers, lowest first (each subpackage's ``__init__`` says the same in words)
     data          tables, labels, sources, loaders, ...         io
     model, eval   the networks, checkpoints; metrics            io, data (never each other)
     prediction    scores, submissions, export                   io, data, model, eval
+    report        report.html of a run or a prediction          io, data, model, eval
     train         the loop, the run driver, outputs             everything below
     distributed   Ray Train, Tune, Ray Data, the cluster        everything below
     bench         speed and accuracy, side by side              everything below but distributed
@@ -27,7 +28,8 @@ PACKAGE = "mlc"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 # Subpackage -> its layer; a module may import a subpackage of a lower layer, or its own.
-LAYERS = {"io": 0, "data": 1, "model": 2, "eval": 2, "prediction": 3, "train": 4, "distributed": 5, "bench": 5}
+LAYERS = {"io": 0, "data": 1, "model": 2, "eval": 2, "prediction": 3, "report": 3, "train": 4, "distributed": 5,
+          "bench": 5}
 BASE = {"mlc.config", "mlc.errors", "mlc.logs", "mlc.migrate"}  # the bottom floor beside io
 TOP = {"mlc", "mlc.cli"}  # the API and the jobs' command-line helpers
 # Exceptions to "a lower layer", each a decision: bench measures the pieces of a run, never a Ray run.

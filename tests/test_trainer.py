@@ -61,7 +61,8 @@ def test_local_run_writes_every_output(dataset, tmp_path):
 
     for rel in ["checkpoint/state.pt", "best/model.pt", "best/labels.json", "best/meta.json", "metrics.json",
                 "predictions.csv", "probabilities.csv", "best/val_predictions.csv",
-                "plots/history.png", "plots/per_class_f1.png", "plots/threshold.png", "plots/pr_curves.png"]:
+                "plots/history.png", "plots/per_class_f1.png", "plots/threshold.png", "plots/pr_curves.png",
+                "report.html"]:
         assert (out / rel).is_file(), rel
     for png in (out / "plots").iterdir():
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -105,6 +106,7 @@ def test_predict_job_reproduces_the_runs_predictions(dataset, tmp_path):
                         "--loader-workers", "0", "--quiet"], cwd=repo, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (again / "predictions.csv").read_text() == (out / "predictions.csv").read_text()
+    assert "mlc report: prediction" in (again / "report.html").read_text()  # jobs/predict.py writes its report
     a = pd.read_csv(again / "probabilities.csv").drop(columns="ImageID").to_numpy()
     b = pd.read_csv(out / "probabilities.csv").drop(columns="ImageID").to_numpy()
     assert np.allclose(a, b, atol=1e-5)

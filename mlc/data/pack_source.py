@@ -23,6 +23,7 @@ from mlc.data.augment import fit_to_slot
 from mlc.data.batch import Skipped
 from mlc.data.pack import IMAGE_COLUMNS, TABLES, Pack, PackError, RowGroups, read_frame, read_shard
 from mlc.errors import DataError
+from mlc.io.images import BadImageError
 from mlc.io import storage
 from mlc.data.sources import RowSource
 
@@ -157,8 +158,39 @@ class PackedTable(RowSource):
         return batch.pin_memory() if pin_memory else batch
 
     def _image(self, group, j: int) -> Image.Image:
-        stored = (group.column("height")[j].as_py(), group.column("width")[j].as_py())
-        return _decoded(self.images.pack.encoding, group.column("image")[j].as_py(), stored)
+        return _group_image(self.images.pack, group, j)
+
+
+class PackIndex:
+    """Images of a pack by ImageID, one at a time (a row group a request, recent groups kept): what a report's
+    thumbnails read. The index of both tables is built on the first lookup."""
+
+    def __init__(self, pack: Pack):
+        self.pack, self._rows = pack, None
+
+    def image(self, image_id: str) -> Image.Image:
+        """The ImageID's slot image; :class:`BadImageError` when the pack lacks it or could not read it."""
+        if self._rows is None:
+            self._rows = {}
+            for table in TABLES:
+                for r, i in enumerate(read_frame(self.pack, table).ImageID):
+                    self._rows.setdefault(i, (table, r))
+        name = storage.join(self.pack.url, image_id)
+        if image_id not in self._rows:
+            raise BadImageError(name, "not in the pack", "missing")
+        table, row = self._rows[image_id]
+        groups = row_groups(self.pack, table)
+        k, g, j = groups.locate(row)
+        group = groups.group(k, g)
+        reason = group.column("reason")[j].as_py()
+        if reason:
+            raise BadImageError(name, reason, "corrupt")
+        return _group_image(self.pack, group, j)
+
+
+def _group_image(pack: Pack, group, j: int) -> Image.Image:
+    stored = (group.column("height")[j].as_py(), group.column("width")[j].as_py())
+    return _decoded(pack.encoding, group.column("image")[j].as_py(), stored)
 
 
 def _decoded(encoding: str, data: bytes, stored: tuple) -> Image.Image:

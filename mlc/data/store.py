@@ -163,6 +163,15 @@ class ImageStore:
         self.meta[i] = (stored[0], stored[1], original[0], original[1])
         self.state[i] = STORED
 
+    def image(self, i: int) -> np.ndarray:
+        """Row ``i``'s stored pixels (its stored height and width, no edge fill), decoded from a compact slot."""
+        h, w = (int(v) for v in self.meta[i, :2])
+        if self.compact is None:
+            return np.array(self.pixels[i, :h, :w])
+        out = np.empty((self.side, self.side, 3), dtype=np.uint8)
+        decode_slot(self.encoded[i, :self.length[i]].tobytes(), out)
+        return out[:h, :w].copy()
+
     def put_bad(self, i: int, reason: str) -> None:
         raw = reason.encode("utf-8", "replace")[:REASON_BYTES]
         self.reasons[i] = 0
@@ -281,33 +290,57 @@ def find(key: str) -> str | None:
     return None
 
 
+def _join(final: str, n: int, side: int, compact: int | None) -> ImageStore | None:
+    """Become a user of the store in the folder ``final``; None when there is none (or it was removed while we
+    waited for its lock)."""
+    users = os.path.join(final, "users")
+    try:
+        fd = os.open(users, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        same = os.fstat(fd).st_ino == os.stat(users).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:
+        os.close(fd)
+        return None
+    with open(os.path.join(final, "layout.json")) as f:
+        layout = json.load(f)
+    want = {"version": VERSION, "n": n, "side": side, "compact": compact}
+    if layout != want:
+        os.close(fd)
+        raise RuntimeError(f"image store {final} holds {layout}, not {want}; remove it")
+    return ImageStore(final, n, side, fd, compact)
+
+
+def any_present() -> bool:
+    """Whether any store is on this node now: cheaper than the key of one (which stats every image)."""
+    for root in (memory_root(), disk_root()):
+        try:
+            if root and any(not name.startswith(".") for name in os.listdir(root)):
+                return True
+        except OSError:  # no such folder, or not one we may list: no store of ours there
+            continue
+    return False
+
+
+def open_existing(key: str, n: int, side: int, compact: int | None = None) -> ImageStore | None:
+    """The store ``key`` if one is on this node now (memory first), opened as one more user; never creates one."""
+    root = find(key)
+    return _join(os.path.join(root, key), n, side, compact) if root is not None else None
+
+
 def open_store(root: str, key: str, n: int, side: int, compact: int | None = None) -> ImageStore:
     """Open the store ``key`` under ``root``, creating it (empty) if no process has; safe when several
     processes on the node race to create it: exactly one folder wins and all of them use it."""
     os.makedirs(root, mode=0o700, exist_ok=True)
     final = os.path.join(root, key)
     for _ in range(20):
-        users = os.path.join(final, "users")
-        try:
-            fd = os.open(users, os.O_RDONLY)
-        except FileNotFoundError:
-            fd = None
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            try:
-                same = os.fstat(fd).st_ino == os.stat(users).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                with open(os.path.join(final, "layout.json")) as f:
-                    layout = json.load(f)
-                want = {"version": VERSION, "n": n, "side": side, "compact": compact}
-                if layout != want:
-                    os.close(fd)
-                    raise RuntimeError(f"image store {final} holds {layout}, not {want}; remove it")
-                return ImageStore(final, n, side, fd, compact)
-            os.close(fd)  # removed while we waited: start over
-            continue
+        store = _join(final, n, side, compact)
+        if store is not None:
+            return store
         tmp = tempfile.mkdtemp(dir=root, prefix=".new-")
         for name, (shape, dtype) in _shape(n, side, compact).items():
             with open(os.path.join(tmp, name), "wb") as f:

@@ -133,25 +133,32 @@ def decode_rate(side: int) -> float:
     return _RATES[side]
 
 
+def store_keys(urls: list, image_size: int, key: str | None = None) -> tuple[dict, int]:
+    """``({"raw": key, "compact": key}, slot side)`` of the store of a run's labelled images (``urls``, every row of
+    the table in order) at ``--image-size``: what :func:`open_for_run` opens, and what a report looks for
+    afterwards. ``key``: what the images are, when the caller knows (a pack's source key); else the files' sizes
+    and stamps say."""
+    from mlc.data.augment import slot_side
+    from mlc.data.store import VERSION
+    from mlc.io import identity
+    side = slot_side(image_size)
+    if key is not None:
+        base = hashlib.sha256(repr((list(urls), key, VERSION, side)).encode()).hexdigest()
+    else:
+        base = identity.digest(list(urls), VERSION, side)
+    return {"raw": base[:32], "compact": base[:31] + "c"}, side
+
+
 def open_for_run(urls: list, image_size: int, mode: str, budget: float | None, log=print, *, reason_off=None,
                  key: str | None = None):
     """The store of a run's labelled images (every row of the table, so training and validation share it),
     opened or created; None when the run streams. ``reason_off``: why the store cannot be used this run.
-    ``key``: what the images are, when the caller knows (a pack's source key); else the files' stamps say."""
+    ``key``: see :func:`store_keys`."""
     from mlc.data.augment import slot_side
-    from mlc.data.store import VERSION
-    from mlc.io import identity
     if reason_off:
         log(f"image store: off ({reason_off}); images are read and decoded every epoch")
         return None
-    side = slot_side(image_size)
-    if mode == "off":
-        base = ""
-    elif key is not None:
-        base = hashlib.sha256(repr((list(urls), key, VERSION, side)).encode()).hexdigest()
-    else:
-        base = identity.digest(list(urls), VERSION, side)
-    keys = {"raw": base[:32], "compact": (base[:31] + "c") if base else ""}
+    keys, side = store_keys(urls, image_size, key) if mode != "off" else ({}, slot_side(image_size))
     root, compact, message = choose(mode, budget, len(urls), side, keys)
     if root is None:
         log(message)

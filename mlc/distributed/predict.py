@@ -271,9 +271,12 @@ def score_distributed(state: dict, num_classes: int, cfg: TrainConfig, ids, imag
 def predict(checkpoint: str, data: str | None = None, output: str | None = None, *, num_workers: int = 0,
             **kwargs) -> dict:
     """``mlc.predict``: :func:`mlc.prediction.checkpoints.predict_from_checkpoint`, on ``num_workers`` Ray Data
-    actors when it is >= 1 (:func:`score_distributed`), else in this process. Ray is imported only then."""
+    actors when it is >= 1 (:func:`score_distributed`), else in this process, then report.html beside the
+    predictions (:mod:`mlc.report`; a report that fails is a warning). Ray is imported only for the actors."""
+    from mlc.report.build import try_write_report
     return predict_from_checkpoint(checkpoint, data, output, num_workers=num_workers,
-                                   scorer=score_distributed if num_workers >= 1 else None, **kwargs)
+                                   scorer=score_distributed if num_workers >= 1 else None, report=try_write_report,
+                                   **kwargs)
 
 
 def predict_distributed(checkpoint_url: str, ids, images_root: str, output: str, *, num_workers: int,

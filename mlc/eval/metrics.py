@@ -40,6 +40,7 @@ __all__ = [
     "mean_average_precision",
     "baseline_f1",
     "samples_f1",
+    "f1_per_sample",
 ]
 
 
@@ -163,6 +164,16 @@ def samples_f1(y_true, y_pred, zero_division: float = ZERO_DIVISION) -> float:
     yp = _as_binary(y_pred, "y_pred")
     _same_shape(yt, yp, "y_true", "y_pred")
     return _samples_f1(yt, yp, zero_division)
+
+
+def f1_per_sample(y_true, y_pred, zero_division: float = ZERO_DIVISION) -> np.ndarray:
+    """Each image's F1 between its true and predicted label sets (the terms :func:`samples_f1` averages): an
+    image with neither scores ``zero_division``. Equal to scikit-learn's ``f1_score`` of each row alone."""
+    yt = _as_binary(y_true, "y_true")
+    yp = _as_binary(y_pred, "y_pred")
+    _same_shape(yt, yp, "y_true", "y_pred")
+    tp = np.count_nonzero(yt & yp, axis=1)
+    return _divide(2 * tp, np.count_nonzero(yt, axis=1) + np.count_nonzero(yp, axis=1), zero_division)
 
 
 def _samples_f1(yt: np.ndarray, yp: np.ndarray, zero_division: float = ZERO_DIVISION) -> float:

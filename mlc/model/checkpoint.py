@@ -192,10 +192,8 @@ def read_model(url: str) -> tuple[dict, LabelVocab, dict]:
     Accepts ``<run>/best``, ``<run>`` (uses its ``best/``), or ``<run>/checkpoint``, or a file in one of them
     (``best/model.pt``: its folder).
     """
-    url = model_folder(url)
-    if storage.exists(storage.join(url, "best", "meta.json")):
-        url = storage.join(url, "best")
-    if storage.exists(storage.join(url, "meta.json")) and storage.exists(storage.join(url, "model.pt")):
+    url = _resolved(url)
+    if _is_model_folder(url):
         meta = migrate(json.loads(storage.read_bytes(storage.join(url, "meta.json"))), where=url, log=say)
         blob = storage.read_bytes(storage.join(url, "model.pt"))
         if meta.get("model_sha256") and hashlib.sha256(blob).hexdigest() != meta["model_sha256"]:
@@ -213,6 +211,32 @@ def read_model(url: str) -> tuple[dict, LabelVocab, dict]:
     if st is None:
         raise CheckpointError(f"{url}: no model here (looked for meta.json + model.pt, best/, and {STATE})")
     return st["model"], LabelVocab(st["labels"]), model_meta(st, {})
+
+
+def _resolved(url: str) -> str:
+    url = model_folder(url)
+    return storage.join(url, "best") if storage.exists(storage.join(url, "best", "meta.json")) else url
+
+
+def _is_model_folder(url: str) -> bool:
+    return storage.exists(storage.join(url, "meta.json")) and storage.exists(storage.join(url, "model.pt"))
+
+
+def read_meta(url: str) -> tuple[str, LabelVocab, dict]:
+    """``(folder, vocab, meta)`` of the model :func:`read_model` would load from ``url``, without building its
+    weights (what a report shows of it). ``meta["model_file_ok"]``: whether model.pt's sha256 is the one meta.json
+    records (None when it records none, or for a checkpoint/ folder, whose state.pt is read whole)."""
+    url = _resolved(url)
+    if _is_model_folder(url):
+        meta = migrate(json.loads(storage.read_bytes(storage.join(url, "meta.json"))), where=url, log=say)
+        recorded = meta.get("model_sha256")
+        ok = hashlib.sha256(storage.read_bytes(storage.join(url, "model.pt"))).hexdigest() == recorded \
+            if recorded else None
+        return url, LabelVocab(meta["labels"]), {**meta, "model_file_ok": ok}
+    st = load_state(url)
+    if st is None:
+        raise CheckpointError(f"{url}: no model here (looked for meta.json + model.pt, best/, and {STATE})")
+    return url, LabelVocab(st["labels"]), {**model_meta(st, {}), "model_file_ok": None}
 
 
 def tokenizer_of(meta: dict, url: str) -> Tokenizer | None:

@@ -40,7 +40,7 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
                             images: str | None = None, batch_size: int = 64, num_workers: int = 0,
                             loader_workers: int | None = None, gpus_per_worker: float | None = None,
                             cpus_per_worker: float | None = None, log=print, progress: bool = True,
-                            scorer=None) -> dict:
+                            scorer=None, report=None) -> dict:
     """Predict test.csv (or any table with an ImageID column) with label vocabulary, image size and
     threshold taken from the checkpoint alone.
 
@@ -49,8 +49,10 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
     is: N Ray Data actors on the cluster in RAY_ADDRESS, or a local Ray, each with ``gpus_per_worker`` GPUs,
     default 1 when the cluster has GPUs, else 0); :func:`mlc.distributed.predict.predict` passes that one.
     Without ``images`` the image folder is the one the checkpoint was trained with, resolved against
-    ``data`` (default: the checkpoint's dataset root). Returns the summary: rows, unreadable ImageIDs, rows
-    with no label, seconds, images per second.
+    ``data`` (default: the checkpoint's dataset root). ``report(output, checkpoint=, predicted=, log=)`` writes
+    report.html once the predictions are written, before predict_config.json (:func:`mlc.distributed.predict.predict`
+    passes :func:`mlc.report.build.try_write_report`). Returns the summary: rows, unreadable ImageIDs, rows with no
+    label, seconds, images per second, and ``report`` (its path, or None).
     """
     if output is None:
         raise TypeError("predict needs output=: the folder for predictions.csv and probabilities.csv")
@@ -78,12 +80,13 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
                          gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, **common)
         summary = write_predictions(output, ids, out["probs"], out["ok"], vocab, choice)
         summary.update(seconds=out["seconds"], img_per_s=out["img_per_s"])
+        recorded = {"checkpoint": checkpoint, "data": data, "output": output, "ids": ids_csv, "images": images,
+                    "batch_size": batch_size, "num_workers": num_workers, "gpus_per_worker": gpus_per_worker,
+                    "cpus_per_worker": cpus_per_worker, "loader_workers": loader_workers, "local": num_workers == 0}
+        summary["report"] = report(output, model=checkpoint, predicted=recorded, log=log) if report else None
         # predict_config.json, not config.json: --output may be the training run's own folder, whose config.json
         # replays the training. Written last: a prediction that fails leaves the previous one's files as they were.
-        write_config(output, "predict", name="predict_config.json", predict={
-            "checkpoint": checkpoint, "data": data, "output": output, "ids": ids_csv, "images": images,
-            "batch_size": batch_size, "num_workers": num_workers, "gpus_per_worker": gpus_per_worker,
-            "cpus_per_worker": cpus_per_worker, "loader_workers": loader_workers, "local": num_workers == 0})
+        write_config(output, "predict", name="predict_config.json", predict=recorded)
     log(f"wrote {storage.join(output, 'predictions.csv')} ({summary['rows']} rows, "
         f"{len(summary['unreadable'])} unreadable images)")
     return summary

@@ -4,23 +4,26 @@
 In order, holding the output folder's lock (:mod:`mlc.io.lock`): read the tables and check the images and the
 weights; check that a checkpoint there can be resumed with these settings; only then replace the previous run
 (``--fresh``) and write config.json (a resume rewrites it only once it has succeeded); train; write the outputs
-(:func:`mlc.train.outputs.finish`). What differs between the modes (where the previous checkpoint is, what
+(:func:`mlc.train.outputs.finish`) and report.html (:mod:`mlc.report`; a report that fails is a warning). What differs between the modes (where the previous checkpoint is, what
 ``--fresh`` removes, how training runs) is a :class:`Mode`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Protocol
 
-from mlc.config import TrainConfig
+from mlc.config import TrainConfig, uses_images
 from mlc.data.demo import with_demo_data
 from mlc.data.run_data import RunData, prepare_data
+from mlc.data.store import Keep
 from mlc.io import storage
 from mlc.io.config_json import write_config
 from mlc.io.lock import hold
 from mlc.model.checkpoint import check_resumable, load_state
 from mlc.model.resnet import load_weights
+from mlc.report.build import try_write_report
 from mlc.train.group import LocalGroup
 from mlc.train.loop import Trained, train
 from mlc.train.outputs import finish
@@ -28,7 +31,7 @@ from mlc.train.run_folder import latest_epoch_checkpoint
 
 # Everything a local run writes under --output; --fresh removes these (and nothing else of the folder).
 OUTPUTS = ("checkpoint", "best", "metrics.json", "predictions.csv", "probabilities.csv", "plots", "config.json",
-           "tensorboard")
+           "tensorboard", "report.html")
 
 
 class Mode(Protocol):
@@ -68,10 +71,14 @@ def drive(cfg: TrainConfig, url: str, mode: Mode, *, fresh: bool, log, progress:
             replace(url, mode.owned(), log)
         if previous is None:
             mode.write_config()
-        trained, extra = mode.train(cfg, data)
-        summary = finish(cfg, url, data, trained.history, trained.bad_images, t_start=t_start, log=log,
-                         progress=progress, precision=trained.precision, device=trained.device,
-                         interruptions=trained.interruptions, **extra)
+        # The decode-once store outlives training until the report has its thumbnails (Keep: the last process to
+        # close it leaves it to Keep's end, which removes it).
+        with Keep() if uses_images(data.inputs) and cfg.store != "off" else contextlib.nullcontext():
+            trained, extra = mode.train(cfg, data)
+            summary = finish(cfg, url, data, trained.history, trained.bad_images, t_start=t_start, log=log,
+                             progress=progress, precision=trained.precision, device=trained.device,
+                             interruptions=trained.interruptions, **extra)
+            summary["report"] = try_write_report(url, model=url, data=data, log=log)
         if previous is not None:
             mode.write_config()
         return summary
