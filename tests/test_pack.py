@@ -6,6 +6,7 @@ the compact store; one request per shard at the GCS proxy."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -187,6 +188,10 @@ def test_an_image_run_from_a_raw_pack_is_the_run_from_its_source_and_predicts_th
     a = _fit(str(source), tmp_path / "source", inputs="image", epochs=1)
     b = _fit(packs["raw"], tmp_path / "packed", inputs="image", epochs=1)
     assert a == b
+    # The run's report: validation thumbnails from its store, test ones read from the pack by row group
+    note = re.search(r"Thumbnails: [^<]*", (tmp_path / "packed" / "report.html").read_text()).group(0)
+    assert "decode-once store" in note and "from the image folder" in note, note
+    assert "could not be read" not in note, note
     scores = {}
     for name, data in (("source", str(source)), ("packed", packs["raw"])):
         out = tmp_path / f"pred-{name}"
