@@ -181,6 +181,26 @@ class TrainConfig:
     weight_decay: float = _f(0.01, "decoupled weight decay on conv/linear weights", bounds=">= 0")
     optimizer: str = _f("adamw", "adamw or sgd (Nesterov)", choices=("adamw", "sgd"))
     momentum: float = _f(0.9, "SGD momentum", bounds="[0, 1)")
+    # The loss. Default chosen on the real captions over 3 seeds (docs/measurements-accuracy.md, "losses").
+    loss: str = _f("bce",
+        "training loss: bce (binary cross-entropy), asl (asymmetric loss, Ridnik et al. 2021: easy negatives "
+        "down-weighted by --asl-gamma-neg, the easiest cut off by --asl-clip) or focal (Lin et al. 2017, "
+        "--focal-gamma on both sides)", choices=("bce", "asl", "focal"))
+    # The paper's setting for MS-COCO (gamma- 4, gamma+ 0, clip 0.05), the labels this seed's are drawn from.
+    asl_gamma_neg: float = _f(4.0, "asl: focusing exponent of the negatives", bounds=">= 0")
+    asl_gamma_pos: float = _f(0.0, "asl: focusing exponent of the positives", bounds=">= 0")
+    asl_clip: float = _f(0.05, "asl: probability margin under which a negative costs nothing (0: none)",
+                         bounds="[0, 1)")
+    # Lin et al.'s choice for detection.
+    focal_gamma: float = _f(2.0, "focal: focusing exponent", bounds=">= 0")
+    pos_weight: str = _f("none",
+        "weight of each label's positives in the loss: none, or auto: its negatives over its positives in the "
+        "training split, capped at 10 (mlc.train.losses.POS_WEIGHT_CAP)", choices=("none", "auto"))
+    # Off by default until measured on for these data; 0.999 is timm's and torchvision's usual decay.
+    ema: float = _f(0.0,
+        "exponential moving average of the weights with this decay per optimizer step (timm's warm-up: at step t "
+        "the decay is min(DECAY, (1+t)/(10+t))); validation, best/ and the predictions use the averaged weights; "
+        "0 = off", bounds="[0, 1) (0: off)")
     # Warm-up protects pretrained stages from the random head's gradients.
     warmup_epochs: float = _f(1.0, "linear warm-up length in epochs (may be fractional)", bounds=">= 0")
     clip_grad: float = _f(1.0, "maximum gradient norm; 0 turns clipping off", bounds=">= 0 (0: no clipping)")

@@ -19,7 +19,7 @@ REMOVED = {
 RENAMED = {"num_workers": "loader_workers"}  # the DataLoader's setting, before Ray's --num-workers existed
 # Keys a training checkpoint has had since they were added, and their value in one saved before.
 STATE_DEFAULTS = {"tokenizer": None, "scaler": None, "bad_images": {}, "threshold": None, "step": 0, "so_far": {},
-                  "reason": "epoch", "saved_at": None, "interruptions": [], "micro_batch": None, "table_key": None}
+                  "reason": "epoch", "saved_at": None, "interruptions": [], "micro_batch": None, "table_key": None, "ema": None}
 
 
 def migrate(doc: dict, *, resolved: bool = False, where: str = "", log=None) -> dict:

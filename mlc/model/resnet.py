@@ -192,11 +192,16 @@ class _FoldedPrefix(nn.Module):
         return x
 
 
-def bare_state_dict(model: nn.Module) -> dict:
-    """The unwrapped module's weights (no DDP ``module.`` or torch.compile ``_orig_mod.`` prefixes), on CPU."""
+def bare_module(model: nn.Module) -> nn.Module:
+    """The module inside DDP's and torch.compile's wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return {k: v.detach().to("cpu").clone() for k, v in strip_prefixes(model.state_dict()).items()}
+    return model
+
+
+def bare_state_dict(model: nn.Module) -> dict:
+    """The unwrapped module's weights (no DDP ``module.`` or torch.compile ``_orig_mod.`` prefixes), on CPU."""
+    return {k: v.detach().to("cpu").clone() for k, v in strip_prefixes(bare_module(model).state_dict()).items()}
 
 
 def strip_prefixes(state: dict) -> dict:
@@ -246,7 +251,8 @@ def load_weights(spec: str) -> dict | None:
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a state dict"
         raise WeightsError(f"--weights {spec}: not a loadable state dict ({e})") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # an mlc training checkpoint
+        # An mlc training checkpoint: the weights it validated (the weight average, with --ema).
+        state = {**state["model"], **((state.get("ema") or {}).get("weights") or {})}
     if not isinstance(state, dict):
         raise WeightsError(f"--weights {spec}: holds a {type(state).__name__}, not a state dict")
     return strip_prefixes(state)

@@ -181,7 +181,9 @@ def validate(run: Run, group: Group, val_loader: Loader, epoch: int, stats: dict
     The bare module scores: ranks hold different numbers of validation batches, and DDP's forward would wait
     for the others."""
     data, cfg = run.data, run.cfg
-    scored = predict_scores(for_scoring(run.model, run.steps.amp_dtype), val_loader, run.device,
+    if run.steps.ema is not None:
+        run.steps.ema.agree(group.all_gather)  # one average on every rank: rank 0's BatchNorm statistics
+    scored = predict_scores(for_scoring(run.scored_model(), run.steps.amp_dtype), val_loader, run.device,
                             n_rows=len(data.va), amp_dtype=run.steps.amp_dtype, progress=progress,
                             desc=f"epoch {epoch}/{cfg.epochs} validate",
                             pad_to=_val_batch(run, group) if run.device.type == "cuda" else None)
