@@ -29,7 +29,8 @@ def auto_pos_weight(y_train: np.ndarray, cap: float = POS_WEIGHT_CAP) -> np.ndar
     ``cap``; a label with no training positive gets the cap (it has no positive term to weigh)."""
     pos = y_train.sum(axis=0).astype(np.float64)
     neg = len(y_train) - pos
-    return np.minimum(cap, neg / np.maximum(pos, 1.0)).astype(np.float32)
+    ratio = np.where(pos > 0, neg / np.maximum(pos, 1.0), cap)
+    return np.minimum(cap, ratio).astype(np.float32)
 
 
 @dataclass(frozen=True)
