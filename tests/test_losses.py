@@ -127,3 +127,24 @@ def test_the_average_follows_timms_rule_skips_skipped_steps_and_resumes():
     again = Ema(model, 0.9)
     again.load(ema.to_dict())
     assert again.digest() == ema.digest() and again.updates == ema.updates == 30
+
+
+def test_ranks_take_rank_0s_batchnorm_statistics_and_a_difference_left_is_refused():
+    from mlc.train.ema import Ema
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    ranks = [Ema(model, 0.9), Ema(model, 0.9)]
+    ranks[1].shadow[ranks[1].names.index("1.running_mean")].add_(1.0)  # rank 1's own batch statistics
+    assert ranks[0].digest() != ranks[1].digest()
+    calls = []
+
+    def all_gather(obj):  # both ranks' objects, as the group returns them; rank 1's turn
+        calls.append(obj)
+        first = {n: ranks[0].weights()[n] for n in obj} if isinstance(obj, dict) else ranks[0].digest()
+        return [first, obj]
+    ranks[1].agree(all_gather)
+    assert ranks[0].digest() == ranks[1].digest()
+    assert set(calls[0]) == {"1.running_mean", "1.running_var"}  # only the buffers travel
+    ranks[1].shadow[0].add_(1.0)  # a parameter apart: a bug, refused
+    with pytest.raises(RuntimeError, match="averages differ"):
+        ranks[1].agree(all_gather)

@@ -80,7 +80,7 @@ class Ema:
     def digest(self) -> str:
         h = hashlib.sha256()
         for t in self.shadow:
-            h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().to("cpu").contiguous().flatten().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def agree(self, all_gather) -> None:
