@@ -18,7 +18,8 @@ import pandas as pd
 
 from mlc.io import storage
 from mlc.config import TrainConfig
-from mlc.data.run_data import DataPaths, split_train_val
+from mlc.data.run_data import DataPaths
+from mlc.data.splits import split_rows
 from mlc.data.labels import LabelVocab
 from mlc.data.table import read_table
 from mlc.eval.thresholds import evaluate
@@ -26,7 +27,8 @@ from mlc.eval.thresholds import evaluate
 COLUMNS = ("rows", "inputs", "f1_samples", "f1_micro", "f1_macro", "map", "threshold", "seconds")
 
 
-def linear_baseline(df: pd.DataFrame, val_fraction: float, seed: int, c: float = 10.0) -> dict:
+def linear_baseline(df: pd.DataFrame, val_fraction: float, seed: int, c: float = 10.0,
+                    split: str = "stratified") -> dict:
     """TF-IDF (word 1-2-grams, sublinear tf) + one-vs-rest logistic regression on the training split's
     captions, scored on the validation split by :func:`mlc.eval.thresholds.evaluate`. ``c``: measured on the real
     train.csv, 10 scored above 1 and 4."""
@@ -37,7 +39,7 @@ def linear_baseline(df: pd.DataFrame, val_fraction: float, seed: int, c: float =
     start = time.perf_counter()
     vocab = LabelVocab.from_label_lists(df.Labels)
     y = vocab.encode(df.Labels)
-    tr, va = split_train_val(df.ImageID, val_fraction, seed)
+    tr, va = split_rows(split, df.ImageID, y, val_fraction, seed)
     text = df.Caption.fillna("").astype(str)
     vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
     x = vec.fit_transform(text.iloc[tr])
