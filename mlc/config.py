@@ -228,6 +228,10 @@ class TrainConfig:
         "how --val-fraction of the rows is held out: stratified (iterative stratification, Sechidis et al. 2011: "
         "each label's share the same in both parts) or hash (a keyed hash of each ImageID); both seeded by --seed "
         "and independent of the rows' order", choices=("stratified", "hash"))
+    refit: str | None = _f(None,
+        "a finished run's folder: train on every labelled row (nothing held out) with that run's settings for its "
+        "best epoch's number of epochs, keep its threshold, and write the submission; flags given override its "
+        "settings, and --output must be a new folder")
     val_table: str | None = _f(None,
         "a labelled table of one's own (ImageID,Labels[,Caption], a path or URL) to validate on, its images in the "
         "same image folder; then every row of train.csv trains, and --val-fraction and --split are not used")

@@ -19,7 +19,7 @@ REMOVED = {
 RENAMED = {"num_workers": "loader_workers"}  # the DataLoader's setting, before Ray's --num-workers existed
 # TrainConfig keys added since the first config.json, and the value that reproduces a file written before them
 # (a replayed config.json, a resumed checkpoint, a model's meta.json train and score as they did).
-ADDED = {"split": "hash", "val_table": None, "loss": "bce", "asl_gamma_neg": 4.0, "asl_gamma_pos": 0.0,
+ADDED = {"split": "hash", "val_table": None, "refit": None, "loss": "bce", "asl_gamma_neg": 4.0, "asl_gamma_pos": 0.0,
          "asl_clip": 0.05, "focal_gamma": 2.0, "pos_weight": "none", "ema": 0.0}
 # Keys a training checkpoint has had since they were added, and their value in one saved before.
 STATE_DEFAULTS = {"tokenizer": None, "scaler": None, "bad_images": {}, "threshold": None, "step": 0, "so_far": {},

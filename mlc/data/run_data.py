@@ -101,11 +101,15 @@ def prepare_data(cfg: TrainConfig, log=print) -> RunData:
     else:
         tr, va = split_rows(cfg.split, train_df.ImageID, Y, cfg.val_fraction, cfg.seed)
         how = f"{cfg.split} split"
+    if cfg.refit:  # the final model: every labelled row trains, nothing is validated (mlc.train.refit)
+        tr, va = np.arange(len(train_df)), np.arange(0)
+        how = f"a refit of {storage.safe_url(cfg.refit)}: every row trains"
+    else:
+        gap, label = largest_gap(Y, tr, va)
+        how += f"; largest label-share gap {gap:.4f}, label {vocab.labels[label]}"
     empty = unlabelled_rows(train_df)
-    gap, label = largest_gap(Y, tr, va)
-    log(f"data: {len(train_df)} labelled ({len(tr)} train / {len(va)} validation, {how}; largest label-share gap "
-        f"{gap:.4f}, label {vocab.labels[label]}), {len(test_df)} test, {len(vocab)} labels; the network reads "
-        f"{inputs}{' (auto)' if cfg.inputs == 'auto' else ''}")
+    log(f"data: {len(train_df)} labelled ({len(tr)} train / {len(va)} validation, {how}), {len(test_df)} test, "
+        f"{len(vocab)} labels; the network reads {inputs}{' (auto)' if cfg.inputs == 'auto' else ''}")
     if empty:
         log(f"data: {empty} of {len(train_df)} labelled rows have an empty Labels field: images with none of the "
             "labels, trained on as all-negative examples (--require-labels refuses them)")

@@ -85,7 +85,18 @@ def scored_weights(state: dict) -> dict:
 def model_meta(state: dict, metrics: dict) -> dict:
     """meta.json of the model in ``state`` (:func:`make`), with its validation ``metrics``."""
     return {"config": state["config"], "threshold": state["threshold"], "epoch": state["epoch"],
-            "metrics": metrics, "tokenizer": state["tokenizer"]}
+            "metrics": metrics, "tokenizer": state["tokenizer"], "table_key": state["table_key"]}
+
+
+def read_meta(url: str) -> dict:
+    """A model folder's meta.json (``<run>/best`` for a run folder), upgraded; no weights are read."""
+    url = model_folder(url)
+    if storage.exists(storage.join(url, "best", "meta.json")):
+        url = storage.join(url, "best")
+    path = storage.join(url, "meta.json")
+    if not storage.exists(path):
+        raise CheckpointError(f"{url}: no meta.json (not a finished run's folder or a model folder)")
+    return migrate(json.loads(storage.read_bytes(path)), where=url, log=say)
 
 
 def check_resumable(state: dict, cfg: TrainConfig, vocab: LabelVocab, url: str, table_key: str | None = None) -> None:

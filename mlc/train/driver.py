@@ -23,6 +23,7 @@ from mlc.model.checkpoint import check_resumable, load_state
 from mlc.model.resnet import load_weights
 from mlc.train.group import LocalGroup
 from mlc.train.loop import Trained, train
+from mlc.train import refit
 from mlc.train.outputs import finish
 from mlc.train.run_folder import latest_epoch_checkpoint
 
@@ -57,6 +58,8 @@ def drive(cfg: TrainConfig, url: str, mode: Mode, *, fresh: bool, log, progress:
     storage.check_writable(url)
     with hold(url, what=mode.what, log=log):
         data = prepare_data(cfg, log)  # unreadable tables, a wrong image folder: before anything is replaced
+        if cfg.refit:
+            refit.check(cfg, url, lambda run_cfg: prepare_data(run_cfg, lambda *_: None))
         previous = None if fresh else mode.previous()
         if previous is not None:
             state = load_state(previous)
@@ -115,7 +118,7 @@ class LocalMode:
         return list(OUTPUTS)
 
     def write_config(self) -> None:
-        write_config(self.url, "train", local=True, train=self.given)
+        write_config(self.url, "train", local=True, train=self.given, refit=refit.section(self.given))
 
     def train(self, cfg: TrainConfig, data: RunData) -> tuple[Trained, dict]:
         trained = train(cfg, LocalGroup(self.url), data, log=self.log, progress=self.progress, on_step=self.on_step)

@@ -9,6 +9,7 @@ implements the same and differs only in reporting to Ray and finding its checkpo
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -42,6 +43,7 @@ class EpochEnd:
     val_truth: np.ndarray
     vocab: LabelVocab
     cfg: TrainConfig
+    score: float = math.nan  # what orders the kept checkpoints: validation F1, or a refit's epoch (the last wins)
 
 
 class Group(Protocol):

@@ -25,6 +25,7 @@ from mlc.train.engine import StepContext, make_optimizer, warmup_cosine
 from mlc.train.group import Group
 from mlc.train.interrupts import interruption
 from mlc.train.losses import describe as describe_loss, make_loss
+from mlc.train.refit import source as refit_source
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Run:
     interruptions: list = field(default_factory=list)
     pending: dict | None = None  # this restart's interruption record, completed at its first step
     resumed_from: str | None = None
+    refit: dict | None = None  # --refit: the run whose threshold is kept (mlc.train.refit.source)
 
     @property
     def device(self) -> torch.device:
@@ -105,6 +107,11 @@ def setup(cfg: TrainConfig, group: Group, data: RunData, log) -> Run:
               per_epoch, drop_last)
     # After DDP's wrap has given every rank rank 0's weights; a resume loads the saved average over it.
     steps.ema = Ema(model, cfg.ema) if cfg.ema > 0 else None
+    if cfg.refit:
+        run.refit = refit_source(cfg.refit)
+        run.threshold = run.refit["threshold"]
+        log(f"refit: {per_epoch * cfg.epochs} steps on every labelled row; the threshold ({run.threshold['strategy']})"
+            f" is {run.refit['from']}'s, chosen on that run's validation split at its best epoch {run.refit['epoch']}")
     if state is not None:
         _restore(run, state, where, group.progress_url, log)
     return run
