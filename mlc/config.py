@@ -9,8 +9,11 @@ every model; settings saved by earlier versions are upgraded by :func:`mlc.migra
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
+
+# (choices_of and parse_duration are read from here by the jobs and the loop)
+from mlc.fields import bound_problems, choice_problems, choices_of, non_finite, parse_duration  # noqa: F401
+from mlc.fields import field as _f
 
 # What a network can read (mlc.model.fusion builds each).
 INPUTS = ("image", "caption", "image+caption")
@@ -24,61 +27,6 @@ def uses_images(inputs: str) -> bool:
 def uses_captions(inputs: str) -> bool:
     """Whether a network that reads ``inputs`` (resolved: not auto) reads captions."""
     return inputs in ("caption", "image+caption")
-
-
-def _f(default, help: str, choices: tuple | None = None, bounds: str | None = None):
-    """A field with its ``--help`` text and, when only some values are allowed, those values (``choices``) or
-    their range (``bounds``: ``">= 1"``, ``"> 0"``, ``"0..4"``, ``"[0, 1)"``; a note may follow in brackets)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
-
-
-def _within(value, bounds: str) -> bool:
-    rule = bounds.split(" (")[0]
-    if ".." in rule:
-        lo, hi = rule.split("..")
-        return float(lo) <= value <= float(hi)
-    if rule[0] in "[(":
-        lo, hi = (float(x) for x in rule[1:-1].split(","))
-        return (lo <= value if rule[0] == "[" else lo < value) and (value <= hi if rule[-1] == "]" else value < hi)
-    op, limit = rule.split()[:2]
-    return value >= float(limit) if op == ">=" else value > float(limit)
-
-
-def _bound_problems(cfg) -> list:
-    """Every setting outside its declared bounds (None, where a setting allows it, means auto)."""
-    out = []
-    for f in dataclasses.fields(cfg):
-        bounds, value = f.metadata.get("bounds"), getattr(cfg, f.name)
-        if bounds and isinstance(value, (int, float)) and math.isfinite(value) and not _within(value, bounds):
-            out.append(f"--{f.name.replace('_', '-')} must be {'in ' if bounds[0] in '[(' else ''}{bounds}, got {value}")
-    return out
-
-
-def parse_duration(text: str) -> float | None:
-    """Seconds of ``90s``, ``10m``, ``1h`` or a bare number of seconds; None if ``text`` is none of these."""
-    t = str(text).strip().lower()
-    scale = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
-    try:
-        value = float(t[:-1]) if scale else float(t)
-    except ValueError:
-        return None
-    seconds = value * (scale or 1)
-    return seconds if math.isfinite(seconds) and seconds > 0 else None
-
-
-def choices_of(cls, name: str) -> tuple | None:
-    """The values field ``name`` of config class ``cls`` allows (None: any of its type)."""
-    return next(f.metadata.get("choices") for f in dataclasses.fields(cls) if f.name == name)
-
-
-def _choice_problems(cfg) -> list:
-    out = []
-    for f in dataclasses.fields(cfg):
-        allowed, value = f.metadata.get("choices"), getattr(cfg, f.name)
-        if allowed is not None and value not in allowed:
-            out.append(f"--{f.name.replace('_', '-')} must be {', '.join(map(str, allowed[:-1]))} or {allowed[-1]}, "
-                       f"got {value}")
-    return out
 
 
 # Said of every Ray worker, in training runs and in sweeps.
@@ -105,19 +53,6 @@ def check_training_gpus(gpus: float | None, flag: str = "--gpus-per-worker") -> 
 _WAIT_FOR_AUTOSCALER_HELP = ("wait for nodes even when no autoscaler config is readable here (an autoscaler this "
                              "process cannot see, e.g. KubeRay's, will add them); with one readable, waiting is "
                              "automatic")
-
-
-def _non_finite(cfg) -> list:
-    """Every float setting that is NaN or infinite: ``float("nan") <= 0`` is False, so a range check alone lets
-    ``--lr nan`` through to fail deep in torch (or ``--lr inf`` to train a whole epoch of NaNs)."""
-    out = []
-    for f in dataclasses.fields(cfg):
-        values = getattr(cfg, f.name)
-        for v in values if isinstance(values, tuple) else (values,):
-            if isinstance(v, float) and not math.isfinite(v):
-                out.append(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
-                break
-    return out
 
 
 def _worker_problems(gpus: float | None, cpus: float | None, wait_timeout: float) -> list:
@@ -279,7 +214,7 @@ class TrainConfig:
                          "store", "store_budget", "require_labels", "checkpoint_every", "micro_batch")
 
     def __post_init__(self):
-        problems = _non_finite(self) + _choice_problems(self) + _bound_problems(self)
+        problems = non_finite(self) + choice_problems(self) + bound_problems(self)
         if self.checkpoint_every not in ("auto", "epoch") and parse_duration(self.checkpoint_every) is None:
             problems.append(f"--checkpoint-every must be a duration (90s, 10m, 1h), epoch or auto, got "
                             f"{self.checkpoint_every!r}")
@@ -350,7 +285,7 @@ class ScaleConfig:
         return self.min_workers != self.max_workers
 
     def __post_init__(self):
-        problems = _non_finite(self) + _bound_problems(self) + _worker_problems(self.gpus_per_worker,
+        problems = non_finite(self) + bound_problems(self) + _worker_problems(self.gpus_per_worker,
                                                                                 self.cpus_per_worker, self.wait_timeout)
         n = self.num_workers
         if isinstance(n, list):
@@ -400,7 +335,7 @@ class SweepConfig:
         "seconds to wait for the autoscaler to add the first trial's nodes before giving up")
 
     def __post_init__(self):
-        problems = _non_finite(self) + _bound_problems(self) + _worker_problems(self.gpus_per_worker,
+        problems = non_finite(self) + bound_problems(self) + _worker_problems(self.gpus_per_worker,
                                                                                 self.cpus_per_worker, self.wait_timeout)
         if not 1 <= self.grace_epochs <= self.max_epochs:
             problems.append(f"--grace-epochs must be in 1..--max-epochs ({self.max_epochs}), got {self.grace_epochs}")
