@@ -88,13 +88,19 @@ class TrainConfig:
         " never opens an image), image+caption (both, fused before the head), or auto: image+caption when the "
         "training table has non-empty captions, else image", choices=("auto", *INPUTS))
 
-    # Model. Depth 1 (layer4 + head) is the report's choice; 4 trains everything, stem included.
+    # Model. torchvision's ResNet50 stays the default: every earlier checkpoint is one, and loads unchanged.
+    model: str = _f("resnet50",
+        "image backbone: resnet50 (torchvision's ResNet50) or any timm model name (convnext_atto, efficientnet_b0, "
+        "...; needs the optional extra: pip install 'mlc[timm]'), with a head sized to the labels")
+    # Depth 1 (layer4 + head) is the report's choice; 4 trains everything, stem included.
     weights: str = _f("imagenet",
         "initial weights: imagenet (torchvision IMAGENET1K_V2, downloaded to torchvision's cache), none (random init), "
         "or a path/URL to a state dict")
     unfrozen_depth: int = _f(1,
-        "how many of the last residual stages train: 0 = head only, 1 = layer4 + head (the report), 2, 3, and 4 = every"
-        " stage including the stem (conv1/bn1); frozen stages keep BatchNorm in eval mode", bounds="0..4")
+        "how many of the backbone's last stages train: 0 = head only, 1 = the last stage + head (ResNet50: layer4, "
+        "the report), ...; at or above its stage count (ResNet50: 4; a timm model: its coarse parameter groups "
+        "between stem and head) every stage including the stem; frozen stages keep BatchNorm in eval mode",
+        bounds=">= 0")
     # The report's dropout before its trainable part (layer4).
     dropout: float = _f(0.5,
         "dropout where the frozen features enter the trainable part (none at depth 4, where nothing is frozen)",
@@ -154,6 +160,11 @@ class TrainConfig:
     # Data. The size is ResNet50's ImageNet resolution; the COMP5329 images are <= 320 px.
     image_size: int = _f(224, "training crop and evaluation centre-crop size in pixels",
                          bounds=">= 32 (ResNet50 downsamples 32x)")
+    # Off: flip doubles the scoring time, and its gain on these data is unmeasured with ImageNet weights (no GPU).
+    tta: str = _f("none",
+        "test-time augmentation of validation and the test predictions: none, or flip: the mean of each image's "
+        "and its mirror's probabilities (twice the scoring time; caption-only networks ignore it)",
+        choices=("none", "flip"))
     val_fraction: float = _f(0.1, "fraction of train.csv held out for validation (see --split)", bounds="(0, 1)")
     # Stratified: every label's share of the rows the same in training and validation (measured on the real
     # table, seeds 0-2: largest gap 0.0022-0.0030 against 0.0069-0.0126 for the hash split,
@@ -321,7 +332,8 @@ class SweepConfig:
     # the learning-rate range, sampled log-uniformly
     lr_min: float = _f(1e-4, "lowest peak learning rate (log-uniform range)")
     lr_max: float = _f(1e-2, "highest peak learning rate (equal to --lr-min: a fixed rate)")
-    depths: tuple = _f((0, 1, 2, 3, 4), "unfrozen depths to sample from, comma-separated, each 0..4")
+    depths: tuple = _f((0, 1, 2, 3, 4), "unfrozen depths to sample from, comma-separated, each >= 0 (see "
+                       "jobs/train.py --unfrozen-depth)")
     # auto: as jobs/train.py decides (image+caption when the table has captions); several: a searched choice.
     inputs: tuple = _f(("auto",), "what the trials' networks read, comma-separated: auto, image, caption, "
                        "image+caption; more than one makes it a searched choice")
@@ -347,8 +359,8 @@ class SweepConfig:
             object.__setattr__(self, "inputs", tuple(self.inputs))
         if not self.inputs or any(x not in ("auto", *INPUTS) for x in self.inputs):
             problems.append(f"--inputs must be values among auto, {', '.join(INPUTS)}, got {','.join(self.inputs)}")
-        if not self.depths or any(d not in range(5) for d in self.depths):
-            problems.append(f"--depths must be values in 0..4, got {list(self.depths)}")
+        if not self.depths or any(not isinstance(d, int) or d < 0 for d in self.depths):
+            problems.append(f"--depths must be whole numbers >= 0, got {list(self.depths)}")
         if not self.name or "/" in self.name:
             problems.append(f"--name must be a non-empty folder name without '/', got {self.name!r}")
         if problems:

@@ -20,7 +20,7 @@ RENAMED = {"num_workers": "loader_workers"}  # the DataLoader's setting, before 
 # TrainConfig keys added since the first config.json, and the value that reproduces a file written before them
 # (a replayed config.json, a resumed checkpoint, a model's meta.json train and score as they did).
 ADDED = {"split": "hash", "val_table": None, "refit": None, "loss": "bce", "asl_gamma_neg": 4.0, "asl_gamma_pos": 0.0,
-         "asl_clip": 0.05, "focal_gamma": 2.0, "pos_weight": "none", "ema": 0.0}
+         "asl_clip": 0.05, "focal_gamma": 2.0, "pos_weight": "none", "ema": 0.0, "model": "resnet50", "tta": "none"}
 # Keys a training checkpoint has had since they were added, and their value in one saved before.
 STATE_DEFAULTS = {"tokenizer": None, "scaler": None, "bad_images": {}, "threshold": None, "step": 0, "so_far": {},
                   "reason": "epoch", "saved_at": None, "interruptions": [], "micro_batch": None, "table_key": None, "ema": None}

@@ -58,7 +58,7 @@ def test_the_concurrency_limit_is_enforced_by_the_search_algorithm():
 
 
 def test_sweep_config_is_validated():
-    for bad, msg in [({"depths": (5,)}, "--depths"), ({"lr_min": 0.0}, "--lr-min"), ({"num_samples": 0}, "--num-samples"),
+    for bad, msg in [({"depths": (-1,)}, "--depths"), ({"lr_min": 0.0}, "--lr-min"), ({"num_samples": 0}, "--num-samples"),
                      ({"grace_epochs": 3, "max_epochs": 2}, "--grace-epochs"),
                      ({"gpus_per_worker": 0.5}, "whole number"), ({"gpus_per_worker": 1.5}, "whole number")]:
         with pytest.raises(ValueError, match=msg):

@@ -63,7 +63,8 @@ def _fit(cfg: TrainConfig, rows: int, log) -> dict:
 
 
 def compare(data: str, output: str, *, images: str | None = None, val_fraction: float = 0.2, seed: int = 0,
-            caption_epochs: int = 10, image_epochs: int = 8, image_size: int = 64, log=print) -> pd.DataFrame:
+            caption_epochs: int = 10, image_epochs: int = 8, image_size: int = 64, model: str = "resnet50",
+            log=print) -> pd.DataFrame:
     """The table (see the module docstring); also written to ``output/compare.csv``."""
     paths = DataPaths.resolve(data, images)
     df = read_table(paths.train_csv, trains=True)
@@ -93,7 +94,8 @@ def compare(data: str, output: str, *, images: str | None = None, val_fraction: 
     # (from-scratch training under CPU bf16 lost accuracy, mlc.data.demo.DEMO_DEFAULTS).
     scratch = dict(data=data, images=images, train_csv=storage.join(sub_root, "train.csv"),
                    test_csv=storage.join(sub_root, "test.csv"), weights="none", unfrozen_depth=4, dropout=0.0,
-                   lr=2e-3, warmup_epochs=0.5, amp="off", image_size=image_size, val_fraction=val_fraction, seed=seed)
+                   lr=2e-3, warmup_epochs=0.5, amp="off", image_size=image_size, val_fraction=val_fraction, seed=seed,
+                   model=model)
     for inputs in ("image", "caption", "image+caption"):
         epochs = caption_epochs if inputs == "caption" else image_epochs
         cfg = TrainConfig(**scratch, inputs=inputs, epochs=epochs,

@@ -95,8 +95,8 @@ def export(checkpoint: str, output: str, fmt: str, log=print) -> dict:
         raise UsageError(f"{checkpoint} reads captions ({cfg.inputs}), which need mlc's tokenizer: serve it with "
                          "jobs/serve.py; export takes --inputs image networks")
     storage.check_writable(output)
-    model = build(cfg.inputs, len(vocab), unfrozen_depth=cfg.unfrozen_depth, dropout=cfg.dropout, weights=state,
-                  freeze_bn=cfg.freeze_bn, log=lambda *_: None).eval()
+    model = build(cfg.inputs, len(vocab), model=cfg.model, unfrozen_depth=cfg.unfrozen_depth, dropout=cfg.dropout,
+                  weights=state, freeze_bn=cfg.freeze_bn, log=lambda *_: None).eval()
     wrapped = Exported(model).eval()
     size = cfg.image_size
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)

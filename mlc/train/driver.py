@@ -20,7 +20,8 @@ from mlc.io import storage
 from mlc.io.config_json import write_config
 from mlc.io.lock import hold
 from mlc.model.checkpoint import check_resumable, load_state
-from mlc.model.resnet import load_weights
+from mlc.model.backbones import check_model
+from mlc.model.weights import load_weights
 from mlc.train.group import LocalGroup
 from mlc.train.loop import Trained, train
 from mlc.train import refit
@@ -57,6 +58,7 @@ def drive(cfg: TrainConfig, url: str, mode: Mode, *, fresh: bool, log, progress:
     t_start = time.perf_counter()
     storage.check_writable(url)
     with hold(url, what=mode.what, log=log):
+        check_model(cfg.model)  # an unknown name, or timm not installed
         data = prepare_data(cfg, log)  # unreadable tables, a wrong image folder: before anything is replaced
         if cfg.refit:
             refit.check(cfg, url, lambda run_cfg: prepare_data(run_cfg, lambda *_: None))
@@ -112,7 +114,7 @@ class LocalMode:
         return latest_epoch_checkpoint(self.url)  # a Ray Train run's folder: local mode continues it
 
     def before_start(self, cfg: TrainConfig, data: RunData) -> None:
-        load_weights(cfg.weights)  # a file that is not a state dict, or imagenet out of reach, fails now
+        load_weights(cfg.weights, cfg.model)  # a file that is not a state dict, or imagenet out of reach, fails now
 
     def owned(self) -> list[str]:
         return list(OUTPUTS)

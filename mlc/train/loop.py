@@ -185,7 +185,7 @@ def validate(run: Run, group: Group, val_loader: Loader, epoch: int, stats: dict
         run.steps.ema.agree(group.all_gather)  # one average on every rank: rank 0's BatchNorm statistics
     if run.refit is not None:
         return _refit_end(run, group, epoch, stats, lr)
-    scored = predict_scores(for_scoring(run.scored_model(), run.steps.amp_dtype), val_loader, run.device,
+    scored = predict_scores(for_scoring(run.scored_model(), run.steps.amp_dtype, cfg.tta), val_loader, run.device,
                             n_rows=len(data.va), amp_dtype=run.steps.amp_dtype, progress=progress,
                             desc=f"epoch {epoch}/{cfg.epochs} validate",
                             pad_to=_val_batch(run, group) if run.device.type == "cuda" else None)

@@ -130,8 +130,9 @@ def _precision(cfg: TrainConfig, group: Group, log) -> StepContext:
 
 def _model(cfg: TrainConfig, data: RunData, state: dict | None, device, log) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
-    model = build(cfg.inputs, len(data.vocab), num_tokens=data.tokenizer.size if data.tokenizer else 0,
-                  unfrozen_depth=cfg.unfrozen_depth, dropout=cfg.dropout,
+    model = build(cfg.inputs, len(data.vocab), model=cfg.model,
+                  num_tokens=data.tokenizer.size if data.tokenizer else 0, unfrozen_depth=cfg.unfrozen_depth,
+                  dropout=cfg.dropout,
                   weights=state["model"] if state else cfg.weights, log=log, freeze_bn=cfg.freeze_bn)
     return model.to(device, memory_format=torch.channels_last)
 
