@@ -235,6 +235,9 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
         if f.name == "depths":
             g.add_argument("--depths", type=_int_list, default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} (default: {','.join(map(str, default))})")
+        elif f.name in ("loss", "pos_weight", "asl_gamma_neg"):  # checked and converted by SweepConfig
+            g.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} (default: {','.join(map(str, default))})")
         elif f.name == "inputs":
             g.add_argument("--inputs", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()),
                            default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {','.join(default)})")

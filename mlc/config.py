@@ -9,6 +9,7 @@ every model; settings saved by earlier versions are upgraded by :func:`mlc.migra
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 # (choices_of and parse_duration are read from here by the jobs and the loop)
@@ -337,6 +338,13 @@ class SweepConfig:
     # auto: as jobs/train.py decides (image+caption when the table has captions); several: a searched choice.
     inputs: tuple = _f(("auto",), "what the trials' networks read, comma-separated: auto, image, caption, "
                        "image+caption; more than one makes it a searched choice")
+    # The loss and its parameters (jobs/train.py --loss, --asl-gamma-neg, --pos-weight): one value is fixed, several
+    # a searched choice; the defaults are jobs/train.py's.
+    loss: tuple = _f(("bce",), "training losses to sample from, comma-separated among bce, asl, focal (see "
+                     "jobs/train.py --loss); more than one makes it a searched choice")
+    asl_gamma_neg: tuple = _f((4.0,), "asl: focusing exponents of the negatives to sample from, comma-separated, "
+                              "each >= 0")
+    pos_weight: tuple = _f(("none",), "positives' weights to sample from, comma-separated among none, auto")
     # 3, as jobs/train.py's: a trial is a Ray Train run and loses Spot nodes like one; a trial that keeps
     # failing still ends as an errored trial and the sweep goes on without it.
     max_failures: int = _f(3, "worker-group restarts per trial from its latest checkpoint (a lost Spot node "
@@ -359,9 +367,31 @@ class SweepConfig:
             object.__setattr__(self, "inputs", tuple(self.inputs))
         if not self.inputs or any(x not in ("auto", *INPUTS) for x in self.inputs):
             problems.append(f"--inputs must be values among auto, {', '.join(INPUTS)}, got {','.join(self.inputs)}")
+        problems += self._searched_loss_problems()
         if not self.depths or any(not isinstance(d, int) or d < 0 for d in self.depths):
             problems.append(f"--depths must be whole numbers >= 0, got {list(self.depths)}")
         if not self.name or "/" in self.name:
             problems.append(f"--name must be a non-empty folder name without '/', got {self.name!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _searched_loss_problems(self) -> list:
+        """The loss choices as tuples (a flag's comma-separated text, a config.json's list), each value allowed."""
+        problems = []
+        for name, kind in (("loss", str), ("asl_gamma_neg", float), ("pos_weight", str)):
+            values = getattr(self, name)
+            if isinstance(values, str):
+                values = [x.strip() for x in values.split(",") if x.strip()]
+            values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+            try:
+                values = tuple(kind(v) for v in values)
+            except ValueError:
+                problems.append(f"--{name.replace('_', '-')} must be comma-separated numbers, got {values}")
+                continue
+            object.__setattr__(self, name, values)
+            allowed = choices_of(TrainConfig, name)
+            if not values or (allowed and any(v not in allowed for v in values)) or (
+                    kind is float and any(not math.isfinite(v) or v < 0 for v in values)):
+                rule = f"values among {', '.join(allowed)}" if allowed else "finite numbers >= 0"
+                problems.append(f"--{name.replace('_', '-')} must be {rule}, got {','.join(map(str, values))}")
+        return problems
