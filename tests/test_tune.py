@@ -187,3 +187,12 @@ def test_the_tune_job_takes_the_loss_settings_as_the_sweeps_choices():
         ["--data", "/d", "--loss", "bce,asl", "--asl-gamma-neg", "1,4", "--pos-weight", "auto"]))
     assert sweep.loss == ("bce", "asl") and sweep.asl_gamma_neg == (1.0, 4.0) and sweep.pos_weight == ("auto",)
     assert base.loss == "bce"  # a trial takes its draw
+
+
+def test_an_unknown_model_stops_a_sweep_before_ray_starts(tmp_path):
+    from mlc.config import TrainConfig
+    from mlc.distributed.tune import run_sweep
+    from mlc.errors import UsageError
+    with pytest.raises(UsageError, match="--model convnext_nosuch"):
+        run_sweep(TrainConfig(model="convnext_nosuch", output=str(tmp_path / "s")), SweepConfig(), log=print)
+    assert not (tmp_path / "s").exists()

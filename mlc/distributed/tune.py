@@ -113,7 +113,9 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     import ray
 
     from mlc.distributed.train import absolute_output, check_shared_output
+    from mlc.model.backbones import check_model
 
+    check_model(base.model)  # an unknown name, or timm not installed: before Ray starts
     t_start = time.perf_counter()
     from mlc.distributed.cluster import ensure_ray
     ensure_ray(log)  # the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local Ray
