@@ -162,7 +162,8 @@ class TrainConfig:
     # Data. The size is ResNet50's ImageNet resolution; the COMP5329 images are <= 320 px.
     image_size: int = _f(224, "training crop and evaluation centre-crop size in pixels",
                          bounds=">= 32 (ResNet50 downsamples 32x)")
-    # Off: flip doubles the scoring time, and its gain on these data is unmeasured with ImageNet weights (no GPU).
+    # Off: flip doubles the scoring time (1.93x with ResNet50, docs/measurements-cpu.md), and its gain in accuracy
+    # on these data is not yet measured.
     tta: str = _f("none",
         "test-time augmentation of validation and the test predictions: none, or flip: the mean of each image's "
         "and its mirror's probabilities (twice the scoring time; caption-only networks ignore it)",
