@@ -31,6 +31,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="epochs of the runs that read images, trained from scratch (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=64,
                    help="image size of those runs; small, as from-scratch ResNet50 on a CPU (default: %(default)s)")
+    p.add_argument("--model", default="resnet50",
+                   help="image backbone of those runs: resnet50 (torchvision's) or a timm model name, as jobs/train.py "
+                        "--model takes (default: %(default)s)")
     add_log_args(p)
     return p
 
@@ -40,7 +43,7 @@ def main(args: argparse.Namespace):
     from mlc.logs import say
     table = compare(args.data, args.output, images=args.images, val_fraction=args.val_fraction, seed=args.seed,
                     caption_epochs=args.caption_epochs, image_epochs=args.image_epochs, image_size=args.image_size,
-                    log=say)
+                    model=args.model, log=say)
     print(markdown(table))
     return table
 

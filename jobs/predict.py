@@ -28,13 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from mlc.cli import BoolFlag, add_config_arg, add_log_args, from_file, run_job  # noqa: E402
+from mlc.config import TrainConfig, choices_of  # noqa: E402
 from mlc.errors import UsageError  # noqa: E402
 
 # Every setting's default; each flag's default is SUPPRESS, so a flag absent from the parsed namespace was not
 # given and a --config file (a predict_config.json) may set it.
 DEFAULTS = {"checkpoint": None, "data": None, "output": None, "ids": None, "images": None, "batch_size": 64,
             "num_workers": None, "gpus_per_worker": None, "cpus_per_worker": None, "loader_workers": None,
-            "local": None}
+            "local": None, "tta": None}
 S = argparse.SUPPRESS
 
 
@@ -68,6 +69,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader-workers", type=int, default=S,
                    help="DataLoader worker processes with --local, as in jobs/train.py (default: auto, chosen in "
                         "the process that scores from the CPUs it may use)")
+    p.add_argument("--tta", choices=choices_of(TrainConfig, "tta"), default=S,
+                   help="test-time augmentation: none, or flip: each image's probabilities averaged with its "
+                        "mirror's, on every worker (default: the model's own --tta, as it was validated)")
     add_config_arg(p)
     add_log_args(p)
     return p
@@ -100,7 +104,7 @@ def main(args: argparse.Namespace) -> dict:
     return mlc.predict(s["checkpoint"], s["data"], s["output"], ids_csv=s["ids"], images=s["images"],
                        batch_size=s["batch_size"], num_workers=s["num_workers"], loader_workers=s["loader_workers"],
                        gpus_per_worker=s["gpus_per_worker"], cpus_per_worker=s["cpus_per_worker"],
-                       progress=not args.quiet, log=say)
+                       tta=s["tta"], progress=not args.quiet, log=say)
 
 
 if __name__ == "__main__":

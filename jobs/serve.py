@@ -33,6 +33,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 from mlc.cli import add_log_args, run_job  # noqa: E402
 from mlc.distributed.serve_http import (DEFAULT_READ_TIMEOUT_S, MIN_UPLOAD_RATE, TOKEN_ENV,  # noqa: E402
                                         check_exposure, read_token, token_digest)
+from mlc.config import TrainConfig, choices_of  # noqa: E402
 from mlc.errors import UsageError  # noqa: E402
 
 
@@ -64,6 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-token-file", default=None,
                    help=f"file holding the token clients send as 'Authorization: Bearer <token>' on /predict and "
                    f"/labels; needed when --host is not loopback (default: ${TOKEN_ENV} if set, else no token)")
+    p.add_argument("--tta", choices=choices_of(TrainConfig, "tta"), default=None,
+                   help="test-time augmentation: none, or flip: each image's probabilities averaged with its mirror's "
+                        "(twice the model time per request) (default: the model's own --tta, as it was validated)")
     add_log_args(p)
     return p
 
@@ -107,7 +111,8 @@ def main(args: argparse.Namespace) -> int:
                     min_replicas=args.min_replicas, max_replicas=max_replicas, gpus=gpus,
                     cpus=args.cpus_per_replica, max_batch_size=args.max_batch_size,
                     batch_wait_s=args.batch_wait_ms / 1000, max_body=int(args.max_body_mb * 2**20),
-                    read_timeout_s=args.read_timeout_s, token_sha256=token_digest(token) if token else None, log=say)
+                    read_timeout_s=args.read_timeout_s, token_sha256=token_digest(token) if token else None,
+                    tta=args.tta, log=say)
     say(f"routes: {serve.describe(url)}")
     header = ' -H "Authorization: Bearer $TOKEN"' if token else ""
     say(f"try: curl -s{header} --data-binary @IMAGE.jpg {url}/predict")

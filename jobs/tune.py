@@ -30,7 +30,7 @@ from mlc.cli import (add_config_arg, add_log_args, add_sweep_args, add_train_arg
 
 # Swept, or set by the sweep, so not flags here: the search space replaces them (--inputs is the sweep's,
 # a comma-separated list of choices).
-NOT_FLAGS = ("lr", "unfrozen_depth", "epochs", "inputs")
+NOT_FLAGS = ("lr", "unfrozen_depth", "epochs", "inputs", "loss", "asl_gamma_neg", "pos_weight")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -45,9 +45,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def configs(args: argparse.Namespace):
-    """(the trials' base TrainConfig, the SweepConfig). --inputs here is the sweep's list of choices
-    (SweepConfig.inputs), not the training config's one value."""
-    base = config_from_args(argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "inputs"}))
+    """(the trials' base TrainConfig, the SweepConfig). --inputs, --loss, --asl-gamma-neg and --pos-weight here are
+    the sweep's lists of choices (SweepConfig's), not the training config's one value."""
+    sweeps = {"inputs", "loss", "asl_gamma_neg", "pos_weight"}
+    base = config_from_args(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in sweeps}))
     return base, sweep_from_args(args)
 
 

@@ -140,7 +140,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The flags given, on top of the demo defaults when --data is absent, else the normal defaults."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: getattr(args, k) for k in names if hasattr(args, k)}
-    saved = {k: v for k, v in from_file(args, "train").items() if k in names}
+    if given.get("refit"):  # a refit starts from its run's settings (mlc.train.refit)
+        if getattr(args, "config", None):
+            raise UsageError("--refit takes the settings of the run it refits; give flags to change some, not --config")
+        from mlc.train.refit import settings
+        saved = {k: v for k, v in settings(given["refit"]).items() if k in names}
+    else:
+        saved = {k: v for k, v in from_file(args, "train").items() if k in names}
     merged = {**saved, **given}
     base = DEMO_DEFAULTS if merged.get("data") is None else {}
     try:
@@ -228,6 +234,9 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
         default = getattr(d, f.name)
         if f.name == "depths":
             g.add_argument("--depths", type=_int_list, default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} (default: {','.join(map(str, default))})")
+        elif f.name in ("loss", "pos_weight", "asl_gamma_neg"):  # checked and converted by SweepConfig
+            g.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} (default: {','.join(map(str, default))})")
         elif f.name == "inputs":
             g.add_argument("--inputs", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()),

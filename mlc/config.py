@@ -12,6 +12,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+# (choices_of and parse_duration are read from here by the jobs and the loop)
+from mlc.fields import bound_problems, choice_problems, choices_of, non_finite, parse_duration  # noqa: F401
+from mlc.fields import field as _f
+
 # What a network can read (mlc.model.fusion builds each).
 INPUTS = ("image", "caption", "image+caption")
 
@@ -24,61 +28,6 @@ def uses_images(inputs: str) -> bool:
 def uses_captions(inputs: str) -> bool:
     """Whether a network that reads ``inputs`` (resolved: not auto) reads captions."""
     return inputs in ("caption", "image+caption")
-
-
-def _f(default, help: str, choices: tuple | None = None, bounds: str | None = None):
-    """A field with its ``--help`` text and, when only some values are allowed, those values (``choices``) or
-    their range (``bounds``: ``">= 1"``, ``"> 0"``, ``"0..4"``, ``"[0, 1)"``; a note may follow in brackets)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
-
-
-def _within(value, bounds: str) -> bool:
-    rule = bounds.split(" (")[0]
-    if ".." in rule:
-        lo, hi = rule.split("..")
-        return float(lo) <= value <= float(hi)
-    if rule[0] in "[(":
-        lo, hi = (float(x) for x in rule[1:-1].split(","))
-        return (lo <= value if rule[0] == "[" else lo < value) and (value <= hi if rule[-1] == "]" else value < hi)
-    op, limit = rule.split()[:2]
-    return value >= float(limit) if op == ">=" else value > float(limit)
-
-
-def _bound_problems(cfg) -> list:
-    """Every setting outside its declared bounds (None, where a setting allows it, means auto)."""
-    out = []
-    for f in dataclasses.fields(cfg):
-        bounds, value = f.metadata.get("bounds"), getattr(cfg, f.name)
-        if bounds and isinstance(value, (int, float)) and math.isfinite(value) and not _within(value, bounds):
-            out.append(f"--{f.name.replace('_', '-')} must be {'in ' if bounds[0] in '[(' else ''}{bounds}, got {value}")
-    return out
-
-
-def parse_duration(text: str) -> float | None:
-    """Seconds of ``90s``, ``10m``, ``1h`` or a bare number of seconds; None if ``text`` is none of these."""
-    t = str(text).strip().lower()
-    scale = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
-    try:
-        value = float(t[:-1]) if scale else float(t)
-    except ValueError:
-        return None
-    seconds = value * (scale or 1)
-    return seconds if math.isfinite(seconds) and seconds > 0 else None
-
-
-def choices_of(cls, name: str) -> tuple | None:
-    """The values field ``name`` of config class ``cls`` allows (None: any of its type)."""
-    return next(f.metadata.get("choices") for f in dataclasses.fields(cls) if f.name == name)
-
-
-def _choice_problems(cfg) -> list:
-    out = []
-    for f in dataclasses.fields(cfg):
-        allowed, value = f.metadata.get("choices"), getattr(cfg, f.name)
-        if allowed is not None and value not in allowed:
-            out.append(f"--{f.name.replace('_', '-')} must be {', '.join(map(str, allowed[:-1]))} or {allowed[-1]}, "
-                       f"got {value}")
-    return out
 
 
 # Said of every Ray worker, in training runs and in sweeps.
@@ -105,19 +54,6 @@ def check_training_gpus(gpus: float | None, flag: str = "--gpus-per-worker") -> 
 _WAIT_FOR_AUTOSCALER_HELP = ("wait for nodes even when no autoscaler config is readable here (an autoscaler this "
                              "process cannot see, e.g. KubeRay's, will add them); with one readable, waiting is "
                              "automatic")
-
-
-def _non_finite(cfg) -> list:
-    """Every float setting that is NaN or infinite: ``float("nan") <= 0`` is False, so a range check alone lets
-    ``--lr nan`` through to fail deep in torch (or ``--lr inf`` to train a whole epoch of NaNs)."""
-    out = []
-    for f in dataclasses.fields(cfg):
-        values = getattr(cfg, f.name)
-        for v in values if isinstance(values, tuple) else (values,):
-            if isinstance(v, float) and not math.isfinite(v):
-                out.append(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
-                break
-    return out
 
 
 def _worker_problems(gpus: float | None, cpus: float | None, wait_timeout: float) -> list:
@@ -153,13 +89,19 @@ class TrainConfig:
         " never opens an image), image+caption (both, fused before the head), or auto: image+caption when the "
         "training table has non-empty captions, else image", choices=("auto", *INPUTS))
 
-    # Model. Depth 1 (layer4 + head) is the report's choice; 4 trains everything, stem included.
+    # Model. torchvision's ResNet50 stays the default: every earlier checkpoint is one, and loads unchanged.
+    model: str = _f("resnet50",
+        "image backbone: resnet50 (torchvision's ResNet50) or any timm model name (convnext_atto, efficientnet_b0, "
+        "...; needs the optional extra: pip install 'mlc[timm]'), with a head sized to the labels")
+    # Depth 1 (layer4 + head) is the report's choice; 4 trains everything, stem included.
     weights: str = _f("imagenet",
         "initial weights: imagenet (torchvision IMAGENET1K_V2, downloaded to torchvision's cache), none (random init), "
         "or a path/URL to a state dict")
     unfrozen_depth: int = _f(1,
-        "how many of the last residual stages train: 0 = head only, 1 = layer4 + head (the report), 2, 3, and 4 = every"
-        " stage including the stem (conv1/bn1); frozen stages keep BatchNorm in eval mode", bounds="0..4")
+        "how many of the backbone's last stages train: 0 = head only, 1 = the last stage + head (ResNet50: layer4, "
+        "the report), ...; at or above its stage count (ResNet50: 4; a timm model: its coarse parameter groups "
+        "between stem and head) every stage including the stem; frozen stages keep BatchNorm in eval mode",
+        bounds=">= 0")
     # The report's dropout before its trainable part (layer4).
     dropout: float = _f(0.5,
         "dropout where the frozen features enter the trainable part (none at depth 4, where nothing is frozen)",
@@ -181,6 +123,27 @@ class TrainConfig:
     weight_decay: float = _f(0.01, "decoupled weight decay on conv/linear weights", bounds=">= 0")
     optimizer: str = _f("adamw", "adamw or sgd (Nesterov)", choices=("adamw", "sgd"))
     momentum: float = _f(0.9, "SGD momentum", bounds="[0, 1)")
+    # The loss. bce: the report's and every earlier run's; asl and --pos-weight are not yet measured on these data
+    # (docs/measurements-accuracy.md).
+    loss: str = _f("bce",
+        "training loss: bce (binary cross-entropy), asl (asymmetric loss, Ridnik et al. 2021: easy negatives "
+        "down-weighted by --asl-gamma-neg, the easiest cut off by --asl-clip) or focal (Lin et al. 2017, "
+        "--focal-gamma on both sides)", choices=("bce", "asl", "focal"))
+    # The paper's setting for MS-COCO (gamma- 4, gamma+ 0, clip 0.05), the labels this seed's are drawn from.
+    asl_gamma_neg: float = _f(4.0, "asl: focusing exponent of the negatives", bounds=">= 0")
+    asl_gamma_pos: float = _f(0.0, "asl: focusing exponent of the positives", bounds=">= 0")
+    asl_clip: float = _f(0.05, "asl: probability margin under which a negative costs nothing (0: none)",
+                         bounds="[0, 1)")
+    # Lin et al.'s choice for detection.
+    focal_gamma: float = _f(2.0, "focal: focusing exponent", bounds=">= 0")
+    pos_weight: str = _f("none",
+        "weight of each label's positives in the loss: none, or auto: its negatives over its positives in the "
+        "training split, capped at 10 (mlc.train.losses.POS_WEIGHT_CAP)", choices=("none", "auto"))
+    # Off by default until measured on for these data; 0.999 is timm's and torchvision's usual decay.
+    ema: float = _f(0.0,
+        "exponential moving average of the weights with this decay per optimizer step (timm's warm-up: at step t "
+        "the decay is min(DECAY, (1+t)/(10+t))); validation, best/ and the predictions use the averaged weights; "
+        "0 = off", bounds="[0, 1) (0: off)")
     # Warm-up protects pretrained stages from the random head's gradients.
     warmup_epochs: float = _f(1.0, "linear warm-up length in epochs (may be fractional)", bounds=">= 0")
     clip_grad: float = _f(1.0, "maximum gradient norm; 0 turns clipping off", bounds=">= 0 (0: no clipping)")
@@ -199,8 +162,28 @@ class TrainConfig:
     # Data. The size is ResNet50's ImageNet resolution; the COMP5329 images are <= 320 px.
     image_size: int = _f(224, "training crop and evaluation centre-crop size in pixels",
                          bounds=">= 32 (ResNet50 downsamples 32x)")
-    val_fraction: float = _f(0.1, "fraction of train.csv held out for validation (a seeded split by ImageID)",
-                             bounds="(0, 1)")
+    # Off: flip doubles the scoring time (1.93x with ResNet50, docs/measurements-cpu.md), and its gain in accuracy
+    # on these data is not yet measured.
+    tta: str = _f("none",
+        "test-time augmentation of validation and the test predictions: none, or flip: the mean of each image's "
+        "and its mirror's probabilities (twice the scoring time; caption-only networks ignore it)",
+        choices=("none", "flip"))
+    val_fraction: float = _f(0.1, "fraction of train.csv held out for validation (see --split)", bounds="(0, 1)")
+    # Stratified: each label's share of the rows nearer the same in training and validation (the real table, 20%
+    # held out, seeds 0-4: largest gap 0.0038 +- 0.0016 against 0.0079 +- 0.0012 for the hash split,
+    # docs/measurements-accuracy.md).
+    # A config.json written before --split existed replays with hash (mlc.migrate.ADDED).
+    split: str = _f("stratified",
+        "how --val-fraction of the rows is held out: stratified (iterative stratification, Sechidis et al. 2011: "
+        "each label's share the same in both parts) or hash (a keyed hash of each ImageID); both seeded by --seed "
+        "and independent of the rows' order", choices=("stratified", "hash"))
+    refit: str | None = _f(None,
+        "a finished run's folder: train on every labelled row (nothing held out) with that run's settings for its "
+        "best epoch's number of epochs, keep its threshold, and write the submission; flags given override its "
+        "settings, and --output must be a new folder")
+    val_table: str | None = _f(None,
+        "a labelled table of one's own (ImageID,Labels[,Caption], a path or URL) to validate on, its images in the "
+        "same image folder; then every row of train.csv trains, and --val-fraction and --split are not used")
     seed: int = _f(0, "seed of the split, the initialisation, the data order and the augmentations")
     # None: resolved where the training process runs, from the CPUs it may use (Ray's reservation or the
     # process's CPU affinity), never on the machine that parsed the flags (mlc.data.loader.resolve_loader_workers).
@@ -245,7 +228,7 @@ class TrainConfig:
                          "store", "store_budget", "require_labels", "checkpoint_every", "micro_batch")
 
     def __post_init__(self):
-        problems = _non_finite(self) + _choice_problems(self) + _bound_problems(self)
+        problems = non_finite(self) + choice_problems(self) + bound_problems(self)
         if self.checkpoint_every not in ("auto", "epoch") and parse_duration(self.checkpoint_every) is None:
             problems.append(f"--checkpoint-every must be a duration (90s, 10m, 1h), epoch or auto, got "
                             f"{self.checkpoint_every!r}")
@@ -316,7 +299,7 @@ class ScaleConfig:
         return self.min_workers != self.max_workers
 
     def __post_init__(self):
-        problems = _non_finite(self) + _bound_problems(self) + _worker_problems(self.gpus_per_worker,
+        problems = non_finite(self) + bound_problems(self) + _worker_problems(self.gpus_per_worker,
                                                                                 self.cpus_per_worker, self.wait_timeout)
         n = self.num_workers
         if isinstance(n, list):
@@ -352,10 +335,18 @@ class SweepConfig:
     # the learning-rate range, sampled log-uniformly
     lr_min: float = _f(1e-4, "lowest peak learning rate (log-uniform range)")
     lr_max: float = _f(1e-2, "highest peak learning rate (equal to --lr-min: a fixed rate)")
-    depths: tuple = _f((0, 1, 2, 3, 4), "unfrozen depths to sample from, comma-separated, each 0..4")
+    depths: tuple = _f((0, 1, 2, 3, 4), "unfrozen depths to sample from, comma-separated, each >= 0 (see "
+                       "jobs/train.py --unfrozen-depth)")
     # auto: as jobs/train.py decides (image+caption when the table has captions); several: a searched choice.
     inputs: tuple = _f(("auto",), "what the trials' networks read, comma-separated: auto, image, caption, "
                        "image+caption; more than one makes it a searched choice")
+    # The loss and its parameters (jobs/train.py --loss, --asl-gamma-neg, --pos-weight): one value is fixed, several
+    # a searched choice; the defaults are jobs/train.py's.
+    loss: tuple = _f(("bce",), "training losses to sample from, comma-separated among bce, asl, focal (see "
+                     "jobs/train.py --loss); more than one makes it a searched choice")
+    asl_gamma_neg: tuple = _f((4.0,), "asl: focusing exponents of the negatives to sample from, comma-separated, "
+                              "each >= 0")
+    pos_weight: tuple = _f(("none",), "positives' weights to sample from, comma-separated among none, auto")
     # 3, as jobs/train.py's: a trial is a Ray Train run and loses Spot nodes like one; a trial that keeps
     # failing still ends as an errored trial and the sweep goes on without it.
     max_failures: int = _f(3, "worker-group restarts per trial from its latest checkpoint (a lost Spot node "
@@ -366,7 +357,7 @@ class SweepConfig:
         "seconds to wait for the autoscaler to add the first trial's nodes before giving up")
 
     def __post_init__(self):
-        problems = _non_finite(self) + _bound_problems(self) + _worker_problems(self.gpus_per_worker,
+        problems = non_finite(self) + bound_problems(self) + _worker_problems(self.gpus_per_worker,
                                                                                 self.cpus_per_worker, self.wait_timeout)
         if not 1 <= self.grace_epochs <= self.max_epochs:
             problems.append(f"--grace-epochs must be in 1..--max-epochs ({self.max_epochs}), got {self.grace_epochs}")
@@ -378,9 +369,31 @@ class SweepConfig:
             object.__setattr__(self, "inputs", tuple(self.inputs))
         if not self.inputs or any(x not in ("auto", *INPUTS) for x in self.inputs):
             problems.append(f"--inputs must be values among auto, {', '.join(INPUTS)}, got {','.join(self.inputs)}")
-        if not self.depths or any(d not in range(5) for d in self.depths):
-            problems.append(f"--depths must be values in 0..4, got {list(self.depths)}")
+        problems += self._searched_loss_problems()
+        if not self.depths or any(not isinstance(d, int) or d < 0 for d in self.depths):
+            problems.append(f"--depths must be whole numbers >= 0, got {list(self.depths)}")
         if not self.name or "/" in self.name:
             problems.append(f"--name must be a non-empty folder name without '/', got {self.name!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _searched_loss_problems(self) -> list:
+        """The loss choices as tuples (a flag's comma-separated text, a config.json's list), each value allowed."""
+        problems = []
+        for name, kind in (("loss", str), ("asl_gamma_neg", float), ("pos_weight", str)):
+            values = getattr(self, name)
+            if isinstance(values, str):
+                values = [x.strip() for x in values.split(",") if x.strip()]
+            values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+            try:
+                values = tuple(kind(v) for v in values)
+            except ValueError:
+                problems.append(f"--{name.replace('_', '-')} must be comma-separated numbers, got {values}")
+                continue
+            object.__setattr__(self, name, values)
+            allowed = choices_of(TrainConfig, name)
+            if not values or (allowed and any(v not in allowed for v in values)) or (
+                    kind is float and any(not math.isfinite(v) or v < 0 for v in values)):
+                rule = f"values among {', '.join(allowed)}" if allowed else "finite numbers >= 0"
+                problems.append(f"--{name.replace('_', '-')} must be {rule}, got {','.join(map(str, values))}")
+        return problems

@@ -56,7 +56,7 @@ KNOWN = {
     "mlc.io.storage.StorageError": OUTPUT,
     "builtins.PermissionError": OUTPUT,
     "mlc.distributed.train.NodeLocalStorageError": OUTPUT,
-    "mlc.model.resnet.WeightsError": WEIGHTS,
+    "mlc.model.weights.WeightsError": WEIGHTS,
     "mlc.model.checkpoint.CheckpointError": WEIGHTS,
     "mlc.data.run_data.TooManyBadImages": BAD_IMAGES,
     "mlc.train.engine.NonFiniteLossError": DIVERGED,

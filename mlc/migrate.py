@@ -17,9 +17,13 @@ REMOVED = {
 }
 # Keys renamed: old -> new.
 RENAMED = {"num_workers": "loader_workers"}  # the DataLoader's setting, before Ray's --num-workers existed
+# TrainConfig keys added since the first config.json, and the value that reproduces a file written before them
+# (a replayed config.json, a resumed checkpoint, a model's meta.json train and score as they did).
+ADDED = {"split": "hash", "val_table": None, "refit": None, "loss": "bce", "asl_gamma_neg": 4.0, "asl_gamma_pos": 0.0,
+         "asl_clip": 0.05, "focal_gamma": 2.0, "pos_weight": "none", "ema": 0.0, "model": "resnet50", "tta": "none"}
 # Keys a training checkpoint has had since they were added, and their value in one saved before.
 STATE_DEFAULTS = {"tokenizer": None, "scaler": None, "bad_images": {}, "threshold": None, "step": 0, "so_far": {},
-                  "reason": "epoch", "saved_at": None, "interruptions": [], "micro_batch": None, "table_key": None}
+                  "reason": "epoch", "saved_at": None, "interruptions": [], "micro_batch": None, "table_key": None, "ema": None}
 
 
 def migrate(doc: dict, *, resolved: bool = False, where: str = "", log=None) -> dict:
@@ -52,6 +56,10 @@ def _train(d: dict, resolved: bool, where: str, log) -> dict:
         d["compile"] = "on" if d["compile"] else "off"
     if resolved and d.get("inputs", "auto") == "auto":  # a model saved before --inputs existed read images only
         d["inputs"] = "image"
+    # Every settings file mlc reads was written whole by mlc (config.json, best_config.json, a checkpoint, a
+    # meta.json): a setting missing from one did not exist yet when it was written.
+    for key, value in ADDED.items():
+        d.setdefault(key, value)
     for key, (default, notice) in REMOVED.items():
         if key in d and d.pop(key) != default and log is not None:
             log(f"notice: {where + ': ' if where else ''}{notice}")

@@ -48,15 +48,15 @@ def test_flags_build_the_config_demo_defaults_only_without_data():
     assert real.weights == "imagenet" and real.image_size == 224 and real.lr == 0.01 and real.unfrozen_depth == 1
     mixed = config_from_args(p.parse_args(["--local", "--image-size", "96"]))
     assert mixed.image_size == 96 and mixed.weights == "none"
-    with pytest.raises(UsageError, match="unfrozen-depth must be 0..4"):
-        config_from_args(p.parse_args(["--local", "--unfrozen-depth", "7"]))
+    with pytest.raises(UsageError, match="unfrozen-depth must be >= 0"):
+        config_from_args(p.parse_args(["--local", "--unfrozen-depth", "-1"]))
 
 
 def test_bad_flags_fail_before_ray_starts():
     r = run("jobs/train.py", "--num-workers", "0", "--data", "x")
     assert r.returncode != 0 and "--num-workers must be >= 1" in r.stderr
-    r = run("jobs/tune.py", "--depths", "1,7")
-    assert r.returncode != 0 and "--depths must be values in 0..4" in r.stderr
+    r = run("jobs/tune.py", "--depths", "1,-1")
+    assert r.returncode != 0 and "--depths must be whole numbers >= 0" in r.stderr
     r = run("jobs/tune.py", "--lr-min", "0.1", "--lr-max", "0.01")
     assert r.returncode != 0 and "--lr-min and --lr-max" in r.stderr
     assert "Started a local Ray" not in r.stderr + r.stdout

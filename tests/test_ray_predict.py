@@ -1,5 +1,6 @@
 """Batch prediction on Ray Data actors: input order, equality with in-process scores, bad images, the job."""
 
+import json
 import os
 import random
 import shutil
@@ -137,3 +138,21 @@ def test_predict_job_with_num_workers_runs_on_the_cluster(setup, ray_head, tmp_p
     probs = _check_outputs(out, setup)
     local = pd.read_csv(setup["local"] / "probabilities.csv")
     np.testing.assert_allclose(probs[LABELS].to_numpy(), local[LABELS].to_numpy(), atol=1e-5)
+
+
+def test_flip_on_ray_workers_is_the_in_process_flip(setup, ray_head, tmp_path):
+    """--tta flip on the job's Ray Data workers scores as the in-process flip does, and not as the plain model."""
+    flip = tmp_path / "flip"
+    predict_from_checkpoint(str(setup["root"] / "run"), None, str(flip), batch_size=4, num_workers=0,
+                            loader_workers=0, tta="flip", log=lambda *_: None, progress=False)
+    out = tmp_path / "job"
+    env = dict(os.environ, RAY_ADDRESS=ray_head.address, RAY_AUTH_MODE="token")
+    r = subprocess.run([sys.executable, "jobs/predict.py", "--checkpoint", str(setup["root"] / "run"),
+                        "--output", str(out), "--num-workers", "2", "--batch-size", "3", "--tta", "flip", "--quiet"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    probs = _check_outputs(out, setup)[LABELS].to_numpy()
+    np.testing.assert_allclose(probs, pd.read_csv(flip / "probabilities.csv")[LABELS].to_numpy(), atol=1e-5)
+    plain = pd.read_csv(setup["local"] / "probabilities.csv")[LABELS].to_numpy()
+    assert np.nanmax(np.abs(probs - plain)) > 1e-4
+    assert json.loads((out / "predict_config.json").read_text())["predict"]["tta"] == "flip"

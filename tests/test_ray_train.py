@@ -35,6 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 # their own size, which turned the conv sums' rounding at batch 4 vs 8 into a 0.19 gap by epoch 2 (measured).
 # The job-level Ray tests below run with the store (their default).
 SPLIT_INVARIANT = dict(freeze_bn=True, dropout=0.0, unfrozen_depth=1, epochs=2, clip_grad=1.0, store="off")
+# The runs compared with the uninterrupted one keep a weight average too (--ema): one per rank, from the same
+# weights, restored with the checkpoint after a fault or a preemption.
+RUN = {**SPLIT_INVARIANT, "ema": 0.9}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,12 @@ def dataset(tmp_path_factory):
 
 def weights_of(url) -> dict:
     return load_state(str(url))["model"]
+
+
+def average_of(url) -> dict:
+    """The weight average a checkpoint keeps (--ema), with its count of updates."""
+    ema = load_state(str(url))["ema"]
+    return {**ema["weights"], "updates": torch.tensor(float(ema["updates"]))}
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -98,7 +107,7 @@ def run_distributed(address: str, cfg: dict, scale: dict, fail_at=None, runtime_
 def uninterrupted(dataset, tmp_path_factory, ray_head):
     """A 2-worker run and the local run, both with the global batch 8, same seed and settings."""
     tmp = tmp_path_factory.mktemp("straight")
-    summary = isolated(run_distributed, ray_head.address, cfg_for(dataset, tmp, batch_size=8, **SPLIT_INVARIANT).to_dict(),
+    summary = isolated(run_distributed, ray_head.address, cfg_for(dataset, tmp, batch_size=8, **RUN).to_dict(),
                        {"num_workers": 2, "name": "straight", "max_failures": 0})
     local = tmp / "local"
     control = tmp / "control"  # one process with batch 4: what the workers would do without DDP
@@ -108,8 +117,8 @@ def uninterrupted(dataset, tmp_path_factory, ray_head):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer.fit(cfg_for(dataset, local, batch_size=8, **SPLIT_INVARIANT), log=lambda *_: None, progress=False)
-        trainer.fit(cfg_for(dataset, control, batch_size=4, **SPLIT_INVARIANT), log=lambda *_: None, progress=False)
+        trainer.fit(cfg_for(dataset, local, batch_size=8, **RUN), log=lambda *_: None, progress=False)
+        trainer.fit(cfg_for(dataset, control, batch_size=4, **RUN), log=lambda *_: None, progress=False)
     finally:
         torch.set_num_threads(threads)
     return {"run": tmp / "straight", "local": local, "control": control, "summary": summary}
@@ -130,6 +139,14 @@ def test_two_workers_match_one_process_with_the_same_global_batch(uninterrupted)
         assert a["map"] == pytest.approx(b["map"], abs=1e-5)
         assert a["train_images"] == b["train_images"] == 24
     assert [h["workers"] for h in ray_hist] == [2, 2]
+    # The weight average: one on each rank from the same weights, as one process's, and the model validated.
+    ema_ray, ema_local = average_of(run / "epoch_0002"), average_of(local / "checkpoint")
+    assert ema_ray["updates"] == ema_local["updates"] == 6  # 3 steps of 8 rows per epoch
+    assert l2_difference(ema_ray, ema_local) < L2_VS_LOCAL
+    assert l2_difference({k: ema_ray[k] for k in ema_ray if k != "updates"},
+                         {k: ray_weights[k] for k in ema_ray if k != "updates"}) > 2 * L2_VS_LOCAL
+    saved, _, _ = read_model(str(run / "epoch_0002"))
+    assert all(torch.equal(saved[k], ema_ray[k]) for k in ema_ray if k != "updates")
 
 
 def test_a_ray_run_reads_a_packed_dataset_as_one_process_does(dataset, tmp_path, ray_head):
@@ -187,7 +204,7 @@ def test_predict_and_local_mode_accept_a_ray_checkpoint(uninterrupted, dataset, 
     copy = tmp_path / "continued"
     shutil.copytree(run, copy)
     logs = []
-    trainer.fit(cfg_for(dataset, copy, batch_size=8, **{**SPLIT_INVARIANT, "epochs": 3}), log=logs.append,
+    trainer.fit(cfg_for(dataset, copy, batch_size=8, **{**RUN, "epochs": 3}), log=logs.append,
                 progress=False)
     assert any("training continues at epoch 3 of 3" in line for line in logs), logs
     assert [e["epoch"] for e in load_state(str(copy / "checkpoint"))["history"]] == [1, 2, 3]
@@ -204,7 +221,7 @@ def test_a_worker_fault_is_recovered_from_the_last_checkpoint_in_the_bucket(unin
     marker = str(tmp_path / "failed")
     # The session's Ray head started before the GCS server: its workers get the gcsfs settings from the job.
     isolated(run_distributed, ray_head.address,
-             cfg_for(gcs.url("ds"), gcs.url("runs"), batch_size=8, **SPLIT_INVARIANT).to_dict(),
+             cfg_for(gcs.url("ds"), gcs.url("runs"), batch_size=8, **RUN).to_dict(),
              {"num_workers": 2, "name": "faulty", "max_failures": 1}, fail_at=(marker, 2, 2),
              runtime_env={"env_vars": gcs.worker_env()})
     assert Path(marker).exists()
@@ -219,6 +236,8 @@ def test_a_worker_fault_is_recovered_from_the_last_checkpoint_in_the_bucket(unin
     pred = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(run, "predictions.csv"))))
     assert len(pred) == 8 and list(pred.columns) == ["ImageID", "Labels"]
     assert_same_weights(weights_of(storage.join(run, "epoch_0002")), weights_of(uninterrupted["run"] / "epoch_0002"))
+    # the weight average resumed with the checkpoint: as if nothing had happened
+    assert_same_weights(average_of(storage.join(run, "epoch_0002")), average_of(uninterrupted["run"] / "epoch_0002"))
 
 
 def test_a_worker_fault_without_retries_fails_and_writes_no_predictions(dataset, tmp_path, ray_head):
@@ -236,7 +255,7 @@ def _train_cmd(dataset, output, name, epochs):
     return [sys.executable, "jobs/train.py", "--data", str(dataset), "--output", str(output), "--name", name,
             "--num-workers", "2", "--weights", "none", "--image-size", "32", "--batch-size", "4",
             "--epochs", str(epochs), "--val-fraction", "0.25", "--loader-workers", "0", "--amp", "off",
-            "--quiet"]
+            "--ema", "0.9", "--quiet"]
 
 
 def _wait_for_checkpoint(run: Path, epoch: int, proc, timeout: float = 240) -> None:
@@ -295,6 +314,10 @@ def test_driver_killed_after_epoch_2_then_the_same_command_submitted_as_a_job_co
     assert metrics["complete"] is True and metrics["workers"] == 2
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
     assert len(pd.read_csv(tmp_path / "killed" / "predictions.csv")) == 8
+    # BatchNorm trains here, so each rank's running statistics differ between DDP's broadcasts: the ranks'
+    # averages were made rank 0's and checked to be identical before every validation (the run would have
+    # failed otherwise), and the average went on after the restart: 3 epochs of 6 steps each.
+    assert load_state(str(tmp_path / "killed" / "epoch_0003"))["ema"]["updates"] == 18
 
 
 def test_multi_node_run_refuses_node_local_output(tmp_path, monkeypatch):
@@ -502,7 +525,7 @@ def test_a_preempted_node_costs_no_step_and_the_run_ends_where_an_undisturbed_on
     """Drained as preempted in the middle of epoch 2: a step checkpoint at the step the notice was seen, the
     workers idle until the deadline, and Ray Train restarts the run from that step (on the spare node, or on
     the one worker left of an elastic group). --max-failures 0: a preemption is not a failure."""
-    cfg = cfg_for(dataset, tmp_path, batch_size=8, **SPLIT_INVARIANT).to_dict()
+    cfg = cfg_for(dataset, tmp_path, batch_size=8, **RUN).to_dict()
     scale = {"num_workers": 2 if spare else (1, 2), "name": "spot", "max_failures": 0, "resize_check_s": 5}
     out = isolated(preempt_mid_epoch, cfg, scale, spare)
     assert len(out["interruptions"]) == 1, out
@@ -513,5 +536,7 @@ def test_a_preempted_node_costs_no_step_and_the_run_ends_where_an_undisturbed_on
     weights, straight = weights_of(out["state"]), weights_of(uninterrupted["run"] / "epoch_0002")
     if spare:  # the same world size again: the same run, to the last bits of a gradient sum
         assert_same_weights(weights, straight)
+        # the weight average restored from the step checkpoint, inside the epoch
+        assert_same_weights(average_of(out["state"]), average_of(uninterrupted["run"] / "epoch_0002"))
     else:
         assert l2_difference(weights, straight) < L2_VS_LOCAL

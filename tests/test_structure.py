@@ -12,7 +12,7 @@ The layers, lowest first (each subpackage's ``__init__`` says the same in words)
     distributed   Ray Train, Tune, Ray Data, the cluster        everything below
     bench         speed and accuracy, side by side              everything below but distributed
 
-``mlc.config``, ``mlc.errors``, ``mlc.logs`` and ``mlc.migrate`` are the bottom floor, beside io (any module
+``mlc.config`` (with ``mlc.fields``, its fields' rules), ``mlc.errors``, ``mlc.logs`` and ``mlc.migrate`` are the bottom floor, beside io (any module
 may import them; they import only each other); ``mlc.cli`` and the package's ``__init__`` (the API) sit on top.
 
 The checks read the source (every Import / ImportFrom node, wherever it sits, even inside a function), so
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 # Subpackage -> its layer; a module may import a subpackage of a lower layer, or its own.
 LAYERS = {"io": 0, "data": 1, "model": 2, "eval": 2, "prediction": 3, "report": 3, "train": 4, "distributed": 5,
           "bench": 5}
-BASE = {"mlc.config", "mlc.errors", "mlc.logs", "mlc.migrate"}  # the bottom floor beside io
+BASE = {"mlc.config", "mlc.fields", "mlc.errors", "mlc.logs", "mlc.migrate"}  # the bottom floor beside io
 TOP = {"mlc", "mlc.cli"}  # the API and the jobs' command-line helpers
 # Exceptions to "a lower layer", each a decision: bench measures the pieces of a run, never a Ray run.
 FORBIDDEN = {("bench", "distributed")}
@@ -146,7 +146,7 @@ def test_the_tree_is_the_plan():
     subpackages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
     assert subpackages == set(LAYERS)
     top = {p.stem for p in ROOT.glob("*.py")}
-    assert top == {"__init__", "config", "cli", "errors", "logs", "migrate"}
+    assert top == {"__init__", "config", "fields", "cli", "errors", "logs", "migrate"}
     for name in LAYERS:
         doc = ast.get_docstring(ast.parse((ROOT / name / "__init__.py").read_text())) or ""
         assert "May import" in doc, f"mlc/{name}/__init__.py does not say what it may import"

@@ -4,6 +4,7 @@ a best epoch before the last and an errored trial. The real sweep (killed and re
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import pandas as pd
@@ -58,7 +59,7 @@ def test_the_concurrency_limit_is_enforced_by_the_search_algorithm():
 
 
 def test_sweep_config_is_validated():
-    for bad, msg in [({"depths": (5,)}, "--depths"), ({"lr_min": 0.0}, "--lr-min"), ({"num_samples": 0}, "--num-samples"),
+    for bad, msg in [({"depths": (-1,)}, "--depths"), ({"lr_min": 0.0}, "--lr-min"), ({"num_samples": 0}, "--num-samples"),
                      ({"grace_epochs": 3, "max_epochs": 2}, "--grace-epochs"),
                      ({"gpus_per_worker": 0.5}, "whole number"), ({"gpus_per_worker": 1.5}, "whole number")]:
         with pytest.raises(ValueError, match=msg):
@@ -157,3 +158,41 @@ def test_the_tune_job_takes_inputs_as_the_sweeps_choices():
     base, sweep = tune_job.configs(tune_job.get_args_parser().parse_args(["--data", "/d", "--inputs",
                                                                          "image,image+caption"]))
     assert sweep.inputs == ("image", "image+caption") and base.inputs == "auto" and base.data == "/d"
+
+
+def test_the_loss_and_its_parameters_are_searched_choices_when_given_several():
+    from ray.tune.search.sample import Categorical
+    from mlc.distributed.tune import search_space
+    sweep = SweepConfig(loss="bce,asl", asl_gamma_neg="2,4", pos_weight=["none", "auto"])
+    assert (sweep.loss, sweep.asl_gamma_neg, sweep.pos_weight) == (("bce", "asl"), (2.0, 4.0), ("none", "auto"))
+    space = search_space(sweep)
+    assert all(isinstance(space[k], Categorical) for k in ("loss", "asl_gamma_neg", "pos_weight"))
+    assert space["loss"].categories == ["bce", "asl"] and space["asl_gamma_neg"].categories == [2.0, 4.0]
+    fixed = search_space(SweepConfig())
+    assert (fixed["loss"], fixed["asl_gamma_neg"], fixed["pos_weight"]) == ("bce", 4.0, "none")  # train.py's
+    for flags, message in ((dict(loss="hinge"), "--loss must be values among bce, asl, focal"),
+                           (dict(asl_gamma_neg="2,-1"), "--asl-gamma-neg must be finite numbers >= 0"),
+                           (dict(asl_gamma_neg="nan"), "--asl-gamma-neg must be finite numbers >= 0"),
+                           (dict(asl_gamma_neg="x"), "--asl-gamma-neg must be comma-separated numbers"),
+                           (dict(pos_weight="some"), "--pos-weight must be values among none, auto")):
+        with pytest.raises(ValueError, match=message):
+            SweepConfig(**flags)
+
+
+def test_the_tune_job_takes_the_loss_settings_as_the_sweeps_choices():
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import tune as tune_job
+    base, sweep = tune_job.configs(tune_job.get_args_parser().parse_args(
+        ["--data", "/d", "--loss", "bce,asl", "--asl-gamma-neg", "1,4", "--pos-weight", "auto"]))
+    assert sweep.loss == ("bce", "asl") and sweep.asl_gamma_neg == (1.0, 4.0) and sweep.pos_weight == ("auto",)
+    assert base.loss == "bce"  # a trial takes its draw
+
+
+def test_an_unknown_model_stops_a_sweep_before_ray_starts(tmp_path):
+    from mlc.config import TrainConfig
+    from mlc.distributed.tune import run_sweep
+    from mlc.errors import UsageError
+    with pytest.raises(UsageError, match="--model convnext_nosuch"):
+        run_sweep(TrainConfig(model="convnext_nosuch", output=str(tmp_path / "s")), SweepConfig(), log=print)
+    assert not (tmp_path / "s").exists()

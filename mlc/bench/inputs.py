@@ -18,7 +18,8 @@ import pandas as pd
 
 from mlc.io import storage
 from mlc.config import TrainConfig
-from mlc.data.run_data import DataPaths, read_tables, split_train_val
+from mlc.data.run_data import DataPaths, read_tables
+from mlc.data.splits import split_rows
 from mlc.data.labels import LabelVocab
 from mlc.data.pack import TABLES, open_pack, read_frame, unreadable
 from mlc.eval.thresholds import evaluate
@@ -26,7 +27,8 @@ from mlc.eval.thresholds import evaluate
 COLUMNS = ("rows", "inputs", "f1_samples", "f1_micro", "f1_macro", "map", "threshold", "seconds")
 
 
-def linear_baseline(df: pd.DataFrame, val_fraction: float, seed: int, c: float = 10.0) -> dict:
+def linear_baseline(df: pd.DataFrame, val_fraction: float, seed: int, c: float = 10.0,
+                    split: str = "stratified") -> dict:
     """TF-IDF (word 1-2-grams, sublinear tf) + one-vs-rest logistic regression on the training split's
     captions, scored on the validation split by :func:`mlc.eval.thresholds.evaluate`. ``c``: measured on the real
     train.csv, 10 scored above 1 and 4."""
@@ -37,7 +39,7 @@ def linear_baseline(df: pd.DataFrame, val_fraction: float, seed: int, c: float =
     start = time.perf_counter()
     vocab = LabelVocab.from_label_lists(df.Labels)
     y = vocab.encode(df.Labels)
-    tr, va = split_train_val(df.ImageID, val_fraction, seed)
+    tr, va = split_rows(split, df.ImageID, y, val_fraction, seed)
     text = df.Caption.fillna("").astype(str)
     vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
     x = vec.fit_transform(text.iloc[tr])
@@ -61,7 +63,8 @@ def _fit(cfg: TrainConfig, rows: int, log) -> dict:
 
 
 def compare(data: str, output: str, *, images: str | None = None, val_fraction: float = 0.2, seed: int = 0,
-            caption_epochs: int = 10, image_epochs: int = 8, image_size: int = 64, log=print) -> pd.DataFrame:
+            caption_epochs: int = 10, image_epochs: int = 8, image_size: int = 64, model: str = "resnet50",
+            log=print) -> pd.DataFrame:
     """The table (see the module docstring); also written to ``output/compare.csv``."""
     paths = DataPaths.resolve(data, images)
     pack = open_pack(paths.pack) if paths.pack else None
@@ -91,7 +94,8 @@ def compare(data: str, output: str, *, images: str | None = None, val_fraction: 
     # (from-scratch training under CPU bf16 lost accuracy, mlc.data.demo.DEMO_DEFAULTS).
     scratch = dict(data=data, images=images, train_csv=storage.join(sub_root, "train.csv"),
                    test_csv=storage.join(sub_root, "test.csv"), weights="none", unfrozen_depth=4, dropout=0.0,
-                   lr=2e-3, warmup_epochs=0.5, amp="off", image_size=image_size, val_fraction=val_fraction, seed=seed)
+                   lr=2e-3, warmup_epochs=0.5, amp="off", image_size=image_size, val_fraction=val_fraction, seed=seed,
+                   model=model)
     for inputs in ("image", "caption", "image+caption"):
         epochs = caption_epochs if inputs == "caption" else image_epochs
         cfg = TrainConfig(**scratch, inputs=inputs, epochs=epochs,

@@ -1,4 +1,5 @@
-"""The data of one run: where it is (:class:`DataPaths`), its tables, vocabulary, seeded train/validation split and
+"""The data of one run: where it is (:class:`DataPaths`), its tables, vocabulary, train/validation split
+(:mod:`mlc.data.splits`, or a validation table of one's own) and
 caption tokenizer (:func:`prepare_data` -> :class:`RunData`), the check that the image folder holds the listed
 images, the budget of unreadable images, and the run's two sources (:func:`open_sources`): read through the
 decode-once store (:mod:`mlc.data.store`) when the node has room for it, else streamed."""
@@ -16,6 +17,7 @@ from mlc.config import TrainConfig, uses_captions, uses_images
 from mlc.data.labels import LabelVocab
 from mlc.data.pack import check_side, open_pack, read_frame
 from mlc.data.pack_source import fill_store, locate_ids
+from mlc.data.splits import largest_gap, split_rows
 from mlc.data.sources import StoredTable, StreamTable
 from mlc.data.store_choice import open_for_run
 from mlc.data.table import TableError, captions_of, id_problem, read_table, unlabelled_rows
@@ -56,26 +58,6 @@ class DataPaths:
             return images if "://" in images or images.startswith("/") else storage.join(data, images)
         return cls(train_csv or storage.join(data, "train.csv"), test_csv or storage.join(data, "test.csv"),
                    image_root())
-
-
-def split_train_val(image_ids, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded split that depends on the ImageIDs only, not on row order.
-
-    Each id is ranked by a keyed hash; the ``ceil(fraction * n)`` smallest form
-    the validation set, so the same seed gives the same split on any machine
-    and after rows are reordered.
-    """
-    ids = list(image_ids)
-    n = len(ids)
-    n_val = int(np.ceil(fraction * n))
-    if n_val < 1 or n_val >= n:
-        raise ValueError(f"--val-fraction {fraction} of {n} training rows leaves an empty train or validation set")
-    key = str(seed).encode()
-    h = [hashlib.blake2b(i.encode(), digest_size=8, key=key).digest() for i in ids]
-    order = sorted(range(n), key=lambda i: h[i])
-    val = np.sort(np.array(order[:n_val]))
-    train = np.sort(np.array(order[n_val:]))
-    return train, val
 
 
 @dataclass
@@ -128,10 +110,21 @@ def prepare_data(cfg: TrainConfig, log=print) -> RunData:
     train_df, test_df = read_tables(paths, cfg.require_labels, pack)
     vocab = LabelVocab.from_label_lists(train_df.Labels)
     Y = vocab.encode(train_df.Labels, context=f"{paths.train_csv}: ")
-    tr, va = split_train_val(train_df.ImageID, cfg.val_fraction, cfg.seed)
-    inputs = resolve_inputs(cfg.inputs, train_df, paths.train_csv)
+    inputs = resolve_inputs(cfg.inputs, train_df, paths.train_csv)  # from the training table alone
+    if cfg.val_table:
+        train_df, Y, tr, va = with_val_table(cfg.val_table, train_df, Y, vocab, cfg.require_labels, paths.train_csv)
+        how = f"validation table {storage.safe_url(cfg.val_table)}"
+    else:
+        tr, va = split_rows(cfg.split, train_df.ImageID, Y, cfg.val_fraction, cfg.seed)
+        how = f"{cfg.split} split"
+    if cfg.refit:  # the final model: every labelled row trains, nothing is validated (mlc.train.refit)
+        tr, va = np.arange(len(train_df)), np.arange(0)
+        how = f"a refit of {storage.safe_url(cfg.refit)}: every row trains"
+    else:
+        gap, label = largest_gap(Y, tr, va)
+        how += f"; largest label-share gap {gap:.4f}, label {vocab.labels[label]}"
     empty = unlabelled_rows(train_df)
-    log(f"data: {len(train_df)} labelled ({len(tr)} train / {len(va)} validation), {len(test_df)} test, "
+    log(f"data: {len(train_df)} labelled ({len(tr)} train / {len(va)} validation, {how}), {len(test_df)} test, "
         f"{len(vocab)} labels; the network reads {inputs}{' (auto)' if cfg.inputs == 'auto' else ''}")
     if empty:
         log(f"data: {empty} of {len(train_df)} labelled rows have an empty Labels field: images with none of the "
@@ -153,6 +146,32 @@ def prepare_data(cfg: TrainConfig, log=print) -> RunData:
             + (" (predicted from the image alone)" if inputs == "image+caption" and (empty_train or empty_test)
                else " (predicted from the label prior)" if empty_train or empty_test else ""))
     return data
+
+
+def with_val_table(url: str, train_df: pd.DataFrame, Y: np.ndarray, vocab: LabelVocab, require_labels: bool,
+                   train_url: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """``--val-table``: the training table's rows all train, the table's rows validate (appended after them).
+    Refused, naming the table and the row: a label the training table does not have (the network has no output
+    for it), or an ImageID the training table has too (its score would be a training row's)."""
+    from mlc.errors import DataError
+    val_df = read_table(url, require=("ImageID", "Labels"), labelled=True, require_labels=require_labels)
+    where = storage.safe_url(url)
+    for row, (image_id, labs) in enumerate(zip(val_df.ImageID, val_df.Labels), start=1):
+        unknown = [lab for lab in labs if lab not in vocab.index]
+        if unknown:
+            raise DataError(f"--val-table {where}: row {row} ({image_id}) has label {unknown[0]!r}, which no row of "
+                            f"{storage.safe_url(train_url)} has (its labels: {' '.join(vocab.labels)}); a network "
+                            "trained on that table has no output for it: drop the row or the label")
+    shared = sorted(set(val_df.ImageID) & set(train_df.ImageID))
+    if shared:
+        raise DataError(f"--val-table {where}: {len(shared)} of its ImageIDs are in {storage.safe_url(train_url)} "
+                        f"too (e.g. {', '.join(shared[:3])}): validation rows must not train; remove them from one "
+                        "of the tables")
+    n = len(train_df)
+    both = pd.concat([train_df, val_df], ignore_index=True)
+    if "Caption" in both.columns:  # a table without the column: rows without a caption, as an empty cell is
+        both["Caption"] = both.Caption.where(both.Caption.notna(), "")
+    return both, np.concatenate([Y, vocab.encode(val_df.Labels)]), np.arange(n), np.arange(n, len(both))
 
 
 def open_sources(cfg: TrainConfig, data: RunData, log=print):

@@ -103,7 +103,7 @@ class Scorer:
 
     def __init__(self, *, state_ref, num_classes: int, unfrozen_depth: int, dropout: float, image_size: int,
                  amp: str, max_pixels: int, images_root, decode: bool, torch_threads: int = 1,
-                 inputs: str = "image", num_tokens: int = 0):
+                 inputs: str = "image", num_tokens: int = 0, model: str = "resnet50", tta: str = "none"):
         import ray
         if torch_threads >= 1:
             torch.set_num_threads(torch_threads)
@@ -113,8 +113,9 @@ class Scorer:
         prepare_device(self.device)
         self.amp_dtype = pick_amp_dtype(amp, self.device, kind="predict", unfrozen_depth=unfrozen_depth,
                                         image_size=image_size)
-        self.model = for_scoring(build(inputs, num_classes, num_tokens=num_tokens, unfrozen_depth=unfrozen_depth,
-                                       dropout=dropout, weights=state, log=lambda *_: None), self.amp_dtype)
+        self.model = for_scoring(build(inputs, num_classes, model=model, num_tokens=num_tokens,
+                                       unfrozen_depth=unfrozen_depth, dropout=dropout, weights=state,
+                                       log=lambda *_: None), self.amp_dtype, tta)
         self.model.to(self.device, memory_format=torch.channels_last).eval()
         self.decode = dict(images_root=images_root, image_size=image_size, max_pixels=max_pixels) if decode else None
         self.num_classes = num_classes
@@ -220,7 +221,7 @@ def score_distributed(state: dict, num_classes: int, cfg: TrainConfig, ids, imag
                             dropout=cfg.dropout, image_size=cfg.image_size, amp=cfg.amp,
                             max_pixels=cfg.max_image_pixels, images_root=images_root, decode=not split,
                             torch_threads=max(1, int(cpus)), inputs=cfg.inputs,
-                            num_tokens=tokenizer.size if tokenizer else 0)
+                            num_tokens=tokenizer.size if tokenizer else 0, model=cfg.model, tta=cfg.tta)
         if split:
             # Reading and decoding run as CPU tasks ahead of the model actors; Ray Data streams between them.
             ds = ds.map_batches(decode_batch, fn_kwargs=dict(images_root=images_root, image_size=cfg.image_size,

@@ -45,7 +45,8 @@ class Classifier:
     """One Serve replica: the model built once, requests decoded here and scored in batches."""
 
     def __init__(self, checkpoint: str, *, max_body: int = DEFAULT_MAX_BODY,
-                 read_timeout_s: float = DEFAULT_READ_TIMEOUT_S, token_sha256: str | None = None):
+                 read_timeout_s: float = DEFAULT_READ_TIMEOUT_S, token_sha256: str | None = None,
+                 tta: str | None = None):
         from mlc.data.transforms import eval_transform
         from mlc.distributed.predict import actor_device
         from mlc.model.device import prepare_device
@@ -55,18 +56,20 @@ class Classifier:
         from mlc.prediction.checkpoints import load_predictor
 
         state, self.vocab, self.cfg, self.choice, self.tokenizer, meta = load_predictor(checkpoint, with_meta=True)
+        self.cfg = self.cfg.replace(tta=tta) if tta is not None else self.cfg  # default: as the model validated
         self.identity = {"checkpoint": checkpoint, "epoch": meta.get("epoch"), "sha256": meta.get("model_sha256"),
-                         "inputs": self.cfg.inputs}
+                         "inputs": self.cfg.inputs, "tta": self.cfg.tta}
         self.reads_images = uses_images(self.cfg.inputs)
         self.transform = eval_transform(self.cfg.image_size)
         self.device = actor_device()
         prepare_device(self.device)
         self.amp_dtype = pick_amp_dtype(self.cfg.amp, self.device, kind="predict",
                                         unfrozen_depth=self.cfg.unfrozen_depth, image_size=self.cfg.image_size)
-        model = build(self.cfg.inputs, len(self.vocab), num_tokens=self.tokenizer.size if self.tokenizer else 0,
-                      unfrozen_depth=self.cfg.unfrozen_depth, dropout=self.cfg.dropout, weights=state,
-                      freeze_bn=self.cfg.freeze_bn, log=lambda *_: None)
-        self.model = for_scoring(model, self.amp_dtype).to(self.device, memory_format=torch.channels_last).eval()
+        model = build(self.cfg.inputs, len(self.vocab), model=self.cfg.model,
+                      num_tokens=self.tokenizer.size if self.tokenizer else 0, unfrozen_depth=self.cfg.unfrozen_depth,
+                      dropout=self.cfg.dropout, weights=state, freeze_bn=self.cfg.freeze_bn, log=lambda *_: None)
+        self.model = for_scoring(model, self.amp_dtype, self.cfg.tta).to(self.device,
+                                                                          memory_format=torch.channels_last).eval()
         self.max_body, self.read_timeout_s, self.token_sha256 = max_body, read_timeout_s, token_sha256
 
     # -- the request's inputs ---------------------------------------------------------------------------------
@@ -149,7 +152,7 @@ class Classifier:
 def deployment(checkpoint: str, *, min_replicas: int = 1, max_replicas: int = 1, gpus: float = 0.0,
                cpus: float = 1.0, max_batch_size: int = DEFAULT_BATCH, batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
                max_body: int = DEFAULT_MAX_BODY, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-               token_sha256: str | None = None):
+               token_sha256: str | None = None, tta: str | None = None):
     """The Serve application: :class:`Classifier` replicas behind Serve's HTTP proxy."""
     from ray import serve
     from starlette.responses import JSONResponse
@@ -172,7 +175,7 @@ def deployment(checkpoint: str, *, min_replicas: int = 1, max_replicas: int = 1,
     dep = serve.deployment(Replica, name="Classifier", ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
                            # a batch being scored, the next one forming, and uploads still arriving
                            max_ongoing_requests=2 * max_batch_size + UPLOAD_SLOTS, **scaling)
-    return dep.bind(checkpoint, max_body=max_body, read_timeout_s=read_timeout_s, token_sha256=token_sha256)
+    return dep.bind(checkpoint, max_body=max_body, read_timeout_s=read_timeout_s, token_sha256=token_sha256, tta=tta)
 
 
 def running_address() -> tuple[str, int] | None:

@@ -50,6 +50,7 @@ from mlc.io.lock import LOCK_NAME
 from mlc.logs import verbosity
 from mlc.model.checkpoint import load_state, save_state
 from mlc.model.resnet import check_weights_found
+from mlc.train import refit
 from mlc.train.driver import drive
 from mlc.train.group import EpochEnd, write_epoch
 from mlc.train.interrupts import Notice
@@ -136,7 +137,8 @@ class RayGroup:
         metrics = {"epoch": end.epoch, **{k: end.metrics[k] for k in SCALAR_KEYS},
                    "train_loss": end.metrics["train_loss"], "val_loss": end.metrics["val_loss"],
                    "threshold_strategy": end.model_meta["threshold"]["strategy"],
-                   "threshold_value": _scalar_threshold(end.model_meta["threshold"]), "workers": self.world}
+                   "threshold_value": _scalar_threshold(end.model_meta["threshold"]), "workers": self.world,
+                   SCORE: end.score}
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
@@ -304,7 +306,8 @@ class RayMode:
         return [n for n in storage.listdir(self.run_url) if n != LOCK_NAME] if storage.isdir(self.run_url) else []
 
     def write_config(self) -> None:
-        write_config(self.run_url, "train", local=False, train=self.given, scale=self.scale)
+        write_config(self.run_url, "train", local=False, train=self.given, scale=self.scale,
+                     refit=refit.section(self.given))
 
     def train(self, cfg: TrainConfig, data: RunData) -> tuple[Trained, dict]:
         s, gpus = self.scale, self.per_worker.get("GPU", 0.0)

@@ -39,12 +39,20 @@ from mlc.train.run_folder import SCORE, best_of, publish_best
 METRIC = "f1_samples"
 
 
+# The loss settings a sweep may search (each fixed when given one value).
+SEARCHED_LOSS = ("loss", "asl_gamma_neg", "pos_weight")
+
+
 def search_space(sweep: SweepConfig) -> dict:
     from ray import tune
     lr = tune.loguniform(sweep.lr_min, sweep.lr_max) if sweep.lr_min < sweep.lr_max else sweep.lr_min
     depth = tune.choice(list(sweep.depths)) if len(sweep.depths) > 1 else sweep.depths[0]
     inputs = tune.choice(list(sweep.inputs)) if len(sweep.inputs) > 1 else sweep.inputs[0]
-    return {"lr": lr, "unfrozen_depth": depth, "inputs": inputs}
+    space = {"lr": lr, "unfrozen_depth": depth, "inputs": inputs}
+    for name in SEARCHED_LOSS:
+        values = list(getattr(sweep, name))
+        space[name] = tune.choice(values) if len(values) > 1 else values[0]
+    return space
 
 
 def plan_resources(sweep: SweepConfig, c: "cluster.Cluster") -> tuple[dict, int]:
@@ -85,7 +93,8 @@ def _trial(config: dict) -> None:
 
     base = dict(config["base"])
     cfg = TrainConfig.from_dict({**base, "lr": config["lr"], "unfrozen_depth": config["unfrozen_depth"],
-                                 "inputs": config.get("inputs", base.get("inputs", "auto"))})
+                                 "inputs": config.get("inputs", base.get("inputs", "auto")),
+                                 **{k: config[k] for k in SEARCHED_LOSS if k in config}})
     trial = ray.tune.get_context().get_trial_id()  # stable across a sweep's restore
     sweep_url = config["sweep_url"]
     run_url = storage.join(sweep_url, trial)
@@ -104,7 +113,9 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, fresh: bool = False, log
     import ray
 
     from mlc.distributed.train import absolute_output, check_shared_output
+    from mlc.model.backbones import check_model
 
+    check_model(base.model)  # an unknown name, or timm not installed: before Ray starts
     t_start = time.perf_counter()
     from mlc.distributed.cluster import ensure_ray
     ensure_ray(log)  # the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local Ray
@@ -149,7 +160,8 @@ def _sweep_held(base: TrainConfig, given: TrainConfig, sweep: SweepConfig, outpu
     log(f"sweep {sweep.name}: {sweep.num_samples} trials of {sweep.workers_per_trial} worker(s) x "
         f"{cluster.fmt_resources(per_worker)}, at most {concurrent} at a time, global batch {base.batch_size}, "
         f"up to {sweep.max_epochs} epochs, ASHA grace {sweep.grace_epochs} epoch(s); "
-        f"lr {sweep.lr_min:g}..{sweep.lr_max:g} (log-uniform), depth {list(sweep.depths)}, inputs {list(sweep.inputs)}")
+        f"lr {sweep.lr_min:g}..{sweep.lr_max:g} (log-uniform), depth {list(sweep.depths)}, inputs {list(sweep.inputs)}, "
+        f"loss {list(sweep.loss)}, asl gamma- {list(sweep.asl_gamma_neg)}, pos_weight {list(sweep.pos_weight)}")
 
     # The trial driver only waits on its Ray Train run, whose workers hold the CPUs/GPUs. Tune refuses an
     # empty request, so the driver asks for one byte of memory: no CPU is held by a waiting driver.
@@ -214,7 +226,7 @@ def results_table(grid, sweep: SweepConfig, kept: dict) -> pd.DataFrame:
         status = "error" if r.error else ("completed" if ran >= sweep.max_epochs else "stopped early")
         rows.append({
             "trial": t, "lr": r.config["lr"], "unfrozen_depth": r.config["unfrozen_depth"],
-            "inputs": r.config.get("inputs", "auto"),
+            "inputs": r.config.get("inputs", "auto"), **{k: r.config.get(k, "") for k in SEARCHED_LOSS},
             "best_f1_samples": float(best[SCORE]) if best is not None else math.nan,
             "best_map": float(best.get("map", math.nan)) if best is not None else math.nan,
             "best_epoch": best_epoch,

@@ -5,7 +5,7 @@ files of earlier versions are upgraded as they are read (:func:`mlc.migrate.migr
 Layout under a run's output:
 - ``checkpoint/state.pt``: one object holding everything needed to resume
   (bare model weights, optimizer, scheduler and loss-scaler states, epoch, best-so-far,
-  history, config, label vocabulary, threshold, unreadable images, tokenizer). One object, so it is never
+  history, config, label vocabulary, threshold, unreadable images, tokenizer, the weight average of --ema). One object, so it is never
   half written.
   It holds tensors and plain data only (dicts, lists, tuples, str, int, float, bool, None) and is read
   with ``torch.load(weights_only=True)``: a file in a shared bucket is data, never code, so whoever can
@@ -55,13 +55,15 @@ REASONS = ("epoch", "preemption", "signal", "time")
 def make(*, model: dict, optimizer, scheduler, scaler, epoch: int, best_f1: float, history: list,
          cfg: TrainConfig, vocab: LabelVocab, threshold: dict | None, bad_images: dict, tokenizer: Tokenizer | None,
          step: int = 0, so_far: dict | None = None, reason: str = "epoch", interruptions: list = (),
-         micro_batch: int | None = None, table_key: str | None = None) -> dict:
+         micro_batch: int | None = None, table_key: str | None = None, ema: dict | None = None) -> dict:
     """The resumable training state (``model``: the bare module's state_dict) once ``epoch`` epochs and ``step``
     global batches of the next are done. ``so_far``: that next epoch's running totals (loss sum, images,
     steps, seconds), so its history row covers every step however often it was interrupted; ``reason`` one of
     :data:`REASONS`; ``interruptions`` every restart of the run so far (metrics.json lists them);
     ``micro_batch`` the rows per forward pass the run resolved; ``table_key`` what the training rows were
-    (:attr:`mlc.data.run_data.RunData.key`): a resume inside an epoch must see the same rows in the same order."""
+    (:attr:`mlc.data.run_data.RunData.key`): a resume inside an epoch must see the same rows in the same order;
+    ``ema`` the weight average (:meth:`mlc.train.ema.Ema.to_dict`: decay, updates, the averaged tensors), which
+    is the model validated and saved (:func:`scored_weights`)."""
     if reason not in REASONS:
         raise ValueError(f"checkpoint reason {reason!r} is not one of {REASONS}")
     return {"model": model, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -69,13 +71,32 @@ def make(*, model: dict, optimizer, scheduler, scaler, epoch: int, best_f1: floa
             "so_far": dict(so_far or {}), "best_f1": best_f1, "history": history, "config": cfg.to_dict(),
             "labels": vocab.labels, "threshold": threshold, "bad_images": dict(bad_images),
             "tokenizer": tokenizer.to_dict() if tokenizer else None, "reason": reason, "saved_at": time.time(),
-            "interruptions": list(interruptions), "micro_batch": micro_batch, "table_key": table_key}
+            "interruptions": list(interruptions), "micro_batch": micro_batch, "table_key": table_key, "ema": ema}
+
+
+def scored_weights(state: dict) -> dict:
+    """The weights a training state's validation scored and best/ keeps: the weight average's when the run keeps
+    one (its averaged tensors over the model's frozen ones), else the model's."""
+    if state.get("ema") is None:
+        return state["model"]
+    return {**state["model"], **state["ema"]["weights"]}
 
 
 def model_meta(state: dict, metrics: dict) -> dict:
     """meta.json of the model in ``state`` (:func:`make`), with its validation ``metrics``."""
     return {"config": state["config"], "threshold": state["threshold"], "epoch": state["epoch"],
-            "metrics": metrics, "tokenizer": state["tokenizer"]}
+            "metrics": metrics, "tokenizer": state["tokenizer"], "table_key": state["table_key"]}
+
+
+def read_meta(url: str) -> dict:
+    """A model folder's meta.json (``<run>/best`` for a run folder), upgraded; no weights are read."""
+    url = model_folder(url)
+    if storage.exists(storage.join(url, "best", "meta.json")):
+        url = storage.join(url, "best")
+    path = storage.join(url, "meta.json")
+    if not storage.exists(path):
+        raise CheckpointError(f"{url}: no meta.json (not a finished run's folder or a model folder)")
+    return migrate(json.loads(storage.read_bytes(path)), where=url, log=say)
 
 
 def check_resumable(state: dict, cfg: TrainConfig, vocab: LabelVocab, url: str, table_key: str | None = None) -> None:
@@ -210,7 +231,7 @@ def read_model(url: str) -> tuple[dict, LabelVocab, dict]:
     st = load_state(url)
     if st is None:
         raise CheckpointError(f"{url}: no model here (looked for meta.json + model.pt, best/, and {STATE})")
-    return st["model"], LabelVocab(st["labels"]), model_meta(st, {})
+    return scored_weights(st), LabelVocab(st["labels"]), model_meta(st, {})
 
 
 def _resolved(url: str) -> str:

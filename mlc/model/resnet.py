@@ -8,26 +8,19 @@ state_dict has plain torchvision key names and loads into
 from __future__ import annotations
 
 import copy
-import io
-import urllib.error
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import ResNet50_Weights
+from torchvision.models import ResNet50_Weights  # noqa: F401 - the weights tests patch through this module
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from mlc.io import storage
+from mlc.model.weights import WeightsError, check_weights_found, load_weights, strip_prefixes  # noqa: F401
 
 # Stages in forward order. unfrozen_depth D trains the last D residual stages and the head;
 # D=4 trains every stage and the stem too (a full fine-tune, or training from scratch).
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
-FIRST_TRAINABLE = {0: 5, 1: 4, 2: 3, 3: 2, 4: 0}
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class WeightsError(RuntimeError):
-    pass
+FIRST_TRAINABLE = {0: 5, 1: 4, 2: 3, 3: 2, 4: 0}  # a depth above 4 is 4: every stage, stem included
 
 
 class MultiLabelResNet(ResNet):
@@ -36,7 +29,7 @@ class MultiLabelResNet(ResNet):
         self.unfrozen_depth = unfrozen_depth
         self.dropout = dropout
         self.freeze_bn = freeze_bn
-        self.first_trainable = FIRST_TRAINABLE[unfrozen_depth]
+        self.first_trainable = FIRST_TRAINABLE[min(unfrozen_depth, 4)]
         for i, name in enumerate(STAGES):
             for p in self._stage_params(name):
                 p.requires_grad_(i >= self.first_trainable)
@@ -192,64 +185,16 @@ class _FoldedPrefix(nn.Module):
         return x
 
 
-def bare_state_dict(model: nn.Module) -> dict:
-    """The unwrapped module's weights (no DDP ``module.`` or torch.compile ``_orig_mod.`` prefixes), on CPU."""
+def bare_module(model: nn.Module) -> nn.Module:
+    """The module inside DDP's and torch.compile's wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return {k: v.detach().to("cpu").clone() for k, v in strip_prefixes(model.state_dict()).items()}
+    return model
 
 
-def strip_prefixes(state: dict) -> dict:
-    out = {}
-    for k, v in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in WRAPPER_PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
-    return out
-
-
-def check_weights_found(spec: str) -> None:
-    """A --weights path or URL that is not there fails before any Ray worker starts (a worker's failure would be
-    retried --max-failures times first). imagenet is fetched where the model is built, by torchvision."""
-    if spec in ("imagenet", "none") or storage.exists(spec):
-        return
-    raise WeightsError(f"--weights {spec}: not found; give imagenet, none, or a path/URL to a state dict")
-
-
-def load_weights(spec: str) -> dict | None:
-    """The initial weights: ``imagenet``, ``none`` or a path/URL to a state dict."""
-    if spec == "none":
-        return None
-    if spec == "imagenet":
-        try:
-            # torchvision's own cache (TORCH_HOME) and download.
-            return ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=True)
-        except (urllib.error.URLError, OSError, RuntimeError) as e:
-            raise WeightsError(
-                f"could not fetch the ImageNet ResNet50 weights ({ResNet50_Weights.IMAGENET1K_V2.url}): {e}. "
-                "Without internet access use --weights none (train from scratch) or --weights PATH_OR_URL "
-                "to a state dict you copied beforehand (local path, gs://..., any fsspec URL).") from e
-    if storage.isdir(spec):
-        # A model folder (best/, or a Ray checkpoint epoch_NNNN/) or a run folder holding best/.
-        inner = storage.join(spec, "best") if storage.exists(storage.join(spec, "best", "model.pt")) else spec
-        spec = storage.join(inner, "model.pt")
-    try:
-        data = storage.read_bytes(spec)
-    except FileNotFoundError as e:
-        raise WeightsError(f"--weights {spec}: not found; give imagenet, none, or a path/URL to a state dict") from e
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a state dict"
-        raise WeightsError(f"--weights {spec}: not a loadable state dict ({e})") from e
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # an mlc training checkpoint
-    if not isinstance(state, dict):
-        raise WeightsError(f"--weights {spec}: holds a {type(state).__name__}, not a state dict")
-    return strip_prefixes(state)
+def bare_state_dict(model: nn.Module) -> dict:
+    """The unwrapped module's weights (no DDP ``module.`` or torch.compile ``_orig_mod.`` prefixes), on CPU."""
+    return {k: v.detach().to("cpu").clone() for k, v in strip_prefixes(bare_module(model).state_dict()).items()}
 
 
 def build_model(num_classes: int, unfrozen_depth: int = 1, dropout: float = 0.0,

@@ -40,7 +40,7 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
                             images: str | None = None, batch_size: int = 64, num_workers: int = 0,
                             loader_workers: int | None = None, gpus_per_worker: float | None = None,
                             cpus_per_worker: float | None = None, log=print, progress: bool = True,
-                            scorer=None, report=None) -> dict:
+                            scorer=None, report=None, tta: str | None = None) -> dict:
     """Predict test.csv (or any table with an ImageID column) with label vocabulary, image size and
     threshold taken from the checkpoint alone.
 
@@ -49,7 +49,8 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
     is: N Ray Data actors on the cluster in RAY_ADDRESS, or a local Ray, each with ``gpus_per_worker`` GPUs,
     default 1 when the cluster has GPUs, else 0); :func:`mlc.distributed.predict.predict` passes that one.
     Without ``images`` the image folder is the one the checkpoint was trained with, resolved against
-    ``data`` (default: the checkpoint's dataset root). ``report(output, checkpoint=, predicted=, log=)`` writes
+    ``data`` (default: the checkpoint's dataset root). ``tta`` (none, flip; default: the model's own, as it
+    was validated) is the test-time augmentation. ``report(output, checkpoint=, predicted=, log=)`` writes
     report.html once the predictions are written, before predict_config.json (:func:`mlc.distributed.predict.predict`
     passes :func:`mlc.report.build.try_write_report`). Returns the summary: rows, unreadable ImageIDs, rows with no
     label, seconds, images per second, and ``report`` (its path, or None).
@@ -62,6 +63,7 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
         raise TypeError("num_workers >= 1 scores on Ray: call mlc.predict (mlc.distributed.predict.predict), "
                         "which passes the Ray Data scorer")
     state, vocab, cfg, choice, tokenizer = load_predictor(checkpoint)
+    cfg = cfg.replace(tta=tta) if tta is not None else cfg  # (a value other than none or flip: a ValueError)
     data = data or cfg.data
     if data is None:
         raise UsageError(f"{checkpoint}: its config names no dataset root; pass --data")
@@ -71,7 +73,8 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
     storage.check_writable(output)
     with hold(output, what="a prediction", log=log):
         log(f"predicting {len(ids)} images from {paths.test_csv} (images in {paths.images}) with {checkpoint} "
-            f"({len(vocab)} labels, {cfg.image_size}px, threshold {choice.strategy})")
+            f"({len(vocab)} labels, {cfg.image_size}px, threshold {choice.strategy}"
+            f"{', test-time augmentation ' + cfg.tta if cfg.tta != 'none' else ''})")
         common = dict(batch_size=batch_size, log=log, progress=progress, captions=captions, tokenizer=tokenizer)
         if scorer is None:
             out = score_here(state, len(vocab), cfg, ids, where, loader_workers=loader_workers, **common)
@@ -82,7 +85,8 @@ def predict_from_checkpoint(checkpoint: str, data: str | None = None, output: st
         summary.update(seconds=out["seconds"], img_per_s=out["img_per_s"])
         recorded = {"checkpoint": checkpoint, "data": data, "output": output, "ids": ids_csv, "images": images,
                     "batch_size": batch_size, "num_workers": num_workers, "gpus_per_worker": gpus_per_worker,
-                    "cpus_per_worker": cpus_per_worker, "loader_workers": loader_workers, "local": num_workers == 0}
+                    "cpus_per_worker": cpus_per_worker, "loader_workers": loader_workers, "local": num_workers == 0,
+                    "tta": cfg.tta}
         summary["report"] = report(output, model=checkpoint, predicted=recorded, log=log) if report else None
         # predict_config.json, not config.json: --output may be the training run's own folder, whose config.json
         # replays the training. Written last: a prediction that fails leaves the previous one's files as they were.
@@ -127,7 +131,7 @@ def load_model(checkpoint: str, *, with_tokenizer: bool = False):
     state, vocab, meta = read_model(url)
     cfg = TrainConfig.from_dict(meta["config"])
     tokenizer = tokenizer_of(meta, url)
-    model = build(cfg.inputs, len(vocab),
+    model = build(cfg.inputs, len(vocab), model=cfg.model,
                   num_tokens=tokenizer.size if tokenizer else 0, unfrozen_depth=cfg.unfrozen_depth,
                   dropout=cfg.dropout, weights=state, freeze_bn=cfg.freeze_bn)
     return (model.eval(), vocab, tokenizer) if with_tokenizer else (model.eval(), vocab)

@@ -6,8 +6,8 @@ the sigmoid are inside. Beside it, ``model.json`` holds the label list, the run'
 value) with the rule that applies it, the preprocessing as a recipe (:data:`RECIPE`: Python with PIL and numpy
 only, which tests/test_export.py runs without mlc and checks pixel for pixel against mlc's own decoding and
 evaluation transform) and the checkpoint's identity (its sha256), so a deployment without mlc predicts what
-jobs/predict.py predicts. Image-only networks (``--inputs image``): a caption network needs mlc's tokenizer,
-so it is served with jobs/serve.py instead.
+jobs/predict.py predicts. A network that reads captions takes them as token ids, with the tokenizer and its
+plain-Python recipe in ``model.json`` (:mod:`mlc.prediction.export_captions`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from mlc.io import storage
 from mlc.model.fusion import build
 from mlc.model.checkpoint import model_folder
 from mlc.prediction.checkpoints import load_predictor
+from mlc.prediction.export_captions import caption_graph, described_captions
 
 FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
 
@@ -91,15 +92,12 @@ def export(checkpoint: str, output: str, fmt: str, log=print) -> dict:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     folder = model_folder(checkpoint)
     state, vocab, cfg, choice, tokenizer, meta = load_predictor(folder, with_meta=True)
-    if tokenizer is not None:
-        raise UsageError(f"{checkpoint} reads captions ({cfg.inputs}), which need mlc's tokenizer: serve it with "
-                         "jobs/serve.py; export takes --inputs image networks")
     storage.check_writable(output)
-    model = build(cfg.inputs, len(vocab), unfrozen_depth=cfg.unfrozen_depth, dropout=cfg.dropout, weights=state,
-                  freeze_bn=cfg.freeze_bn, log=lambda *_: None).eval()
-    wrapped = Exported(model).eval()
+    model = build(cfg.inputs, len(vocab), model=cfg.model, num_tokens=tokenizer.size if tokenizer else 0,
+                  unfrozen_depth=cfg.unfrozen_depth, dropout=cfg.dropout, weights=state, freeze_bn=cfg.freeze_bn,
+                  log=lambda *_: None).eval()
     size = cfg.image_size
-    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+    wrapped, example, names = _graph(model, cfg.inputs, size, captions=tokenizer is not None)
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         # torch >= 2.10 marks TorchScript deprecated in favour of torch.export; TorchScript is what every torch a
@@ -108,16 +106,19 @@ def export(checkpoint: str, output: str, fmt: str, log=print) -> dict:
         if fmt == "torchscript":
             torch.jit.save(torch.jit.trace(wrapped, example), buf)
         else:
-            _onnx(wrapped, example, buf)
+            _onnx(wrapped, example, names, buf)
     name = FORMATS[fmt]
     storage.write_bytes(storage.join(output, name), buf.getvalue())
     described = {
         "format": fmt, "file": name,
-        "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, size, size], "channels": "RGB",
-                  "preprocess": {"resize": eval_transform(size).draft, "size": size,
-                                 "how": "preprocess(path, resize, size) in `recipe` (PIL and numpy): decode (a JPEG "
-                                        "at libjpeg's reduced scale), to RGB, then the centre crop as one "
-                                        "bilinear resize of its box", "recipe": RECIPE}},
+        "inputs": names,
+        "input": {**({"name": "images", "dtype": "uint8", "shape": ["N", 3, size, size], "channels": "RGB",
+                      "preprocess": {"resize": eval_transform(size).draft, "size": size,
+                                     "how": "preprocess(path, resize, size) in `recipe` (PIL and numpy): decode (a "
+                                            "JPEG at libjpeg's reduced scale), to RGB, then the centre crop as one "
+                                            "bilinear resize of its box", "recipe": RECIPE}}
+                     if "images" in names else {}),
+                  **({"captions": described_captions(tokenizer)} if tokenizer else {})},
         "output": {"name": "probabilities", "shape": ["N", len(vocab)], "labels": "the `labels` list, in order"},
         "labels": vocab.labels,
         "threshold": {**choice.to_dict(), "rule": RULES[choice.strategy]},
@@ -129,13 +130,23 @@ def export(checkpoint: str, output: str, fmt: str, log=print) -> dict:
     return described
 
 
-def _onnx(wrapped: nn.Module, example: torch.Tensor, buf: io.BytesIO) -> None:
+def _graph(model: nn.Module, inputs: str, size: int, *, captions: bool) -> tuple[nn.Module, tuple, list]:
+    """(the module to export, example inputs to trace it with, its input names)."""
+    if captions:
+        return caption_graph(model, inputs, size)
+    return Exported(model).eval(), (torch.zeros(2, 3, size, size, dtype=torch.uint8),), ["images"]
+
+
+def _onnx(wrapped: nn.Module, example: tuple, names: list, buf: io.BytesIO) -> None:
     try:
         import onnx  # noqa: F401 - torch's exporter needs it; say so instead of failing deep inside torch
     except ImportError:
         raise UsageError("--format onnx needs the onnx package: pip install -e '.[export]'") from None
     # The TorchScript-based exporter: one pass over a traced graph, no extra dependency beyond onnx, and a batch
     # dimension that stays dynamic.
-    torch.onnx.export(wrapped, (example,), buf, input_names=["images"], output_names=["probabilities"],
-                      dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=17,
+    # (token_ids: every row's ids, so its own length)
+    axes = {"images": {0: "batch"}, "token_ids": {0: "tokens"}, "offsets": {0: "batch"}, "probabilities": {0: "batch"}}
+    torch.onnx.export(wrapped, example, buf, input_names=names, output_names=["probabilities"],
+                      dynamic_axes={k: v for k, v in axes.items() if k in names or k == "probabilities"},
+                      opset_version=17,
                       dynamo=False)

@@ -108,10 +108,11 @@ def score_ids(model, ids, images, *, image_size: int, device, amp_dtype, batch_s
 
 
 def scoring_model(state: dict, num_classes: int, cfg, tokenizer: Tokenizer | None, device, amp_dtype):
-    """The network ``cfg`` describes with ``state``'s weights on ``device``, BatchNorm folded for scoring."""
-    model = for_scoring(build(cfg.inputs, num_classes, num_tokens=tokenizer.size if tokenizer else 0,
+    """The network ``cfg`` describes with ``state``'s weights on ``device``, BatchNorm folded for scoring, with
+    ``cfg.tta``'s test-time augmentation."""
+    model = for_scoring(build(cfg.inputs, num_classes, model=cfg.model, num_tokens=tokenizer.size if tokenizer else 0,
                               unfrozen_depth=cfg.unfrozen_depth, dropout=cfg.dropout, weights=state,
-                              freeze_bn=cfg.freeze_bn), amp_dtype)
+                              freeze_bn=cfg.freeze_bn), amp_dtype, cfg.tta)
     return model.to(device, memory_format=torch.channels_last)  # as its inputs are: no layout change per call
 
 

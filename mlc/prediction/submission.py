@@ -22,7 +22,8 @@ def write_predictions(output: str, ids, probs: np.ndarray, ok: np.ndarray, vocab
     """Write ``<prefix>predictions.csv`` (Kaggle format, original label strings, input order) and
     ``<prefix>probabilities.csv`` (with ``true_<label>`` columns when ``truth`` is given)."""
     ids = list(ids)
-    decided = choice.apply(np.nan_to_num(probs, nan=0.0))
+    # (no rows: a refit's validation files, header only)
+    decided = choice.apply(np.nan_to_num(probs, nan=0.0)) if len(ids) else np.zeros(probs.shape, dtype=bool)
     decided[~ok] = False
     storage.write_text(storage.join(output, prefix + "predictions.csv"), submission_csv(ids, vocab.decode(decided)))
     table = pd.DataFrame(probs, columns=vocab.labels)

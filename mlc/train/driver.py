@@ -22,10 +22,12 @@ from mlc.io import storage
 from mlc.io.config_json import write_config
 from mlc.io.lock import hold
 from mlc.model.checkpoint import check_resumable, load_state
-from mlc.model.resnet import load_weights
+from mlc.model.backbones import check_model
+from mlc.model.weights import load_weights
 from mlc.report.build import try_write_report
 from mlc.train.group import LocalGroup
 from mlc.train.loop import Trained, train
+from mlc.train import refit
 from mlc.train.outputs import finish
 from mlc.train.run_folder import latest_epoch_checkpoint
 
@@ -59,7 +61,10 @@ def drive(cfg: TrainConfig, url: str, mode: Mode, *, fresh: bool, log, progress:
     t_start = time.perf_counter()
     storage.check_writable(url)
     with hold(url, what=mode.what, log=log):
+        check_model(cfg.model)  # an unknown name, or timm not installed
         data = prepare_data(cfg, log)  # unreadable tables, a wrong image folder: before anything is replaced
+        if cfg.refit:
+            refit.check(cfg, url, lambda run_cfg: prepare_data(run_cfg, lambda *_: None))
         previous = None if fresh else mode.previous()
         if previous is not None:
             state = load_state(previous)
@@ -116,13 +121,13 @@ class LocalMode:
         return latest_epoch_checkpoint(self.url)  # a Ray Train run's folder: local mode continues it
 
     def before_start(self, cfg: TrainConfig, data: RunData) -> None:
-        load_weights(cfg.weights)  # a file that is not a state dict, or imagenet out of reach, fails now
+        load_weights(cfg.weights, cfg.model)  # a file that is not a state dict, or imagenet out of reach, fails now
 
     def owned(self) -> list[str]:
         return list(OUTPUTS)
 
     def write_config(self) -> None:
-        write_config(self.url, "train", local=True, train=self.given)
+        write_config(self.url, "train", local=True, train=self.given, refit=refit.section(self.given))
 
     def train(self, cfg: TrainConfig, data: RunData) -> tuple[Trained, dict]:
         trained = train(cfg, LocalGroup(self.url), data, log=self.log, progress=self.progress, on_step=self.on_step)

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from mlc.data.batch import Batch
 from mlc.logs import progress as progress_bar
 from mlc.model.precision import autocast
+from mlc.train.ema import Ema
+from mlc.train.losses import LabelLoss
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,6 +43,8 @@ class StepContext:
     world: int = 1
     micro_batch: int | None = None
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = LabelLoss()
+    ema: Ema | None = None
 
 
 @dataclass
@@ -68,7 +71,8 @@ def train_step(model, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, tor
     loss), so its gradient all-reduce pairs with the other ranks' and DDP never desynchronises; the zero
     gradient adds nothing to the average.
 
-    **The loss is normalised by the global batch.** Each rank's loss is its rows' summed BCE (mean over labels)
+    **The loss is normalised by the global batch.** Each rank's loss is its rows' summed loss (``ctx.loss``: BCE,
+    ASL or focal, each row's the mean over its labels)
     times ``world / batch.global_rows``: DDP's gradient average is then exactly the gradient of the global
     batch's mean loss, however the rows are spread over the ranks, so results do not depend on the world size.
 
@@ -102,6 +106,10 @@ def train_step(model, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, tor
     else:
         found = found | ~torch.isfinite(norm)
         _step_unless(ctx.optimizer, found)
+    if ctx.ema is not None:
+        # Steps skipped for a non-finite value leave the average alone. Under fp16 the scaler's own skips are
+        # averaged in: the weights did not move, so the average only drifts towards them (no wait to find out).
+        ctx.ema.update(found if ctx.scaler is None else None)
     if ctx.scheduler is not None:
         ctx.scheduler.step()
     return rows, found
@@ -115,7 +123,7 @@ def _part_loss(model, part: Batch, ctx: StepContext) -> tuple[torch.Tensor, torc
     with autocast(ctx.device, ctx.amp_dtype):
         logits = model(*part.inputs(ctx.device))
     y = part.targets_on(ctx.device)
-    rows = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / y.shape[1]
+    rows = ctx.loss(logits.float(), y)
     return rows.detach(), rows * (ctx.world / max(1, part.global_rows))
 
 

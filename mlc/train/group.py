@@ -9,6 +9,7 @@ implements the same and differs only in reporting to Ray and finding its checkpo
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,7 +21,7 @@ from mlc.config import TrainConfig
 from mlc.data.labels import LabelVocab
 from mlc.eval.thresholds import ThresholdChoice
 from mlc.io import storage
-from mlc.model.checkpoint import load_state, save_model, save_state
+from mlc.model.checkpoint import load_state, save_model, save_state, scored_weights
 from mlc.model.device import pick_device
 from mlc.prediction.submission import write_predictions
 from mlc.train.interrupts import Notice, SignalListener
@@ -42,6 +43,7 @@ class EpochEnd:
     val_truth: np.ndarray
     vocab: LabelVocab
     cfg: TrainConfig
+    score: float = math.nan  # what orders the kept checkpoints: validation F1, or a refit's epoch (the last wins)
 
 
 class Group(Protocol):
@@ -81,7 +83,7 @@ def write_epoch(folder: str, end: EpochEnd, *, state: bool, model: bool) -> None
     if state:
         save_state(folder, end.state)
     if model:
-        save_model(folder, end.state["model"], end.vocab, end.model_meta)
+        save_model(folder, scored_weights(end.state), end.vocab, end.model_meta)
         write_predictions(folder, end.val_ids, end.val_probs, end.val_ok, end.vocab,
                           ThresholdChoice.from_dict(end.model_meta["threshold"]), prefix="val_", truth=end.val_truth)
 

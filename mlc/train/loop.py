@@ -64,7 +64,7 @@ def train(cfg: TrainConfig, group: Group, data: RunData, *, log=print, progress:
             so_far = {k: v for k, v in so_far.items() if k != "lr"} if group.rank == 0 else {}
             # The validation loader's workers start now and have their first batches ready when training ends,
             # and the next epoch's start during validation: the device never waits for a loader to start.
-            val_loader = _val_loader(run, group)
+            val_loader = _val_loader(run, group) if run.refit is None else None
             stats = train_one_epoch(run.step_model, loader, run.steps, epoch=epoch, bad_images=run.budget,
                                     progress=progress and group.rank == 0, desc=f"epoch {epoch}/{cfg.epochs} train",
                                     hooks=guard.hooks(epoch, lr), first_step=first, so_far=so_far)
@@ -181,7 +181,11 @@ def validate(run: Run, group: Group, val_loader: Loader, epoch: int, stats: dict
     The bare module scores: ranks hold different numbers of validation batches, and DDP's forward would wait
     for the others."""
     data, cfg = run.data, run.cfg
-    scored = predict_scores(for_scoring(run.model, run.steps.amp_dtype), val_loader, run.device,
+    if run.steps.ema is not None:
+        run.steps.ema.agree(group.all_gather)  # one average on every rank: rank 0's BatchNorm statistics
+    if run.refit is not None:
+        return _refit_end(run, group, epoch, stats, lr)
+    scored = predict_scores(for_scoring(run.scored_model(), run.steps.amp_dtype, cfg.tta), val_loader, run.device,
                             n_rows=len(data.va), amp_dtype=run.steps.amp_dtype, progress=progress,
                             desc=f"epoch {epoch}/{cfg.epochs} validate",
                             pad_to=_val_batch(run, group) if run.device.type == "cuda" else None)
@@ -201,11 +205,34 @@ def validate(run: Run, group: Group, val_loader: Loader, epoch: int, stats: dict
     state = run.state(epoch)
     meta = checkpoint.model_meta(state, {k: metrics[k] for k in SCALAR_KEYS})
     return EpochEnd(epoch, state, row, is_best, meta, data.train_df.ImageID.values[data.va], probs, ok, truth,
-                    data.vocab, cfg)
+                    data.vocab, cfg, score=metrics["f1_samples"])
+
+
+def _refit_end(run: Run, group: Group, epoch: int, stats: dict, lr: float) -> EpochEnd:
+    """An epoch of a refit: nothing held out, so nothing scored; every epoch is the best so far (the last is the
+    model), with the refitted run's threshold."""
+    data = run.data
+    nothing = {"probs": np.zeros((0, len(data.vocab)), dtype=np.float32), "ok": np.zeros(0, dtype=bool),
+               "loss": math.nan, "skipped": []}
+    _, _, stats, skipped, _ = _gather_epoch(group, nothing, stats, run.budget.bad)
+    run.budget.add(skipped)
+    row = {"epoch": epoch, "lr": lr, **stats, "val_loss": math.nan, "val_images": 0, "val_img_per_s": 0.0,
+           **{k: math.nan for k in SCALAR_KEYS}, "threshold": run.threshold, "f1_per_class": [], "ap_per_class": [],
+           "skipped_images": len(run.budget.bad), "workers": group.world, "labels_without_positives": [],
+           "refit": run.refit}
+    run.history.append(row)
+    state = run.state(epoch)
+    meta = checkpoint.model_meta(state, {"refit": run.refit})
+    empty = np.zeros(0, dtype=object)
+    return EpochEnd(epoch, state, row, True, meta, empty, nothing["probs"], nothing["ok"],
+                    np.zeros((0, len(data.vocab)), dtype=np.float32), data.vocab, run.cfg, score=float(epoch))
 
 
 def _epoch_line(end: EpochEnd, epochs: int) -> str:
     m = end.metrics
+    if m.get("refit"):
+        return (f"epoch {end.epoch}/{epochs}: train loss {m['train_loss']:.4f} ({m['train_img_per_s']:.1f} img/s); "
+                "a refit: nothing held out to validate")
     return (f"epoch {end.epoch}/{epochs}: train loss {m['train_loss']:.4f} ({m['train_img_per_s']:.1f} img/s), "
             f"val loss {m['val_loss']:.4f}, F1 samples {m['f1_samples']:.4f} micro {m['f1_micro']:.4f} "
             f"macro {m['f1_macro']:.4f}, mAP {m['map']:.4f} [{m['threshold']['strategy']}]")

@@ -79,10 +79,16 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
     # The epoch best/ holds (a kept checkpoint, whatever ties): not recomputed from the history.
     best_row = next((r for r in history if r["epoch"] == best_meta.get("epoch")), None) or \
         max(history, key=lambda r: r["f1_samples"])
-    base = baseline_f1([frozenset(data.train_df.Labels[i]) for i in data.tr], data.Y[data.va], vocab.index)
-    write_plots(out, best_url, vocab, history, best_row, choice)
+    refit = best_meta["metrics"].get("refit")
+    if refit:  # nothing held out: no validation scores, plots or baseline; the threshold is the run's
+        storage.write_bytes(storage.join(out, "plots", "history.png"), plots.history_png(history))
+        base = None
+    else:
+        base = baseline_f1([frozenset(data.train_df.Labels[i]) for i in data.tr], data.Y[data.va], vocab.index)
+        write_plots(out, best_url, vocab, history, best_row, choice)
     summary = {
         "best_epoch": best_row["epoch"], "best": {k: best_row[k] for k in SCALAR_KEYS},
+        **({"refit": refit} if refit else {}),
         "threshold": choice.to_dict(), "baseline_f1_samples": base, "scoring": SCORING_RULES,
         "labels_without_positives": best_row.get("labels_without_positives", []),
         "skipped_images": len(bad_images), "skipped": bad_images,
@@ -90,9 +96,14 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
         "seconds": time.perf_counter() - t_start, **extra,
     }
     write_metrics(out, history, cfg, complete=True, **summary)
-    log(f"best epoch {best_row['epoch']}: validation F1 (samples) {best_row['f1_samples']:.4f}, "
-        f"micro {best_row['f1_micro']:.4f}, mAP {best_row['map']:.4f}; "
-        f"baseline (always the most frequent label set) F1 {base:.4f}")
+    if refit:
+        log(f"refit of {refit['run']}: {best_row['epoch']} epochs on all {len(data.tr)} labelled rows; the threshold "
+            f"is the one {refit['from']} chose on that run's validation split (samples F1 {refit['f1_samples']:.4f} "
+            f"at its epoch {refit['epoch']})")
+    else:
+        log(f"best epoch {best_row['epoch']}: validation F1 (samples) {best_row['f1_samples']:.4f}, "
+            f"micro {best_row['f1_micro']:.4f}, mAP {best_row['map']:.4f}; "
+            f"baseline (always the most frequent label set) F1 {base:.4f}")
     log(f"threshold: {choice.strategy} {choice.value if choice.strategy != 'per_class' else '(per class)'}; "
         f"wrote {storage.join(out, 'predictions.csv')} ({pred['rows']} rows), metrics.json, best/, plots/")
     return summary

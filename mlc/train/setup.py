@@ -20,9 +20,12 @@ from mlc.model.device import available_cpus, prepare_device
 from mlc.model.fusion import build, text_lr_scale
 from mlc.model.precision import NAMES, needs_grad_scaler, pick_amp_dtype
 from mlc.model.resnet import bare_state_dict, trainable_parameter_groups
+from mlc.train.ema import Ema
 from mlc.train.engine import StepContext, make_optimizer, warmup_cosine
 from mlc.train.group import Group
 from mlc.train.interrupts import interruption
+from mlc.train.losses import describe as describe_loss, make_loss
+from mlc.train.refit import source as refit_source
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Run:
     interruptions: list = field(default_factory=list)
     pending: dict | None = None  # this restart's interruption record, completed at its first step
     resumed_from: str | None = None
+    refit: dict | None = None  # --refit: the run whose threshold is kept (mlc.train.refit.source)
 
     @property
     def device(self) -> torch.device:
@@ -63,7 +67,12 @@ class Run:
                                so_far=so_far, reason=reason, best_f1=self.best_f1, history=self.history, cfg=self.cfg,
                                vocab=self.data.vocab, threshold=self.threshold, bad_images=self.budget.bad,
                                tokenizer=self.data.tokenizer, interruptions=self.interruptions,
-                               micro_batch=self.steps.micro_batch, table_key=self.data.key)
+                               micro_batch=self.steps.micro_batch, table_key=self.data.key,
+                               ema=self.steps.ema.to_dict() if self.steps.ema is not None else None)
+
+    def scored_model(self) -> torch.nn.Module:
+        """The bare module validation scores: the weight average's copy with --ema, else the model itself."""
+        return self.steps.ema.averaged_copy(self.model) if self.steps.ema is not None else self.model
 
 
 def setup(cfg: TrainConfig, group: Group, data: RunData, log) -> Run:
@@ -90,10 +99,19 @@ def setup(cfg: TrainConfig, group: Group, data: RunData, log) -> Run:
     drop_last = len(data.tr) >= cfg.batch_size
     per_epoch = len(data.tr) // cfg.batch_size if drop_last else 1
     steps.optimizer, steps.scheduler = _optimizer(cfg, model, per_epoch, steps.device, log)
+    steps.loss = make_loss(cfg, data.Y[data.tr])
+    log(describe_loss(steps.loss))
     train_source, val_source, store = open_sources(cfg, data, log)
     run = Run(cfg, data, model, _step_model(cfg, group, model, state, len(data.tr), steps, log), steps, train_source,
               val_source, store, BadImageBudget(len(data.train_df), cfg.max_bad_fraction, log=log), workers,
               per_epoch, drop_last)
+    # After DDP's wrap has given every rank rank 0's weights; a resume loads the saved average over it.
+    steps.ema = Ema(model, cfg.ema) if cfg.ema > 0 else None
+    if cfg.refit:
+        run.refit = refit_source(cfg.refit)
+        run.threshold = run.refit["threshold"]
+        log(f"refit: {per_epoch * cfg.epochs} steps on every labelled row; the threshold ({run.threshold['strategy']})"
+            f" is {run.refit['from']}'s, chosen on that run's validation split at its best epoch {run.refit['epoch']}")
     if state is not None:
         _restore(run, state, where, group.progress_url, log)
     return run
@@ -112,8 +130,9 @@ def _precision(cfg: TrainConfig, group: Group, log) -> StepContext:
 
 def _model(cfg: TrainConfig, data: RunData, state: dict | None, device, log) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
-    model = build(cfg.inputs, len(data.vocab), num_tokens=data.tokenizer.size if data.tokenizer else 0,
-                  unfrozen_depth=cfg.unfrozen_depth, dropout=cfg.dropout,
+    model = build(cfg.inputs, len(data.vocab), model=cfg.model,
+                  num_tokens=data.tokenizer.size if data.tokenizer else 0, unfrozen_depth=cfg.unfrozen_depth,
+                  dropout=cfg.dropout,
                   weights=state["model"] if state else cfg.weights, log=log, freeze_bn=cfg.freeze_bn)
     return model.to(device, memory_format=torch.channels_last)
 
@@ -154,9 +173,12 @@ def _restore(run: Run, state: dict, where: str, progress_url: str | None, log) -
         run.steps.scaler.load_state_dict(state["scaler"])
     run.history, run.best_f1, run.threshold = state["history"], state["best_f1"], state["threshold"]
     run.start_epoch, run.start_step, run.so_far = state["epoch"] + 1, state["step"], state["so_far"]
+    if run.steps.ema is not None and state["ema"] is not None:
+        run.steps.ema.load(state["ema"])
     run.budget.bad.update(state["bad_images"])
     run.interruptions = list(state["interruptions"])
     run.pending = interruption(state, run.steps_per_epoch, progress_url)
     run.resumed_from = where
     at = f"epoch {state['epoch']}" + (f" and {state['step']} steps of epoch {state['epoch'] + 1}" if state["step"] else "")
-    log(f"restored {at} from {where}: weights, optimizer, schedule, history")
+    log(f"restored {at} from {where}: weights, {'weight average, ' if state['ema'] else ''}optimizer, schedule, "
+        "history")

@@ -72,7 +72,7 @@ class Board:
 
     def finish(self, labels: list, history: list) -> None:
         """The best epoch's per-class scores, then close."""
-        if history:
+        if history and history[-1]["f1_per_class"]:  # (a refit validates nothing)
             best = max(history, key=lambda r: r["f1_samples"])
             self.per_class(labels, best["f1_per_class"], best.get("ap_per_class"), best["epoch"])
         self.close()
