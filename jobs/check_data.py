@@ -30,7 +30,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mlc.data.demo import data_or_demo
+    from mlc.cli import data_or_demo
     data = data_or_demo(args.data)
     report = check_dataset(DataPaths.resolve(data, args.images, args.train_csv, args.test_csv),
                            progress=not args.quiet, require_labels=args.require_labels)

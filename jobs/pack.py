@@ -59,7 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from mlc.distributed.pack import PackConfig, pack
-    from mlc.data.demo import data_or_demo
+    from mlc.cli import data_or_demo
     data = data_or_demo(args.data)
     cfg = PackConfig(data=data, output=args.output, images=args.images, train_csv=args.train_csv,
                      test_csv=args.test_csv, format=args.format, image_size=args.image_size, quality=args.quality,

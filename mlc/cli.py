@@ -257,3 +257,11 @@ def sweep_from_args(args: argparse.Namespace) -> SweepConfig:
         return SweepConfig(**given)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def data_or_demo(data: str | None) -> str:
+    """``data``, or the embedded demo dataset's root when it is None (a job run without --data)."""
+    if data is not None:
+        return data
+    from mlc.data.demo import make_demo_dataset
+    return make_demo_dataset()

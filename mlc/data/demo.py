@@ -385,11 +385,6 @@ DEMO_DEFAULTS = {
 }
 
 
-def data_or_demo(data: str | None) -> str:
-    """``data``, or the embedded demo dataset's root when it is None (a job run without --data)."""
-    return make_demo_dataset() if data is None else data
-
-
 def with_demo_data(cfg, log=print):
     """``cfg`` itself when it names a dataset; otherwise ``cfg`` on the embedded demo dataset (made once, offline,
     into the cache). Every way of training (local, Ray Train, Ray Tune) starts here when --data is absent."""
