@@ -40,13 +40,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder or URL for the pack (empty, or an unfinished pack of "
                    "the same source to resume)")
     p.add_argument("--format", choices=["jpeg", "raw"], default="jpeg",
-                   help="jpeg: each slot encoded at --quality (about 1/20 of raw pixels); raw: the pixels as the "
-                        "store holds them, bit for bit (default: jpeg)")
+                   help="jpeg: an image the slot holds unchanged as its own JPEG file, a shrunk one encoded at "
+                        "--quality (about 1/20 of raw pixels); raw: the pixels as the store holds them, bit for bit "
+                        "(default: jpeg)")
     p.add_argument("--image-size", type=int, default=224,
                    help="the --image-size the pack is for: images are fitted to its store slot (320 px at 224); "
                         "a run at this size or smaller reads it (default: 224)")
     p.add_argument("--quality", type=int, default=QUALITY,
-                   help=f"JPEG quality of the slots (default: {QUALITY}, chosen by measurement: "
+                   help=f"JPEG quality of shrunk images' slots (default: {QUALITY}, chosen by measurement: "
                         "docs/measurements-pack.md)")
     p.add_argument("--shard-mb", type=float, default=SHARD_BYTES / 2**20,
                    help=f"target shard size in MiB (default: {SHARD_BYTES // 2**20})")

@@ -250,3 +250,16 @@ def test_a_pack_on_gcs_is_written_and_read_with_one_request_a_shard(source, gcs,
     assert per_object["requests"] >= 96 and packed["requests"] <= 10, (per_object, packed)
     shard = [p for m, p, _ in gcs.proxy.log if m == "GET" and "train-00000.parquet" in p]
     assert len(shard) == 1 and "alt=media" in shard[0], shard  # the shard's bytes, in one request
+
+
+def test_a_jpeg_pack_keeps_an_image_the_slot_holds_unchanged_and_encodes_one_it_shrinks(source, packs, tmp_path):
+    """40 px images fit the 48 px slots of --image-size 32: their files are packed as they are (the same pixels,
+    no second lossy encoding); for --image-size 16 (32 px slots) they are shrunk, then encoded at --quality."""
+    import pyarrow.parquet as pq
+    rows = pq.read_table(Path(packs["jpeg"]) / "train-00000.parquet", columns=["ImageID", "image"]).to_pylist()
+    differ = [r["ImageID"] for r in rows if r["image"] != (source / "data" / r["ImageID"]).read_bytes()]
+    assert rows and not differ, (len(rows), differ)
+    small = tmp_path / "small"
+    pack_here(data=str(source), output=str(small), image_size=16)
+    rows = pq.read_table(small / "train-00000.parquet", columns=["ImageID", "image", "width"]).to_pylist()
+    assert all(r["width"] < 40 and r["image"] != (source / "data" / r["ImageID"]).read_bytes() for r in rows)

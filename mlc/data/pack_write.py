@@ -22,7 +22,7 @@ import pandas as pd
 from mlc.data.augment import fit_to_slot, slot_side
 from mlc.data.pack import (ENCODINGS, FORMAT, MANIFEST, QUALITY, ROW_GROUP_ROWS, SHARD_BYTES, TABLES, VERSION,
                            open_pack, rows_per_shard, shard_name)
-from mlc.data.slot_codec import encode_slot
+from mlc.data.slot_codec import slot_jpeg
 from mlc.data.table import read_table
 from mlc.errors import MlcError, UsageError
 from mlc.io import fetch, storage
@@ -118,9 +118,9 @@ def encode_rows(images: str, ids: list, side: int, encoding: str, quality: int, 
         except BadImageError as e:
             out[url] = {"image": b"", "height": 0, "width": 0, "orig_height": 0, "orig_width": 0, "reason": e.reason}
             continue
-        pixels = fit_to_slot(img, side)
-        data = encode_slot(pixels, quality) if encoding == "jpeg" else np.ascontiguousarray(pixels).tobytes()
-        out[url] = {"image": data, "height": pixels.shape[0], "width": pixels.shape[1],
+        pixels = np.asarray(fit_to_slot(img, side))
+        encoded = slot_jpeg(data, pixels, quality) if encoding == "jpeg" else np.ascontiguousarray(pixels).tobytes()
+        out[url] = {"image": encoded, "height": pixels.shape[0], "width": pixels.shape[1],
                     "orig_height": img.size[1], "orig_width": img.size[0], "reason": ""}
     return [out[u] for u in urls]
 
