@@ -242,7 +242,7 @@ def test_the_image_store_is_chosen_said_and_removed(dataset, tmp_path, monkeypat
         trainer.fit(cfg_for(dataset, tmp_path / name, epochs=1, **kw), log=logs.append, progress=False)
         said[name] = [line for line in logs if line.startswith("image store:")]
     assert len(said["memory"]) == 1 and "in memory" in said["memory"][0] and "first epoch only" in said["memory"][0]
-    assert "on local disk" in said["disk"][0] and "memory budget 0 MiB" in said["disk"][0]
+    assert "raw, in local disk" in said["disk"][0] and "memory: 0 MiB holds neither" in said["disk"][0]
     monkeypatch.setattr(store_choice, "free_bytes", lambda root: 0)
     logs = []
     trainer.fit(cfg_for(dataset, tmp_path / "stream", epochs=1, store_budget=0.0), log=logs.append, progress=False)

@@ -136,6 +136,7 @@ def prepare_data(cfg: TrainConfig, log=print) -> RunData:
     elif uses_images(inputs):
         check_side(pack, cfg.image_size)
         packed = locate_ids(pack, list(train_df.ImageID))
+        locate_ids(pack, list(test_df.ImageID))  # refused now, not after training, when the pack lacks one
     data = RunData(paths, train_df, test_df, vocab, Y, tr, va, urls, inputs, packed=packed)
     if uses_captions(inputs):
         captions = captions_of(train_df)
@@ -172,6 +173,13 @@ def with_val_table(url: str, train_df: pd.DataFrame, Y: np.ndarray, vocab: Label
     if "Caption" in both.columns:  # a table without the column: rows without a caption, as an empty cell is
         both["Caption"] = both.Caption.where(both.Caption.notna(), "")
     return both, np.concatenate([Y, vocab.encode(val_df.Labels)]), np.arange(n), np.arange(n, len(both))
+
+
+def test_images(data: RunData):
+    """Where the test table's images are: the image folder, or their rows in the run's pack (looked up there)."""
+    if data.packed is None:
+        return data.paths.images
+    return locate_ids(data.packed.pack, list(data.test_df.ImageID))
 
 
 def open_sources(cfg: TrainConfig, data: RunData, log=print):

@@ -40,7 +40,7 @@ from ray.train.torch import TorchTrainer
 
 from mlc.config import ScaleConfig, TrainConfig
 from mlc.data.demo import with_demo_data
-from mlc.data.run_data import RunData, prepare_data
+from mlc.data.run_data import RunData, prepare_data, test_images
 from mlc.distributed import cluster
 from mlc.distributed.ray_folder import ray_storage
 from mlc.errors import UsageError
@@ -340,7 +340,7 @@ class RayMode:
             state, vocab, model_cfg, _, _ = load_predictor(best_url)
             # Scoring batches are per actor: the training run's per-worker share of the global batch, twice.
             per_actor = max(1, 2 * -(-cfg.batch_size // world))
-            return score_distributed(state, len(vocab), model_cfg, ids, data.paths.images, num_workers=world,
+            return score_distributed(state, len(vocab), model_cfg, ids, test_images(data), num_workers=world,
                                      gpus_per_worker=gpus, batch_size=per_actor, log=self.log,
                                      progress=self.progress, captions=captions, tokenizer=tokenizer)
         return score_test

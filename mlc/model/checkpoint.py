@@ -88,7 +88,7 @@ def model_meta(state: dict, metrics: dict) -> dict:
             "metrics": metrics, "tokenizer": state["tokenizer"], "table_key": state["table_key"]}
 
 
-def read_meta(url: str) -> dict:
+def run_meta(url: str) -> dict:
     """A model folder's meta.json (``<run>/best`` for a run folder), upgraded; no weights are read."""
     url = model_folder(url)
     if storage.exists(storage.join(url, "best", "meta.json")):

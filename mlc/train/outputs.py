@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from mlc.config import TrainConfig
+from mlc.data.run_data import test_images
 from mlc.data.table import captions_of
 from mlc.eval import plots
 from mlc.eval.metrics import ZERO_DIVISION, baseline_f1
@@ -67,7 +68,7 @@ def finish(cfg, out: str, data, history: list, bad_images: dict, *, device=None,
     ids = data.test_df.ImageID.tolist()
     captions = captions_of(data.test_df) if tokenizer else None
     if score_test is None:
-        scored = score_here(best_state, len(vocab), cfg, ids, data.paths.images, batch_size=cfg.batch_size * 2,
+        scored = score_here(best_state, len(vocab), cfg, ids, test_images(data), batch_size=cfg.batch_size * 2,
                             loader_workers=cfg.loader_workers, device=device, log=log, progress=progress,
                             captions=captions, tokenizer=tokenizer)
         device, precision = scored["device"], precision or scored["precision"]

@@ -13,7 +13,7 @@ import os
 from mlc.config import TrainConfig
 from mlc.errors import UsageError
 from mlc.io import storage
-from mlc.model.checkpoint import CheckpointError, ConfigMismatch, load_state, read_meta
+from mlc.model.checkpoint import CheckpointError, ConfigMismatch, load_state, run_meta
 from mlc.train.run_folder import latest_epoch_checkpoint
 
 # What decides which rows a run validated on: the run's own values are kept to recompute its split.
@@ -22,7 +22,7 @@ SPLIT_SETTINGS = ("split", "val_fraction", "seed", "val_table")
 
 def _meta(run_url: str) -> dict:
     try:
-        return read_meta(run_url)
+        return run_meta(run_url)
     except CheckpointError:
         raise UsageError(f"--refit {storage.safe_url(run_url)}: not a finished run (no best/meta.json); give the "
                          "folder of a run that has finished") from None
