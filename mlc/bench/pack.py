@@ -97,13 +97,11 @@ def store_bytes(pack: str, image_size: int) -> dict:
     allocated once filled (files are sparse: a compact slot's unused tail takes no page)."""
     from mlc.data.run_data import open_sources, prepare_data
     out = {}
-    for form, budget in (("raw", None), ("compact", 1e-6)):
+    for form, budget in (("raw", None), ("compact", _compact_budget(pack, image_size))):
         with tempfile.TemporaryDirectory(prefix="mlc-bench-store-", dir=_memory()) as root:
             os.environ["MLC_STORE_MEMORY_DIR"], os.environ["MLC_STORE_DIR"] = root, root + "/disk"
             cfg = TrainConfig(data=pack, inputs="image", image_size=image_size, weights="none",
-                              store_budget=budget if form == "raw" else None, loader_workers=0)
-            if form == "compact":
-                cfg = cfg.replace(store_budget=_compact_budget(pack, image_size))
+                              store_budget=budget, loader_workers=0)
             run = prepare_data(cfg, lambda *_: None)
             _, _, store = open_sources(cfg, run, lambda *_: None)
             try:

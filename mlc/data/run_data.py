@@ -77,6 +77,7 @@ class RunData:
     tokenizer: Tokenizer | None = None
     tokens: list | None = None
     packed: object = None  # where each labelled row's image is in a pack (mlc.data.pack_source.PackedImages)
+    packed_test: object = None  # and each test row's
 
     @property
     def key(self) -> str:
@@ -130,14 +131,16 @@ def prepare_data(cfg: TrainConfig, log=print) -> RunData:
         log(f"data: {empty} of {len(train_df)} labelled rows have an empty Labels field: images with none of the "
             "labels, trained on as all-negative examples (--require-labels refuses them)")
     urls = image_urls(paths.images, train_df.ImageID)
-    packed = None
+    packed = packed_test = None
     if uses_images(inputs) and pack is None:
         check_images_found(paths.images, urls, table=paths.train_csv)
     elif uses_images(inputs):
         check_side(pack, cfg.image_size)
-        packed = locate_ids(pack, list(train_df.ImageID))
-        locate_ids(pack, list(test_df.ImageID))  # refused now, not after training, when the pack lacks one
-    data = RunData(paths, train_df, test_df, vocab, Y, tr, va, urls, inputs, packed=packed)
+        # Both tables located at once: a test ImageID the pack lacks is refused now, not after training.
+        both = locate_ids(pack, list(train_df.ImageID) + list(test_df.ImageID))
+        n = len(train_df)
+        packed, packed_test = both.take(np.arange(n)), both.take(np.arange(n, len(both.ids)))
+    data = RunData(paths, train_df, test_df, vocab, Y, tr, va, urls, inputs, packed=packed, packed_test=packed_test)
     if uses_captions(inputs):
         captions = captions_of(train_df)
         data.use_tokenizer(Tokenizer.fit([captions[i] for i in tr]))
@@ -177,9 +180,7 @@ def with_val_table(url: str, train_df: pd.DataFrame, Y: np.ndarray, vocab: Label
 
 def test_images(data: RunData):
     """Where the test table's images are: the image folder, or their rows in the run's pack (looked up there)."""
-    if data.packed is None:
-        return data.paths.images
-    return locate_ids(data.packed.pack, list(data.test_df.ImageID))
+    return data.paths.images if data.packed_test is None else data.packed_test
 
 
 def open_sources(cfg: TrainConfig, data: RunData, log=print):
