@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -107,15 +108,20 @@ class OutputLock:
             if not os.path.isdir(folder):
                 os.makedirs(folder, exist_ok=True)
                 self._created_folder = True
-            mode = 0o666 & ~storage.umask()
+            # Written whole under a private name, then linked to the lock's (create-only, atomic): a racer never
+            # reads a lock still being written, which it would take for an unreadable, stale one and take over.
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".lock-")
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(self._payload())
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o666 & ~storage.umask())
+                os.link(tmp, path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._payload())
-                f.flush()
-                os.fsync(f.fileno())
+            finally:
+                os.unlink(tmp)
             return True
         fs, path = storage.filesystem(self.url)
         if fs.exists(path):  # what a store that ignores the precondition below (an emulator) still gets right
