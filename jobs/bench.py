@@ -68,6 +68,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "images/s of a first epoch through the GCS proxy (+--latency-ms), store bytes, decode rates, "
                     "pack throughput, and the time to open a pack of --pack-rows synthetic images")
     pk.add_argument("--pack-rows", type=int, default=200_000, help="rows of the synthetic pack (default: %(default)s)")
+    pk.add_argument("--pack-f1", default=None, metavar="SEEDS",
+                    help="instead: validation F1 of the demo's run from its source through a raw store against its "
+                         "pack through a compact store, paired by seed (comma-separated seeds, e.g. 0,1,2; "
+                         "--image-size 32 shrinks and re-encodes the 64 px demo images into 48 px slots)")
     io = p.add_argument_group("loader I/O (--io)")
     io.add_argument("--io", action="store_true", help="measure loader I/O instead of model compute")
     io.add_argument("--images", default=None,
@@ -232,6 +236,25 @@ def main_pack(args: argparse.Namespace) -> dict:
         out["manifest"]["made_s"] = made
     _print_pack(out, args)
     return out
+
+
+def main_pack_f1(args: argparse.Namespace) -> list:
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from mlc.bench.pack import f1_pairs, paired_summary
+    from mlc.data.demo import DEMO_DEFAULTS, make_demo_dataset
+    from pack_helpers import pack_here
+    seeds = [int(x) for x in args.pack_f1.split(",") if x.strip()]
+    source = str(make_demo_dataset())
+    with tempfile.TemporaryDirectory(prefix="mlc-bench-f1-") as tmp:
+        pack_here(data=source, output=f"{tmp}/pack", image_size=args.image_size)
+        settings = {k: v for k, v in DEMO_DEFAULTS.items() if k not in ("output", "seed", "image_size")}
+        rows = f1_pairs(source, f"{tmp}/pack", args.image_size, seeds, f"{tmp}/runs", settings)
+    s = paired_summary(rows)
+    print(f"demo at {args.image_size} px, {s['seeds']} seeds: samples F1 raw {s['raw']:.4f}, compact "
+          f"{s['compact']:.4f}; paired compact - raw {s['diff']:+.4f} (standard error {s['diff_se']:.4f})")
+    return rows
 
 
 def _print_pack(out: dict, args: argparse.Namespace) -> None:
@@ -438,6 +461,8 @@ if __name__ == "__main__":
         main_spot(_args)
     elif _args.io:
         main_io(_args)
+    elif _args.pack_f1:
+        main_pack_f1(_args)
     elif _args.pack:
         main_pack(_args)
     else:

@@ -265,3 +265,18 @@ def test_a_jpeg_pack_keeps_an_image_the_slot_holds_unchanged_and_encodes_one_it_
     pack_here(data=str(source), output=str(small), image_size=16)
     rows = pq.read_table(small / "train-00000.parquet", columns=["ImageID", "image", "width"]).to_pylist()
     assert all(r["width"] < 40 and r["image"] != (source / "data" / r["ImageID"]).read_bytes() for r in rows)
+
+
+def test_the_f1_pairs_benchmark_trains_each_seed_from_the_source_raw_and_from_the_pack_compact(source, packs, tmp_path):
+    from mlc.bench.pack import f1_pairs, paired_summary
+    settings = {k: v for k, v in SMALL.items() if k not in ("seed", "image_size")}
+    rows = f1_pairs(str(source), packs["jpeg"], 32, [1], str(tmp_path / "runs"), {**settings, "epochs": 1},
+                    log=lambda *_: None)
+    assert [r["seed"] for r in rows] == [1]
+    assert rows[0]["raw"] == _fit(str(source), tmp_path / "oracle", seed=1, epochs=1)["best"]["f1_samples"]
+    compact = json.loads((tmp_path / "runs" / "compact_s1" / "config.json").read_text())["train"]
+    assert compact["data"] == packs["jpeg"] and compact["store_budget"] > 0
+    s = paired_summary([{"raw": 0.5, "compact": 0.6}, {"raw": 0.7, "compact": 0.7}, {"raw": 0.8, "compact": 0.75}])
+    assert (s["seeds"], s["raw"], s["compact"]) == (3, pytest.approx(2 / 3), pytest.approx(0.6833333))
+    d = np.array([0.1, 0.0, -0.05])
+    assert s["diff"] == pytest.approx(d.mean()) and s["diff_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))

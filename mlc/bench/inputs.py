@@ -24,6 +24,8 @@ from mlc.data.labels import LabelVocab
 from mlc.data.pack import TABLES, open_pack, read_frame, unreadable
 from mlc.eval.thresholds import evaluate
 
+# At or above any backbone's stage count (ResNet50: 4; timm's EfficientNets: 7): every stage trains, stem included.
+UNFROZEN_ALL = 99
 COLUMNS = ("rows", "inputs", "f1_samples", "f1_micro", "f1_macro", "map", "threshold", "seconds")
 
 
@@ -78,24 +80,14 @@ def compare(data: str, output: str, *, images: str | None = None, val_fraction: 
     rows.append(_fit(caption.replace(output=storage.join(output, "caption_all")), len(df), log))
     log(f"  {rows[-1]}")
 
-    # The rows whose image is present, as their own dataset (tables in output/subset/).
-    present = _present(paths, pack)
-    sub = df[df.ImageID.isin(present)].reset_index(drop=True)
-    if len(sub) < 20:
-        log(f"compare: only {len(sub)} labelled rows have their image in {paths.images}; no image rows")
+    subset = write_present_subset(paths, pack, df, test, output, log)
+    if subset is None:
         return _table(rows, output)
-    sub_root = storage.join(output, "subset")
-    storage.write_text(storage.join(sub_root, "train.csv"), _csv(sub))
-    storage.write_text(storage.join(sub_root, "test.csv"), _csv(test[test.ImageID.isin(present)]))
-    log(f"compare: {len(sub)} labelled rows with images present")
+    sub_train, sub_test, sub = subset
     rows.append(linear_baseline(sub, val_fraction, seed))
     log(f"  {rows[-1]}")
-    # From scratch (no ImageNet download here), so as the demo trains: every stage, no dropout, fp32
-    # (from-scratch training under CPU bf16 lost accuracy, mlc.data.demo.DEMO_DEFAULTS).
-    scratch = dict(data=data, images=images, train_csv=storage.join(sub_root, "train.csv"),
-                   test_csv=storage.join(sub_root, "test.csv"), weights="none", unfrozen_depth=4, dropout=0.0,
-                   lr=2e-3, warmup_epochs=0.5, amp="off", image_size=image_size, val_fraction=val_fraction, seed=seed,
-                   model=model)
+    scratch = scratch_settings(data, images, sub_train, sub_test, image_size=image_size, val_fraction=val_fraction,
+                               seed=seed, model=model)
     for inputs in ("image", "caption", "image+caption"):
         epochs = caption_epochs if inputs == "caption" else image_epochs
         cfg = TrainConfig(**scratch, inputs=inputs, epochs=epochs,
@@ -106,6 +98,31 @@ def compare(data: str, output: str, *, images: str | None = None, val_fraction: 
         rows.append(_fit(cfg, len(sub), log))
         log(f"  {rows[-1]}")
     return _table(rows, output)
+
+
+def write_present_subset(paths: DataPaths, pack, df: pd.DataFrame, test: pd.DataFrame, output: str, log=print):
+    """The labelled rows whose image is present, as their own dataset: ``(train_csv, test_csv, rows)`` written
+    under ``output/subset/``, or None (logged) when fewer than 20 rows have their image."""
+    present = _present(paths, pack)
+    sub = df[df.ImageID.isin(present)].reset_index(drop=True)
+    if len(sub) < 20:
+        log(f"compare: only {len(sub)} labelled rows have their image in {paths.images}; no image rows")
+        return None
+    sub_root = storage.join(output, "subset")
+    storage.write_text(storage.join(sub_root, "train.csv"), _csv(sub))
+    storage.write_text(storage.join(sub_root, "test.csv"), _csv(test[test.ImageID.isin(present)]))
+    log(f"compare: {len(sub)} labelled rows with images present")
+    return storage.join(sub_root, "train.csv"), storage.join(sub_root, "test.csv"), sub
+
+
+def scratch_settings(data: str, images: str | None, train_csv: str, test_csv: str, *, image_size: int,
+                     val_fraction: float, seed: int, model: str) -> dict:
+    """TrainConfig fields of an image network trained from scratch (no ImageNet download here), as the demo
+    trains: every stage, no dropout, fp32 (from-scratch training under CPU bf16 lost accuracy,
+    mlc.data.demo.DEMO_DEFAULTS)."""
+    return dict(data=data, images=images, train_csv=train_csv, test_csv=test_csv, weights="none",
+                unfrozen_depth=UNFROZEN_ALL, dropout=0.0, lr=2e-3, warmup_epochs=0.5, amp="off",
+                image_size=image_size, val_fraction=val_fraction, seed=seed, model=model)
 
 
 def _present(paths: DataPaths, pack) -> set:

@@ -166,3 +166,29 @@ def quality_sweep(folder: Path, names: list, side: int, qualities=(75, 85, 90, 9
     finally:
         torch.set_num_threads(threads)
     return rows
+
+
+def f1_pairs(source: str, pack: str, image_size: int, seeds, output: str, settings: dict, log=print) -> list[dict]:
+    """Best validation samples F1 of the same run (``settings``, one seed at a time) from ``source`` through a raw
+    store and from its JPEG ``pack`` through a compact store (a budget only the compact store fits): paired by
+    seed, since this from-scratch network's F1 moves more between seeds than between stores."""
+    from mlc.train.driver import fit
+    rows = []
+    for seed in seeds:
+        row = {"seed": seed}
+        for name, data, budget in (("raw", source, None), ("compact", pack, _compact_budget(pack, image_size))):
+            cfg = TrainConfig(**{**settings, "data": data, "image_size": image_size, "seed": seed,
+                                 "store_budget": budget, "output": storage.join(output, f"{name}_s{seed}")})
+            row[name] = fit(cfg, fresh=True, log=lambda *_: None, progress=False)["best"]["f1_samples"]
+        rows.append(row)
+        log(f"seed {seed}: samples F1 raw {row['raw']:.4f}, compact {row['compact']:.4f}")
+    return rows
+
+
+def paired_summary(rows: list[dict]) -> dict:
+    """Mean of each side, and the paired difference (compact - raw) with its standard error over seeds."""
+    raw, compact = (np.array([r[k] for r in rows]) for k in ("raw", "compact"))
+    d = compact - raw
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"seeds": len(d), "raw": float(raw.mean()), "compact": float(compact.mean()), "diff": float(d.mean()),
+            "diff_se": se}
