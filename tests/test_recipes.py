@@ -56,10 +56,11 @@ def test_each_variant_runs_once_per_seed_and_the_summary_is_by_seed(tmp_path, mo
     assert row.f1_samples == pytest.approx(asl.mean())
     assert row.f1_samples_se == pytest.approx(asl.std(ddof=1) / math.sqrt(3))
     assert row.d_samples == pytest.approx(0.1) and row.d_samples_se == pytest.approx(0, abs=1e-12)  # paired: seed cancels
+    assert row.d_macro == pytest.approx(0.1) and row.f1_macro == pytest.approx(asl.mean() - 0.2)
     convnext = summary.set_index("variant").loc["image_test_convnext_bce"]
     assert convnext.d_samples == pytest.approx(0.001) and convnext.group == "backbones"
     table = recipes.markdown(summary)
-    assert table.count("\n") == len(summary) + 1 and table.count("reference") == 3
+    assert table.count("\n") == len(summary) + 1 and table.count("reference") == 6
 
     calls.clear()
     again = recipes.run_all(str(root), str(tmp_path / "rec"), **kw)

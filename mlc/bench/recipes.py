@@ -8,8 +8,8 @@ Groups (each a list of variants; every variant runs once per seed, on mlc's spli
 - ``backbones``: the same rows, ``image`` with bce: ResNet50 beside timm models (the extra ``mlc[timm]``).
 Every run is a real training run (:func:`mlc.fit`); its numbers are the best epoch's validation metrics. Results
 go to ``output/results.jsonl``, one line per finished run, so an interrupted table resumes where it stopped.
-The summary gives each variant's mean and standard error over seeds, and its paired difference in samples F1
-against its group's first variant (same seeds, same splits), which is what a choice between them rests on.
+The summary gives each variant's mean and standard error over seeds, and its paired differences in samples and
+macro F1 against its group's first variant (same seeds, same splits), which is what a choice between them rests on.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ def _append(path: str, row: dict) -> None:
 def summarize(results: pd.DataFrame, groups=GROUPS, *, ema: float = 0.999, backbones=DEFAULT_BACKBONES
               ) -> pd.DataFrame:
     """One row per variant in the order of :func:`variants`: the seeds it has, the mean and standard error of each
-    metric, and the paired difference in samples F1 from its group's first variant over the seeds both have."""
+    metric, and the paired differences in samples and macro F1 from its group's first variant over the seeds both
+    have."""
     out = []
     for v in variants(groups, ema=ema, backbones=backbones):
         r = results[results.name == v.name].sort_values("seed") if len(results) else results
@@ -130,9 +131,10 @@ def summarize(results: pd.DataFrame, groups=GROUPS, *, ema: float = 0.999, backb
                "reference": v.name == ref_name}
         for k in METRICS:
             row[k], row[k + "_se"] = _mean_se(r[k])
-        ref = results[results.name == ref_name].set_index("seed").f1_samples
-        paired = (r.set_index("seed").f1_samples - ref).dropna()
-        row["d_samples"], row["d_samples_se"] = _mean_se(paired) if len(paired) else (math.nan, math.nan)
+        ref = results[results.name == ref_name].set_index("seed")
+        for k, d in (("f1_samples", "d_samples"), ("f1_macro", "d_macro")):
+            paired = (r.set_index("seed")[k] - ref[k]).dropna()
+            row[d], row[d + "_se"] = _mean_se(paired) if len(paired) else (math.nan, math.nan)
         row["seconds"] = float(r.seconds.mean())
         out.append(row)
     return pd.DataFrame(out)
@@ -149,11 +151,12 @@ def _mean_se(values) -> tuple[float, float]:
 
 
 def markdown(summary: pd.DataFrame) -> str:
-    lines = ["| group | variant | rows | seeds | samples F1 | micro F1 | macro F1 | mAP | paired diff. in samples F1 | "
-             "seconds |", "|---" * 10 + "|"]
+    lines = ["| group | variant | rows | seeds | samples F1 | micro F1 | macro F1 | mAP | paired diff. samples F1 | "
+             "paired diff. macro F1 | seconds |", "|---" * 11 + "|"]
     for r in summary.to_dict("records"):
         cells = [f"{r[k]:.4f} ± {r[k + '_se']:.4f}" for k in METRICS]
-        diff = "reference" if r["reference"] else f"{r['d_samples']:+.4f} ± {r['d_samples_se']:.4f}"
+        diff = " | ".join("reference" if r["reference"] else f"{r[d]:+.4f} ± {r[d + '_se']:.4f}"
+                          for d in ("d_samples", "d_macro"))
         lines.append(f"| {r['group']} | {r['variant']} | {r['rows']} | {r['seeds']} | {' | '.join(cells)} | "
                      f"{diff} | {r['seconds']:.0f} |")
     return "\n".join(lines)
