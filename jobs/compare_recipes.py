@@ -2,7 +2,7 @@
 captions of every labelled row; bce against asl for image and image+caption networks trained from scratch on the
 rows whose image is present; ResNet50 beside timm backbones on those rows. Each variant runs once per seed as a
 real training run; the table (Markdown) gives the mean and standard error over seeds and each variant's paired
-difference in samples F1 from its group's first row. Rerunning the same command resumes: finished runs are read
+differences in samples and macro F1 from its group's first row that reads the same inputs. Rerunning the same command resumes: finished runs are read
 back from OUTPUT/results.jsonl.
 
 Example (the real tables and the 2,511 real images beside the repo; about 2 hours on a 2-core CPU):

@@ -1,8 +1,11 @@
-"""Export a trained image model to a file that scores images without mlc: TorchScript (plain torch) or ONNX
-(onnxruntime, TensorRT, ...), with model.json beside it: the label list, the run's threshold and the rule that
-applies it, the preprocessing (resize the shorter side, centre crop) and the checkpoint's sha256.
+"""Export a trained model to a file that scores without mlc: TorchScript (plain torch) or ONNX (onnxruntime,
+TensorRT, ...), with model.json beside it: the label list, the run's threshold and the rule that applies it, the
+preprocessing as plain Python (PIL and numpy), and the checkpoint's sha256.
 
-The exported graph takes uint8 RGB images (N, 3, S, S) and returns each label's probability (N, C).
+The exported graph takes uint8 RGB images (N, 3, S, S) and returns each label's probability (N, C). A network that
+reads captions (--inputs caption or image+caption) takes them as token ids and offsets instead of, or beside, the
+images; model.json then holds the tokenizer and a plain-Python recipe that turns captions into those ids
+(docs/serving.md).
 
 examples:
   python jobs/export.py --checkpoint runs/demo --format onnx --output runs/demo/export

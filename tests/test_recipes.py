@@ -57,10 +57,12 @@ def test_each_variant_runs_once_per_seed_and_the_summary_is_by_seed(tmp_path, mo
     assert row.f1_samples_se == pytest.approx(asl.std(ddof=1) / math.sqrt(3))
     assert row.d_samples == pytest.approx(0.1) and row.d_samples_se == pytest.approx(0, abs=1e-12)  # paired: seed cancels
     assert row.d_macro == pytest.approx(0.1) and row.f1_macro == pytest.approx(asl.mean() - 0.2)
+    fused = summary[summary.variant == "image_caption_resnet50_asl"].iloc[0]
+    assert fused.d_samples == pytest.approx(0.1)  # against image+caption with bce, not against the image network
     convnext = summary.set_index("variant").loc["image_test_convnext_bce"]
     assert convnext.d_samples == pytest.approx(0.001) and convnext.group == "backbones"
     table = recipes.markdown(summary)
-    assert table.count("\n") == len(summary) + 1 and table.count("reference") == 6
+    assert table.count("\n") == len(summary) + 1 and table.count("reference") == 8  # captions, image, image+caption, backbones
 
     calls.clear()
     again = recipes.run_all(str(root), str(tmp_path / "rec"), **kw)

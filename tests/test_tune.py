@@ -169,7 +169,10 @@ def test_the_loss_and_its_parameters_are_searched_choices_when_given_several():
     assert all(isinstance(space[k], Categorical) for k in ("loss", "asl_gamma_neg", "pos_weight"))
     assert space["loss"].categories == ["bce", "asl"] and space["asl_gamma_neg"].categories == [2.0, 4.0]
     fixed = search_space(SweepConfig())
-    assert (fixed["loss"], fixed["asl_gamma_neg"], fixed["pos_weight"]) == ("bce", 4.0, "none")  # train.py's
+    from mlc.config import TrainConfig
+    train = TrainConfig()
+    assert (fixed["loss"], fixed["asl_gamma_neg"], fixed["pos_weight"]) == (train.loss, train.asl_gamma_neg,
+                                                                            train.pos_weight)  # train.py's
     for flags, message in ((dict(loss="hinge"), "--loss must be values among bce, asl, focal"),
                            (dict(asl_gamma_neg="2,-1"), "--asl-gamma-neg must be finite numbers >= 0"),
                            (dict(asl_gamma_neg="nan"), "--asl-gamma-neg must be finite numbers >= 0"),
@@ -181,12 +184,13 @@ def test_the_loss_and_its_parameters_are_searched_choices_when_given_several():
 
 def test_the_tune_job_takes_the_loss_settings_as_the_sweeps_choices():
     import sys
+    from mlc.config import TrainConfig
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
     import tune as tune_job
     base, sweep = tune_job.configs(tune_job.get_args_parser().parse_args(
         ["--data", "/d", "--loss", "bce,asl", "--asl-gamma-neg", "1,4", "--pos-weight", "auto"]))
     assert sweep.loss == ("bce", "asl") and sweep.asl_gamma_neg == (1.0, 4.0) and sweep.pos_weight == ("auto",)
-    assert base.loss == "bce"  # a trial takes its draw
+    assert base.loss == TrainConfig().loss  # the default: a trial takes its draw
 
 
 def test_an_unknown_model_stops_a_sweep_before_ray_starts(tmp_path):

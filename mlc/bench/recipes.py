@@ -9,7 +9,8 @@ Groups (each a list of variants; every variant runs once per seed, on mlc's spli
 Every run is a real training run (:func:`mlc.fit`); its numbers are the best epoch's validation metrics. Results
 go to ``output/results.jsonl``, one line per finished run, so an interrupted table resumes where it stopped.
 The summary gives each variant's mean and standard error over seeds, and its paired differences in samples and
-macro F1 against its group's first variant (same seeds, same splits), which is what a choice between them rests on.
+macro F1 against its group's first variant that reads the same inputs (same seeds, same splits), which is what a
+choice between them rests on.
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ def _append(path: str, row: dict) -> None:
 def summarize(results: pd.DataFrame, groups=GROUPS, *, ema: float = 0.999, backbones=DEFAULT_BACKBONES
               ) -> pd.DataFrame:
     """One row per variant in the order of :func:`variants`: the seeds it has, the mean and standard error of each
-    metric, and the paired differences in samples and macro F1 from its group's first variant over the seeds both
-    have."""
+    metric, and the paired differences in samples and macro F1 from its reference (its group's first variant that
+    reads the same inputs) over the seeds both have."""
     out = []
     for v in variants(groups, ema=ema, backbones=backbones):
         r = results[results.name == v.name].sort_values("seed") if len(results) else results
@@ -141,7 +142,9 @@ def summarize(results: pd.DataFrame, groups=GROUPS, *, ema: float = 0.999, backb
 
 
 def _reference(v: Variant, groups, ema, backbones) -> str:
-    return next(x.name for x in variants(groups, ema=ema, backbones=backbones) if x.group == v.group)
+    """The variant ``v`` is compared with: its group's first that reads the same inputs."""
+    return next(x.name for x in variants(groups, ema=ema, backbones=backbones)
+                if x.group == v.group and x.settings.get("inputs") == v.settings.get("inputs"))
 
 
 def _mean_se(values) -> tuple[float, float]:
