@@ -124,7 +124,7 @@ class TrainConfig:
     optimizer: str = _f("adamw", "adamw or sgd (Nesterov)", choices=("adamw", "sgd"))
     momentum: float = _f(0.9, "SGD momentum", bounds="[0, 1)")
     # DEFAULT_LOSS, asl: with captions read (--inputs auto on captioned tables) it matched or beat bce in samples F1
-    # and beat it in macro F1 (jobs/compare_recipes.py, 3 paired seeds, docs/measurements-accuracy.md); image-only
+    # and beat it in macro F1 (jobs/compare_recipes.py, 3 paired seeds, docs/measurements-recipe.md); image-only
     # from scratch it scored lower (the demo keeps bce). A config.json from before --loss replays bce (migrate).
     loss: str = _f(DEFAULT_LOSS,
         "training loss: bce (binary cross-entropy), asl (asymmetric loss, Ridnik et al. 2021: easy negatives "
