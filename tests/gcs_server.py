@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,18 +40,14 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from ray_head import free_port
+
 HOST = "127.0.0.1"
 
 # Set before gcsfs is imported: gcsfs >= 2025 otherwise swaps in its "zonal / hierarchical namespace"
 # filesystem, whose first call on a bucket probes a gRPC API the emulator lacks and waits 60 s or more.
 GCS_ENV = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "FSSPEC_GS_TOKEN": "anon", "FSSPEC_GCS_TOKEN": "anon",
            "GOOGLE_CLOUD_PROJECT": "test-project"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def _http(method: str, url: str, body: bytes | None = None, timeout: float = 10.0) -> tuple[int, bytes]:

@@ -9,6 +9,7 @@ processes. The dashboard (and with it the job server) listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,10 +19,30 @@ import time
 from pathlib import Path
 
 
+# The ports tests hand to servers come from below Linux's ephemeral range (32768-60999 by default), never
+# from a bind to port 0: a port taken that way is free again once its socket closes, and the kernel gave
+# the same one to a raylet's own bind-to-0 gRPC server a second later (the dashboard agent then failed to
+# bind its pinned port and the head died: "Address already in use", seen in CI). Ray's worker ports are
+# 10002-19999, so the range starts above them.
+TEST_PORTS = range(20000, 32768)
+_given: set[int] = set()
+_rng = random.Random(os.urandom(16))  # not the random module's state, which tests seed
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now that no bind-to-0 can be given, and not handed out before in this process."""
+    for _ in range(1000):
+        port = _rng.choice(TEST_PORTS)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free port in {TEST_PORTS.start}-{TEST_PORTS.stop - 1} after 1000 tries")
 
 
 def own_ports() -> list[str]:

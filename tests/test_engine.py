@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import socket
 from unittest import mock
 
 import numpy as np
@@ -18,6 +17,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from mlc.train import engine
+from ray_head import free_port
 from mlc.model import precision
 from mlc.data.batch import Batch, Reads, Skipped
 from mlc.data.loader import RankBatches, resolve_loader_workers
@@ -175,18 +175,12 @@ def _ddp_worker(rank, world, port, data, result):
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_rank_whose_batch_is_all_unreadable_still_steps_and_matches_one_process():
     data = _batches()
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         result = manager.dict()
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, data, result)) for r in range(2)]
         for p in procs:
             p.start()
