@@ -2,8 +2,9 @@
 captions of every labelled row; bce against asl for image and image+caption networks trained from scratch on the
 rows whose image is present; ResNet50 beside timm backbones on those rows. Each variant runs once per seed as a
 real training run; the table (Markdown) gives the mean and standard error over seeds and each variant's paired
-differences in samples and macro F1 from its group's first row that reads the same inputs. Rerunning the same command resumes: finished runs are read
-back from OUTPUT/results.jsonl.
+differences in samples and macro F1 from its group's first row that reads the same inputs. Rerunning the same
+command resumes: finished runs are read back from OUTPUT/results.jsonl. A rerun on that OUTPUT with other data,
+validation fraction, epochs or image size exits 8 (its settings are in OUTPUT/settings.json).
 
 Example (the real tables and the 2,511 real images beside the repo; about 2 hours on a 2-core CPU):
   python jobs/compare_recipes.py --data ../shared/data/comp5329 --images images --output /tmp/mlc-recipes

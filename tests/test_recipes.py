@@ -82,6 +82,15 @@ def test_the_job_trains_the_caption_group_and_prints_the_table(tmp_path):
     assert (meta["config"]["loss"], meta["config"]["ema"]) == ("asl", 0.999)
     assert r.stdout.count("| captions |") == 6
 
+    results = (tmp_path / "o" / "results.jsonl").read_text()
+    r = subprocess.run([sys.executable, "jobs/compare_recipes.py", "--data", str(root), "--output", str(tmp_path / "o"),
+                        "--groups", "captions", "--seeds", "0,1", "--caption-epochs", "2", "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 8, r.stderr  # 1-epoch rows would be averaged with 2-epoch ones
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "caption_epochs: 1 there, 2 now" in error and "--output" in error, error
+    assert (tmp_path / "o" / "results.jsonl").read_text() == results
+
 
 def test_an_unknown_group_is_a_usage_error(tmp_path):
     r = subprocess.run([sys.executable, "jobs/compare_recipes.py", "--data", str(tmp_path), "--groups", "nope"],

@@ -7,7 +7,8 @@ Groups (each a list of variants; every variant runs once per seed, on mlc's spli
   scratch at a small size: ``image`` and ``image+caption``, each with bce and asl;
 - ``backbones``: the same rows, ``image`` with bce: ResNet50 beside timm models (the extra ``mlc[timm]``).
 Every run is a real training run (:func:`mlc.fit`); its numbers are the best epoch's validation metrics. Results
-go to ``output/results.jsonl``, one line per finished run, so an interrupted table resumes where it stopped.
+go to ``output/results.jsonl``, one line per finished run, so an interrupted table resumes where it stopped; the
+table-wide settings go to ``output/settings.json``, and a resume with other ones is refused.
 The summary gives each variant's mean and standard error over seeds, and its paired differences in samples and
 macro F1 against its group's first variant that reads the same inputs (same seeds, same splits), which is what a
 choice between them rests on.
@@ -77,6 +78,8 @@ def run_all(data: str, output: str, *, images: str | None = None, groups=GROUPS,
             bases["images"] = bases["backbones"] = {**scratch, "epochs": image_epochs}
             rows["images"] = rows["backbones"] = len(sub)
     results_path = storage.join(output, "results.jsonl")
+    _check_settings(output, dict(data=data, images=images, val_fraction=val_fraction, caption_epochs=caption_epochs,
+                                 image_epochs=image_epochs, image_size=image_size), log)
     done = _read_results(results_path)
     for seed in seeds:
         for v in variants(groups, ema=ema, backbones=backbones):
@@ -98,6 +101,26 @@ def _train(cfg: TrainConfig, v: Variant, seed: int, rows: int, log) -> dict:
     log(f"recipes: {v.name} seed {seed}: samples F1 {row['f1_samples']:.4f}, macro {row['f1_macro']:.4f}, "
         f"mAP {row['map']:.4f} ({row['seconds']:.0f} s)")
     return row
+
+
+def _check_settings(output: str, settings: dict, log) -> None:
+    """Refuse to add runs to a table made with other table-wide settings: a resume reads finished runs back by
+    name and seed, and rows trained on other data or for other epochs would be averaged and paired as if equal.
+    (The per-variant settings, EMA decay and backbones, are in the run names.)"""
+    from mlc.model.checkpoint import ConfigMismatch
+    path = storage.join(output, "settings.json")
+    if storage.exists(path):
+        old = json.loads(storage.read_bytes(path))
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            listed = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise ConfigMismatch(f"{storage.safe_url(output)} holds a table made with other settings ({listed}); "
+                                 "rerun with the same flags to resume it, or give another --output")
+        return
+    if storage.exists(storage.join(output, "results.jsonl")):
+        log(f"recipes: note: {storage.safe_url(output)} has results but no settings.json (an older table); "
+            "taking the current settings as theirs")
+    storage.write_text(path, json.dumps(settings, indent=1) + "\n")
 
 
 def _read_results(path: str) -> dict:
