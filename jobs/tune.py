@@ -49,7 +49,7 @@ def configs(args: argparse.Namespace):
     the sweep's lists of choices (SweepConfig's), not the training config's one value."""
     sweeps = {"inputs", "loss", "asl_gamma_neg", "pos_weight"}
     base = config_from_args(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in sweeps}))
-    return base, sweep_from_args(args)
+    return base, sweep_from_args(args, demo=base.data is None)
 
 
 def main(args: argparse.Namespace) -> dict:

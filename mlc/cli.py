@@ -225,6 +225,10 @@ def _int_list(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _demo(name: str) -> str:
+    return f"; demo: {','.join(DEMO_SWEEP[name])}" if name in DEMO_SWEEP else ""
+
+
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     d = SweepConfig()
     g = p.add_argument_group("sweep", "Trials at once: as many as the cluster holds once the autoscaler has added "
@@ -237,10 +241,11 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
                            help=f"{f.metadata['help']} (default: {','.join(map(str, default))})")
         elif f.name in ("loss", "pos_weight", "asl_gamma_neg"):  # checked and converted by SweepConfig
             g.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
-                           help=f"{f.metadata['help']} (default: {','.join(map(str, default))})")
+                           help=f"{f.metadata['help']} (default: {','.join(map(str, default))}{_demo(f.name)})")
         elif f.name == "inputs":
             g.add_argument("--inputs", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()),
-                           default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {','.join(default)})")
+                           default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} (default: {','.join(default)}{_demo(f.name)})")
         elif isinstance(default, bool):
             g.add_argument("--" + f.name.replace("_", "-"), action=BoolFlag, default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} (default: {'on' if default else 'off'})")
@@ -251,8 +256,16 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
                            help=f"{f.metadata['help']} (default: {default if default is not None else 'auto'})")
 
 
-def sweep_from_args(args: argparse.Namespace) -> SweepConfig:
+# On the demo set (no --data) a sweep's fixed inputs and loss are the demo's, as a training run's are, unless
+# the sweep names its own: SweepConfig's defaults (auto, asl) would read the demo's generated captions and
+# score 1.0, with the loss measured on captioned data rather than the demo's.
+DEMO_SWEEP = {"inputs": (DEMO_DEFAULTS["inputs"],), "loss": (DEMO_DEFAULTS["loss"],)}
+
+
+def sweep_from_args(args: argparse.Namespace, *, demo: bool = False) -> SweepConfig:
     given = _section(args, SweepConfig, "sweep")
+    if demo:
+        given = {**DEMO_SWEEP, **given}
     try:
         return SweepConfig(**given)
     except ValueError as e:

@@ -193,6 +193,24 @@ def test_the_tune_job_takes_the_loss_settings_as_the_sweeps_choices():
     assert base.loss == TrainConfig().loss  # the default: a trial takes its draw
 
 
+def test_a_sweep_on_the_demo_set_fixes_the_demos_inputs_and_loss_unless_it_names_its_own():
+    """The demo's captions are generated from its labels (a network reading them scores 1.0), and its loss is the
+    one measured for image-only training from scratch: a demo sweep must not take the captioned-data defaults."""
+    import sys
+    from mlc.data.demo import DEMO_DEFAULTS
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import tune as tune_job
+    parse = tune_job.get_args_parser().parse_args
+    base, sweep = tune_job.configs(parse([]))
+    assert base.data is None and (sweep.inputs, sweep.loss) == ((DEMO_DEFAULTS["inputs"],), (DEMO_DEFAULTS["loss"],))
+    assert (sweep.inputs, sweep.loss) != (SweepConfig().inputs, SweepConfig().loss)
+    _, sweep = tune_job.configs(parse(["--loss", "asl", "--inputs", "image,caption"]))
+    assert (sweep.inputs, sweep.loss) == (("image", "caption"), ("asl",))
+    _, sweep = tune_job.configs(parse(["--data", "/d"]))
+    assert (sweep.inputs, sweep.loss) == (SweepConfig().inputs, SweepConfig().loss)
+    assert "demo: bce)" in " ".join(tune_job.get_args_parser().format_help().split())
+
+
 def test_an_unknown_model_stops_a_sweep_before_ray_starts(tmp_path):
     from mlc.config import TrainConfig
     from mlc.distributed.tune import run_sweep
