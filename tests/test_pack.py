@@ -223,7 +223,8 @@ def test_the_compact_store_of_real_images_takes_a_tenth_of_raw_bytes_or_less(rea
               test_csv=str(tables / "test.csv"), output=pack, image_size=224)
     got = {}
     for form, budget in (("raw", None), ("compact", 0.01)):  # raw: 64 x 307 KB = 19.7 MB, over 10.7 MB
-        cfg = TrainConfig(data=pack, inputs="image", store_budget=budget, **{**SMALL, "image_size": 224})
+        cfg = TrainConfig(data=pack, inputs="image", store="memory", store_budget=budget,
+                          **{**SMALL, "image_size": 224})
         said = []
         data = prepare_data(cfg, lambda *_: None)
         _, val, store = open_sources(cfg, data, said.append)
@@ -275,7 +276,7 @@ def test_the_f1_pairs_benchmark_trains_each_seed_from_the_source_raw_and_from_th
     assert [r["seed"] for r in rows] == [1]
     assert rows[0]["raw"] == _fit(str(source), tmp_path / "oracle", seed=1, epochs=1)["best"]["f1_samples"]
     compact = json.loads((tmp_path / "runs" / "compact_s1" / "config.json").read_text())["train"]
-    assert compact["data"] == packs["jpeg"] and compact["store_budget"] > 0
+    assert compact["data"] == packs["jpeg"] and compact["store_budget"] > 0 and compact["store"] == "memory"
     s = paired_summary([{"raw": 0.5, "compact": 0.6}, {"raw": 0.7, "compact": 0.7}, {"raw": 0.8, "compact": 0.75}])
     assert (s["seeds"], s["raw"], s["compact"]) == (3, pytest.approx(2 / 3), pytest.approx(0.6833333))
     d = np.array([0.1, 0.0, -0.05])

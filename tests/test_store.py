@@ -212,10 +212,17 @@ def test_where_the_store_goes(roots, monkeypatch):
     keys = {"raw": "k", "compact": "kc"}
     root, slot, msg = store_choice.choose("auto", None, n, side, keys)
     assert root == str(mem) and slot is None and "raw, in memory" in msg
-    # over the memory budget for raw pixels, not for JPEG slots: compact, in memory, with the decode rate said
-    root, slot, msg = store_choice.choose("auto", (need + small) / 2 / 2**30, n, side, keys)
+    # over the memory budget for raw pixels, not for JPEG slots, and the disk holds raw pixels: the rates decide
+    raw_slot = st.nbytes(1, side)
+    monkeypatch.setattr(store_choice, "decode_rate", lambda s: 1000.0)
+    monkeypatch.setattr(store_choice, "disk_read_rate", lambda root, chunk: 1500.0 * raw_slot)
+    root, slot, msg = store_choice.choose("auto", (need + small) / 2 / 2**30, n, side, keys, decoders=2)
     assert root == str(mem) and slot == st.compact_bytes(side) and "compact, in memory" in msg
     assert "images/s a core" in msg and "do not fit" in msg
+    assert "compact in memory chosen by rate" in msg and "1500 images/s" in msg and "2000 images/s by 2" in msg, msg
+    root, slot, msg = store_choice.choose("auto", (need + small) / 2 / 2**30, n, side, keys, decoders=1)
+    assert root == str(disk) and slot is None and "raw, in local disk" in msg, msg  # 1,500 read beat 1,000 decoded
+    assert "raw on local disk chosen by rate" in msg and "1000 images/s by 1" in msg, msg
     root, slot, msg = store_choice.choose("auto", small / 2 / 2**30, n, side, keys)  # neither fits memory: disk
     assert root == str(disk) and slot is None and "local disk" in msg and "memory" in msg
     monkeypatch.setattr(store_choice, "free_bytes", lambda r: small)  # half the disk holds neither: stream
@@ -232,6 +239,13 @@ def test_where_the_store_goes(roots, monkeypatch):
         s.close()
 
 
+def test_the_disk_read_rate_is_measured_on_a_file_it_removes(tmp_path):
+    rate = store_choice.disk_read_rate(str(tmp_path / "store"), 300 * 1024, total=4 * 2**20)
+    assert 0 < rate < float("inf")
+    assert list((tmp_path / "store").iterdir()) == []
+    assert store_choice.disk_read_rate(str(tmp_path / "store"), 300 * 1024) == rate  # once a process
+
+
 def _table(paths, transform, store=None):
     y = np.eye(3, dtype=np.float32)[np.arange(len(paths)) % 3]
     if store is None:
@@ -246,7 +260,8 @@ def test_a_table_reads_the_same_rows_while_filling_and_from_the_store(roots, tmp
     bad.write_bytes(b"<html>not an image</html>")
     paths = paths + [bad]
     budget = None if form == "raw" else 0.0002  # 200 KiB: the 25 JPEG slots (69 KB), not their pixels (691 KB)
-    store = store_choice.open_for_run([str(p) for p in paths], 64, "auto", budget, lambda *_: None)
+    # memory: with auto the disk could win by rate (tested in test_where_the_store_goes)
+    store = store_choice.open_for_run([str(p) for p in paths], 64, "memory", budget, lambda *_: None)
     try:
         assert (store.compact is not None) == (form == "compact")
         ds = _table(paths, train_transform(64), store)

@@ -100,7 +100,8 @@ def store_bytes(pack: str, image_size: int) -> dict:
     for form, budget in (("raw", None), ("compact", _compact_budget(pack, image_size))):
         with tempfile.TemporaryDirectory(prefix="mlc-bench-store-", dir=_memory()) as root:
             os.environ["MLC_STORE_MEMORY_DIR"], os.environ["MLC_STORE_DIR"] = root, root + "/disk"
-            cfg = TrainConfig(data=pack, inputs="image", image_size=image_size, weights="none",
+            # memory: under auto the local disk's raw store could win by rate (store_choice.choose)
+            cfg = TrainConfig(data=pack, inputs="image", image_size=image_size, weights="none", store="memory",
                               store_budget=budget, loader_workers=0)
             run = prepare_data(cfg, lambda *_: None)
             _, _, store = open_sources(cfg, run, lambda *_: None)
@@ -177,7 +178,7 @@ def f1_pairs(source: str, pack: str, image_size: int, seeds, output: str, settin
     for seed in seeds:
         row = {"seed": seed}
         for name, data, budget in (("raw", source, None), ("compact", pack, _compact_budget(pack, image_size))):
-            cfg = TrainConfig(**{**settings, "data": data, "image_size": image_size, "seed": seed,
+            cfg = TrainConfig(**{**settings, "data": data, "image_size": image_size, "seed": seed, "store": "memory",
                                  "store_budget": budget, "output": storage.join(output, f"{name}_s{seed}")})
             row[name] = fit(cfg, fresh=True, log=lambda *_: None, progress=False)["best"]["f1_samples"]
         rows.append(row)

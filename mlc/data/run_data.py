@@ -183,9 +183,10 @@ def test_images(data: RunData):
     return data.paths.images if data.packed_test is None else data.packed_test
 
 
-def open_sources(cfg: TrainConfig, data: RunData, log=print):
+def open_sources(cfg: TrainConfig, data: RunData, log=print, *, decoders: int = 1):
     """``(train, validation, store)``: the run's two sources, both reading through one store of every labelled
-    row when there is one (``store`` None: streaming). The caller closes the store when training ends."""
+    row when there is one (``store`` None: streaming). The caller closes the store when training ends.
+    ``decoders``: the processes that will decode the batches (the loader's workers, or this one)."""
     def tokens(rows):
         return [data.tokens[i] for i in rows] if data.tokens is not None else None
 
@@ -193,7 +194,8 @@ def open_sources(cfg: TrainConfig, data: RunData, log=print):
     reads = uses_images(cfg.inputs)
     store = open_for_run(data.urls, cfg.image_size, cfg.store, cfg.store_budget, log,
                          reason_off=None if reads else "the network reads no images",
-                         key=None if data.packed is None else data.packed.pack.manifest["source"]["key"])
+                         key=None if data.packed is None else data.packed.pack.manifest["source"]["key"],
+                         decoders=decoders)
     if data.packed is not None:
         if store is None:
             raise DataError(f"{storage.safe_url(data.packed.url)} is a pack, which a run reads into the image store "

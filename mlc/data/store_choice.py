@@ -47,22 +47,57 @@ def _gib(b: float) -> str:
     return f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
 
 
-def choose(mode: str, budget: float | None, n: int, side: int, keys: dict) -> tuple[str | None, int | None, str]:
+def choose(mode: str, budget: float | None, n: int, side: int, keys: dict, *, decoders: int = 1
+           ) -> tuple[str | None, int | None, str]:
     """Where the store of ``n`` rows of ``side`` px goes and in which form: ``(root or None to stream, compact
     bytes a slot or None for raw pixels, what to log)``.
 
     ``mode``: auto (memory, else local disk when half its free space holds it, else stream), memory, disk, or
     off. In each place raw pixels are tried first (no decoding per batch), then the compact form (JPEG slots,
-    a tenth of the raw bytes or less, decoded by the loader's CPUs). Raw wins wherever it fits, since it costs no
-    decoding; compact wins over streaming wherever it fits, since a slot JPEG decodes several times faster than
-    the original (docs/measurements-pack.md) and costs no storage request. The measured decode rate is said with
-    a compact choice, so a user sees what the loader's CPUs can feed. ``budget``: GiB of memory; None: half of what is
-    available now (and what /dev/shm has free). A store that already exists (``keys``: its key for each form;
-    another worker or trial on this node made it) is used wherever it is.
+    a tenth of the raw bytes or less, decoded by the loader's CPUs). Raw in memory wins wherever it fits, since it
+    costs neither decoding nor disk reads; compact wins over streaming wherever it fits, since a slot JPEG decodes
+    as fast as the original or faster (docs/measurements-pack.md) and costs no storage request. Where memory holds
+    only the compact form and the local disk holds raw pixels, the two rates decide (:func:`_by_rate`): the
+    ``decoders`` loader processes' slot decoding, measured here, against raw slots read from that disk, measured
+    there. ``budget``: GiB of memory; None: half of what is available now (and what /dev/shm has free). A store
+    that already exists (``keys``: its key for each form; another worker or trial on this node made it) is used
+    wherever it is.
     """
     if mode == "off":
         return None, None, "image store: off (--store off); images are read and decoded every epoch"
     compact = compact_bytes(side)
+    existing = _existing(mode, keys, n, side, compact)
+    if existing is not None:
+        return existing
+    places, notes = _places(mode, budget)
+    fits = []  # (where, root, form, slot, room), in the order above
+    for where, root, room in places:
+        fits += [(where, root, form, slot, room) for form, slot in (("raw", None), ("compact", compact))
+                 if nbytes(n, side, slot) <= room]
+        if not any(f[0] == where for f in fits):
+            notes.append(f"{where}: {_gib(room)} holds neither {_gib(nbytes(n, side))} raw nor "
+                         f"{_gib(nbytes(n, side, compact))} compact")
+    if fits:
+        where, root, form, slot, room = fits[0]
+        said = _said(form, where, root, n, side, nbytes(n, side, slot), room, notes)
+        disk_raw = [f for f in fits if f[0] == "local disk" and f[2] == "raw"]
+        if (where, form) == ("memory", "compact") and disk_raw:
+            use_disk, why = _by_rate(side, decoders, disk_raw[0][1])
+            if use_disk:
+                where, root, form, slot, room = disk_raw[0]
+                said = _said(form, where, root, n, side, nbytes(n, side), room, notes)
+            said += f"; {why}"
+        return root, slot, said
+    msg = f"image store: {n} images at {side}x{side} px do not fit ({'; '.join(notes)})"
+    if mode != "auto":
+        raise ValueError(f"--store {mode}: {msg}; raise --store-budget, set MLC_STORE_DIR to a larger local disk, "
+                         "or use --store auto")
+    return None, None, (msg + "; streaming: images are read and decoded every epoch. --store-budget GIB or "
+                        "MLC_STORE_DIR (a larger local disk) would let them be decoded once")
+
+
+def _existing(mode: str, keys: dict, n: int, side: int, compact: int):
+    """:func:`choose`'s answer for a store of ``keys`` already on this node where ``mode`` allows it, else None."""
     for form, key in keys.items():
         existing = find(key)
         if existing is not None and (mode == "auto" or existing == (memory_root() if mode == "memory" else disk_root())):
@@ -70,20 +105,7 @@ def choose(mode: str, budget: float | None, n: int, side: int, keys: dict) -> tu
             size = nbytes(n, side, compact if form == "compact" else None)
             return existing, (compact if form == "compact" else None), \
                 f"image store: {form}, in {where} ({n} images, {_gib(size)}), shared with the processes already using it"
-    places, notes = _places(mode, budget)
-    for where, root, room in places:
-        for form, slot in (("raw", None), ("compact", compact)):
-            size = nbytes(n, side, slot)
-            if size <= room:
-                return root, slot, _said(form, where, root, n, side, size, room, notes)
-        notes.append(f"{where}: {_gib(room)} holds neither {_gib(nbytes(n, side))} raw nor "
-                     f"{_gib(nbytes(n, side, compact))} compact")
-    msg = f"image store: {n} images at {side}x{side} px do not fit ({'; '.join(notes)})"
-    if mode != "auto":
-        raise ValueError(f"--store {mode}: {msg}; raise --store-budget, set MLC_STORE_DIR to a larger local disk, "
-                         "or use --store auto")
-    return None, None, (msg + "; streaming: images are read and decoded every epoch. --store-budget GIB or "
-                        "MLC_STORE_DIR (a larger local disk) would let them be decoded once")
+    return None
 
 
 def _places(mode: str, budget: float | None) -> tuple[list, list]:
@@ -110,6 +132,52 @@ def _said(form: str, where: str, root: str, n: int, side: int, size: int, room: 
         said += (f", then each batch's JPEG slots are decoded by the loader (about {decode_rate(side):.0f} "
                  f"images/s a core here; raw pixels, {_gib(nbytes(n, side))}, do not fit)")
     return said + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _by_rate(side: int, decoders: int, disk: str) -> tuple[bool, str]:
+    """Whether raw pixels on the local disk ``disk`` feed the loader faster than compact slots in memory decoded by
+    ``decoders`` processes, and the two rates in words. Which wins depends on the node: a fast NVMe disk beside
+    few CPUs favours raw, many CPUs or a network disk favour compact (a 224 px run's raw slot is 300 KB: 1 GB/s
+    reads 3,300 a second, while one core decodes 1,300-3,300 slot JPEGs, docs/measurements-pack.md)."""
+    compact = decode_rate(side) * max(1, decoders)
+    raw = disk_read_rate(disk, nbytes(1, side, None)) / nbytes(1, side, None)
+    use_disk = raw > compact
+    return use_disk, (f"{'raw on local disk' if use_disk else 'compact in memory'} chosen by rate: raw slots read "
+                      f"from {disk} at about {raw:.0f} images/s, compact slots decoded at about {compact:.0f} "
+                      f"images/s by {max(1, decoders)} loader process(es)")
+
+
+_DISK_RATES: dict = {}
+
+
+def disk_read_rate(root: str, chunk: int, total: int = 32 * 2**20) -> float:
+    """Bytes a second read from ``root``'s disk in ``chunk``-byte pieces at shuffled offsets (as a store's slots are
+    read), measured once per process on a file written there, its pages dropped from the cache first (so the disk
+    is measured, not memory), then removed."""
+    if root not in _DISK_RATES:
+        import time
+        os.makedirs(root, exist_ok=True)
+        path = os.path.join(root, f".read-rate-{os.getpid()}")
+        count = max(1, total // chunk)
+        try:
+            with open(path, "wb") as f:
+                f.write(os.urandom(chunk) * count)
+                f.flush()
+                os.fsync(f.fileno())
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                order = np.random.default_rng(0).permutation(count)
+                t = time.perf_counter()
+                for i in order:
+                    os.pread(fd, chunk, int(i) * chunk)
+                _DISK_RATES[root] = count * chunk / (time.perf_counter() - t)
+            finally:
+                os.close(fd)
+        finally:
+            if os.path.exists(path):
+                os.remove(path)
+    return _DISK_RATES[root]
 
 
 _RATES: dict = {}
@@ -150,16 +218,17 @@ def store_keys(urls: list, image_size: int, key: str | None = None) -> tuple[dic
 
 
 def open_for_run(urls: list, image_size: int, mode: str, budget: float | None, log=print, *, reason_off=None,
-                 key: str | None = None):
+                 key: str | None = None, decoders: int = 1):
     """The store of a run's labelled images (every row of the table, so training and validation share it),
     opened or created; None when the run streams. ``reason_off``: why the store cannot be used this run.
-    ``key``: see :func:`store_keys`."""
+    ``key``: see :func:`store_keys`. ``decoders``: the processes that decode a batch (the loader's workers, or
+    the training process itself), for :func:`choose`."""
     from mlc.data.augment import slot_side
     if reason_off:
         log(f"image store: off ({reason_off}); images are read and decoded every epoch")
         return None
     keys, side = store_keys(urls, image_size, key) if mode != "off" else ({}, slot_side(image_size))
-    root, compact, message = choose(mode, budget, len(urls), side, keys)
+    root, compact, message = choose(mode, budget, len(urls), side, keys, decoders=decoders)
     if root is None:
         log(message)
         return None

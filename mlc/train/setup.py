@@ -101,7 +101,7 @@ def setup(cfg: TrainConfig, group: Group, data: RunData, log) -> Run:
     steps.optimizer, steps.scheduler = _optimizer(cfg, model, per_epoch, steps.device, log)
     steps.loss = make_loss(cfg, data.Y[data.tr])
     log(describe_loss(steps.loss))
-    train_source, val_source, store = open_sources(cfg, data, log)
+    train_source, val_source, store = open_sources(cfg, data, log, decoders=max(1, workers))
     run = Run(cfg, data, model, _step_model(cfg, group, model, state, len(data.tr), steps, log), steps, train_source,
               val_source, store, BadImageBudget(len(data.train_df), cfg.max_bad_fraction, log=log), workers,
               per_epoch, drop_last)
