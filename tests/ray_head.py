@@ -19,18 +19,29 @@ import time
 from pathlib import Path
 
 
-# The ports tests hand to servers come from below Linux's ephemeral range (32768-60999 by default), never
-# from a bind to port 0: a port taken that way is free again once its socket closes, and the kernel gave
-# the same one to a raylet's own bind-to-0 gRPC server a second later (the dashboard agent then failed to
-# bind its pinned port and the head died: "Address already in use", seen in CI). Ray's worker ports are
-# 10002-19999, so the range starts above them.
-TEST_PORTS = range(20000, 32768)
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for binds to port 0 (Linux's default where it cannot be read)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2]
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+# The ports tests hand to servers lie outside the kernel's ephemeral range, never come from a bind to port 0:
+# a port taken that way is free again once its socket closes, and the kernel gave the same one to a raylet's
+# own bind-to-0 gRPC server a second later (the dashboard agent then failed to bind its pinned port and the
+# head died: "Address already in use", seen in CI). Ray's worker ports are 10002-19999, so they start above.
+TEST_PORTS = [p for p in range(20000, 65536) if not ephemeral_ports()[0] <= p <= ephemeral_ports()[1]]
 _given: set[int] = set()
 _rng = random.Random(os.urandom(16))  # not the random module's state, which tests seed
 
 
 def free_port() -> int:
-    """A port nothing listens on now that no bind-to-0 can be given, and not handed out before in this process."""
+    """A free port outside the ephemeral range, not handed out before in this process."""
+    if not TEST_PORTS:
+        raise RuntimeError(f"no port in 20000-65535 lies outside the ephemeral range {ephemeral_ports()} "
+                           "(/proc/sys/net/ipv4/ip_local_port_range): narrow that range to run the Ray tests")
     for _ in range(1000):
         port = _rng.choice(TEST_PORTS)
         if port in _given:
@@ -42,7 +53,7 @@ def free_port() -> int:
                 continue
         _given.add(port)
         return port
-    raise RuntimeError(f"no free port in {TEST_PORTS.start}-{TEST_PORTS.stop - 1} after 1000 tries")
+    raise RuntimeError("no free port outside the ephemeral range after 1000 tries")
 
 
 def own_ports() -> list[str]:

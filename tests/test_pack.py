@@ -178,6 +178,17 @@ def _fit(data: str, out: Path, **kw) -> dict:
             "val": (out / "best" / "val_probabilities.csv").read_text()}
 
 
+def test_a_run_whose_test_table_lists_an_image_the_pack_lacks_is_refused_before_training(packs, tmp_path):
+    from mlc.data.run_data import prepare_data
+    from mlc.errors import DataError
+    test_csv = tmp_path / "test.csv"
+    test_csv.write_text("ImageID\nnot-packed.jpg\n")
+    cfg = TrainConfig(data=packs["jpeg"], test_csv=str(test_csv), inputs="image", **SMALL)
+    with pytest.raises(DataError, match=r"1 of the \d+ ImageIDs of the run's two tables are not in the pack .*"
+                                        r"'not-packed.jpg'.*give the tables the pack was made from"):
+        prepare_data(cfg, lambda *_: None)
+
+
 def test_a_caption_run_from_a_pack_is_the_run_from_its_source(source, packs, tmp_path):
     a = _fit(str(source), tmp_path / "source", inputs="caption", epochs=2)
     b = _fit(packs["jpeg"], tmp_path / "packed", inputs="caption", epochs=2)

@@ -69,6 +69,27 @@ def test_each_variant_runs_once_per_seed_and_the_summary_is_by_seed(tmp_path, mo
     assert calls == [] and len(again) == len(results)
     assert len((tmp_path / "rec" / "results.jsonl").read_text().splitlines()) == len(results)
 
+    # Other table-wide settings: refused before anything is written, the subset the runs point to included.
+    from mlc.model.checkpoint import ConfigMismatch
+    subset = (tmp_path / "rec" / "subset" / "train.csv").read_text()
+    (root / "data" / "1.jpg").unlink()  # a new subset would lose this row
+    with pytest.raises(ConfigMismatch, match="image_size: 32 there, 48 now"):
+        recipes.run_all(str(root), str(tmp_path / "rec"), **{**kw, "image_size": 48})
+    assert (tmp_path / "rec" / "subset" / "train.csv").read_text() == subset and calls == []
+
+
+def test_image_groups_without_images_are_a_data_error_not_a_captions_only_table(tmp_path, monkeypatch):
+    from mlc.bench import recipes
+    from mlc.errors import DataError
+    from mlc.train import driver
+    root = _dataset(tmp_path / "ds", n=30)
+    calls = []
+    monkeypatch.setattr(driver, "fit", _fake_fit(calls))
+    with pytest.raises(DataError, match="check --images, or give --groups captions"):
+        recipes.run_all(str(root), str(tmp_path / "rec"), images="elsewhere", groups=("captions", "images"),
+                        log=lambda *_: None)
+    assert calls == []
+
 
 def test_the_job_trains_the_caption_group_and_prints_the_table(tmp_path):
     root = _dataset(tmp_path / "ds", n=30)
@@ -93,7 +114,7 @@ def test_the_job_trains_the_caption_group_and_prints_the_table(tmp_path):
 
 
 def test_an_unknown_group_is_a_usage_error(tmp_path):
-    r = subprocess.run([sys.executable, "jobs/compare_recipes.py", "--data", str(tmp_path), "--groups", "nope"],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "jobs/compare_recipes.py", "--data", str(tmp_path), "--groups", "nope",
+                        "--output", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --groups: unknown group 'nope'")
-    assert not (tmp_path / "results.jsonl").exists()
+    assert not (tmp_path / "o").exists()

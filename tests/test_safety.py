@@ -252,6 +252,20 @@ def test_a_lock_from_another_host_holds_until_its_lease_lapses(tmp_path):
     assert not lock.exists() and any("not renewed it for" in line for line in logs)
 
 
+def test_the_lock_works_on_a_filesystem_without_hard_links(tmp_path, monkeypatch):
+    import errno
+    from mlc.io import lock as lock_mod
+
+    def no_link(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(lock_mod.os, "link", no_link)
+    with hold(str(tmp_path / "out")):
+        assert json.loads((tmp_path / "out" / LOCK_NAME).read_text())["pid"] == os.getpid()
+        assert OutputLock(str(tmp_path / "out"))._create() is False  # create-only still: a second writer loses
+    out = tmp_path / "out"
+    assert not out.exists() or list(out.iterdir()) == []  # released, and no private .lock-* file left
+
+
 RACER = ("import sys, time\nfrom mlc.io.lock import OutputLock, OutputLocked\nstart = float(sys.argv[2])\n"
          "time.sleep(max(0.0, start - time.time()))\ntry:\n    OutputLock(sys.argv[1]).acquire()\n    print('won')\n"
          "    time.sleep(3)\nexcept OutputLocked:\n    print('lost')\n")

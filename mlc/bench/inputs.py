@@ -106,12 +106,12 @@ def write_present_subset(paths: DataPaths, pack, df: pd.DataFrame, test: pd.Data
     present = _present(paths, pack)
     sub = df[df.ImageID.isin(present)].reset_index(drop=True)
     if len(sub) < 20:
-        log(f"compare: only {len(sub)} labelled rows have their image in {paths.images}; no image rows")
+        log(f"image rows: only {len(sub)} labelled rows have their image in {paths.images}; no image rows")
         return None
     sub_root = storage.join(output, "subset")
     storage.write_text(storage.join(sub_root, "train.csv"), _csv(sub))
     storage.write_text(storage.join(sub_root, "test.csv"), _csv(test[test.ImageID.isin(present)]))
-    log(f"compare: {len(sub)} labelled rows with images present")
+    log(f"image rows: {len(sub)} labelled rows with images present")
     return storage.join(sub_root, "train.csv"), storage.join(sub_root, "test.csv"), sub
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from mlc.io import storage
+from mlc.errors import DataError
 from mlc.config import TrainConfig
 from mlc.data.run_data import DataPaths, read_tables
 from mlc.data.pack import open_pack
@@ -63,6 +64,9 @@ def run_all(data: str, output: str, *, images: str | None = None, groups=GROUPS,
             val_fraction: float = 0.2, caption_epochs: int = 10, image_epochs: int = 8, image_size: int = 64,
             ema: float = 0.999, backbones=DEFAULT_BACKBONES, log=print) -> pd.DataFrame:
     """Train every variant of ``groups`` once per seed (skipping runs already in results.jsonl); the results."""
+    # Before anything is written: a refused resume must leave the table's subset and runs as they were.
+    _check_settings(output, dict(data=data, images=images, val_fraction=val_fraction, caption_epochs=caption_epochs,
+                                 image_epochs=image_epochs, image_size=image_size), log)
     paths = DataPaths.resolve(data, images)
     pack = open_pack(paths.pack) if paths.pack else None
     df, test = read_tables(paths, pack=pack)
@@ -71,15 +75,16 @@ def run_all(data: str, output: str, *, images: str | None = None, groups=GROUPS,
     rows = {"captions": len(df)}
     if set(groups) - {"captions"}:
         subset = write_present_subset(paths, pack, df, test, output, log)
-        if subset is not None:
-            sub_train, sub_test, sub = subset
-            scratch = scratch_settings(data, images, sub_train, sub_test, image_size=image_size,
-                                       val_fraction=val_fraction, seed=0, model="resnet50")
-            bases["images"] = bases["backbones"] = {**scratch, "epochs": image_epochs}
-            rows["images"] = rows["backbones"] = len(sub)
+        if subset is None:  # a wrong --images, most often: the table must not quietly lose its image groups
+            raise DataError(f"--groups {','.join(g for g in groups if g != 'captions')}: fewer than 20 labelled rows "
+                            f"of {storage.safe_url(paths.train_csv)} have their image in {storage.safe_url(paths.images)}; check --images, "
+                            "or give --groups captions")
+        sub_train, sub_test, sub = subset
+        scratch = scratch_settings(data, images, sub_train, sub_test, image_size=image_size,
+                                   val_fraction=val_fraction, seed=0, model="resnet50")
+        bases["images"] = bases["backbones"] = {**scratch, "epochs": image_epochs}
+        rows["images"] = rows["backbones"] = len(sub)
     results_path = storage.join(output, "results.jsonl")
-    _check_settings(output, dict(data=data, images=images, val_fraction=val_fraction, caption_epochs=caption_epochs,
-                                 image_epochs=image_epochs, image_size=image_size), log)
     done = _read_results(results_path)
     for seed in seeds:
         for v in variants(groups, ema=ema, backbones=backbones):

@@ -50,17 +50,18 @@ class PackedImages:
         return PackedImages(self.pack, self.locs[positions], [self.ids[p] for p in positions])
 
 
-def locate_ids(pack: Pack, ids: list) -> PackedImages:
-    """The rows of ``ids`` in ``pack`` (either table); an ImageID the pack lacks is refused."""
+def locate_ids(pack: Pack, ids: list, what: str = "ImageIDs to predict",
+               advice: str = "predict them from their source, or pack a table that lists them") -> PackedImages:
+    """The rows of ``ids`` in ``pack`` (either table); an ImageID the pack lacks is refused (``what`` the ids are,
+    and ``advice``, in the error)."""
     index: dict = {}
     for t, table in enumerate(TABLES):
         for r, image_id in enumerate(read_frame(pack, table).ImageID):
             index.setdefault(image_id, (t, r))
     missing = [i for i in ids if i not in index]
     if missing:
-        raise DataError(f"{len(missing)} of the {len(ids)} ImageIDs to predict are not in the pack "
-                        f"{storage.safe_url(pack.url)} (first: {missing[0][:80]!r}); predict them from their source, "
-                        "or pack a table that lists them")
+        raise DataError(f"{len(missing)} of the {len(ids)} {what} are not in the pack "
+                        f"{storage.safe_url(pack.url)} (first: {missing[0][:80]!r}); {advice}")
     return PackedImages(pack, np.array([index[i] for i in ids], dtype=np.int64).reshape(-1, 2), list(ids))
 
 

@@ -137,7 +137,8 @@ def prepare_data(cfg: TrainConfig, log=print) -> RunData:
     elif uses_images(inputs):
         check_side(pack, cfg.image_size)
         # Both tables located at once: a test ImageID the pack lacks is refused now, not after training.
-        both = locate_ids(pack, list(train_df.ImageID) + list(test_df.ImageID))
+        both = locate_ids(pack, list(train_df.ImageID) + list(test_df.ImageID), "ImageIDs of the run's two tables",
+                          "give the tables the pack was made from (or none: the pack's own), or pack these tables")
         n = len(train_df)
         packed, packed_test = both.take(np.arange(n)), both.take(np.arange(n, len(both.ids)))
     data = RunData(paths, train_df, test_df, vocab, Y, tr, va, urls, inputs, packed=packed, packed_test=packed_test)

@@ -18,6 +18,7 @@ share it and the outermost release removes it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -37,6 +38,10 @@ LEASE_S = 300.0
 
 _held: dict = {}  # folder URL -> [OutputLock, depth]: this process's locks
 _held_guard = threading.Lock()
+
+
+# What os.link raises on a filesystem without hard links.
+NO_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 class OutputLocked(storage.StorageError):
@@ -120,6 +125,10 @@ class OutputLock:
                 os.link(tmp, path)
             except FileExistsError:
                 return False
+            except OSError as e:
+                if e.errno not in NO_LINKS:
+                    raise
+                return self._create_exclusive(path)
             finally:
                 os.unlink(tmp)
             return True
@@ -134,6 +143,17 @@ class OutputLock:
             storage.write_bytes(self.url, self._payload())
         # Read back: on a store that could not refuse the write, the last writer's token is what counts.
         return (self._read() or {}).get("token") == self.mine["token"]
+
+    def _create_exclusive(self, path: str) -> bool:
+        """Create-only without a hard link (a FUSE or SMB mount that has none): a racer could read the lock half
+        written and take it for a stale one, a narrower window than no create-only write at all."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._payload())
+        return True
 
     def _remove_stale(self, seen: dict) -> bool:
         """Remove the stale lock ``seen`` if it is still the one there; True when this run removed it."""
