@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -36,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image-size", type=int, default=224, help="input size in pixels (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input size in pixels (default: 224; with --pack-f1 the demo's 64)")
     p.add_argument("--batch-size", type=int, default=16, help="images per step (default: %(default)s)")
     p.add_argument("--depths", default="1,4", help="unfrozen depths to compare (default: %(default)s)")
     p.add_argument("--amp", default="off,bf16", help="precisions to compare: off, auto, bf16 (default: %(default)s)")
@@ -71,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     pk.add_argument("--pack-f1", default=None, metavar="SEEDS",
                     help="instead: validation F1 of the demo's run from its source through a raw store against its "
                          "pack through a compact store, paired by seed (comma-separated seeds, e.g. 0,1,2; "
-                         "--image-size 32 shrinks and re-encodes the 64 px demo images into 48 px slots)")
+                         "at the demo's 64 px by default; --image-size 32 shrinks and re-encodes them into 48 px slots)")
     io = p.add_argument_group("loader I/O (--io)")
     io.add_argument("--io", action="store_true", help="measure loader I/O instead of model compute")
     io.add_argument("--images", default=None,
@@ -159,23 +159,6 @@ def main_io(args: argparse.Namespace) -> list:
     return rows
 
 
-def _source_of_present_images(root: Path) -> tuple[Path, Path]:
-    """The real tables cut to the rows whose image is beside the repo (else the demo set): ``(tables, images)``."""
-    from mlc.data.table import read_table, submission_csv
-    real = Path(__file__).resolve().parents[2] / "shared" / "data" / "comp5329"
-    if not (real / "images").is_dir():
-        from mlc.data.demo import make_demo_dataset
-        demo = Path(make_demo_dataset())
-        return demo, demo / "data"
-    present = {p.name for p in (real / "images").iterdir()}
-    train, test = read_table(str(real / "train.csv")), read_table(str(real / "test.csv"))
-    keep = train.ImageID.isin(present).to_numpy()
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "train.csv").write_text(submission_csv(train.ImageID[keep], train.Labels[keep]))
-    (root / "test.csv").write_text("ImageID\n" + "".join(f"{i}\n" for i in test.ImageID if i in present))
-    return root, real / "images"
-
-
 def main_pack(args: argparse.Namespace) -> dict:
     import tempfile
     import time
@@ -187,15 +170,17 @@ def main_pack(args: argparse.Namespace) -> dict:
     import torch
 
     from mlc.bench import pack as bench
-    from pack_helpers import pack_here, synthetic_pack
+    from mlc.data.pack_write import PackConfig, pack_in_process
+    from pack_helpers import synthetic_pack
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="mlc-bench-pack-") as tmp:
-        tables, images = _source_of_present_images(Path(tmp) / "tables")
+        tables, images = bench.present_images_source(repo.parent / "shared" / "data" / "comp5329", Path(tmp) / "tables")
         names = sorted(p.name for p in images.iterdir())
         out["original_bytes"] = sum((images / n).stat().st_size for n in names) / len(names)
         local = str(Path(tmp) / "pack")
         start = time.perf_counter()
-        manifest = pack_here(data=str(tables), images=str(images), output=local, image_size=args.image_size)
+        manifest = pack_in_process(PackConfig(data=str(tables), images=str(images), output=local,
+                                              image_size=args.image_size), log=lambda *_: None)
         rows = sum(t["rows"] for t in manifest["tables"].values())
         out["pack_img_s"] = rows / (time.perf_counter() - start)
         print(f"pack: {rows} images from {images} in one process: {out['pack_img_s']:.0f} images/s "
@@ -234,53 +219,19 @@ def main_pack(args: argparse.Namespace) -> dict:
         made = time.perf_counter() - start
         out["manifest"] = bench.manifest_read(big)
         out["manifest"]["made_s"] = made
-    _print_pack(out, args)
+    print(bench.report(out, args.latency_ms))
+    if args.json:
+        print(json.dumps({(" ".join(map(str, k)) if isinstance(k, tuple) else k): v for k, v in out.items()}))
     return out
 
 
 def main_pack_f1(args: argparse.Namespace) -> list:
-    import tempfile
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from mlc.bench.pack import f1_pairs, paired_summary
-    from mlc.data.demo import DEMO_DEFAULTS, make_demo_dataset
-    from pack_helpers import pack_here
+    from mlc.bench.pack import demo_f1_pairs
     seeds = [int(x) for x in args.pack_f1.split(",") if x.strip()]
-    source = str(make_demo_dataset())
-    with tempfile.TemporaryDirectory(prefix="mlc-bench-f1-") as tmp:
-        pack_here(data=source, output=f"{tmp}/pack", image_size=args.image_size)
-        settings = {k: v for k, v in DEMO_DEFAULTS.items() if k not in ("output", "seed", "image_size")}
-        rows = f1_pairs(source, f"{tmp}/pack", args.image_size, seeds, f"{tmp}/runs", settings)
-    s = paired_summary(rows)
+    rows, s = demo_f1_pairs(seeds, args.image_size)
     print(f"demo at {args.image_size} px, {s['seeds']} seeds: samples F1 raw {s['raw']:.4f}, compact "
           f"{s['compact']:.4f}; paired compact - raw {s['diff']:+.4f} (standard error {s['diff_se']:.4f})")
     return rows
-
-
-def _print_pack(out: dict, args: argparse.Namespace) -> None:
-    per, packed = out[("one object per image", False)], out[("packed", False)]
-    slow_per, slow_packed = out[("one object per image", True)], out[("packed", True)]
-    print(f"\nfirst epoch (every labelled image read, decoded and stored), {per['images']} images:")
-    print("| source | requests | requests / image | img/s, proxy +0 ms | img/s, proxy +%g ms |" % args.latency_ms)
-    print("|---|---|---|---|---|")
-    for name, a, b in (("one object per image", per, slow_per), ("packed", packed, slow_packed)):
-        print(f"| {name} | {a['requests']} | {a['requests'] / a['images']:.4f} | {a['img_s']:.0f} | {b['img_s']:.0f} |")
-    print(f"ratios: {per['requests'] / max(1, packed['requests']):.0f}x fewer requests; "
-          f"{slow_packed['img_s'] / slow_per['img_s']:.1f}x the images/s at +{args.latency_ms:g} ms")
-    for form, r in out["store"].items():
-        print(f"store {form}: {r['laid_out'] / 1024:.1f} KB an image laid out, {r['allocated'] / 1024:.1f} KB allocated")
-    print(f"compact / raw, allocated: {out['store']['compact']['allocated'] / out['store']['raw']['allocated']:.3f}")
-    print(f"original JPEGs: {out['original_bytes'] / 1024:.1f} KB an image")
-    for q in out["quality"]:
-        print(f"slot JPEG quality {q['quality']}: {q['bytes'] / 1024:.1f} KB, {q['error']:.2f} grey levels mean "
-              f"absolute error, {q['decode_img_s']:.0f} images/s a core")
-    for name, rate in out["decode"].items():
-        print(f"decode, one core: {name}: {rate:.0f} images/s")
-    m = out["manifest"]
-    print(f"opening a pack of {m['rows']} rows ({m['shards']} shards, manifest {m['manifest_bytes'] / 1024:.0f} KB): "
-          f"{m['seconds']:.2f} s (made in {m['made_s']:.0f} s)")
-    if args.json:
-        print(json.dumps({(" ".join(map(str, k)) if isinstance(k, tuple) else k): v for k, v in out.items()}))
 
 
 def main(args: argparse.Namespace) -> list:
@@ -411,36 +362,14 @@ def main_spot(args: argparse.Namespace) -> dict:
 def main_e2e(args: argparse.Namespace) -> dict:
     import torch
 
-    from mlc.bench.e2e import paired_ratios, run
+    from mlc.bench.e2e import report, run
     folder = _image_folder(args)
     paths = sorted((str(p) for p in folder.iterdir() if p.is_file()), key=lambda s: (len(s), s))[: args.e2e_images]
     print(f"end to end: {len(paths)} images from {folder}, batch {args.batch_size}, {args.image_size} px, depth 1; "
           f"CPU, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
     out = run(paths, repeats=args.repeats_e2e, batch_size=args.batch_size, image_size=args.image_size)
     rows = out["rows"]
-    print(f"\nbest of {args.repeats_e2e} interleaved passes; mlc precision {out['amp']}, "
-          f"{out['loader_workers']} loader worker(s)\n")
-    print("| | 2020 pipeline | mlc (default flags) | model only | mlc / 2020 | mlc / model only |\n|---|---|---|---|---|---|")
-    for kind in ("train", "predict"):
-        a, b, c = (rows[(n, kind)]["img_s"] for n in ("2020", "mlc", "model only"))
-        print(f"| {kind} img/s | {a:.1f} | {b:.1f} | {c:.1f} | {b / a:.2f}x | {b / c:.0%} |")
-        if kind == "train":  # from the second epoch on, mlc reads the decode-once store
-            s, a, c = (rows[(n, "train")]["img_s"] for n in ("mlc store", "2020", "model only"))
-            print(f"| train img/s, later epochs (store) | {a:.1f} | {s:.1f} | {c:.1f} | {s / a:.2f}x | {s / c:.0%} |")
-            s, a, c = (rows[(n, "train")]["img_s"] for n in ("mlc spot", "2020", "model only"))
-            print(f"| train img/s, Spot hooks (seed, poll) | {a:.1f} | {s:.1f} | {c:.1f} | {s / a:.2f}x | {s / c:.0%} |")
-    for kind in ("train", "predict"):
-        print(f"| {kind} peak memory GB | " + " | ".join(f"{rows[(n, kind)]['peak_gb']:.2f}"
-                                                     for n in ("2020", "mlc", "model only")) + " | | |")
-    print("\nthe same ratios pass by pass (each pair ran back to back), and their median:")
-    r = paired_ratios(out["passes"], "train", "mlc", "mlc spot")
-    print("  train    mlc spot  / mlc         " + " ".join(f"{x:.1%}" for x in r)
-          + f"  (median {statistics.median(r):.1%})")
-    for name, kind in (("mlc", "train"), ("mlc store", "train"), ("mlc", "predict")):
-        for over, fmt in (("2020", "{:.2f}x"), ("model only", "{:.0%}")):
-            r = paired_ratios(out["passes"], kind, over, name)
-            print(f"  {kind:<8} {name:<9} / {over:<11} " + " ".join(fmt.format(x) for x in r)
-                  + f"  (median {fmt.format(statistics.median(r))})")
+    print(report(out, args.repeats_e2e))
     if args.json:
         print(json.dumps({f"{n} {k}": v for (n, k), v in rows.items()}))
     return out
@@ -448,6 +377,7 @@ def main_e2e(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     _args = get_args_parser().parse_args()
+    _args.image_size = _args.image_size or (64 if _args.pack_f1 else 224)
     if _args.gpu:
         from mlc.bench.gpu import main as gpu_main
         gpu_main(_args, _image_folder(_args))

@@ -12,18 +12,12 @@ import numpy as np
 from PIL import Image
 
 from mlc.data import pack_write
-from mlc.data.pack_write import PackConfig, finish_pack, start_pack, write_shard
+from mlc.data.pack_write import PackConfig, pack_in_process
 
 
 def pack_here(log=lambda *_: None, **kw) -> dict:
-    """``jobs/pack.py`` without Ray: the shards written one after another in this process."""
-    cfg = PackConfig(**kw)
-    job = start_pack(cfg, log=log)
-    if job.done is not None:
-        return job.done
-    results = [{**s, **write_shard(cfg.output, job.plan, s, job.source.frames[s["table"]], job.source.images,
-                                   cfg.max_image_pixels)} for s in job.plan["shards"]]
-    return finish_pack(cfg, job, results, 1.0, log=log)
+    """``jobs/pack.py`` without Ray (:func:`mlc.data.pack_write.pack_in_process`), its settings as keywords."""
+    return pack_in_process(PackConfig(**kw), log=log)
 
 
 def synthetic_pack(root: Path, n: int, rows_per_shard: int = 4096) -> str:

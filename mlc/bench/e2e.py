@@ -329,3 +329,33 @@ def paired_ratios(passes: dict, kind: str, over: str, name: str = "mlc") -> list
     """mlc's img/s over ``over``'s ("2020" or "model only") pass by pass: each pair ran back to back, so a slow
     spell of a shared machine hits both sides of a ratio, which the best of each column does not promise."""
     return [a / b for a, b in zip(passes[(name, kind)], passes[(over, kind)])]
+
+
+def report(out: dict, repeats: int) -> str:
+    """:func:`run`'s figures as ``jobs/bench.py --e2e`` prints them: the table, then the ratios pass by pass."""
+    import statistics
+    rows = out["rows"]
+    lines = [f"\nbest of {repeats} interleaved passes; mlc precision {out['amp']}, "
+             f"{out['loader_workers']} loader worker(s)\n",
+             "| | 2020 pipeline | mlc (default flags) | model only | mlc / 2020 | mlc / model only |\n"
+             "|---|---|---|---|---|---|"]
+    for kind in ("train", "predict"):
+        a, b, c = (rows[(n, kind)]["img_s"] for n in ("2020", "mlc", "model only"))
+        lines.append(f"| {kind} img/s | {a:.1f} | {b:.1f} | {c:.1f} | {b / a:.2f}x | {b / c:.0%} |")
+        if kind == "train":  # from the second epoch on, mlc reads the decode-once store
+            for name, label in (("mlc store", "later epochs (store)"), ("mlc spot", "Spot hooks (seed, poll)")):
+                s, a, c = (rows[(n, "train")]["img_s"] for n in (name, "2020", "model only"))
+                lines.append(f"| train img/s, {label} | {a:.1f} | {s:.1f} | {c:.1f} | {s / a:.2f}x | {s / c:.0%} |")
+    for kind in ("train", "predict"):
+        lines.append(f"| {kind} peak memory GB | " + " | ".join(f"{rows[(n, kind)]['peak_gb']:.2f}"
+                                                              for n in ("2020", "mlc", "model only")) + " | | |")
+    lines.append("\nthe same ratios pass by pass (each pair ran back to back), and their median:")
+    r = paired_ratios(out["passes"], "train", "mlc", "mlc spot")
+    lines.append("  train    mlc spot  / mlc         " + " ".join(f"{x:.1%}" for x in r)
+                 + f"  (median {statistics.median(r):.1%})")
+    for name, kind in (("mlc", "train"), ("mlc store", "train"), ("mlc", "predict")):
+        for over, fmt in (("2020", "{:.2f}x"), ("model only", "{:.0%}")):
+            r = paired_ratios(out["passes"], kind, over, name)
+            lines.append(f"  {kind:<8} {name:<9} / {over:<11} " + " ".join(fmt.format(x) for x in r)
+                         + f"  (median {fmt.format(statistics.median(r))})")
+    return "\n".join(lines)

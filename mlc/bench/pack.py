@@ -16,6 +16,7 @@ import numpy as np
 
 from mlc.config import TrainConfig
 from mlc.io import storage
+from mlc.bench.seeds import mean_se
 
 BATCH = 64
 
@@ -189,7 +190,63 @@ def f1_pairs(source: str, pack: str, image_size: int, seeds, output: str, settin
 def paired_summary(rows: list[dict]) -> dict:
     """Mean of each side, and the paired difference (compact - raw) with its standard error over seeds."""
     raw, compact = (np.array([r[k] for r in rows]) for k in ("raw", "compact"))
-    d = compact - raw
-    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return {"seeds": len(d), "raw": float(raw.mean()), "compact": float(compact.mean()), "diff": float(d.mean()),
-            "diff_se": se}
+    diff, se = mean_se(compact - raw)
+    return {"seeds": len(raw), "raw": float(raw.mean()), "compact": float(compact.mean()), "diff": diff, "diff_se": se}
+
+
+def demo_f1_pairs(seeds, image_size: int, log=print) -> tuple[list[dict], dict]:
+    """:func:`f1_pairs` on the demo set with the demo's settings, packed at ``image_size`` into a temporary
+    folder: the rows, and their :func:`paired_summary`."""
+    from mlc.data.demo import DEMO_DEFAULTS, make_demo_dataset
+    from mlc.data.pack_write import PackConfig, pack_in_process
+    source = str(make_demo_dataset())
+    with tempfile.TemporaryDirectory(prefix="mlc-bench-f1-") as tmp:
+        pack_in_process(PackConfig(data=source, output=f"{tmp}/pack", image_size=image_size), log=lambda *_: None)
+        settings = {k: v for k, v in DEMO_DEFAULTS.items() if k not in ("output", "seed", "image_size")}
+        rows = f1_pairs(source, f"{tmp}/pack", image_size, seeds, f"{tmp}/runs", settings, log=log)
+    return rows, paired_summary(rows)
+
+
+def present_images_source(real: Path, root: Path) -> tuple[Path, Path]:
+    """The real tables in ``real`` cut to the rows whose image is in ``real/images``, written to ``root`` (else the
+    demo set when there are no real images): ``(tables folder, images folder)``."""
+    from mlc.data.table import read_table, submission_csv
+    if not (real / "images").is_dir():
+        from mlc.data.demo import make_demo_dataset
+        demo = Path(make_demo_dataset())
+        return demo, demo / "data"
+    present = {p.name for p in (real / "images").iterdir()}
+    train, test = read_table(str(real / "train.csv")), read_table(str(real / "test.csv"))
+    keep = train.ImageID.isin(present).to_numpy()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train.csv").write_text(submission_csv(train.ImageID[keep], train.Labels[keep]))
+    (root / "test.csv").write_text("ImageID\n" + "".join(f"{i}\n" for i in test.ImageID if i in present))
+    return root, real / "images"
+
+
+def report(out: dict, latency_ms: float) -> str:
+    """``jobs/bench.py --pack``'s figures as the lines it prints."""
+    per, packed = out[("one object per image", False)], out[("packed", False)]
+    slow_per, slow_packed = out[("one object per image", True)], out[("packed", True)]
+    lines = [f"\nfirst epoch (every labelled image read, decoded and stored), {per['images']} images:",
+             f"| source | requests | requests / image | img/s, proxy +0 ms | img/s, proxy +{latency_ms:g} ms |",
+             "|---|---|---|---|---|"]
+    for name, a, b in (("one object per image", per, slow_per), ("packed", packed, slow_packed)):
+        lines.append(f"| {name} | {a['requests']} | {a['requests'] / a['images']:.4f} | {a['img_s']:.0f} | "
+                     f"{b['img_s']:.0f} |")
+    lines.append(f"ratios: {per['requests'] / max(1, packed['requests']):.0f}x fewer requests; "
+                 f"{slow_packed['img_s'] / slow_per['img_s']:.1f}x the images/s at +{latency_ms:g} ms")
+    for form, r in out["store"].items():
+        lines.append(f"store {form}: {r['laid_out'] / 1024:.1f} KB an image laid out, "
+                     f"{r['allocated'] / 1024:.1f} KB allocated")
+    lines.append(f"compact / raw, allocated: "
+                 f"{out['store']['compact']['allocated'] / out['store']['raw']['allocated']:.3f}")
+    lines.append(f"original JPEGs: {out['original_bytes'] / 1024:.1f} KB an image")
+    for q in out["quality"]:
+        lines.append(f"slot JPEG quality {q['quality']}: {q['bytes'] / 1024:.1f} KB, {q['error']:.2f} grey levels "
+                     f"mean absolute error, {q['decode_img_s']:.0f} images/s a core")
+    lines += [f"decode, one core: {name}: {rate:.0f} images/s" for name, rate in out["decode"].items()]
+    m = out["manifest"]
+    lines.append(f"opening a pack of {m['rows']} rows ({m['shards']} shards, manifest "
+                 f"{m['manifest_bytes'] / 1024:.0f} KB): {m['seconds']:.2f} s (made in {m['made_s']:.0f} s)")
+    return "\n".join(lines)

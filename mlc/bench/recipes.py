@@ -28,6 +28,7 @@ from mlc.config import TrainConfig
 from mlc.data.run_data import DataPaths, read_tables
 from mlc.data.pack import open_pack
 from mlc.bench.inputs import scratch_settings, write_present_subset
+from mlc.bench.seeds import mean_se
 
 GROUPS = ("captions", "images", "backbones")
 METRICS = ("f1_samples", "f1_micro", "f1_macro", "map")
@@ -159,11 +160,11 @@ def summarize(results: pd.DataFrame, groups=GROUPS, *, ema: float = 0.999, backb
         row = {"group": v.group, "variant": v.name, "rows": int(r.rows.iloc[0]), "seeds": len(r),
                "reference": v.name == ref_name}
         for k in METRICS:
-            row[k], row[k + "_se"] = _mean_se(r[k])
+            row[k], row[k + "_se"] = mean_se(r[k])
         ref = results[results.name == ref_name].set_index("seed")
         for k, d in (("f1_samples", "d_samples"), ("f1_macro", "d_macro")):
             paired = (r.set_index("seed")[k] - ref[k]).dropna()
-            row[d], row[d + "_se"] = _mean_se(paired) if len(paired) else (math.nan, math.nan)
+            row[d], row[d + "_se"] = mean_se(paired) if len(paired) else (math.nan, math.nan)
         row["seconds"] = float(r.seconds.mean())
         out.append(row)
     return pd.DataFrame(out)
@@ -173,12 +174,6 @@ def _reference(v: Variant, groups, ema, backbones) -> str:
     """The variant ``v`` is compared with: its group's first that reads the same inputs."""
     return next(x.name for x in variants(groups, ema=ema, backbones=backbones)
                 if x.group == v.group and x.settings.get("inputs") == v.settings.get("inputs"))
-
-
-def _mean_se(values) -> tuple[float, float]:
-    x = pd.Series(values, dtype=float)
-    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
-    return float(x.mean()), se
 
 
 def markdown(summary: pd.DataFrame) -> str:

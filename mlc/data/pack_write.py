@@ -304,3 +304,15 @@ def _summary(manifest: dict, results: list, seconds: float, log) -> None:
         if len(t["unreadable"]) > 20:
             log(f"warning: {table}: {len(t['unreadable']) - 20} more unreadable images; all are named in "
                 "manifest.json")
+
+
+def pack_in_process(cfg: PackConfig, log=print) -> dict:
+    """``jobs/pack.py`` without Ray: the shards written one after another in this process (benchmarks and tests
+    that pack a few thousand images; jobs/pack.py spreads them over a cluster's CPUs). The manifest."""
+    job = start_pack(cfg, log=log)
+    if job.done is not None:
+        return job.done
+    start = time.perf_counter()
+    results = [{**s, **write_shard(cfg.output, job.plan, s, job.source.frames[s["table"]], job.source.images,
+                                   cfg.max_image_pixels)} for s in job.plan["shards"]]
+    return finish_pack(cfg, job, results, time.perf_counter() - start, log=log)
