@@ -32,6 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from mlc.cli import int_list  # noqa: E402
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,7 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "images/s of a first epoch through the GCS proxy (+--latency-ms), store bytes, decode rates, "
                     "pack throughput, and the time to open a pack of --pack-rows synthetic images")
     pk.add_argument("--pack-rows", type=int, default=200_000, help="rows of the synthetic pack (default: %(default)s)")
-    pk.add_argument("--pack-f1", default=None, metavar="SEEDS",
+    pk.add_argument("--pack-f1", type=int_list, default=None, metavar="SEEDS",
                     help="instead: validation F1 of the demo's run from its source through a raw store against its "
                          "pack through a compact store, paired by seed (comma-separated seeds, e.g. 0,1,2; "
                          "at the demo's 64 px by default; --image-size 32 shrinks and re-encodes them into 48 px slots)")
@@ -227,8 +229,7 @@ def main_pack(args: argparse.Namespace) -> dict:
 
 def main_pack_f1(args: argparse.Namespace) -> list:
     from mlc.bench.pack import demo_f1_pairs
-    seeds = [int(x) for x in args.pack_f1.split(",") if x.strip()]
-    rows, s = demo_f1_pairs(seeds, args.image_size)
+    rows, s = demo_f1_pairs(args.pack_f1, args.image_size)
     print(f"demo at {args.image_size} px, {s['seeds']} seeds: samples F1 raw {s['raw']:.4f}, compact "
           f"{s['compact']:.4f}; paired compact - raw {s['diff']:+.4f} (standard error {s['diff_se']:.4f})")
     return rows

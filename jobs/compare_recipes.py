@@ -18,11 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mlc.cli import add_log_args, run_job  # noqa: E402
-
-
-def _names(text: str) -> tuple:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+from mlc.cli import add_log_args, int_list, name_list, run_job  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -31,13 +27,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root holding train.csv and test.csv (path or URL)")
     p.add_argument("--images", default=None, help="image folder, inside --data when relative (default: <data>/data)")
     p.add_argument("--output", default="runs/recipes", help="where the runs and results.jsonl go (default: %(default)s)")
-    p.add_argument("--groups", type=_names, default=GROUPS,
+    p.add_argument("--groups", type=name_list, default=GROUPS,
                    help=f"which groups, comma-separated, of {', '.join(GROUPS)} (default: all)")
-    p.add_argument("--seeds", type=lambda t: tuple(int(x) for x in _names(t)), default=(0, 1, 2),
+    p.add_argument("--seeds", type=int_list, default=(0, 1, 2),
                    help="seeds, comma-separated; each seeds the split and the run (default: 0,1,2)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction (default: %(default)s)")
     p.add_argument("--ema", type=float, default=0.999, help="the EMA decay of the captions' EMA rows (default: %(default)s)")
-    p.add_argument("--backbones", type=_names, default=DEFAULT_BACKBONES,
+    p.add_argument("--backbones", type=name_list, default=DEFAULT_BACKBONES,
                    help="timm models beside ResNet50, comma-separated (default: %(default)s)")
     p.add_argument("--caption-epochs", type=int, default=10, help="epochs of caption-only runs (default: %(default)s)")
     p.add_argument("--image-epochs", type=int, default=8,

@@ -218,11 +218,23 @@ def scale_from_args(args: argparse.Namespace) -> ScaleConfig:
         raise UsageError(str(e)) from None
 
 
-def _int_list(text: str) -> tuple:
+def name_list(text: str) -> tuple:
+    """A flag's comma-separated names (``a,b``), at least one."""
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}")
+    return names
+
+
+def int_list(text: str) -> tuple:
+    """A flag's comma-separated integers (``0,1,2``), at least one."""
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
+        values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
 
 
 def _demo(name: str) -> str:
@@ -237,14 +249,13 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(SweepConfig):
         default = getattr(d, f.name)
         if f.name == "depths":
-            g.add_argument("--depths", type=_int_list, default=argparse.SUPPRESS,
+            g.add_argument("--depths", type=int_list, default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} (default: {','.join(map(str, default))})")
         elif f.name in ("loss", "pos_weight", "asl_gamma_neg"):  # checked and converted by SweepConfig
             g.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} (default: {','.join(map(str, default))}{_demo(f.name)})")
         elif f.name == "inputs":
-            g.add_argument("--inputs", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()),
-                           default=argparse.SUPPRESS,
+            g.add_argument("--inputs", type=name_list, default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} (default: {','.join(default)}{_demo(f.name)})")
         elif isinstance(default, bool):
             g.add_argument("--" + f.name.replace("_", "-"), action=BoolFlag, default=argparse.SUPPRESS,

@@ -46,7 +46,7 @@ class Variant:
 def variants(groups, *, ema: float = 0.999, backbones=DEFAULT_BACKBONES) -> list[Variant]:
     out = []
     if "captions" in groups:
-        for decay in (0.0, ema):
+        for decay in sorted({0.0, ema}):  # --ema 0: the EMA rows are the plain ones
             for loss, pw in (("bce", "none"), ("asl", "none"), ("bce", "auto")):
                 out.append(Variant("captions", f"caption_{loss}_pw-{pw}_ema-{decay:g}",
                                    dict(loss=loss, pos_weight=pw, ema=decay)))
