@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 
 import pandas as pd
@@ -66,7 +67,8 @@ def run_all(data: str, output: str, *, images: str | None = None, groups=GROUPS,
             ema: float = 0.999, backbones=DEFAULT_BACKBONES, log=print) -> pd.DataFrame:
     """Train every variant of ``groups`` once per seed (skipping runs already in results.jsonl); the results."""
     # Before anything is written: a refused resume must leave the table's subset and runs as they were.
-    _check_settings(output, dict(data=data, images=images, val_fraction=val_fraction, caption_epochs=caption_epochs,
+    local = "://" not in data  # a folder named two ways (relative, absolute) is one table's data
+    _check_settings(output, dict(data=os.path.abspath(data) if local else data, images=images, val_fraction=val_fraction, caption_epochs=caption_epochs,
                                  image_epochs=image_epochs, image_size=image_size), log)
     paths = DataPaths.resolve(data, images)
     pack = open_pack(paths.pack) if paths.pack else None
