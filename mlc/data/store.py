@@ -36,8 +36,9 @@ import numpy as np
 
 from mlc.data.slot_codec import decode_slot, encode_slot
 
-# Bumped when the files' layout or the slot fitting changes: an older store is never read as a newer one.
-VERSION = 2
+# Bumped when the files' layout, the slot fitting or the slot encoding changes: an older store is never read as a
+# newer one (3: compact slots keep 4:4:4 chroma where it fits).
+VERSION = 3
 EMPTY, STORED, BAD = 0, 1, 2
 REASON_BYTES = 120
 # Half of the memory (or disk) still available: the store must leave room for the model's host copies, the
