@@ -220,9 +220,15 @@ def test_where_the_store_goes(roots, monkeypatch):
     assert root == str(mem) and slot == st.compact_bytes(side) and "compact, in memory" in msg
     assert "images/s a core" in msg and "do not fit" in msg
     assert "compact in memory chosen by rate" in msg and "1500 images/s" in msg and "2000 images/s by 2" in msg, msg
+    # the node's first decision stands for its other processes, whatever their own measurement would say
+    root, slot, msg = store_choice.choose("auto", (need + small) / 2 / 2**30, n, side, keys, decoders=1)
+    assert root == str(mem) and slot == st.compact_bytes(side) and "decided by an earlier process" in msg, msg
+    for f in disk.glob(".choice-*"):
+        f.unlink()
     root, slot, msg = store_choice.choose("auto", (need + small) / 2 / 2**30, n, side, keys, decoders=1)
     assert root == str(disk) and slot is None and "raw, in local disk" in msg, msg  # 1,500 read beat 1,000 decoded
     assert "raw on local disk chosen by rate" in msg and "1000 images/s by 1" in msg, msg
+    assert "earlier process" not in msg and [f.name for f in disk.glob(".*choice-*")] == [".choice-k.json"]
     root, slot, msg = store_choice.choose("auto", small / 2 / 2**30, n, side, keys)  # neither fits memory: disk
     assert root == str(disk) and slot is None and "local disk" in msg and "memory" in msg
     monkeypatch.setattr(store_choice, "free_bytes", lambda r: small)  # half the disk holds neither: stream

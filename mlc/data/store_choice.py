@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import tempfile
 
 import numpy as np
 
@@ -82,7 +84,8 @@ def choose(mode: str, budget: float | None, n: int, side: int, keys: dict, *, de
         said = _said(form, where, root, n, side, nbytes(n, side, slot), room, notes)
         disk_raw = [f for f in fits if f[0] == "local disk" and f[2] == "raw"]
         if (where, form) == ("memory", "compact") and disk_raw:
-            use_disk, why = _by_rate(side, decoders, disk_raw[0][1])
+            use_disk, why = _decided(disk_raw[0][1], keys.get("raw", "none"),
+                                     lambda: _by_rate(side, decoders, disk_raw[0][1]))
             if use_disk:
                 where, root, form, slot, room = disk_raw[0]
                 said = _said(form, where, root, n, side, nbytes(n, side), room, notes)
@@ -145,6 +148,35 @@ def _by_rate(side: int, decoders: int, disk: str) -> tuple[bool, str]:
     return use_disk, (f"{'raw on local disk' if use_disk else 'compact in memory'} chosen by rate: raw slots read "
                       f"from {disk} at about {raw:.0f} images/s, compact slots decoded at about {compact:.0f} "
                       f"images/s by {max(1, decoders)} loader process(es)")
+
+
+def _decided(disk: str, key: str, decide) -> tuple[bool, str]:
+    """``decide()``'s answer, made once a node for the store ``key``: the first process to decide records it in
+    ``disk`` (create-only) and later ones (the node's other ranks, later trials) follow it, so that two processes
+    of one node never build both stores from two noisy measurements."""
+    path = os.path.join(disk, f".choice-{key}.json")
+    for _ in range(2):
+        try:
+            with open(path) as f:
+                use_disk, why = json.load(f)
+            return bool(use_disk), f"{why} (decided by an earlier process on this node)"
+        except (FileNotFoundError, ValueError):
+            pass
+        use_disk, why = decide()
+        os.makedirs(disk, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=disk, prefix=".new-choice-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump([use_disk, why], f)
+            os.link(tmp, path)  # create-only: a racer that recorded first wins, and this one reads its choice
+            return use_disk, why
+        except FileExistsError:
+            continue
+        except OSError:  # a disk without hard links: this process's own choice, unrecorded
+            return use_disk, why
+        finally:
+            os.unlink(tmp)
+    return use_disk, why
 
 
 _DISK_RATES: dict = {}
