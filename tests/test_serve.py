@@ -303,7 +303,9 @@ def _burst(port: int) -> None:
         results = list(pool.map(lambda _: _endless(port, 200 * 2**20), range(4)))
     for status, sent, answer in results:
         assert status == 413 and "at most 1048576" in answer["error"], answer
-        assert sent < 50 * 2**20, f"{sent / 2**20:.0f} MB of 200 MB were sent before the 413"
+        # Half the body: what a client sends before its 413 is what the proxy read ahead meanwhile, 5-20 MB
+        # usually, 52 MB once when the two cores were loaded (CI); a body read whole would be all 200 MB.
+        assert sent < 100 * 2**20, f"{sent / 2**20:.0f} MB of 200 MB were sent before the 413"
 
 
 def test_endless_chunked_bodies_get_413_early_and_memory_comes_back(model, served):
