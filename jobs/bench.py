@@ -305,19 +305,9 @@ def main_serve(args: argparse.Namespace) -> dict:
 
     import ray
 
-    from mlc.config import TrainConfig
-    from mlc.data.labels import LabelVocab
-    from mlc.distributed.serve_bench import measure
-    from mlc.eval.thresholds import ThresholdChoice
-    from mlc.model.resnet import bare_state_dict, build_model
-    from mlc.model.checkpoint import save_model
+    from mlc.distributed.serve_bench import measure, write_checkpoint
     folder = _image_folder(args)
     images = [p.read_bytes() for p in sorted(folder.iterdir())[:64] if p.is_file()]
-    ckpt = tempfile.mkdtemp(prefix="mlc-serve-bench-")
-    cfg = TrainConfig(image_size=args.image_size, unfrozen_depth=1, dropout=0.0, amp="auto", output=ckpt)
-    save_model(f"{ckpt}/best", bare_state_dict(build_model(18, 1, 0.0, weights="none")),
-               LabelVocab([str(i) for i in range(1, 19)]),
-               {"config": cfg.to_dict(), "threshold": ThresholdChoice("global", 0.5).to_dict(), "epoch": 1})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -326,8 +316,10 @@ def main_serve(args: argparse.Namespace) -> dict:
     print(f"serving: {len(images)} images from {folder}, {args.image_size} px, {args.clients} clients x "
           f"{args.requests} requests per pass, 1 replica (1 CPU) per app, {os.cpu_count()} CPUs", flush=True)
     try:
-        out = measure(ckpt, images, port=port, clients=args.clients, per_client=args.requests, passes=args.passes,
-                      max_batch=args.batch_size)
+        with tempfile.TemporaryDirectory(prefix="mlc-serve-bench-") as ckpt:
+            write_checkpoint(ckpt, args.image_size)
+            out = measure(ckpt, images, port=port, clients=args.clients, per_client=args.requests,
+                          passes=args.passes, max_batch=args.batch_size)
     finally:
         ray.shutdown()
     print(f"\nmedian of {args.passes} alternating passes\n\n| app | req/s | p50 ms | p99 ms |\n|---|---|---|---|")
@@ -344,8 +336,8 @@ def main_spot(args: argparse.Namespace) -> dict:
     import ray
 
     from mlc.distributed.spot_bench import checkpoint_cost, poll_cost
-    folder = tempfile.mkdtemp(prefix="mlc-spot-bench-")
-    costs = [checkpoint_cost(f"{folder}/d{d}", d) for d in (1, 4)]
+    with tempfile.TemporaryDirectory(prefix="mlc-spot-bench-") as folder:
+        costs = [checkpoint_cost(f"{folder}/d{d}", d) for d in (1, 4)]
     for c in costs:
         print(f"checkpoint, depth {c['depth']}: {c['mb']:.0f} MB in {c['seconds']:.2f} s to local disk "
               f"(--checkpoint-every auto: every {max(60, 50 * c['seconds']):.0f} s)")

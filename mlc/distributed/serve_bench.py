@@ -41,6 +41,19 @@ def load(port: int, path: str, images: list, clients: int, per_client: int) -> d
             "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "requests": len(lat)}
 
 
+def write_checkpoint(folder: str, image_size: int) -> None:
+    """A throwaway 18-label checkpoint in ``folder``: serving cost does not depend on what the weights learnt."""
+    from mlc.config import TrainConfig
+    from mlc.data.labels import LabelVocab
+    from mlc.eval.thresholds import ThresholdChoice
+    from mlc.model.checkpoint import save_model
+    from mlc.model.resnet import bare_state_dict, build_model
+    cfg = TrainConfig(image_size=image_size, unfrozen_depth=1, dropout=0.0, amp="auto", output=folder)
+    save_model(f"{folder}/best", bare_state_dict(build_model(18, 1, 0.0, weights="none")),
+               LabelVocab([str(i) for i in range(1, 19)]),
+               {"config": cfg.to_dict(), "threshold": ThresholdChoice("global", 0.5).to_dict(), "epoch": 1})
+
+
 def measure(checkpoint: str, images: list, *, port: int, clients: int = 16, per_client: int = 8, passes: int = 3,
             max_batch: int = 16, batch_wait_ms: float = 10.0, log=print) -> dict:
     from ray import serve

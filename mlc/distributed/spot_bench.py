@@ -28,12 +28,12 @@ def poll_cost(workers: int = 2, polls: int = 200) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    folder = tempfile.mkdtemp(prefix="mlc-spot-bench-")
-    trainer = TorchTrainer(_poll_worker, train_loop_config={"run_url": folder, "polls": polls,
-                                                            "driver_host": ray.util.get_node_ip_address()},
-                           scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
-                           run_config=RunConfig(name="spot-bench", storage_path=folder))
-    return trainer.fit().return_value
+    with tempfile.TemporaryDirectory(prefix="mlc-spot-bench-") as folder:
+        trainer = TorchTrainer(_poll_worker, train_loop_config={"run_url": folder, "polls": polls,
+                                                                "driver_host": ray.util.get_node_ip_address()},
+                               scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
+                               run_config=RunConfig(name="spot-bench", storage_path=folder))
+        return trainer.fit().return_value
 
 
 def checkpoint_cost(url: str, depth: int, repeats: int = 3) -> dict:
