@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -264,6 +265,31 @@ def test_a_pack_on_gcs_is_written_and_read_with_one_request_a_shard(source, gcs,
     assert per_object["requests"] >= 96 and packed["requests"] <= 10, (per_object, packed)
     shard = [p for m, p, _ in gcs.proxy.log if m == "GET" and "train-00000.parquet" in p]
     assert len(shard) == 1 and "alt=media" in shard[0], shard  # the shard's bytes, in one request
+    # Each of the pack's files read once: the tables serve the run's rows and the ImageIDs' lookup alike.
+    reads = Counter(p.split("?")[0].rsplit("/", 1)[-1] for m, p, _ in gcs.proxy.log if "alt=media" in p)
+    assert reads == Counter(["manifest.json", "train-table.parquet", "test-table.parquet", "train-00000.parquet"])
+
+
+def test_an_opened_pack_reads_a_table_once_hands_out_copies_and_pickles_without_them(packs):
+    import pickle
+
+    from mlc.data.pack import read_frame, read_frames
+    pack = open_pack(packs["jpeg"])
+    read_frames(pack)
+    assert set(pack.frames) == {"train", "test"}
+    table = Path(packs["jpeg"]) / "train-table.parquet"
+    kept = table.read_bytes()
+    table.unlink()  # read already: not asked for again
+    try:
+        first = read_frame(pack, "train")
+        first.loc[0, "ImageID"] = "changed"
+        assert read_frame(pack, "train").ImageID[0] != "changed"
+        sent = pickle.loads(pickle.dumps(pack))
+        assert sent.frames == {} and sent.manifest == pack.manifest
+        with pytest.raises(PackError, match="train-table.parquet: a file the manifest lists is missing"):
+            read_frame(sent, "train")
+    finally:
+        table.write_bytes(kept)
 
 
 def test_a_jpeg_pack_keeps_an_image_the_slot_holds_unchanged_and_encodes_one_it_shrinks(source, packs, tmp_path):

@@ -21,7 +21,7 @@ import json
 import struct
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -60,6 +60,13 @@ class Pack:
     """An opened pack: its folder and its (checked) manifest."""
     url: str
     manifest: dict
+    # Tables read through this opening (read_frame): a run reads them for its rows and again to locate its
+    # ImageIDs, and each read of a bucket's file is a request's latency before the first step. A pickled Pack
+    # (sent to a Ray task) goes without them.
+    frames: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {"url": self.url, "manifest": self.manifest, "frames": {}}
 
     @property
     def side(self) -> int:
@@ -138,7 +145,22 @@ def read_shard(pack: Pack, table: str, k: int, columns: list | None = None):
 def read_frame(pack: Pack, table: str) -> pd.DataFrame:
     """``table`` as :func:`mlc.data.table.read_table` would give it: ImageID, Labels (lists; train only) and
     Caption (where the source had a Caption column), in the source's row order. Read from the table's own
-    small file (one request), not from the shards of images."""
+    small file (one request, the first time through this ``pack``), not from the shards of images."""
+    if table not in pack.frames:
+        pack.frames[table] = _read_frame(pack, table)
+    return pack.frames[table].copy()
+
+
+def read_frames(pack: Pack) -> None:
+    """Both tables read through ``pack`` at once, their requests in flight together: a run needs both before
+    its first step (its rows, and every ImageID located in the pack)."""
+    from concurrent.futures import ThreadPoolExecutor
+    todo = [t for t in TABLES if t not in pack.frames]
+    with ThreadPoolExecutor(max(1, len(todo))) as pool:
+        pack.frames.update(zip(todo, pool.map(lambda t: _read_frame(pack, t), todo)))
+
+
+def _read_frame(pack: Pack, table: str) -> pd.DataFrame:
     import pyarrow.parquet as pq
     spec = pack.manifest["tables"][table].get("table")
     if not isinstance(spec, dict):

@@ -15,7 +15,7 @@ import pandas as pd
 
 from mlc.config import TrainConfig, uses_captions, uses_images
 from mlc.data.labels import LabelVocab
-from mlc.data.pack import check_side, open_pack, read_frame
+from mlc.data.pack import check_side, open_pack, read_frame, read_frames
 from mlc.data.pack_source import fill_store, locate_ids
 from mlc.data.splits import largest_gap, split_rows
 from mlc.data.sources import StoredTable, StreamTable
@@ -108,6 +108,8 @@ def resolve_inputs(inputs: str, train_df, table: str) -> str:
 def prepare_data(cfg: TrainConfig, log=print) -> RunData:
     paths = DataPaths.resolve(cfg.data, cfg.images, cfg.train_csv, cfg.test_csv)
     pack = open_pack(paths.pack) if paths.pack is not None else None
+    if pack is not None:
+        read_frames(pack)
     train_df, test_df = read_tables(paths, cfg.require_labels, pack)
     vocab = LabelVocab.from_label_lists(train_df.Labels)
     Y = vocab.encode(train_df.Labels, context=f"{paths.train_csv}: ")
