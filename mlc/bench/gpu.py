@@ -7,8 +7,9 @@ It measures, on the first CUDA device, in one process:
 2. model-only prediction img/s, eager and compiled;
 3. end to end with real JPEGs at depths 1 and 4: mlc's loader decoding on the CPU every epoch (its default
    loader workers for this machine), reading the decode-once store (a warm epoch; and the first epoch, which
-   fills it, as a multiple of a warm one); prediction end to end; each as a share of the model alone at the
-   same depth.
+   fills it, as a multiple of a warm one), and reading the compact store (JPEG slots decoded per batch) filled
+   from a pack of the images before the first step; prediction end to end; each as a share of the model alone
+   at the same depth.
 
 A failed row (a non-finite loss above all) is reported in the table, and then the check fails.
 
@@ -77,27 +78,67 @@ def _source(paths, size, kind, store):
     return StoredTable(paths, y, tf, 50_000_000, store, np.arange(len(paths)))
 
 
-def end_to_end(device, paths, *, depth: int, source: str, batch: int, size: int, amp, workers: int,
-               kind: str = "train") -> dict:
-    """Steps fed by mlc's own loader over ``paths``: ``source`` stream (decoded on the CPU every epoch) or store
-    (the decode-once store: a first epoch that fills it, timed whole, then a warm epoch). img/s leaves the first
-    batch of the measured pass out. A non-finite loss raises."""
-    from mlc.data.loader import make_loader
+def _pack_of(paths: list, size: int, folder: str):
+    """A JPEG pack (under ``folder``) of the distinct files of ``paths``, which share one folder, and where each
+    row of ``paths`` is in it: made once before any run, as ``jobs/pack.py`` does."""
+    import pandas as pd
+
+    from mlc.data.pack import open_pack
+    from mlc.data.pack_source import locate_ids
+    from mlc.data.pack_write import PackConfig, pack_in_process
+    names = [os.path.basename(p) for p in paths]
+    distinct = sorted(set(names))
+    tables = os.path.join(folder, "tables")
+    os.makedirs(tables)
+    pd.DataFrame({"ImageID": distinct, "Labels": "1"}).to_csv(os.path.join(tables, "train.csv"), index=False)
+    pd.DataFrame({"ImageID": distinct[:1]}).to_csv(os.path.join(tables, "test.csv"), index=False)
+    out = os.path.join(folder, "pack")
+    pack_in_process(PackConfig(data=tables, images=os.path.dirname(paths[0]), output=out, image_size=size),
+                    log=lambda *_: None)
+    pack = open_pack(out)
+    return pack, locate_ids(pack, names, "images of the check")
+
+
+def _store_for(source: str, paths: list, size: int, scratch: str):
+    """(the store that ``source`` reads, seconds spent filling it before the first step): none (stream); the
+    decode-once store, which the first epoch fills; or the compact store filled from a pack of the images before
+    the first step, as a run from a packed ``--data`` fills it when raw pixels do not fit memory."""
+    from mlc.bench.pack import compact_budget
+    from mlc.data.pack_source import fill_store
     from mlc.data.store_choice import open_for_run
-    from mlc.model.resnet import fold_batchnorm
-    from mlc.prediction.scores import predict_scores
-    from mlc.train.engine import train_one_epoch
-    _, bare, opt = _model(depth, device, False)
-    store = None
+    if source == "stream":
+        return None, 0.0
     if source == "store":
         store = open_for_run(paths, size, "auto", None, log=lambda *_: None)
         if store is None:
             raise RuntimeError("no room for the image store on this node")
-    rows = _source(paths, size, kind, store)
+        return store, 0.0
+    pack, rows = _pack_of(paths, size, scratch)
+    start = time.perf_counter()
+    store = open_for_run(pack.names("train", rows.ids), size, "memory", compact_budget(len(paths), size),
+                         log=lambda *_: None, key=pack.manifest["source"]["key"])
+    if store is None or store.compact is None:
+        raise RuntimeError("no room for the compact image store in this node's memory")
+    fill_store(store, rows, log=lambda *_: None)
+    return store, time.perf_counter() - start
+
+
+def end_to_end(device, paths, *, depth: int, source: str, batch: int, size: int, amp, workers: int,
+               kind: str = "train") -> dict:
+    """Steps fed by mlc's own loader over ``paths`` from ``source`` (:func:`_store_for`): stream (decoded on the
+    CPU every epoch), store or packed. From a store, a first epoch (with the filling before it) is timed whole, then
+    a warm epoch. img/s leaves the first batch of the measured pass out. A non-finite loss raises."""
+    import tempfile
+
+    from mlc.data.loader import make_loader
+    from mlc.model.resnet import fold_batchnorm
+    from mlc.prediction.scores import predict_scores
+    from mlc.train.engine import train_one_epoch
+    _, bare, opt = _model(depth, device, False)
     pin = device.type == "cuda"
     steps = StepContext(opt, None, device, amp, clip_grad=1.0)
 
-    def one_pass(epoch, timed: bool):
+    def one_pass(rows, epoch, timed: bool):
         loader = make_loader(rows, batch, shuffle=kind == "train", seed=0, epoch=epoch, num_workers=workers,
                              pin_memory=pin, drop_last=kind == "train")
         loader = TimedAfterFirst(loader, sync=lambda: _sync(device)) if timed else loader
@@ -110,18 +151,20 @@ def end_to_end(device, paths, *, depth: int, source: str, batch: int, size: int,
         _sync(device)
         return loader, time.perf_counter() - t
 
-    try:
-        out = {}
-        if source == "store":
-            _, out["first_epoch_s"] = one_pass(1, False)
-        timed, seconds = one_pass(2, True)
-        out["img_s"] = timed.n / (time.perf_counter() - timed.t0)
-        if source == "store":
-            out["warm_epoch_s"] = seconds
-        return out
-    finally:
-        if store is not None:
-            store.close()
+    with tempfile.TemporaryDirectory(prefix="mlc-gpu-check-") as scratch:
+        store, filling = _store_for(source, paths, size, scratch)
+        try:
+            rows, out = _source(paths, size, kind, store), {}
+            if store is not None:
+                out["first_epoch_s"] = filling + one_pass(rows, 1, False)[1]
+            timed, seconds = one_pass(rows, 2, True)
+            out["img_s"] = timed.n / (time.perf_counter() - timed.t0)
+            if store is not None:
+                out["warm_epoch_s"] = seconds
+            return out
+        finally:
+            if store is not None:
+                store.close()
 
 
 def _plan(depths) -> list:
@@ -131,7 +174,8 @@ def _plan(depths) -> list:
     for d in depths:
         plan += [(f"depth {d}: model alone", "model", dict(depth=d, kind="train", compiled=False)),
                  (f"depth {d}: end to end, CPU decode", "e2e", dict(depth=d, source="stream")),
-                 (f"depth {d}: end to end, store", "e2e", dict(depth=d, source="store"))]
+                 (f"depth {d}: end to end, store", "e2e", dict(depth=d, source="store")),
+                 (f"depth {d}: end to end, compact from pack", "e2e", dict(depth=d, source="packed"))]
     plan += [("predict: model alone", "model", dict(depth=1, kind="predict", compiled=False)),
              ("predict: end to end, CPU decode", "e2e", dict(depth=1, source="stream", kind="predict"))]
     plan += [(f"depth {d}: model alone, compiled", "model", dict(depth=d, kind="train", compiled=True))

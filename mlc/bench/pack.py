@@ -119,14 +119,17 @@ def store_bytes(pack: str, image_size: int) -> dict:
     return out
 
 
-def _compact_budget(pack: str, image_size: int) -> float:
-    """A memory budget (GiB) the compact store fits and raw pixels do not."""
+def compact_budget(n: int, image_size: int) -> float:
+    """A memory budget (GiB) that the compact store of ``n`` rows fits and their raw pixels do not."""
     from mlc.data.augment import slot_side
-    from mlc.data.pack import open_pack
     from mlc.data.store import compact_bytes, nbytes
-    n = open_pack(pack).rows("train")
     side = slot_side(image_size)
     return (nbytes(n, side, compact_bytes(side)) * 1.05) / 2**30
+
+
+def _compact_budget(pack: str, image_size: int) -> float:
+    from mlc.data.pack import open_pack
+    return compact_budget(open_pack(pack).rows("train"), image_size)
 
 
 def manifest_read(root: str) -> dict:
