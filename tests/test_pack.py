@@ -292,6 +292,19 @@ def test_an_opened_pack_reads_a_table_once_hands_out_copies_and_pickles_without_
         table.write_bytes(kept)
 
 
+def test_the_inputs_comparison_reads_a_pack_as_it_reads_its_source(source, packs, tmp_path):
+    """jobs/compare_inputs.py with a pack as --data: every row present, the caption rows on the source's table."""
+    from mlc.bench.inputs import compare, linear_baseline
+    from mlc.data.table import read_table
+    table = compare(packs["jpeg"], str(tmp_path / "cmp"), caption_epochs=1, image_epochs=1, image_size=32,
+                    log=lambda *_: None)
+    assert table.inputs.tolist() == ["linear baseline (captions)", "caption", "linear baseline (captions)",
+                                     "image", "caption", "image+caption"]
+    assert table.rows.tolist() == [96] * 6
+    from_source = linear_baseline(read_table(str(source / "train.csv")), 0.2, 0)
+    assert table.f1_samples[0] == table.f1_samples[2] == from_source["f1_samples"]
+
+
 def test_a_jpeg_pack_keeps_an_image_the_slot_holds_unchanged_and_encodes_one_it_shrinks(source, packs, tmp_path):
     """40 px images fit the 48 px slots of --image-size 32: their files are packed as they are (the same pixels,
     no second lossy encoding); for --image-size 16 (32 px slots) they are shrunk, then encoded at --quality."""

@@ -170,6 +170,30 @@ def test_a_ray_run_reads_a_packed_dataset_as_one_process_does(dataset, tmp_path,
     assert [h["train_images"] for h in hist] == [24, 24] and [h["val_images"] for h in hist] == [9, 9]
 
 
+def run_tune(address: str, cfg: dict, sweep: dict) -> None:
+    """run_sweep in this (isolated) process, on the cluster at ``address`` (as under ``ray job submit``)."""
+    from mlc.config import SweepConfig, TrainConfig
+    from mlc.distributed.tune import run_sweep
+    os.environ["RAY_ADDRESS"] = address
+    run_sweep(TrainConfig(**cfg), SweepConfig(**sweep), fresh=True, log=lambda *_: None, progress=False,
+              predict_workers=1)
+
+
+def test_a_sweep_reads_a_packed_dataset_and_predicts_its_test_table(dataset, tmp_path, ray_head):
+    """jobs/tune.py with a pack as --data: the trial fills its store from the pack, and the best checkpoint
+    predicts the pack's own test table."""
+    from pack_helpers import pack_here
+    pack = tmp_path / "pack"
+    pack_here(data=str(dataset), output=str(pack), image_size=32)
+    cfg = cfg_for(pack, tmp_path, batch_size=8, store="auto")
+    isolated(run_tune, ray_head.address, cfg.replace(output=str(tmp_path / "sweeps")).to_dict(),
+             {"name": "sw", "num_samples": 1, "max_epochs": 1, "depths": (0,), "lr_min": 1e-3, "lr_max": 1e-3})
+    sweep = tmp_path / "sweeps" / "sw"
+    assert json.loads((sweep / "best_config.json").read_text())["checkpoint"]
+    pred = pd.read_csv(sweep / "predictions.csv")
+    assert sorted(pred.ImageID) == sorted(pd.read_csv(dataset / "test.csv").ImageID)
+
+
 def test_a_ray_run_writes_local_modes_outputs(uninterrupted):
     run = uninterrupted["run"]
     for rel in ["best/model.pt", "best/meta.json", "best/labels.json", "best/val_probabilities.csv", "metrics.json",
