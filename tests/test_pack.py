@@ -292,6 +292,39 @@ def test_an_opened_pack_reads_a_table_once_hands_out_copies_and_pickles_without_
         table.write_bytes(kept)
 
 
+def test_filling_the_store_reads_each_shard_once_with_a_few_in_flight(packs, monkeypatch):
+    """Shards are read ahead of the one being stored (a bucket's latency overlaps the decoding), at most
+    READ_AHEAD + 1 at a time (their bytes stay small beside the store), each once."""
+    import threading
+
+    from mlc.data import pack_source
+    from mlc.data.run_data import open_sources, prepare_data
+    real, lock, seen, active = pack_source.read_shard, threading.Lock(), [], {"now": 0, "most": 0}
+
+    def slow(pack, table, k, columns=None):
+        with lock:
+            seen.append((table, k))
+            active["now"] += 1
+            active["most"] = max(active["most"], active["now"])
+        time.sleep(0.2)  # a remote read: long beside storing a few tiny images
+        try:
+            return real(pack, table, k, columns)
+        finally:
+            with lock:
+                active["now"] -= 1
+    monkeypatch.setattr(pack_source, "read_shard", slow)
+    cfg = TrainConfig(data=packs["jpeg"], inputs="image", image_size=32, weights="none", store="memory",
+                      loader_workers=0)
+    store = open_sources(cfg, prepare_data(cfg, lambda *_: None), lambda *_: None)[2]
+    try:
+        assert store.count() == 96
+    finally:
+        store.close()
+    shards = len(open_pack(packs["jpeg"]).shards("train"))
+    assert shards >= 4 and sorted(seen) == [("train", k) for k in range(shards)]
+    assert 2 <= active["most"] <= pack_source.READ_AHEAD + 1, active
+
+
 def test_the_inputs_comparison_reads_a_pack_as_it_reads_its_source(source, packs, tmp_path):
     """jobs/compare_inputs.py with a pack as --data: every row present, the caption rows on the source's table."""
     from mlc.bench.inputs import compare, linear_baseline
