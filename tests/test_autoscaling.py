@@ -175,3 +175,22 @@ def test_the_documented_sweep_runs_from_zero_nodes_resumes_after_its_driver_dies
                         "--truth", str(truth), "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert s.returncode == 0, s.stderr
     assert json.loads(s.stdout.strip().splitlines()[-1])["f1_samples"] == pytest.approx(best["f1_samples"], abs=1e-9)
+
+
+def test_the_pack_job_scales_a_cluster_up_from_zero_worker_nodes(tmp_path):
+    """jobs/pack.py on a cluster with no worker node and a head with no CPU: its Ray Data tasks ask the
+    autoscaler for nodes, and every shard is written there."""
+    from mlc.data.demo import make_demo_dataset
+    from ray_head import AutoscalingHead
+    src = make_demo_dataset(str(tmp_path / "src"), n_train=96, n_test=24, image_size=40, seed=2)
+    head = AutoscalingHead(WORKER_TYPES, idle_timeout_minutes=0.2)
+    try:
+        r = subprocess.run([sys.executable, "jobs/pack.py", "--data", str(src), "--output", str(tmp_path / "pack"),
+                            "--image-size", "32", "--shard-mb", "0.02"], cwd=REPO, env=head.env,
+                           capture_output=True, text=True, timeout=600)
+    finally:
+        head.stop()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    manifest = json.loads((tmp_path / "pack" / "manifest.json").read_text())
+    shards = [s for t in manifest["tables"].values() for s in t["shards"]]
+    assert len(shards) > 2 and sum(s["rows"] for s in shards) == 120
