@@ -70,6 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "images/s of a first epoch through the GCS proxy (+--latency-ms), store bytes, decode rates, "
                     "pack throughput, and the time to open a pack of --pack-rows synthetic images")
     pk.add_argument("--pack-rows", type=int, default=200_000, help="rows of the synthetic pack (default: %(default)s)")
+    pk.add_argument("--pack-copies", type=int, default=1, help="each real image and row this many times, under ids "
+                    "of their own (15: about the full 30,000-row set; default: %(default)s)")
     pk.add_argument("--pack-f1", type=int_list, default=None, metavar="SEEDS",
                     help="instead: validation F1 of the demo's run from its source through a raw store against its "
                          "pack through a compact store, paired by seed (comma-separated seeds, e.g. 0,1,2; "
@@ -176,7 +178,8 @@ def main_pack(args: argparse.Namespace) -> dict:
     from pack_helpers import synthetic_pack
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="mlc-bench-pack-") as tmp:
-        tables, images = bench.present_images_source(repo.parent / "shared" / "data" / "comp5329", Path(tmp) / "tables")
+        tables, images = bench.present_images_source(repo.parent / "shared" / "data" / "comp5329", Path(tmp) / "tables",
+                                                   args.pack_copies)
         names = sorted(p.name for p in images.iterdir())
         out["original_bytes"] = sum((images / n).stat().st_size for n in names) / len(names)
         local = str(Path(tmp) / "pack")

@@ -249,6 +249,21 @@ def test_the_compact_store_of_real_images_takes_a_tenth_of_raw_bytes_or_less(rea
     assert (got["compact"][1] - got["raw"][1]).abs().mean() < 1.0  # the same JPEG slots, decoded: equal pixels
 
 
+def test_the_benchmarks_copies_of_the_real_set_are_rows_and_files_of_their_own(real_data, tmp_path):
+    """jobs/bench.py --pack-copies: a dataset the full set's size from the images beside the repo."""
+    from mlc.bench.pack import present_images_source
+    from mlc.data.table import read_table
+    one_tables, one_images = present_images_source(real_data, tmp_path / "one")
+    two_tables, two_images = present_images_source(real_data, tmp_path / "two", copies=2)
+    one, two = read_table(str(one_tables / "train.csv")), read_table(str(two_tables / "train.csv"))
+    assert len(one) == 2008 and len(two) == 2 * len(one) and two.ImageID.is_unique
+    labels = dict(zip(one.ImageID, one.Labels))
+    assert all(labels[i.split("-", 1)[1]] == labs for i, labs in zip(two.ImageID, two.Labels))
+    assert {p.name for p in two_images.iterdir()} == {f"{k}-{p.name}" for k in (0, 1) for p in one_images.iterdir()}
+    assert (two_images / "1-7.jpg").read_bytes() == (one_images / "7.jpg").read_bytes()
+    assert len(read_table(str(two_tables / "test.csv"))) == 2 * len(read_table(str(one_tables / "test.csv")))
+
+
 def test_a_pack_on_gcs_is_written_and_read_with_one_request_a_shard(source, gcs, tmp_path, monkeypatch):
     """Packed from gs:// to gs://; the first epoch (every labelled image into the store, the batches cut) makes
     one GET an image from the source and a fixed few from the pack, counted at the proxy."""

@@ -8,6 +8,7 @@ training's first epoch does before any model step (the store is what later epoch
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -210,9 +211,11 @@ def demo_f1_pairs(seeds, image_size: int, log=print) -> tuple[list[dict], dict]:
     return rows, paired_summary(rows)
 
 
-def present_images_source(real: Path, root: Path) -> tuple[Path, Path]:
+def present_images_source(real: Path, root: Path, copies: int = 1) -> tuple[Path, Path]:
     """The real tables in ``real`` cut to the rows whose image is in ``real/images``, written to ``root`` (else the
-    demo set when there are no real images): ``(tables folder, images folder)``."""
+    demo set when there are no real images): ``(tables folder, images folder)``. ``copies`` > 1: every row and
+    image that many times under ids of their own (``<k>-<ImageID>``, the files linked where the disk allows), a
+    dataset of the full set's size from the images beside the repo."""
     from mlc.data.table import read_table, submission_csv
     if not (real / "images").is_dir():
         from mlc.data.demo import make_demo_dataset
@@ -220,11 +223,27 @@ def present_images_source(real: Path, root: Path) -> tuple[Path, Path]:
         return demo, demo / "data"
     present = {p.name for p in (real / "images").iterdir()}
     train, test = read_table(str(real / "train.csv")), read_table(str(real / "test.csv"))
-    keep = train.ImageID.isin(present).to_numpy()
+    train = train[train.ImageID.isin(present).to_numpy()]
+    test_ids = [i for i in test.ImageID if i in present]
+    images = real / "images" if copies == 1 else root / "images"
+    ids = [f"{k}-{i}" if copies > 1 else i for k in range(copies) for i in train.ImageID]
+    if copies > 1:
+        images.mkdir(parents=True)
+        for k in range(copies):
+            for name in present:
+                _link(real / "images" / name, images / f"{k}-{name}")
+        test_ids = [f"{k}-{i}" for k in range(copies) for i in test_ids]
     root.mkdir(parents=True, exist_ok=True)
-    (root / "train.csv").write_text(submission_csv(train.ImageID[keep], train.Labels[keep]))
-    (root / "test.csv").write_text("ImageID\n" + "".join(f"{i}\n" for i in test.ImageID if i in present))
-    return root, real / "images"
+    (root / "train.csv").write_text(submission_csv(ids, list(train.Labels) * copies))
+    (root / "test.csv").write_text("ImageID\n" + "".join(f"{i}\n" for i in test_ids))
+    return root, images
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or none that links
+        shutil.copyfile(src, dst)
 
 
 def report(out: dict, latency_ms: float) -> str:
