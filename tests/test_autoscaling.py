@@ -185,8 +185,8 @@ def test_the_pack_job_scales_a_cluster_up_from_zero_worker_nodes(tmp_path):
     src = make_demo_dataset(str(tmp_path / "src"), n_train=96, n_test=24, image_size=40, seed=2)
     head = AutoscalingHead(WORKER_TYPES, idle_timeout_minutes=0.2)
     try:
-        r = subprocess.run([sys.executable, "jobs/pack.py", "--data", str(src), "--output", str(tmp_path / "pack"),
-                            "--image-size", "32", "--shard-mb", "0.02"], cwd=REPO, env=head.env,
+        r = subprocess.run([sys.executable, "jobs/pack.py", "--data", str(src), "--output",
+                            str(tmp_path / "pack"), "--image-size", "32", "--shard-mb", "0.02"], cwd=REPO, env=head.env,
                            capture_output=True, text=True, timeout=600)
     finally:
         head.stop()

@@ -14,7 +14,7 @@ def test_free_ports_lie_outside_the_ephemeral_range_and_are_distinct():
     assert all(p in TEST_PORTS and not low <= p <= high and p >= 20000 for p in ports), (min(ports), max(ports))
 
 
-def test_a_passing_tests_folder_is_removed_at_its_teardown(pytestconfig):
+def test_the_suite_is_set_to_remove_a_passing_tests_folder_at_its_teardown(pytestconfig):
     """The end-to-end tests write ResNet-50 checkpoints, about 1 GB a test: kept for the whole session they
     came to 22 GB and filled a CI machine's disk."""
     assert pytestconfig.getini("tmp_path_retention_policy") == "failed"

@@ -72,9 +72,9 @@ def nbytes(n: int, side: int, compact: int | None = None) -> int:
 
 def compact_bytes(side: int) -> int:
     """A compact slot's bytes: a tenth of its raw pixels. Re-encoded at JPEG quality 90 the real COMP5329 images
-    take 16-18 KB (4:2:0-4:4:4) of the 30 KB a 320 px slot gets; a busier image is encoded at a lower quality until it fits. At least 2 KB: a
-    JPEG's headers and tables alone take about 600 bytes, which a tenth of a tiny slot (691 bytes at 48 px) would
-    not hold."""
+    take 16-18 KB (4:2:0-4:4:4) of the 30 KB a 320 px slot gets; a busier image is encoded at a lower quality
+    until it fits. At least 2 KB: a JPEG's headers and tables alone take about 600 bytes, which a tenth of a tiny
+    slot (691 bytes at 48 px) would not hold."""
     return max(2048, side * side * 3 // 10)
 
 
